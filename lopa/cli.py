@@ -1,0 +1,111 @@
+"""Command line: ``lopa generate | bench | train | eval | sweep | serve``.
+
+Each subcommand lives in the module that owns the feature and exposes ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them up and turns :class:`~lopa.errors.LopaError` into a clean
+message and exit code 2. Decoder flags are generated from :class:`~lopa.config.DecodeConfig`, so defaults
+and help texts live once, in ``config.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import typing
+from collections.abc import Sequence
+
+from lopa.config import BASES, BRANCH_SCORES, CONFIDENCES, DECODERS, HELP, ORDERS, DecodeConfig
+from lopa.errors import LopaError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("lopa.generate_cli", "decode prompts and print the text with stats"),
+    "bench": ("lopa.tiny.bench", "compare the decoders side by side on held-out problems"),
+    "train": ("lopa.tiny.train", "train the bundled tiny dLLM (Dream format)"),
+    "eval": ("lopa.eval.cli", "score a model on a benchmark task (score, TPF, tok/s)"),
+    "sweep": ("lopa.eval.sweep", "run a grid of decoder settings and plot the trade-offs"),
+    "serve": ("lopa.server.cli", "OpenAI-compatible HTTP server"),
+}
+
+_CHOICES = {
+    "decoder": DECODERS,
+    "base": BASES,
+    "confidence": CONFIDENCES,
+    "order": ORDERS,
+    "branch_score": BRANCH_SCORES,
+}
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per DecodeConfig field, kebab case; defaults shown from the dataclass."""
+    group = parser.add_argument_group("decoding (DecodeConfig)")
+    hints = typing.get_type_hints(DecodeConfig)
+    for f in dataclasses.fields(DecodeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{HELP.get(f.name, '')} (default: {default!r})"
+        if f.name == "stop":
+            group.add_argument(flag, action="append", default=None, help=help_text)
+        elif hints[f.name] is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            group.add_argument(flag, type=kind, default=None, choices=_CHOICES.get(f.name), help=help_text)
+
+
+def decode_config_from_args(args: argparse.Namespace, base: DecodeConfig | None = None) -> DecodeConfig:
+    """DecodeConfig from parsed flags: only flags the user gave override ``base`` (or the defaults)."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(DecodeConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    if "stop" in given:
+        given["stop"] = tuple(given["stop"])
+    return (base or DecodeConfig()).replace(**given).validate()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model / --lora / --device / --dtype, shared by every command that loads a model."""
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the bundled tiny model)")
+    parser.add_argument("--lora", default=None, help="peft-format LoRA adapter directory merged at load")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype")
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lopa", description="Diffusion LLM inference with LoPA.")
+    from lopa import __version__
+
+    parser.add_argument("--version", action="version", version=f"lopa {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # import only the module the user asked for (keeps `lopa --help` fast)
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args._run(args) or 0)
+    except LopaError as e:
+        print(f"lopa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Dream-architecture model: config, layers, pure forward, checkpoint loading."""

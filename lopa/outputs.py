@@ -1,0 +1,76 @@
+"""What a generation returns: Completion, its Stats and the optional per-step trace.
+
+Metric definitions (docs/algorithm.md §5): ``forwards`` counts model forward calls, prefill included, a
+batched verification of all branches counting 1; ``tokens`` counts generated tokens up to and including the
+first end token; ``tpf = tokens / forwards``; ``tpf_paper`` is every decoded position of every generated
+block divided by iterations (the authors' inflated number, shown only for comparison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class TraceStep:
+    """One iteration: what was verified, who won, and what got filled."""
+
+    iteration: int
+    candidates: list[dict[str, Any]]  # each: branch id, kind ("anchor"|"lookahead"), extra position, score
+    winner: int  # index into candidates
+    filled: list[int]  # absolute positions filled by the winner's anchor fill this iteration
+    committed: int  # cache length after this iteration
+
+
+@dataclass
+class Stats:
+    forwards: int = 0
+    tokens: int = 0
+    iterations: int = 0
+    decoded_positions: int = 0  # every decoded position of every generated block (for tpf_paper)
+    seconds: float = 0.0
+    prompt_tokens: int = 0
+    timing: dict[str, float] = field(default_factory=dict)  # seconds per phase (forward, scoring, ...)
+
+    @property
+    def tpf(self) -> float:
+        return self.tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def tpf_paper(self) -> float:
+        return self.decoded_positions / self.iterations if self.iterations else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(tpf=self.tpf, tpf_paper=self.tpf_paper, tokens_per_second=self.tokens_per_second)
+        return d
+
+
+@dataclass
+class Completion:
+    """One prompt's result. ``token_ids`` are the generated ids, end token excluded."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    stats: Stats
+    prompt_token_ids: list[int] = field(default_factory=list)
+    trace: list[TraceStep] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.to_dict(),
+        }
+        if self.trace is not None:
+            d["trace"] = [asdict(t) for t in self.trace]
+        return d
