@@ -7,6 +7,7 @@ stateless apart from parameters and the RoPE frequency buffer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,6 +110,13 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq, self.scale = rope_inv_freq(head_dim, theta, scaling, max_positions)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._inv_freq_fp32 = inv_freq  # master copy: model.to(bfloat16) must not round the frequencies
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Rotary:
+        out = super()._apply(fn, recurse)
+        # Rounding inv_freq to bf16 shifts angles by whole radians at long positions; keep it fp32 on any device.
+        self.inv_freq = self._inv_freq_fp32.to(self.inv_freq.device)
+        return out
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # (rows, L, head_dim // 2)

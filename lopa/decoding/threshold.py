@@ -1,0 +1,36 @@
+"""Fast-dLLM threshold decoding: one block at a time; fill every masked position of the current block whose
+p(chosen) > τ, or its single most confident position if none passes. The committed prefix is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lopa.decoding.base import add_extra, fill_block
+from lopa.decoding.confidence import Prediction
+from lopa.engine.state import GenState
+
+
+@dataclass(frozen=True)
+class ThresholdDecoder:
+    block_size: int
+    max_blocks: int
+    threshold: float
+    extra_fill: int = 0
+    name: str = "threshold"
+
+    def prepare(self, state: GenState) -> None:
+        if not state.active_blocks() and not state.end_seen and state.generated_blocks < self.max_blocks:
+            state.add_block(self.block_size, fully_activated=True)
+
+    def select(self, state: GenState, pred: Prediction) -> Tensor:
+        keep = torch.zeros(pred.positions.numel(), dtype=torch.bool)
+        active = state.active_blocks()
+        if active:
+            keep = fill_block(pred, active[0], self.threshold, fallback=True)
+            eligible = (pred.positions >= active[0].start) & (pred.positions < active[0].end)
+            keep = add_extra(keep, pred, eligible, self.extra_fill)
+        return keep

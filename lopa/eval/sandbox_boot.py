@@ -1,0 +1,140 @@
+"""Bootstrap run inside every sandbox process, before the untrusted program (passed to ``python -I -c``).
+
+Owned by :mod:`lopa.eval.sandbox`, which reads this file as text and runs it with the sandbox interpreter; it
+must therefore import nothing from lopa (the interpreter may be a different one that cannot see the package).
+
+Order matters: resource limits first, then the nonce is read from stdin, then the guard is installed, and only
+then is ``program.py`` (in the working directory) executed. The program passes only if it runs to the end:
+the bootstrap then prints the nonce, which the program never saw, and exits 0. Exit codes otherwise:
+3 assertion failed, 4 other exception, 5 MemoryError, 6 the program called exit().
+"""
+
+import builtins
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import traceback
+
+EXIT_FAIL, EXIT_ERROR, EXIT_MEMORY, EXIT_SYSEXIT = 3, 4, 5, 6
+
+
+def _set_limits(limits: dict) -> None:
+    mb = 1024 * 1024
+    cpu = int(limits["cpu_s"])
+    # soft limit sends SIGXCPU, the hard one SIGKILL a second later
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (limits["memory_mb"] * mb,) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["max_file_mb"] * mb,) * 2)
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["max_processes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["max_open_files"],) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _install_guard(root: str) -> None:
+    """Confine destructive file operations to ``root`` and disable process creation and signals.
+
+    A determined program can get around this (ctypes); the process limits and, under root, the separate user
+    id are the outer walls. This layer makes ordinary mistakes (``rm -rf``-style cleanup, ``os.system``)
+    harmless and gives a clear PermissionError instead.
+    """
+    real_open, real_os_open, readlink = builtins.open, os.open, os.readlink
+    realpath, join, isabs, getcwd = os.path.realpath, os.path.join, os.path.isabs, os.getcwd
+
+    def inside(path, dir_fd=None) -> bool:
+        if isinstance(path, int):
+            return True  # an already-open descriptor: it was opened through the checks
+        p = os.fsdecode(os.fspath(path))
+        base = readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None and not isabs(p) else getcwd()
+        full = realpath(join(base, p))
+        return full == root or full.startswith(root + os.sep)
+
+    def confine(module, name, n_paths=1):
+        fn = getattr(module, name, None)
+        if fn is None:
+            return
+
+        def guarded(*args, **kwargs):
+            paths = list(args[:n_paths]) + [kwargs[k] for k in ("path", "src", "dst") if k in kwargs]
+            dir_fd = kwargs.get("dir_fd", kwargs.get("src_dir_fd"))
+            if not all(inside(p, dir_fd) for p in paths):
+                raise PermissionError(f"{name}() outside the sandbox directory is not allowed: {paths!r}")
+            return fn(*args, **kwargs)
+
+        setattr(module, name, guarded)
+
+    def deny(module, name):
+        if hasattr(module, name):
+
+            def denied(*args, **kwargs):
+                raise PermissionError(f"{name}() is disabled in the lopa sandbox")
+
+            setattr(module, name, denied)
+
+    for name in ("remove", "unlink", "rmdir", "mkdir", "truncate", "chmod", "chown", "lchown", "utime", "mkfifo"):
+        confine(os, name)
+    for name in ("rename", "replace", "link", "symlink"):
+        confine(os, name, 2)
+    confine(shutil, "rmtree")
+    confine(shutil, "move", 2)
+    confine(shutil, "chown")
+    process_calls = ["fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "kill", "killpg"]
+    process_calls += ["setsid", "setpgid", "setuid", "setgid", "chroot", "mknod"]
+    process_calls += [n for n in dir(os) if n.startswith(("exec", "spawn"))]
+    for name in process_calls:
+        deny(os, name)
+    deny(subprocess, "Popen")
+
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & write_flags and not inside(path, kwargs.get("dir_fd")):
+            raise PermissionError(f"writing outside the sandbox directory is not allowed: {path!r}")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and not inside(file):
+            raise PermissionError(f"writing outside the sandbox directory is not allowed: {file!r}")
+        return real_open(file, mode, *args, **kwargs)
+
+    os.open = guarded_os_open
+    builtins.open = io.open = guarded_open
+
+
+def main() -> None:
+    limits = json.loads(sys.argv[1])
+    _set_limits(limits)
+    nonce = sys.stdin.readline().strip()
+    sys.stdin = real_stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    exit_now = os._exit
+    root = os.path.realpath(os.getcwd())
+    with open("program.py", encoding="utf-8") as f:
+        source = f.read()
+    _install_guard(root)
+    code = 0
+    try:
+        exec(compile(source, "program.py", "exec"), {"__name__": "__lopa_sandbox__", "__builtins__": builtins})
+    except AssertionError:
+        traceback.print_exc()
+        code = EXIT_FAIL
+    except MemoryError:
+        sys.stderr.write("MemoryError: the program exceeded the sandbox memory limit\n")
+        code = EXIT_MEMORY
+    except SystemExit as e:
+        sys.stderr.write(f"SystemExit({e.code!r}): the program exited before its tests finished\n")
+        code = EXIT_SYSEXIT
+    except BaseException:  # noqa: BLE001 - every failure of the program is a result, not a harness crash
+        traceback.print_exc()
+        code = EXIT_ERROR
+    sys.stdin = real_stdin
+    if code == 0:
+        sys.stdout.write(f"\n{nonce}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    exit_now(code)
+
+
+main()

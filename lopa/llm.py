@@ -1,0 +1,210 @@
+"""LLM: the public facade. Loads a checkpoint once, turns prompts into Completions.
+
+``generate`` handles prompts one after another (each prompt's branches are one batch); ``stream`` yields the
+text that became final after every forward, so a server can send it at once and cancel between forwards by
+closing the iterator. Text is never revised: decoded positions are final, and only the contiguous decoded
+prefix of the answer is ever shown. Parameters are validated by :meth:`DecodeConfig.validate`; prompt length
+is checked here against the model's context.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+from tqdm import tqdm
+
+from lopa.config import DecodeConfig
+from lopa.engine.engine import Step, decode
+from lopa.engine.runner import Runner
+from lopa.errors import ConfigError, PromptTooLongError
+from lopa.model.loader import load_checkpoint
+from lopa.outputs import Completion, Stats
+
+Prompt = Union[str, Sequence[int]]
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class StreamEvent:
+    """Text that became final since the previous event ('' if none); ``completion`` on the last event."""
+
+    text: str
+    token_ids: list[int]
+    completion: Completion | None = None
+
+
+def default_model_dir() -> Path:
+    from lopa.tiny import default_checkpoint_dir
+
+    return default_checkpoint_dir()
+
+
+class LLM:
+    """A loaded Dream-family model ready to decode. Not thread-safe: serialize calls."""
+
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        lora: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        path = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype)
+        self.tokenizer = self.checkpoint.tokenizer
+        self.model = self.checkpoint.model
+        self.config = self.checkpoint.config
+        self.device = next(self.model.parameters()).device
+        self.model_name = path.resolve().name
+        self.max_context = self.config.max_position_embeddings
+        self.mask_id = int(self.tokenizer.mask_token_id)
+        self.end_ids = frozenset(self.tokenizer.end_token_ids)
+        self.runner = Runner(self.model, self.device)
+
+    # ---- prompts -------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:
+        """Token ids of a prompt: ids verbatim, messages or text through the chat template (unless raw)."""
+        if isinstance(prompt, str):
+            if raw or not self.tokenizer.has_chat_template:
+                ids = self.tokenizer.encode(prompt)
+            else:
+                ids = self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+        elif _is_messages(prompt):
+            if self.tokenizer.has_chat_template:
+                ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt)))  # type: ignore[arg-type]
+            else:
+                ids = self.tokenizer.encode("\n".join(m.get("content", "") for m in prompt))  # type: ignore[union-attr]
+        else:
+            ids = [int(t) for t in prompt]  # type: ignore[union-attr]
+            vocab = self.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ConfigError(f"token ids must be in [0, {vocab}); got {bad[:5]}")
+        if not ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        return ids
+
+    def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
+        return len(self.encode_prompt(prompt, raw))
+
+    def _check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
+        need = len(ids) + cfg.max_new_tokens
+        if need > self.max_context:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) = {need} exceeds the model's "
+                f"context of {self.max_context} positions; shorten the prompt or lower max_new_tokens"
+            )
+
+    # ---- decoding ------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        config: DecodeConfig | None = None,
+        raw: bool = False,
+        progress: bool = False,
+    ) -> list[Completion]:
+        """Decode each prompt (a string, a list of token ids, or a list of those)."""
+        cfg = (config or DecodeConfig()).validate()
+        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
+        encoded = [self.encode_prompt(p, raw) for p in batch]  # validate every prompt before decoding any
+        for ids in encoded:
+            self._check_fits(ids, cfg)
+        bar = tqdm(encoded, desc="generate", unit="prompt", disable=not progress)
+        return [self._complete(ids, cfg) for ids in bar]
+
+    def chat(self, messages: Messages, config: DecodeConfig | None = None) -> Completion:
+        """Decode the assistant's reply to OpenAI-style messages."""
+        cfg = (config or DecodeConfig()).validate()
+        ids = self.encode_prompt(messages)
+        self._check_fits(ids, cfg)
+        return self._complete(ids, cfg)
+
+    def stream(
+        self, prompt: Prompt | Messages, config: DecodeConfig | None = None, raw: bool = False
+    ) -> Iterator[StreamEvent]:
+        """Yield final text after every forward; the last event carries the Completion."""
+        cfg = (config or DecodeConfig()).validate()
+        ids = self.encode_prompt(prompt, raw)
+        self._check_fits(ids, cfg)
+        shown_text, shown_ids = "", 0
+        hold = max((len(s) for s in cfg.stop), default=1) - 1
+        for step, completion in self._steps(ids, cfg):
+            if completion is None:
+                out_ids, text, _, _ = self._answer(step, cfg)
+                text = text.rstrip("\ufffd")  # an incomplete multi-byte character may still change
+                text = text[: max(len(text) - hold, len(shown_text))] if cfg.stop else text
+            else:
+                out_ids, text = completion.token_ids, completion.text
+            delta = text[len(shown_text) :] if text.startswith(shown_text) else ""
+            shown_text += delta
+            new_ids = out_ids[shown_ids:]
+            shown_ids = max(shown_ids, len(out_ids))
+            yield StreamEvent(delta, new_ids, completion)
+
+    def _steps(self, ids: list[int], cfg: DecodeConfig) -> Iterator[tuple[Step, Completion | None]]:
+        t0 = time.perf_counter()
+        stop = self._stop_check(cfg) if cfg.stop else None
+        for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
+            if step.done:
+                yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
+            else:
+                yield step, None
+
+    def _complete(self, ids: list[int], cfg: DecodeConfig) -> Completion:
+        completion = None
+        for _, completion in self._steps(ids, cfg):  # noqa: B007
+            pass
+        assert completion is not None
+        return completion
+
+    def _stop_check(self, cfg: DecodeConfig):
+        def check(out: list[int]) -> bool:
+            text = self.tokenizer.decode(self._cut_at_end(out)[0])
+            return any(s in text for s in cfg.stop)
+
+        return check
+
+    def _cut_at_end(self, out: list[int]) -> tuple[list[int], bool]:
+        for i, t in enumerate(out):
+            if t in self.end_ids:
+                return out[:i], True
+        return out, False
+
+    def _answer(self, step: Step, cfg: DecodeConfig) -> tuple[list[int], str, bool, bool]:
+        """(token ids, text, end token produced, stop string hit) of the final part of the answer."""
+        s = step.state
+        out, end_token = self._cut_at_end(s.tokens[s.prompt_len : s.decoded_prefix_end()].tolist())
+        text = self.tokenizer.decode(out)
+        cut = min((text.find(x) for x in cfg.stop if x in text), default=-1)
+        if cut < 0:
+            return out, text, end_token, False
+        while out and len(self.tokenizer.decode(out)) > cut:  # drop the tokens that spell the stop string
+            out = out[:-1]
+        return out, text[:cut], False, True
+
+    def _completion(self, step: Step, cfg: DecodeConfig, prompt: list[int], seconds: float) -> Completion:
+        out, text, end_token, stop_hit = self._answer(step, cfg)
+        stats: Stats = step.stats
+        stats.tokens = len(out) + (1 if end_token else 0)
+        stats.seconds = seconds
+        return Completion(
+            text=text,
+            token_ids=out,
+            finish_reason="stop" if end_token or stop_hit else "length",
+            stats=stats,
+            prompt_token_ids=list(prompt),
+            trace=step.trace,
+        )
+
+
+def _is_ids(x: object) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+
+
+def _is_messages(x: object) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) for m in x)

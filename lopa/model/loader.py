@@ -1,0 +1,273 @@
+"""Loading and saving Dream-format checkpoint directories.
+
+Owns the on-disk contract: ``config.json`` (model_type Dream, or Qwen2 field names), ``model.safetensors`` or
+shards listed in ``model.safetensors.index.json``, tokenizer files, ``generation_config.json``, and an optional
+peft LoRA adapter merged at load (:mod:`lopa.model.lora`). Weights are read only with safetensors; pickle-based
+``.bin`` / ``.pt`` files are refused. Every problem a user can cause raises a named :mod:`lopa.errors` exception.
+Called by the LLM facade, the CLI, training and the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lopa.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    TensorMismatchError,
+    UnsafeWeightsError,
+)
+from lopa.model.config import ModelConfig
+from lopa.model.dream import DreamModel
+from lopa.model.layers import Rotary
+from lopa.model.lora import merge_lora
+from lopa.tokenizer import Tokenizer
+
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+# Older exports store the RoPE table; it is recomputed from the config, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: everything the engine needs to decode."""
+
+    path: Path
+    config: ModelConfig  # special ids resolved from config, generation_config and tokenizer files
+    model: DreamModel  # eval mode, on device, in dtype, requires_grad off
+    tokenizer: Tokenizer
+    generation_config: dict
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, config_dtype: Any = None) -> torch.dtype:
+    """The dtype to load in: explicit > config's torch_dtype on CUDA > float32 (CPU half precision is slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type != "cuda" or not isinstance(config_dtype, str):
+            return torch.float32
+        return _DTYPES.get(config_dtype, torch.float32)
+    if str(dtype) not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of float32, bfloat16, float16.")
+    return _DTYPES[str(dtype)]
+
+
+def load_checkpoint(
+    path: str | Path,
+    lora: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> Checkpoint:
+    """Load a checkpoint directory (and merge an optional LoRA adapter) onto ``device`` in ``dtype``."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointNotFoundError(
+            f"checkpoint directory {path} does not exist; pass a local directory holding config.json and "
+            f"*.safetensors (models cannot be downloaded by name)."
+        )
+    raw = _read_json(path / "config.json", required=True)
+    config = ModelConfig.from_hf_dict(raw, source=str(path / "config.json"))
+    generation_config = _read_json(path / "generation_config.json", required=False)
+    tokenizer = Tokenizer.from_dir(path, config, generation_config)
+    config = replace(
+        config,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    for field in ("mask_token_id", "eos_token_id"):
+        if not 0 <= getattr(config, field) < config.vocab_size:
+            raise CorruptCheckpointError(
+                f"{path}: {field}={getattr(config, field)} is outside the vocabulary (vocab_size="
+                f"{config.vocab_size}); fix {field} in config.json."
+            )
+    device = torch.device(device)
+    dt = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
+    model = _load_model(path, config, device, dt)
+    if lora is not None:
+        merge_lora(model, lora)
+    return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, generation_config=generation_config)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from the shard index when there is one."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        data = _read_json(index, required=True)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CorruptCheckpointError(f"{index} has no 'weight_map'; re-save the checkpoint.")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointNotFoundError(
+                f"{index} lists shard(s) {missing} that are not in {path}; the download is incomplete."
+            )
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        raise UnsafeWeightsError(
+            f"{path} holds weights only as pickle files {pickled}; lopa never unpickles weights. Convert them to "
+            f"safetensors (e.g. model.save_pretrained(dir, safe_serialization=True))."
+        )
+    raise CheckpointNotFoundError(f"{path} has no *.safetensors weight files; add model.safetensors.")
+
+
+def _load_model(path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> DreamModel:
+    # Build on the meta device so no random weights are allocated, then assign the loaded tensors:
+    # only one copy of the weights ever exists, already on the target device and dtype.
+    with torch.device("meta"):
+        model = DreamModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    state: dict[str, Tensor] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
+                        continue
+                    if key not in expected:
+                        raise TensorMismatchError(
+                            f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a Dream model "
+                            f"with this config.json (wrong architecture, or an unmerged adapter?)."
+                        )
+                    t = f.get_tensor(key)
+                    if t.shape != expected[key]:
+                        raise TensorMismatchError(
+                            f"{file.name}: tensor {key!r} has shape {tuple(t.shape)} but config.json implies "
+                            f"{tuple(expected[key])}; config.json and the weights disagree."
+                        )
+                    state[key] = t.to(dtype)
+        except (TensorMismatchError, CheckpointNotFoundError):
+            raise
+        except Exception as e:  # safetensors raises its own error type for a bad header or truncated data
+            raise CorruptCheckpointError(
+                f"{file} is not a valid safetensors file ({e}); re-download or re-save it."
+            ) from e
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise TensorMismatchError(
+            f"{path}: {len(missing)} tensor(s) missing from the weights: {shown}. The checkpoint is incomplete or "
+            f"config.json describes a different model (tie_word_embeddings, num_hidden_layers?)."
+        )
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
+    # The RoPE table is not a checkpoint tensor: rebuild it on the device, kept in fp32 for precision.
+    with torch.device(device):
+        model.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def save_checkpoint(
+    model: DreamModel,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    generation_config: dict | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write ``model`` as a Dream checkpoint directory that :func:`load_checkpoint` (and transformers) can read."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    if generation_config is None:
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")
+        generation_config = {k: getattr(cfg, k) for k in ids if getattr(cfg, k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n", encoding="utf-8")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the HF convention: a tied head is not stored
+    for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    shards = _shard(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                shutil.copyfile(src, out / name)
+    return out
+
+
+def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:
+    """Greedy split in key order; a tensor larger than max_bytes gets a shard of its own."""
+    if max_bytes is None:
+        return [state]
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    return shards
+
+
+def _read_json(path: Path, required: bool) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise CheckpointNotFoundError(f"{path} does not exist; a checkpoint directory needs it.")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{path} is not valid JSON ({e}); fix or re-download it.") from e
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path} must hold a JSON object.")
+    return data

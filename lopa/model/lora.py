@@ -1,0 +1,129 @@
+"""LoRA adapters in peft's on-disk format, merged into a loaded model's weights.
+
+Called by :func:`lopa.model.loader.load_checkpoint` after the base weights are in place. An adapter directory holds
+``adapter_config.json`` (r, lora_alpha, target_modules, use_rslora, fan_in_fan_out, optional rank/alpha patterns)
+and ``adapter_model.safetensors`` with keys such as
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. The merge is ``W += scale * B @ A``, done in
+fp32 and cast back, so the merged model costs nothing extra at decode time. Pickled adapters are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from lopa.errors import AdapterError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeWeightsError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(adapter_config, tensors) of a peft LoRA directory; raises a named error for anything unusable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"LoRA adapter directory {path} does not exist; pass a peft adapter directory.")
+    cfg_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not cfg_file.is_file():
+        raise CheckpointNotFoundError(f"{cfg_file} does not exist; a peft LoRA adapter directory needs it.")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{cfg_file} is not valid JSON ({e}).") from e
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{cfg_file}: peft_type {peft_type!r} is not supported; only LoRA adapters can be merged.")
+    if cfg.get("use_dora"):
+        raise AdapterError(f"{cfg_file}: DoRA adapters (use_dora=true) are not supported; use a plain LoRA adapter.")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{cfg_file}: bias={cfg['bias']!r} adapters are not supported; train with bias='none'.")
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise UnsafeWeightsError(
+                f"{path}/adapter_model.bin is a pickle file, which lopa never loads; convert it to "
+                f"{ADAPTER_WEIGHTS} (e.g. peft's save_pretrained(..., safe_serialization=True))."
+            )
+        raise CheckpointNotFoundError(f"{weights} does not exist; a peft LoRA adapter directory needs it.")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        raise CorruptCheckpointError(f"{weights} is not a valid safetensors file ({e}); re-save the adapter.") from e
+    return cfg, tensors
+
+
+def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
+    """Merge the adapter at ``path`` into ``model`` in place; returns the names of the merged modules."""
+    cfg, tensors = read_adapter(path)
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(
+                f"adapter tensor {key!r} is not a LoRA A/B matrix (embedding LoRA and modules_to_save are not "
+                f"supported); is this an adapter for another base?"
+            )
+        pairs.setdefault(m["module"], {})[m["part"]] = t
+    modules = dict(model.named_modules())
+    targets = cfg.get("target_modules")
+    plan: list[tuple[nn.Linear, Tensor]] = []
+    for name, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter module {name!r} has lora_{next(iter(ab))} but not its partner; re-save it.")
+        layer = modules.get(name)
+        if not isinstance(layer, nn.Linear):
+            raise AdapterError(
+                f"adapter tensor {name}.lora_A.weight targets {name!r}, which is not a linear layer of this model; "
+                f"is this an adapter for another base?"
+            )
+        if targets is not None and not _targeted(name, targets):
+            raise AdapterError(f"adapter module {name!r} is not in target_modules={targets!r}; the adapter is broken.")
+        a, b = ab["A"].float(), ab["B"].float()  # (r, in), (out, r)
+        delta = b @ a if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] else None  # (out, in)
+        if delta is not None and cfg.get("fan_in_fan_out"):
+            delta = delta.T
+        if delta is None or delta.shape != layer.weight.shape:
+            raise AdapterError(
+                f"adapter tensors {name}.lora_A/B have shapes {tuple(ab['A'].shape)} / {tuple(ab['B'].shape)}, "
+                f"which do not fit the model's {name}.weight {tuple(layer.weight.shape)}; is this an adapter for "
+                f"another base?"
+            )
+        plan.append((layer, delta * _scale(cfg, name, a.shape[0])))
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and any(layer is getattr(model, "lm_head", None) for layer, _ in plan):
+        raise AdapterError("the adapter changes lm_head, but this model ties lm_head to the embeddings; unsupported.")
+    # Validate everything before touching a single weight, so a bad adapter never leaves a half-merged model.
+    with torch.no_grad():
+        for layer, delta in plan:
+            w = layer.weight
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+    return [n for n, _ in sorted(pairs.items())]
+
+
+def _targeted(name: str, targets: str | list[str]) -> bool:
+    """peft's rule: a regex string must match the full name; a list entry must equal the name or its suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None or targets == "all-linear"
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def _scale(cfg: dict[str, Any], name: str, rank: int) -> float:
+    """lora_alpha / r (or / sqrt(r) with rsLoRA), honouring peft's per-module rank/alpha patterns."""
+    alpha = float(_pattern(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8)))
+    r = float(_pattern(cfg.get("rank_pattern"), name, rank))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _pattern(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default

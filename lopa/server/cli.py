@@ -1,0 +1,55 @@
+"""``lopa serve``: load a checkpoint and serve it over the OpenAI HTTP API with uvicorn.
+
+Registered in ``lopa/cli.py``. Model flags (--model, --lora, --device, --dtype) and decoder flags (one per
+DecodeConfig field, the server's defaults for every request) come from the shared helpers there; a request
+overrides them with its own ``lopa`` field and OpenAI parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args
+from lopa.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 = all)")
+    group.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    group.add_argument("--served-model-name", default=None, help="model id clients send (default: checkpoint name)")
+    group.add_argument(
+        "--queue-limit", type=int, default=64, help="requests that may wait for the engine; more get 503 (default: 64)"
+    )
+    group.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="largest request body; more gets 413 (default: 1 MiB)"
+    )
+    group.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log"
+    )
+    add_decode_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ConfigError("lopa serve needs the server extras; install them with: pip install 'lopa[serve]'") from e
+    from lopa import LLM
+    from lopa.server.app import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    config = decode_config_from_args(args)
+    llm = LLM(args.model, lora=args.lora, device=args.device, dtype=args.dtype)
+    app = create_app(
+        llm,
+        default_config=config,
+        queue_limit=args.queue_limit,
+        max_body_bytes=args.max_body_bytes,
+        served_model_name=args.served_model_name,
+    )
+    print(f"serving {args.served_model_name or llm.model_name} on http://{args.host}:{args.port}/v1 ({config.decoder})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,57 @@
+"""Request body size limit, as a pure ASGI middleware (installed by ``create_app``).
+
+The body is read here, before any route parses it, and counted as it arrives, so a client cannot make the
+server buffer more than ``max_bytes`` whether it sends ``Content-Length`` or chunked data. Over the limit the
+answer is 413 with OpenAI's error body; otherwise the buffered body is replayed to the app and later
+``receive`` calls (disconnect detection) go to the server as usual.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lopa.server.protocol import error_body
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its whole body
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(body)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is larger than the server's limit of {self.max_bytes} bytes"
+        body = error_body(message, type_="invalid_request_error", code="request_too_large")
+        await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)

@@ -1,0 +1,199 @@
+"""OpenAI request and response schemas for the HTTP server (pydantic models, no engine code).
+
+The request models follow the OpenAI API (``/v1/completions``, ``/v1/chat/completions``) field by field.
+Fields the engine implements are typed and mapped onto :class:`~lopa.DecodeConfig` by ``app.py``. Fields
+lopa cannot honour (``n > 1``, ``logprobs``, ``tools``, penalties, ...) are accepted only at their neutral
+value; anything else is rejected with a message rather than silently ignored, and unknown fields are rejected
+too (``extra="forbid"``), so a typo such as ``max_token`` is an error and not a silent default. Responses are
+plain dicts built by the helpers at the bottom; usage carries lopa's ``forwards`` and ``tokens_per_forward``
+beside OpenAI's token counts.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+# value each unsupported field may take (its neutral value); any other value is a 400
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+}
+
+
+class InvalidFieldError(ValueError):
+    """A field has a value this server does not implement or accept (raised inside validation)."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class BaseRequest(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
+    seed: StrictInt | None = Field(default=None, ge=0)
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    # lopa's own decoding parameters (a DecodeConfig dict), validated by DecodeConfig.from_dict
+    lopa: dict[str, Any] | None = None
+
+    # unsupported OpenAI fields: typed loosely so the check below can name them in its message
+    n: Any = None
+    logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> BaseRequest:
+        for name in type(self).model_fields:
+            if name in _NEUTRAL and getattr(self, name) not in _NEUTRAL[name]:
+                raise InvalidFieldError(
+                    f"'{name}' = {getattr(self, name)!r} is not supported by lopa; leave it out of the request"
+                )
+        if self.stream_options is not None and not self.stream:
+            raise InvalidFieldError("'stream_options' is only allowed together with 'stream': true")
+        if isinstance(self.stop, list) and len(self.stop) > 16:
+            raise InvalidFieldError(f"'stop' takes at most 16 strings, got {len(self.stop)}")
+        return self
+
+    def stop_strings(self) -> tuple[str, ...] | None:
+        if self.stop is None:
+            return None
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(BaseRequest):
+    """``POST /v1/completions``: a raw prompt (text or token ids, or a list of them) is continued."""
+
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+
+    @model_validator(mode="after")
+    def _check_prompt(self) -> CompletionRequest:
+        prompts = self.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise InvalidFieldError("'prompt' must not be empty")
+        if any(t < 0 for p in prompts if isinstance(p, list) for t in p):
+            raise InvalidFieldError("token ids in 'prompt' must be >= 0")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of single prompts (text, or token ids used verbatim)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # "developer" is OpenAI's newer name for "system"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+    name: StrictStr | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(BaseRequest):
+    """``POST /v1/chat/completions``: messages go through the checkpoint's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    metadata: dict[str, StrictStr] | None = None
+    store: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _one_token_limit(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise InvalidFieldError("give either 'max_tokens' or 'max_completion_tokens', not both")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+# ---- responses ----------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, forwards: int, tokens_per_forward: float) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "forwards": forwards,
+        "tokens_per_forward": round(tokens_per_forward, 4),
+    }
+
+
+def sum_usage(usages: list[dict]) -> dict:
+    forwards = sum(u["forwards"] for u in usages)
+    completion = sum(u["completion_tokens"] for u in usages)
+    tpf = sum(u["tokens_per_forward"] * u["forwards"] for u in usages) / forwards if forwards else 0.0
+    return usage_dict(sum(u["prompt_tokens"] for u in usages), completion, forwards, tpf)
+
+
+def error_body(message: str, *, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,273 @@
+"""Tiny random-weight Dream checkpoints and LoRA adapters, for tests and for trying lopa without real weights.
+
+The checkpoints are complete: ``config.json``, ``model.safetensors`` (or shards), ``generation_config.json``, and a
+small byte-level BPE tokenizer (256 byte tokens, a few dozen merges, and the special tokens ``<|endoftext|>``
+(eos = pad), ``<|im_start|>``, ``<|im_end|>``, ``<|mask|>``) that can encode any text, with a ChatML chat template.
+The weights are random, so the text a model generates is gibberish, but every code path runs::
+
+    from lopa.testing import make_tiny_checkpoint, make_random_lora
+    make_tiny_checkpoint("tiny-dream")
+    make_random_lora("tiny-dream", "tiny-lora")
+
+    from lopa import LLM
+    llm = LLM("tiny-dream", lora="tiny-lora")
+    print(llm.generate("hello")[0].text)
+
+or from the shell: ``lopa generate --model tiny-dream --lora tiny-lora ...``. Both helpers are deterministic in
+``seed``. The test suite's ``tiny_ckpt`` / ``tiny_lora`` fixtures are built with them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from lopa.errors import ConfigError
+from lopa.model.config import ModelConfig
+from lopa.model.dream import DreamModel
+from lopa.model.loader import save_checkpoint
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Frequent English and Python pieces; each becomes a chain of merges so common text takes fewer tokens.
+_MERGE_WORDS = (
+    " the", " and", " of", " to", " in", " is", " a", " that", " for", " it", " with", " you", " on", " this",
+    "ing", "ion", "er", "ed", "es", "re", " def", " return", " if", " else", " for", " print", " import", " self",
+    " =", " ==", " +", "()", "):", "    ", "        ", "\n", "\n\n", " 0", " 1", "the", "The", " answer", " is",
+)
+_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+_ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def make_tiny_checkpoint(
+    path: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = False,
+    rope_theta: float = 10000.0,
+    max_position_embeddings: int = 2048,
+    chat_template: bool = True,
+    seed: int = 0,
+    shards: int = 1,
+    rope_scaling: dict[str, Any] | None = None,
+) -> Path:
+    """Write a random-weight Dream checkpoint directory at ``path`` and return it."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = byte_level_tokenizer()
+    tok.save(str(out / "tokenizer.json"))
+    tok_cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "mask_token": "<|mask|>",
+        "bos_token": None,
+        "model_max_length": max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat_template:
+        tok_cfg["chat_template"] = CHATML_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
+    eos, mask = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|mask|>")
+    if rope_scaling is not None:
+        rope_scaling = {**rope_scaling, "rope_type": rope_scaling.get("rope_type", rope_scaling.get("type"))}
+        rope_scaling.pop("type", None)
+    config = ModelConfig(
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),  # = tokenizer size, so every sampled id decodes
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=tie_word_embeddings,
+        mask_token_id=mask,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    model = random_model(config, seed)
+    shard_bytes = None
+    if shards > 1:
+        total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+        shard_bytes = math.ceil(total / shards)
+    save_checkpoint(model, out, generation_config={"eos_token_id": eos, "pad_token_id": eos, "mask_token_id": mask},
+                    max_shard_bytes=shard_bytes)
+    return out
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> DreamModel:
+    """A DreamModel whose every parameter is drawn from a seeded generator (independent of the global RNG).
+
+    Scales keep activations and logits O(1), and norms/biases are non-trivial so a forward that ignores them
+    would be caught by an equivalence test.
+    """
+    model = DreamModel(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * noise)
+            else:  # embedding (hidden, in rows) and linear weights (out, in): 1/sqrt(fan_in) keeps O(1) outputs
+                p.copy_(noise / math.sqrt(p.shape[-1]))
+    return model.eval()
+
+
+def make_random_lora(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    r: int = 4,
+    alpha: int = 8,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    seed: int = 0,
+) -> Path:
+    """Write a peft-format LoRA adapter with random (non-zero) A and B for the checkpoint at ``base_dir``."""
+    cfg = ModelConfig.from_hf_dict(json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8")))
+    shapes = _linear_shapes(cfg)
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise ConfigError(f"unknown LoRA target(s) {unknown}; choose from {sorted(shapes)}.")
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(cfg.num_hidden_layers):
+        for target in targets:
+            out_f, in_f = shapes[target]
+            block = "mlp" if target in _MLP_TARGETS else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
+            # peft initialises B to zero; a random B makes the merge observable in tests.
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) / math.sqrt(in_f)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * (0.2 / math.sqrt(r))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    adapter_cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_dir),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each per-layer linear module."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    return {
+        "q_proj": (q, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, q),
+        "gate_proj": (inter, h),
+        "up_proj": (inter, h),
+        "down_proj": (h, inter),
+    }
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """A GPT-2-style byte-level BPE: 256 byte tokens, a few merges, then the special tokens."""
+    byte_chars = _bytes_to_unicode()
+    vocab = {byte_chars[b]: b for b in range(256)}
+    merges: list[tuple[str, str]] = []
+    for word in _MERGE_WORDS:
+        chars = "".join(byte_chars[b] for b in word.encode("utf-8"))
+        for i in range(1, len(chars)):
+            merged = chars[: i + 1]
+            if merged not in vocab:
+                merges.append((chars[:i], chars[i]))
+                vocab[merged] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (what the ByteLevel pre-tokenizer emits)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def transformers_twin(model: DreamModel) -> Any:
+    """The same weights in transformers' ``Qwen2ForCausalLM`` (eager attention), for equivalence checks.
+
+    Needs the ``transformers`` package (a dev dependency). The twin is causal as built; call it through
+    :func:`transformers_bidirectional_logits` to get Dream's bidirectional logits.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = model.config
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
+    hf_cfg = Qwen2Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attn_implementation="eager",
+    )
+    hf_cfg.head_dim = cfg.head_dim  # Qwen2Config has no head_dim argument; the attention reads the attribute
+    hf = Qwen2ForCausalLM(hf_cfg).to(next(model.parameters()).dtype)
+    hf.load_state_dict(model.state_dict(), strict=True)
+    for layer in hf.model.layers:
+        layer.self_attn.is_causal = False
+    return hf.eval()
+
+
+def transformers_bidirectional_logits(hf: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw logits (rows, L, vocab) of a :func:`transformers_twin` with full attention.
+
+    ``mask``: optional (rows, L, L) bool, True = may attend. An explicit 4D additive mask is required: without one
+    transformers builds a causal mask even when ``is_causal`` is False.
+    """
+    rows, length = ids.shape
+    dtype = next(hf.parameters()).dtype
+    additive = torch.zeros(rows, 1, length, length, dtype=dtype)  # (rows, 1, L, L)
+    if mask is not None:
+        additive = additive.masked_fill(~mask[:, None], torch.finfo(dtype).min)
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=additive).logits

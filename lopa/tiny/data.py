@@ -1,0 +1,146 @@
+"""Training and evaluation tensors for the tiny model: encoding, the block layout, and the D2F-style noise.
+
+Row layout (shared by training and by the greedy evaluation in ``lopa.tiny.evaluate``)::
+
+    [ left pad | prompt (P tokens) | answer block 1 | block 2 | ... ]   length = max_prompt + answer_len
+
+Positions start at 0 on the first prompt token, as in the engine. Pad keys are invisible. Block ids: pad and
+prompt are block 0, answer block b covers ``block_size`` positions. The attention layout is block-causal, which
+is what the block decoders do at inference: a committed block sees only what precedes it and itself; the active
+block sees the cache and itself; later blocks do not exist yet.
+
+Noise: each answer block gets a mask ratio, never decreasing along the answer (D2F); a position is masked with
+its block's probability. Half the rows imitate threshold decoding exactly (clean blocks, one partly masked active
+block, all-mask later blocks), the other half use sorted uniform ratios. The loss (Dream's shifted logits: the
+output at ``i - 1`` predicts token ``i``) covers masked answer positions, including the end/pad tail after the
+answer so the model learns to emit the end token and then pad.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lopa.tiny.task import Problem
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Geometry of a row: prompt room, answer blocks and the special ids."""
+
+    max_prompt: int
+    block_size: int
+    num_blocks: int
+    end_id: int
+    mask_id: int
+
+    @property
+    def answer_len(self) -> int:
+        return self.block_size * self.num_blocks
+
+    @property
+    def length(self) -> int:
+        return self.max_prompt + self.answer_len
+
+
+def encode_rows(
+    problems: list[Problem], encode: callable, layout: Layout, with_answer: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-padded rows for ``problems``.
+
+    Returns ids (rows, L) with the answer + end/pad tail (or all-mask answers when ``with_answer`` is False),
+    positions (rows, L) and valid (rows, L) bool (False on left padding).
+    """
+    rows, length = len(problems), layout.length
+    ids = torch.full((rows, length), layout.end_id, dtype=torch.long)  # (rows, L)
+    valid = torch.ones(rows, length, dtype=torch.bool)  # (rows, L)
+    positions = torch.zeros(rows, length, dtype=torch.long)  # (rows, L)
+    for r, p in enumerate(problems):
+        prompt = encode(p.prompt)
+        if len(prompt) > layout.max_prompt:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the layout's {layout.max_prompt}")
+        pad = layout.max_prompt - len(prompt)
+        ids[r, pad : layout.max_prompt] = torch.tensor(prompt)
+        valid[r, :pad] = False
+        positions[r, pad:] = torch.arange(length - pad)
+        if with_answer:
+            answer = encode(" " + p.target) + [layout.end_id]
+            if len(answer) > layout.answer_len:
+                raise ValueError(f"answer of {len(answer)} tokens exceeds the layout's {layout.answer_len}")
+            ids[r, layout.max_prompt : layout.max_prompt + len(answer)] = torch.tensor(answer)
+        else:
+            ids[r, layout.max_prompt :] = layout.mask_id
+    return ids, positions, valid
+
+
+def block_ids(layout: Layout, device: torch.device | str = "cpu") -> Tensor:
+    """(L,) block index of each position: 0 for pad + prompt, b for answer block b (1-based)."""
+    answer = torch.arange(layout.answer_len, device=device) // layout.block_size + 1
+    return torch.cat([torch.zeros(layout.max_prompt, dtype=torch.long, device=device), answer])
+
+
+def block_causal_mask(valid: Tensor, layout: Layout) -> Tensor:
+    """(rows, L, L) bool: query block may see key blocks up to its own, never pad keys; pads see themselves."""
+    blocks = block_ids(layout, valid.device)  # (L,)
+    causal = blocks[None, :] <= blocks[:, None]  # (L, L): [query, key]
+    mask = causal[None] & valid[:, None, :]  # (rows, L, L)
+    eye = torch.eye(layout.length, dtype=torch.bool, device=valid.device)
+    return mask | eye[None]  # a pad query with no visible key would make softmax NaN
+
+
+def block_ratios(rows: int, num_blocks: int, gen: torch.Generator) -> Tensor:
+    """(rows, num_blocks) mask ratios, non-decreasing along the answer in every row."""
+    sorted_uniform = torch.sort(torch.rand(rows, num_blocks, generator=gen), dim=1).values
+    active = torch.randint(0, num_blocks, (rows, 1), generator=gen)  # (rows, 1)
+    idx = torch.arange(num_blocks)[None]  # (1, num_blocks)
+    partial = torch.rand(rows, 1, generator=gen).clamp_min(0.05)
+    threshold_like = torch.where(idx < active, 0.0, torch.where(idx == active, partial, 1.0))
+    use_threshold = torch.rand(rows, 1, generator=gen) < 0.5
+    return torch.where(use_threshold, threshold_like, sorted_uniform)
+
+
+def noise(ids: Tensor, layout: Layout, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Mask answer positions by block ratio. Returns noisy ids (rows, L) and the loss mask (rows, L) bool."""
+    rows = ids.shape[0]
+    ratios = block_ratios(rows, layout.num_blocks, gen)  # (rows, blocks)
+    per_pos = ratios.repeat_interleave(layout.block_size, dim=1)  # (rows, answer_len)
+    masked = torch.rand(rows, layout.answer_len, generator=gen) < per_pos  # (rows, answer_len)
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    loss_mask[:, layout.max_prompt :] = masked
+    noisy = torch.where(loss_mask, torch.full_like(ids, layout.mask_id), ids)
+    return noisy, loss_mask
+
+
+def training_batch(
+    rng: random.Random, gen: torch.Generator, sampler: callable, encode: callable, layout: Layout, rows: int
+) -> dict[str, Tensor]:
+    """One noised batch: ids, positions, attn_mask, targets and loss mask (all on CPU)."""
+    problems = [sampler(rng) for _ in range(rows)]
+    clean, positions, valid = encode_rows(problems, encode, layout)
+    noisy, loss_mask = noise(clean, layout, gen)
+    return {
+        "ids": noisy,  # (rows, L)
+        "positions": positions,  # (rows, L)
+        "attn_mask": block_causal_mask(valid, layout),  # (rows, L, L)
+        "targets": clean,  # (rows, L)
+        "loss_mask": loss_mask,  # (rows, L)
+    }
+
+
+def answer_logits_idx(rows: int, layout: Layout, device: torch.device | str = "cpu") -> Tensor:
+    """(rows, answer_len) window indices whose outputs predict the answer positions (Dream's shift)."""
+    idx = torch.arange(layout.max_prompt - 1, layout.length - 1, device=device)  # (answer_len,)
+    return idx[None].expand(rows, -1)
+
+
+def masked_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor, layout: Layout) -> Tensor:
+    """Mean cross-entropy over masked answer positions.
+
+    logits: (rows, answer_len, vocab) from :func:`answer_logits_idx` (output ``i - 1`` predicts token ``i``);
+    targets, loss_mask: (rows, L).
+    """
+    tgt, sel = targets[:, layout.max_prompt :], loss_mask[:, layout.max_prompt :]  # (rows, answer_len)
+    return torch.nn.functional.cross_entropy(logits[sel].float(), tgt[sel])

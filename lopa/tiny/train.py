@@ -1,0 +1,222 @@
+"""``lopa train``: train the bundled tiny Dream-format dLLM on the word-problem task from scratch.
+
+Objective (D2F style, see ``lopa.tiny.data``): block-wise masks whose ratios never decrease along the answer, a
+block-causal attention layout matching the block decoders, cross-entropy on masked answer positions with
+Dream's shifted logits. Batches are a pure function of (seed, step), so training is reproducible and a resumed
+run continues exactly where it stopped.
+
+``--out DIR`` receives the Dream checkpoint (config.json, model.safetensors, tokenizer.json,
+generation_config.json: loadable by ``lopa.model.loader.load_checkpoint``) at every save, plus the training
+state in ``DIR/train_state`` (safetensors for weights and optimizer moments, JSON for the step and settings;
+never pickle) and a JSON-lines log. Rerunning the same command resumes. Called by ``lopa.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from lopa.errors import ConfigError
+from lopa.model.config import ModelConfig
+from lopa.model.dream import DreamModel
+from lopa.model.loader import save_checkpoint
+from lopa.tiny import task
+from lopa.tiny.data import Layout, answer_logits_idx, masked_loss, training_batch
+from lopa.tiny.evaluate import score
+from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
+
+ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_size", "num_blocks", "max_prompt")
+STATE_DIR = "train_state"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory: checkpoint + resumable training state")
+    p.add_argument("--steps", type=int, default=12000, help="total optimizer steps (default: 12000)")
+    p.add_argument("--batch", type=int, default=64, help="problems per step (default: 64)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    p.add_argument("--warmup", type=int, default=300, help="linear warm-up steps (default: 300)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
+    p.add_argument("--hidden", type=int, default=192, help="hidden size (default: 192)")
+    p.add_argument("--layers", type=int, default=4, help="transformer layers (default: 4)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default: 4)")
+    p.add_argument("--intermediate", type=int, default=512, help="MLP inner size (default: 512)")
+    p.add_argument("--block-size", type=int, default=8, help="positions per answer block (default: 8)")
+    p.add_argument("--num-blocks", type=int, default=3, help="answer blocks per row (default: 3)")
+    p.add_argument("--max-prompt", type=int, default=32, help="prompt room in tokens (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--save-every", type=int, default=250, help="write checkpoint + state every N steps")
+    p.add_argument("--eval-every", type=int, default=1000, help="validation accuracy every N steps (0 = off)")
+    p.add_argument("--eval-n", type=int, default=300, help="validation problems per evaluation (default: 300)")
+    p.add_argument("--test-n", type=int, default=600, help="test problems scored at the end (0 = skip)")
+
+
+def model_config(args: argparse.Namespace, vocab_size: int, ids: dict[str, int]) -> ModelConfig:
+    """The Dream architecture of the tiny model from the CLI numbers."""
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        raise ConfigError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads.")
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        **ids,
+    )
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at ``--steps``."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def save_state(model: DreamModel, opt: torch.optim.Optimizer, meta: dict, out: Path) -> None:
+    """Weights, AdamW moments and the step, written atomically enough that a crash leaves the last good state."""
+    d = out / STATE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    names = {p: n for n, p in model.named_parameters()}
+    moments = {f"{names[p]}::{k}": v.detach().cpu() for p, s in opt.state.items() for k, v in s.items()}
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(d / "weights.tmp"))
+    save_file({k: v.reshape(-1) if v.dim() == 0 else v for k, v in moments.items()}, str(d / "optim.tmp"))
+    (d / "weights.tmp").replace(d / "weights.safetensors")
+    (d / "optim.tmp").replace(d / "optim.safetensors")
+    (d / "state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def load_state(model: DreamModel, opt: torch.optim.Optimizer, out: Path, args: argparse.Namespace) -> dict | None:
+    """Restore a previous run in ``out`` (None when there is none); refuse a different architecture."""
+    d = out / STATE_DIR
+    if not (d / "state.json").is_file():
+        return None
+    meta = json.loads((d / "state.json").read_text(encoding="utf-8"))
+    for key in ARCH_KEYS + ("seed", "batch"):
+        if meta["args"].get(key) != getattr(args, key):
+            raise ConfigError(
+                f"{out} holds a run with --{key.replace('_', '-')} {meta['args'].get(key)}, not "
+                f"{getattr(args, key)}; use the same settings to resume or a new --out."
+            )
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in load_file(str(d / "weights.safetensors")).items()})
+    params = dict(model.named_parameters())
+    for key, v in load_file(str(d / "optim.safetensors")).items():
+        name, k = key.split("::")
+        opt.state[params[name]][k] = (v.reshape(()) if k == "step" else v).to(device)
+    return meta
+
+
+def write_checkpoint(model: DreamModel, tok, layout: Layout, out: Path) -> None:
+    """The Dream-format checkpoint directory (what users and ``--model`` load)."""
+    gen = {
+        **special_ids(tok),
+        "block_size": layout.block_size,
+        "max_new_tokens": layout.answer_len,
+        "decoder": "threshold",
+        "threshold": 0.9,
+    }
+    save_checkpoint(model, out, generation_config=gen)
+    save_tokenizer(tok, out)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.batch < 1:
+        raise ConfigError("--steps and --batch must be >= 1.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    out = Path(args.out)
+    tok = build_tokenizer()
+    ids = special_ids(tok)
+    layout = Layout(args.max_prompt, args.block_size, args.num_blocks, ids["eos_token_id"], ids["mask_token_id"])
+    torch.manual_seed(args.seed)
+    model = DreamModel(model_config(args, tok.get_vocab_size(), ids)).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    meta = load_state(model, opt, out, args) or {"step": 0, "seconds": 0.0, "tokens": 0}
+    meta["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"lopa train: {n_params:,} parameters on {device}, step {meta['step']}/{args.steps}, out={out}")
+
+    def encode(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def decode(token_ids: list[int]) -> str:
+        return tok.decode(token_ids, skip_special_tokens=True)
+
+    validation = task.fixed_set("validation", args.eval_n) if args.eval_every else []
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "train_log.jsonl").open("a", encoding="utf-8")
+    bar = tqdm(total=args.steps, initial=meta["step"], desc="train", dynamic_ncols=True)
+    loss_ema, window_t, window_tok = None, time.perf_counter(), 0
+    model.train()
+    while meta["step"] < args.steps:
+        step = meta["step"]
+        t0 = time.perf_counter()
+        rng = random.Random(args.seed * 1_000_003 + step)  # batches are a pure function of (seed, step)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        batch = training_batch(rng, gen, lambda r: task.sample(r, "train"), encode, layout, args.batch)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(
+                batch["ids"],
+                batch["positions"],
+                attn_mask=batch["attn_mask"],
+                logits_idx=answer_logits_idx(args.batch, layout, device),
+            )  # (rows, answer_len, vocab)
+        loss = masked_loss(logits, batch["targets"], batch["loss_mask"], layout)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        n_tok = args.batch * layout.length
+        meta["step"], meta["tokens"] = step + 1, meta["tokens"] + n_tok
+        meta["seconds"] += time.perf_counter() - t0
+        window_tok += n_tok
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        bar.update(1)
+        if meta["step"] % 20 == 0:
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_ema:.4f}", tok_s=f"{window_tok / (now - window_t):,.0f}")
+            window_t, window_tok = now, 0
+        record = {"step": meta["step"], "loss": round(loss_ema, 5), "seconds": round(meta["seconds"], 1)}
+        if args.eval_every and meta["step"] % args.eval_every == 0:
+            record["validation"] = score(model, validation, encode, decode, layout)
+            bar.write(f"step {meta['step']}: validation {record['validation']}")
+        if meta["step"] % args.save_every == 0 or meta["step"] == args.steps:
+            save_state(model, opt, meta, out)
+            write_checkpoint(model, tok, layout, out)
+        if meta["step"] % 20 == 0 or "validation" in record:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    bar.close()
+    if args.test_n:
+        result = score(model, task.fixed_set("test", args.test_n), encode, decode, layout)
+        meta["test"] = result
+        save_state(model, opt, meta, out)
+        print(f"test ({args.test_n} problems, greedy, threshold 0.9): {result}")
+    tokens_per_s = meta["tokens"] / max(meta["seconds"], 1e-9)
+    print(f"done: {meta['step']} steps, {meta['seconds'] / 60:.1f} min training, {tokens_per_s:,.0f} tok/s -> {out}")
+    return 0

@@ -1,0 +1,221 @@
+"""Text <-> token ids, the chat template, and the special ids of a checkpoint.
+
+Built on the ``tokenizers`` package (``tokenizer.json``) and jinja2 (chat templates); transformers is not needed
+at run time. :meth:`Tokenizer.from_dir` is called by the checkpoint loader; the LLM facade, the server and the
+evaluation code use the resulting object.
+
+Special ids are resolved in this order, first hit wins: ``config.json`` (via :class:`ModelConfig`),
+``generation_config.json``, the token strings named in ``tokenizer_config.json`` / ``special_tokens_map.json``,
+and finally tokens called ``<|mask|>`` (mask) and ``<|endoftext|>`` (eos). A checkpoint whose mask or eos id
+cannot be found is refused, because the decoders cannot run without them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+from lopa.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from lopa.model.config import ModelConfig
+
+MASK_TOKEN = "<|mask|>"
+EOS_TOKEN = "<|endoftext|>"
+IM_END_TOKEN = "<|im_end|>"
+_SPECIAL_FIELDS = ("mask", "eos", "pad", "bos")
+
+
+class Tokenizer:
+    """A fast tokenizer plus the checkpoint's special ids and chat template."""
+
+    def __init__(
+        self,
+        tokenizer: _HFTokenizer,
+        *,
+        mask_token_id: int,
+        eos_token_id: int,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+        extra_end_ids: Sequence[int] = (),
+    ) -> None:
+        self._tok = tokenizer
+        self.mask_token_id, self.eos_token_id = mask_token_id, eos_token_id
+        self.pad_token_id, self.bos_token_id = pad_token_id, bos_token_id
+        self.chat_template = chat_template
+        # bos_token / eos_token / ... strings, exposed to the chat template like transformers does
+        self.special_tokens = dict(special_tokens or {})
+        ends = {eos_token_id, *extra_end_ids}
+        im_end = self.token_to_id(IM_END_TOKEN)
+        if im_end is not None:
+            ends.add(im_end)
+        self.end_token_ids: frozenset[int] = frozenset(ends)
+        self._template: jinja2.Template | None = None
+
+    # ---- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_dir(
+        cls, path: Path, config: ModelConfig | None = None, generation_config: dict | None = None
+    ) -> Tokenizer:
+        """Load ``tokenizer.json`` (+ ``tokenizer_config.json``) from a checkpoint directory."""
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise CheckpointNotFoundError(
+                f"{tok_file} does not exist; lopa needs the fast-tokenizer file tokenizer.json in the checkpoint "
+                f"directory (save it with the tokenizer's save_pretrained, or copy it from the base model)."
+            )
+        try:
+            hf_tok = _HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # the tokenizers library raises plain Exception subclasses
+            raise CorruptCheckpointError(f"{tok_file} cannot be parsed ({e}); re-save or re-download it.") from e
+        tok_cfg = _read_json(path / "tokenizer_config.json")
+        tok_cfg = {**_read_json(path / "special_tokens_map.json"), **tok_cfg}
+        gen = generation_config or {}
+        strings = {f: _token_string(tok_cfg.get(f"{f}_token")) for f in _SPECIAL_FIELDS}
+        ids: dict[str, int | None] = {}
+        for field in _SPECIAL_FIELDS:
+            found = getattr(config, f"{field}_token_id", None) if config is not None else None
+            if found is None:
+                found = _first_int(gen.get(f"{field}_token_id"))
+            if found is None and strings[field] is not None:
+                found = hf_tok.token_to_id(strings[field])
+            if found is None and field in ("mask", "eos"):
+                found = hf_tok.token_to_id(MASK_TOKEN if field == "mask" else EOS_TOKEN)
+            ids[field] = found
+        for field in ("mask", "eos"):
+            if ids[field] is None:
+                raise CheckpointError(
+                    f"{path}: no {field} token id found (searched config.json, generation_config.json, "
+                    f"tokenizer_config.json, special_tokens_map.json and the vocabulary for "
+                    f"{MASK_TOKEN if field == 'mask' else EOS_TOKEN!r}); add \"{field}_token_id\": <id> to config.json."
+                )
+        for field, tok_id in ids.items():
+            if tok_id is not None and strings[field] is None:
+                strings[field] = hf_tok.id_to_token(tok_id)
+        gen_eos = gen.get("eos_token_id")
+        extra_ends = [int(i) for i in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) if i is not None]
+        return cls(
+            hf_tok,
+            mask_token_id=int(ids["mask"]),  # type: ignore[arg-type]
+            eos_token_id=int(ids["eos"]),  # type: ignore[arg-type]
+            pad_token_id=ids["pad"],
+            bos_token_id=ids["bos"],
+            chat_template=_chat_template(path, tok_cfg),
+            special_tokens={f"{f}_token": s for f, s in strings.items() if s is not None},
+            extra_end_ids=extra_ends,
+        )
+
+    # ---- text <-> ids --------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows, added tokens included (may be below the model's vocab_size)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text``; no special tokens are added (Dream prompts carry no BOS)."""
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(int(token_id))
+
+    # ---- chat ----------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render OpenAI-style messages with the checkpoint's jinja template, as transformers renders it."""
+        if self.chat_template is None:
+            raise ConfigError(
+                "this checkpoint has no chat template; send a raw prompt instead, or add \"chat_template\" to "
+                "its tokenizer_config.json."
+            )
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ConfigError("messages must be a list of {'role': ..., 'content': ...} dicts.")
+        if self._template is None:
+            self._template = _compile(self.chat_template)
+        try:
+            return self._template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
+        except jinja2.TemplateError as e:
+            raise ConfigError(f"the chat template rejected these messages: {e}") from e
+
+
+def _compile(template: str) -> jinja2.Template:
+    """The jinja environment transformers uses for chat templates (sandboxed, trim/lstrip, loop controls)."""
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise CorruptCheckpointError(f"the checkpoint's chat template is not valid jinja: {e}") from e
+
+
+def _chat_template(path: Path, tok_cfg: dict[str, Any]) -> str | None:
+    """chat_template from tokenizer_config.json (string, or named list -> "default"), else chat_template.jinja."""
+    tpl = tok_cfg.get("chat_template")
+    if isinstance(tpl, list):
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default")
+    if isinstance(tpl, str):
+        return tpl
+    jinja_file = path / "chat_template.jinja"
+    return jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """Parsed JSON object, or {} when the (optional) file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{path} is not valid JSON ({e}); fix or re-download it.") from e
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path} must hold a JSON object.")
+    return data
+
+
+def _token_string(v: Any) -> str | None:
+    """A special token entry is a string or an AddedToken dict ``{"content": ...}``."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def _first_int(v: Any) -> int | None:
+    if isinstance(v, list):
+        v = v[0] if v else None
+    return None if v is None else int(v)

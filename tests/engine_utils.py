@@ -1,0 +1,105 @@
+"""Models and runners for decoder tests: a peaky random Dream model and a chain-rule mock model."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lopa.cache import StaticKVCache
+from lopa.config import DecodeConfig
+from lopa.engine.engine import decode, run
+from lopa.engine.runner import Runner
+from lopa.model.config import ModelConfig
+from lopa.testing import random_model
+
+VOCAB, MASK, EOS = 64, 63, 62
+END = frozenset({EOS})
+
+
+def peaky_model(seed: int = 0, sharpness: float = 8.0, layers: int = 2) -> nn.Module:
+    """A random Dream model whose head is scaled up, so confidences spread over (0, 1) and thresholds bite."""
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        mask_token_id=MASK,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+    )
+    model = random_model(cfg, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)
+    return model
+
+
+def run_decode(model: nn.Module, prompt: list[int], cfg: DecodeConfig):
+    """Final Step of decoding ``prompt`` with a fresh runner."""
+    return run(decode(Runner(model), prompt, cfg.validate(), MASK, END))
+
+
+def answer(step) -> list[int]:
+    s = step.state
+    return s.tokens[s.prompt_len :].tolist()
+
+
+class CountingModel(nn.Module):
+    """Wraps a model and counts forward calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.config, self.calls = inner, inner.config, 0
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+class ChainMock(nn.Module):
+    """The token at position p is known (``target``); the model is sure of it only when p - 1 is decoded.
+
+    So the best order is strictly left to right, and a branch that filled one more token makes the next
+    position confident: the case LoPA's lookahead search exists for. p(sure) = 0.9994, p(unsure) = 0.163.
+    """
+
+    def __init__(self, target: list[int], prompt_len: int) -> None:
+        super().__init__()
+        self.target, self.prompt_len = target, prompt_len
+        self.config = ModelConfig(
+            vocab_size=16,
+            hidden_size=4,
+            intermediate_size=4,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=4,
+            mask_token_id=15,
+            eos_token_id=14,
+            pad_token_id=14,
+        )
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        cache: StaticKVCache | None = None,
+        valid=None,
+        logits_idx: Tensor | None = None,
+        attn_mask=None,
+    ) -> Tensor:
+        rows, length = ids.shape
+        if cache is not None:
+            cache.write(0, torch.zeros(rows, 1, length, 4), torch.zeros(rows, 1, length, 4))
+        idx = logits_idx if logits_idx is not None else torch.arange(length).expand(rows, length)
+        out = torch.zeros(rows, idx.shape[1], 16)
+        for r in range(rows):
+            for j, i in enumerate(idx[r].tolist()):
+                pos = int(positions[r, i]) + 1  # the position this hidden state predicts (Dream's shift)
+                k = pos - self.prompt_len
+                token = self.target[k] if 0 <= k < len(self.target) else 14
+                out[r, j, token] = 10.0 if int(ids[r, i]) != 15 else 1.0
+        return out
