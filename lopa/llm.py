@@ -13,19 +13,18 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import torch
 from tqdm import tqdm
 
 from lopa.config import DecodeConfig
-from lopa.engine.engine import Step, decode
+from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.runner import Runner
 from lopa.errors import ConfigError, PromptTooLongError
 from lopa.model.loader import load_checkpoint
 from lopa.outputs import Completion, Stats
 
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 Messages = list[dict[str, str]]
 
 
@@ -164,21 +163,15 @@ class LLM:
 
     def _stop_check(self, cfg: DecodeConfig):
         def check(out: list[int]) -> bool:
-            text = self.tokenizer.decode(self._cut_at_end(out)[0])
+            cut = next((i for i, t in enumerate(out) if t in self.end_ids), len(out))
+            text = self.tokenizer.decode(out[:cut])
             return any(s in text for s in cfg.stop)
 
         return check
 
-    def _cut_at_end(self, out: list[int]) -> tuple[list[int], bool]:
-        for i, t in enumerate(out):
-            if t in self.end_ids:
-                return out[:i], True
-        return out, False
-
     def _answer(self, step: Step, cfg: DecodeConfig) -> tuple[list[int], str, bool, bool]:
         """(token ids, text, end token produced, stop string hit) of the final part of the answer."""
-        s = step.state
-        out, end_token = self._cut_at_end(s.tokens[s.prompt_len : s.decoded_prefix_end()].tolist())
+        out, end_token = answer_ids(step.state, self.end_ids)
         text = self.tokenizer.decode(out)
         cut = min((text.find(x) for x in cfg.stop if x in text), default=-1)
         if cut < 0:
@@ -190,7 +183,7 @@ class LLM:
     def _completion(self, step: Step, cfg: DecodeConfig, prompt: list[int], seconds: float) -> Completion:
         out, text, end_token, stop_hit = self._answer(step, cfg)
         stats: Stats = step.stats
-        stats.tokens = len(out) + (1 if end_token else 0)
+        stats.tokens = len(out) + int(end_token)  # a stop string may have cut what the engine counted
         stats.seconds = seconds
         return Completion(
             text=text,

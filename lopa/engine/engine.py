@@ -104,7 +104,10 @@ def _decode_blocks(
         start, commit_len = anchor.window_start, anchor.ready_len
         predicted = [b.state.masked_positions(start) for b in branches]  # each (m_i,)
         masks = score_masks(branches, predicted, cfg.branch_score)
-        cands = [Candidate(b.state.tokens[start:], p, m, b.stream) for b, p, m in zip(branches, predicted, masks, strict=False)]
+        cands = [
+            Candidate(b.state.tokens[start:], p, m, b.stream)
+            for b, p, m in zip(branches, predicted, masks, strict=True)
+        ]
         scores = runner.verify(start, commit_len, cands, sampler, stats.forwards)
         stats.forwards += 1
         w = pick_winner(scores, cfg.force_anchor)
@@ -119,10 +122,10 @@ def _decode_blocks(
         branches = spawn(winner, pred.subset(~keep), k, end_ids) if k else [Branch(winner, "anchor")]
         stats.timing = dict(runner.timing)
         if stop is not None and stop(_final_ids(winner)):
-            yield _finish(winner, stats, trace, cfg, stopped=True)
+            yield _finish(winner, stats, trace, end_ids, stopped=True)
             return
         yield Step(winner, stats, trace=trace)
-    yield _finish(branches[-1].state, stats, trace, cfg)
+    yield _finish(branches[-1].state, stats, trace, end_ids)
 
 
 def _decode_vanilla(
@@ -155,28 +158,38 @@ def _decode_vanilla(
         stats.timing = dict(runner.timing)
         ids = _final_ids(state)
         if stop is not None and stop(ids):
-            yield _finish(state, stats, trace, cfg, stopped=True)
+            yield _finish(state, stats, trace, end_ids, stopped=True)
             return
         if any(t in end_ids for t in ids):
             break  # an end token is filled and everything before it is decoded: the rest is never read
         yield Step(state, stats, trace=trace)
-    yield _finish(state, stats, trace, cfg, vanilla=True)
+    yield _finish(state, stats, trace, end_ids, vanilla=True)
 
 
 def _final_ids(state: GenState) -> list[int]:
     """The final part of the answer: generated tokens up to the first still-masked position."""
-    ids = state.tokens[state.prompt_len : state.decoded_prefix_end()].tolist()
-    return ids
+    return state.tokens[state.prompt_len : state.decoded_prefix_end()].tolist()
+
+
+def answer_ids(state: GenState, end_ids: frozenset[int]) -> tuple[list[int], bool]:
+    """(final generated ids before the first end token, whether an end token was produced). Never a mask."""
+    ids = _final_ids(state)
+    for i, t in enumerate(ids):
+        if t in end_ids:
+            return ids[:i], True
+    return ids, False
 
 
 def _finish(
     state: GenState,
     stats: Stats,
     trace: list[TraceStep] | None,
-    cfg: DecodeConfig,
+    end_ids: frozenset[int],
     stopped: bool = False,
     vanilla: bool = False,
 ) -> Step:
+    ids, ended = answer_ids(state, end_ids)
+    stats.tokens = len(ids) + int(ended)  # what the user receives, the end token counting 1
     stats.iterations = stats.forwards + 1  # the authors count the final, forward-less round too
     stats.decoded_positions = state.length - state.prompt_len if not vanilla else stats.forwards
     return Step(state, stats, done=True, stopped=stopped, trace=trace)
