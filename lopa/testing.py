@@ -13,7 +13,7 @@ The weights are random, so the text a model generates is gibberish, but every co
     llm = LLM("tiny-dream", lora="tiny-lora")
     print(llm.generate("hello")[0].text)
 
-or from the shell: ``lopa generate --model tiny-dream --lora tiny-lora ...``. Both helpers are deterministic in
+or from the shell: ``lopa generate --model tiny-dream --lora tiny-lora ...``. Both functions are deterministic in
 ``seed``. The test suite's ``tiny_ckpt`` / ``tiny_lora`` fixtures are built with them.
 """
 
@@ -42,11 +42,13 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # Frequent English and Python pieces; each becomes a chain of merges so common text takes fewer tokens.
+# fmt: off
 _MERGE_WORDS = (
     " the", " and", " of", " to", " in", " is", " a", " that", " for", " it", " with", " you", " on", " this",
-    "ing", "ion", "er", "ed", "es", "re", " def", " return", " if", " else", " for", " print", " import", " self",
-    " =", " ==", " +", "()", "):", "    ", "        ", "\n", "\n\n", " 0", " 1", "the", "The", " answer", " is",
+    "ing", "ion", "er", "ed", "es", "re", " def", " return", " if", " else", " print", " import", " self",
+    " =", " ==", " +", "()", "):", "    ", "        ", "\n", "\n\n", " 0", " 1", "the", "The", " answer",
 )
+# fmt: on
 _MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 _ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -105,13 +107,36 @@ def make_tiny_checkpoint(
         pad_token_id=eos,
     )
     model = random_model(config, seed)
-    shard_bytes = None
-    if shards > 1:
-        total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-        shard_bytes = math.ceil(total / shards)
-    save_checkpoint(model, out, generation_config={"eos_token_id": eos, "pad_token_id": eos, "mask_token_id": mask},
-                    max_shard_bytes=shard_bytes)
+    shard_bytes = _shard_limit(model, shards) if shards > 1 else None
+    save_checkpoint(
+        model,
+        out,
+        generation_config={"eos_token_id": eos, "pad_token_id": eos, "mask_token_id": mask},
+        max_shard_bytes=shard_bytes,
+    )
     return out
+
+
+def _shard_limit(model: DreamModel, shards: int) -> int:
+    """The smallest max_shard_bytes for which save_checkpoint's greedy split makes at most ``shards`` files."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    sizes = [t.numel() * t.element_size() for t in state.values()]
+
+    def count(limit: int) -> int:
+        n, used = 1, 0
+        for size in sizes:
+            if used and used + size > limit:
+                n, used = n + 1, 0
+            used += size
+        return n
+
+    lo, hi = max(sizes), sum(sizes)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if count(mid) <= shards else (mid + 1, hi)
+    return lo
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> DreamModel:

@@ -96,7 +96,7 @@ class Tokenizer:
                 raise CheckpointError(
                     f"{path}: no {field} token id found (searched config.json, generation_config.json, "
                     f"tokenizer_config.json, special_tokens_map.json and the vocabulary for "
-                    f"{MASK_TOKEN if field == 'mask' else EOS_TOKEN!r}); add \"{field}_token_id\": <id> to config.json."
+                    f'{MASK_TOKEN if field == "mask" else EOS_TOKEN!r}); add "{field}_token_id": <id> to config.json.'
                 )
         for field, tok_id in ids.items():
             if tok_id is not None and strings[field] is None:
@@ -142,7 +142,7 @@ class Tokenizer:
         """Render OpenAI-style messages with the checkpoint's jinja template, as transformers renders it."""
         if self.chat_template is None:
             raise ConfigError(
-                "this checkpoint has no chat template; send a raw prompt instead, or add \"chat_template\" to "
+                'this checkpoint has no chat template; send a raw prompt instead, or add "chat_template" to '
                 "its tokenizer_config.json."
             )
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Dream checkpoint and a LoRA adapter for it, built once per test session.
+"""Shared fixtures: a tiny random Dream checkpoint and a LoRA adapter for it, built once per test run.
 
 ``tiny_ckpt`` is a checkpoint directory (GQA, untied head, ChatML template); ``tiny_lora`` a peft adapter for it;
 ``tiny_checkpoint`` the loaded :class:`lopa.model.loader.Checkpoint` (fp32, CPU). Tests must not modify them.

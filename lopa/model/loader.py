@@ -30,7 +30,7 @@ from lopa.errors import (
 from lopa.model.config import ModelConfig
 from lopa.model.dream import DreamModel
 from lopa.model.layers import Rotary
-from lopa.model.lora import merge_lora
+from lopa.model.lora import linear_weight_shapes, plan_lora
 from lopa.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -114,9 +114,7 @@ def load_checkpoint(
             )
     device = torch.device(device)
     dt = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
-    model = _load_model(path, config, device, dt)
-    if lora is not None:
-        merge_lora(model, lora)
+    model = _load_model(path, config, device, dt, lora)
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, generation_config=generation_config)
 
 
@@ -147,7 +145,9 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointNotFoundError(f"{path} has no *.safetensors weight files; add model.safetensors.")
 
 
-def _load_model(path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> DreamModel:
+def _load_model(
+    path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype, lora: str | Path | None
+) -> DreamModel:
     # Build on the meta device so no random weights are allocated, then assign the loaded tensors:
     # only one copy of the weights ever exists, already on the target device and dtype.
     with torch.device("meta"):
@@ -155,6 +155,9 @@ def _load_model(path: Path, config: ModelConfig, device: torch.device, dtype: to
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    # The adapter is validated before any weight is read, and merged into each weight in fp32 before the cast
+    # to ``dtype``, so a bf16 model gets one rounding of W + BA, not two.
+    updates = plan_lora(lora, linear_weight_shapes(model), config.tie_word_embeddings) if lora is not None else {}
     state: dict[str, Tensor] = {}
     for file in weight_files(path):
         try:
@@ -173,7 +176,7 @@ def _load_model(path: Path, config: ModelConfig, device: torch.device, dtype: to
                             f"{file.name}: tensor {key!r} has shape {tuple(t.shape)} but config.json implies "
                             f"{tuple(expected[key])}; config.json and the weights disagree."
                         )
-                    state[key] = t.to(dtype)
+                    state[key] = updates[key].merge_into(t.float()).to(dtype) if key in updates else t.to(dtype)
         except (TensorMismatchError, CheckpointNotFoundError):
             raise
         except Exception as e:  # safetensors raises its own error type for a bad header or truncated data

@@ -1,6 +1,8 @@
-"""LoRA adapters in peft's on-disk format, merged into a loaded model's weights.
+"""LoRA adapters in peft's on-disk format, merged into the base weights.
 
-Called by :func:`lopa.model.loader.load_checkpoint` after the base weights are in place. An adapter directory holds
+:func:`plan_lora` reads and validates an adapter; :func:`lopa.model.loader.load_checkpoint` calls it before reading
+the base weights and merges each update as its weight streams in (before the dtype cast). :func:`merge_lora` does
+the same for an already-loaded model. An adapter directory holds
 ``adapter_config.json`` (r, lora_alpha, target_modules, use_rslora, fan_in_fan_out, optional rank/alpha patterns)
 and ``adapter_model.safetensors`` with keys such as
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. The merge is ``W += scale * B @ A``, done in
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +63,30 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return cfg, tensors
 
 
-def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
-    """Merge the adapter at ``path`` into ``model`` in place; returns the names of the merged modules."""
+@dataclass(frozen=True)
+class LoraUpdate:
+    """One module's low-rank update; :meth:`delta` materialises it only when it is merged."""
+
+    a: Tensor  # (r, in)
+    b: Tensor  # (out, r)
+    scale: float
+    fan_in_fan_out: bool
+
+    def delta(self, device: torch.device | str = "cpu") -> Tensor:
+        d = self.b.to(device).float() @ self.a.to(device).float()  # (out, in)
+        return (d.T if self.fan_in_fan_out else d) * self.scale
+
+    def merge_into(self, w: Tensor) -> Tensor:
+        """``w + delta`` computed in fp32 and cast back to ``w``'s dtype once."""
+        return (w.float() + self.delta(w.device)).to(w.dtype)
+
+
+def plan_lora(path: str | Path, weight_shapes: dict[str, torch.Size], tied_head: bool = False) -> dict[str, LoraUpdate]:
+    """Read and validate an adapter against the base's linear weights, before anything is merged.
+
+    ``weight_shapes`` maps each linear module name (``model.layers.0.self_attn.q_proj``) to its weight shape.
+    Returns the update per weight name (``...q_proj.weight``). Raises AdapterError naming the first bad tensor.
+    """
     cfg, tensors = read_adapter(path)
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
@@ -72,40 +97,52 @@ def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
                 f"supported); is this an adapter for another base?"
             )
         pairs.setdefault(m["module"], {})[m["part"]] = t
-    modules = dict(model.named_modules())
     targets = cfg.get("target_modules")
-    plan: list[tuple[nn.Linear, Tensor]] = []
+    plan: dict[str, LoraUpdate] = {}
     for name, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"adapter module {name!r} has lora_{next(iter(ab))} but not its partner; re-save it.")
-        layer = modules.get(name)
-        if not isinstance(layer, nn.Linear):
+        if name not in weight_shapes:
             raise AdapterError(
                 f"adapter tensor {name}.lora_A.weight targets {name!r}, which is not a linear layer of this model; "
                 f"is this an adapter for another base?"
             )
         if targets is not None and not _targeted(name, targets):
             raise AdapterError(f"adapter module {name!r} is not in target_modules={targets!r}; the adapter is broken.")
-        a, b = ab["A"].float(), ab["B"].float()  # (r, in), (out, r)
-        delta = b @ a if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] else None  # (out, in)
-        if delta is not None and cfg.get("fan_in_fan_out"):
-            delta = delta.T
-        if delta is None or delta.shape != layer.weight.shape:
+        if tied_head and name == "lm_head":
             raise AdapterError(
-                f"adapter tensors {name}.lora_A/B have shapes {tuple(ab['A'].shape)} / {tuple(ab['B'].shape)}, "
-                f"which do not fit the model's {name}.weight {tuple(layer.weight.shape)}; is this an adapter for "
-                f"another base?"
+                "the adapter changes lm_head, but this model ties lm_head to the embeddings; unsupported."
             )
-        plan.append((layer, delta * _scale(cfg, name, a.shape[0])))
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied and any(layer is getattr(model, "lm_head", None) for layer, _ in plan):
-        raise AdapterError("the adapter changes lm_head, but this model ties lm_head to the embeddings; unsupported.")
-    # Validate everything before touching a single weight, so a bad adapter never leaves a half-merged model.
+        a, b = ab["A"], ab["B"]  # (r, in), (out, r)
+        fan = bool(cfg.get("fan_in_fan_out"))
+        fits = a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1]
+        shape = (a.shape[1], b.shape[0]) if fan else (b.shape[0], a.shape[1])
+        if not fits or tuple(weight_shapes[name]) != shape:
+            raise AdapterError(
+                f"adapter tensors {name}.lora_A/B have shapes {tuple(a.shape)} / {tuple(b.shape)}, which do not fit "
+                f"the model's {name}.weight {tuple(weight_shapes[name])}; is this an adapter for another base?"
+            )
+        plan[f"{name}.weight"] = LoraUpdate(a, b, _scale(cfg, name, a.shape[0]), fan)
+    return plan
+
+
+def linear_weight_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Weight shape of every nn.Linear in ``model`` (works on the meta device too)."""
+    return {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
+    """Merge the adapter at ``path`` into an already-loaded ``model`` in place; returns the merged weight names.
+
+    The whole adapter is validated first, so a bad adapter never leaves a half-merged model.
+    """
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    plan = plan_lora(path, linear_weight_shapes(model), tied_head=tied)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for layer, delta in plan:
-            w = layer.weight
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
-    return [n for n, _ in sorted(pairs.items())]
+        for key, update in plan.items():
+            params[key].copy_(update.merge_into(params[key]))
+    return sorted(plan)
 
 
 def _targeted(name: str, targets: str | list[str]) -> bool:
