@@ -13,7 +13,7 @@ import ast
 import re
 from collections.abc import Iterable
 
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _MAX_LINES = 200  # the longest-valid-span search is quadratic in lines
 
 
@@ -60,8 +60,12 @@ def longest_valid_span(code: str) -> str:
     return best
 
 
-def sanitize(code: str, entry_point: str | None = None) -> str:
-    """Keep the definitions a test can use; drop top-level statements that would run on import."""
+def sanitize(code: str, entry_point: str | None = None, roots: Iterable[str] = ()) -> str:
+    """Keep the definitions a test can use; drop top-level statements that would run on import.
+
+    With ``entry_point``, only definitions reachable from it or from ``roots`` (e.g. the names the prompt
+    defines, which HumanEval's tests call directly) are kept.
+    """
     code = longest_valid_span(code.replace("\t", "    "))
     try:
         tree = ast.parse(code)
@@ -79,14 +83,14 @@ def sanitize(code: str, entry_point: str | None = None) -> str:
             for t in targets:
                 if isinstance(t, ast.Name):
                     defs[t.id] = (node, _used_names(node))
-    keep = set(defs) if not entry_point or entry_point not in defs else _reachable(entry_point, defs)
+    keep = set(defs) if not entry_point or entry_point not in defs else _reachable([entry_point, *roots], defs)
     kept_nodes = sorted({id(defs[n][0]): defs[n][0] for n in keep}.values(), key=lambda n: n.lineno)
     parts = imports + [_segment(lines, n) for n in kept_nodes]
     return "\n".join(parts) + "\n" if parts else ""
 
 
-def _reachable(entry: str, defs: dict[str, tuple[ast.AST, set[str]]]) -> set[str]:
-    seen, todo = set(), [entry]
+def _reachable(start: list[str], defs: dict[str, tuple[ast.AST, set[str]]]) -> set[str]:
+    seen, todo = set(), list(start)
     while todo:
         name = todo.pop()
         if name in seen or name not in defs:

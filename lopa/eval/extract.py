@@ -149,7 +149,12 @@ def _equiv_normalized(a: str, b: str) -> bool:
     pa, pb = _split_top_level(a), _split_top_level(b)
     if pa is not None and pb is not None:  # tuples, intervals, lists: same brackets, element-wise equal
         (oa, ea, ca), (ob, eb, cb) = pa, pb
-        return oa == ob and ca == cb and len(ea) == len(eb) and all(_scalar_equiv(x, y) for x, y in zip(ea, eb))
+        return (
+            oa == ob
+            and ca == cb
+            and len(ea) == len(eb)
+            and all(_scalar_equiv(x, y) for x, y in zip(ea, eb, strict=True))
+        )
     return _scalar_equiv(a, b)
 
 

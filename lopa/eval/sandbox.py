@@ -1,7 +1,7 @@
 """Run model-written programs in a separate, limited process: pass / fail / timeout / error, never a crash.
 
-Called by the code tasks (:mod:`lopa.eval.tasks.code`) through :meth:`Sandbox.run_many`. Each program runs in
-its own process (``python -I`` with the bootstrap :mod:`lopa.eval.sandbox_boot`) with:
+Called by the eval loop (:mod:`lopa.eval.runner`) with the programs the code tasks build; each program runs in
+its own process (``python -I -S``: isolated, standard library only; bootstrap :mod:`lopa.eval.sandbox_boot`) with:
 
 - a fresh temporary working directory, removed afterwards, and ``TMPDIR`` pointing into it;
 - no inherited file descriptors (``close_fds``), a stripped environment, a new session (process group);
@@ -17,7 +17,7 @@ its own process (``python -I`` with the bootstrap :mod:`lopa.eval.sandbox_boot`)
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import secrets
 import shutil
@@ -119,12 +119,13 @@ class Sandbox:
                 outer.chmod(0o711)  # the program may enter work/, but not read the harness's output files
                 os.chown(work, uid, uid)
             limits = {**asdict(self.limits), "cpu_s": int(-(-self.limits.timeout_s // 1))}
+            limits_arg = ",".join(f"{k}={int(v)}" for k, v in limits.items() if k != "timeout_s")
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
             nonce = secrets.token_hex(16)
             with open(outer / "stdout", "w+b") as out, open(outer / "stderr", "w+b") as err:
                 extra = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
                 proc = subprocess.Popen(
-                    [self.python, "-I", "-c", _BOOT, json.dumps(limits)],
+                    [self.python, "-I", "-S", "-c", _BOOT, limits_arg],
                     stdin=subprocess.PIPE,
                     stdout=out,
                     stderr=err,
@@ -171,10 +172,8 @@ def _tail(f) -> str:  # noqa: ANN001 - an open binary file
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _kill_user(uid: int) -> None:
@@ -184,10 +183,8 @@ def _kill_user(uid: int) -> None:
         if not pids:
             return
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.005)
 
 
@@ -195,9 +192,9 @@ def _pids_of_user(uid: int) -> list[int]:
     """Live (non-zombie) processes whose real user id is ``uid``, from /proc."""
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
+        try:  # /proc/PID is owned by the process's effective uid: one stat() filters cheaply
+            if not entry.isdigit() or os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
             status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
@@ -238,7 +235,7 @@ def _other_users_can_run(python: str) -> bool:
         return False
     try:
         probe = subprocess.run(
-            [python, "-I", "-c", "import json, resource, shutil, subprocess, traceback"],
+            [python, "-I", "-c", "import _posixsubprocess, resource"],
             user=65534,
             group=65534,
             extra_groups=[],

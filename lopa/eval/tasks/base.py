@@ -50,6 +50,10 @@ class Task:
     def load_docs(self, path: Path | None) -> list[Doc]:
         raise NotImplementedError
 
+    def stops(self, chat: bool) -> tuple[str, ...]:
+        """Stop strings for the prompt style in use."""
+        return self.stop
+
     def shots(self) -> list[tuple[str, str]]:
         """Few-shot (question text, answer text) pairs, in order."""
         return []
@@ -83,6 +87,11 @@ class Task:
     def completion_text(self, completion: str, chat: bool) -> str:
         """What is scored: the generated text, after the response prefix when one was sent."""
         return self.response_prefix + completion if chat else completion
+
+    def decode_defaults(self, generation_config: dict[str, Any]) -> dict[str, Any]:
+        """DecodeConfig fields this task sets unless the user gives them (the checkpoint's generation config
+        is passed for tasks tied to one model)."""
+        return {"max_new_tokens": self.max_new_tokens}
 
     def doc_id(self, doc: Doc, index: int) -> str:
         return str(doc.get("task_id", doc.get("id", index)))
@@ -121,9 +130,7 @@ def read_records(path: Path, task: Task) -> list[Doc]:
 def require_fields(rows: list[Doc], fields: tuple[str, ...], path: Path, task: Task) -> None:
     missing = [f for f in fields if f not in rows[0]]
     if missing:
-        raise ConfigError(
-            f"{path}: rows lack field(s) {missing} (found {sorted(rows[0])}). Expected: {task.data_help}"
-        )
+        raise ConfigError(f"{path}: rows lack field(s) {missing} (found {sorted(rows[0])}). Expected: {task.data_help}")
 
 
 def need_path(path: Path | None, task: Task) -> Path:

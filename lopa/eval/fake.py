@@ -1,0 +1,77 @@
+"""A stand-in for :class:`lopa.LLM` that answers from a function: for testing the harness without a model.
+
+Used by the eval tests (and usable for a dry run of a new task): it has the same ``generate`` signature,
+``tokenizer`` (``has_chat_template``, ``apply_chat_template``), ``model_name`` and ``max_context`` as the
+real facade, and returns :class:`~lopa.outputs.Completion` objects whose stats are derived from the text
+deterministically (one token per character, ``chars_per_forward`` tokens per forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lopa.config import DecodeConfig
+from lopa.errors import PromptTooLongError
+from lopa.outputs import Completion, Stats
+
+
+class FakeTokenizer:
+    def __init__(self, chat_template: bool = False) -> None:
+        self.has_chat_template = chat_template
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 256 for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        body = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+        return body + "<|assistant|>"
+
+
+class FakeLLM:
+    """``answer(prompt) -> text``; stats: tokens = len(text), forwards = ceil(tokens / chars_per_forward)."""
+
+    def __init__(
+        self,
+        answer: Callable[[str], str],
+        chat_template: bool = False,
+        chars_per_forward: int = 4,
+        seconds_per_token: float = 0.001,
+        max_context: int = 1_000_000,
+    ) -> None:
+        self.answer = answer
+        self.tokenizer = FakeTokenizer(chat_template)
+        self.model_name = "fake"
+        self.max_context = max_context
+        self.chars_per_forward = chars_per_forward
+        self.seconds_per_token = seconds_per_token
+        self.calls: list[tuple[str, DecodeConfig]] = []
+
+    def generate(
+        self, prompts: Any, config: DecodeConfig | None = None, raw: bool = False, progress: bool = False
+    ) -> list[Completion]:
+        cfg = (config or DecodeConfig()).validate()
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        out = []
+        for prompt in batch:
+            if len(prompt) + cfg.max_new_tokens > self.max_context:
+                raise PromptTooLongError(f"prompt of {len(prompt)} characters does not fit {self.max_context}")
+            self.calls.append((prompt, cfg))
+            text = self.answer(prompt)[: cfg.max_new_tokens]
+            cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
+            text = text[:cut] if cut >= 0 else text
+            tokens = max(len(text), 1)
+            forwards = -(-tokens // self.chars_per_forward)
+            stats = Stats(
+                forwards=forwards,
+                tokens=tokens,
+                iterations=forwards,
+                decoded_positions=tokens,
+                seconds=tokens * self.seconds_per_token,
+                prompt_tokens=len(prompt),
+            )
+            out.append(Completion(text, self.tokenizer.encode(text), "stop", stats, self.tokenizer.encode(prompt)))
+        return out

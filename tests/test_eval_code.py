@@ -1,0 +1,110 @@
+"""Program extraction and sanitizing, MBPP entry points, and HumanEval scored end to end in the sandbox."""
+
+import pytest
+
+from lopa.eval.code import cut_at_stops, extract_code, longest_valid_span, sanitize
+from lopa.eval.sandbox import Sandbox
+from lopa.eval.tasks import get_task
+from lopa.eval.tasks.code import MBPP, mbpp_entry_point
+
+
+def test_extract_code_prefers_the_block_defining_the_entry_point() -> None:
+    text = "Example:\n```python\nprint(1)\n```\nSolution:\n```python\ndef add(a, b):\n    return a + b\n```\n"
+    assert extract_code(text, "add") == "def add(a, b):\n    return a + b\n"
+    assert extract_code(text) == "print(1)\n"
+    assert extract_code("no fence at all") == "no fence at all"
+    assert extract_code("```python\ndef f():\n    return 1\n", "f") == "def f():\n    return 1\n"  # unclosed fence
+    assert extract_code("[BEGIN]\ndef f():\n    return 1\n[DONE] trailing") == "\ndef f():\n    return 1\n"
+
+
+def test_cut_at_stops_uses_the_earliest_stop() -> None:
+    assert cut_at_stops("a\ndef b\nclass c", ["\nclass", "\ndef"]) == "a"
+    assert cut_at_stops("nothing to cut", ["\ndef"]) == "nothing to cut"
+
+
+def test_sanitize_keeps_reachable_definitions_and_drops_test_code() -> None:
+    code = (
+        "Here is my answer:\n"
+        "import math\n"
+        "LIMIT = 10\n"
+        "def f(x):\n    return helper(x) + LIMIT\n"
+        "def helper(x):\n    return math.floor(x)\n"
+        "def unused():\n    return 0\n"
+        "print(f(2.5))\n"
+        "assert f(1) == 11\n"
+        "if __name__ == '__main__':\n    f(3)\n"
+        "Hope this helps!"
+    )
+    out = sanitize(code, "f")
+    assert "def f(x)" in out and "def helper" in out and "LIMIT = 10" in out and "import math" in out
+    assert "unused" not in out and "print(" not in out and "assert" not in out and "__main__" not in out
+    namespace: dict = {}
+    exec(out, namespace)  # noqa: S102 - our own fixed test code
+    assert namespace["f"](2.5) == 12
+    assert "unused" in sanitize(code)  # without an entry point every definition stays
+    assert "unused" in sanitize(code, "f", roots=["unused"])
+
+
+def test_longest_valid_span_skips_broken_lines() -> None:
+    code = "def ok():\n    return 1\nthis is not python (\ndef cut_off(:\n"
+    assert longest_valid_span(code) == "def ok():\n    return 1"
+
+
+def test_sanitize_keeps_decorators_and_classes() -> None:
+    code = "import functools\n@functools.lru_cache(None)\ndef fib(n):\n    return n if n < 2 else fib(n-1) + fib(n-2)\n"
+    code += "class Box:\n    def get(self):\n        return fib(3)\ndef use():\n    return Box().get()\nprint(use())\n"
+    out = sanitize(code, "use")
+    assert "@functools.lru_cache(None)" in out and "class Box" in out and "print" not in out
+
+
+@pytest.mark.parametrize(
+    ("doc", "entry"),
+    [
+        (
+            {
+                "code": "def similar_elements(a, b):\n  return 1",
+                "test_list": ["assert similar_elements((3,), (3,)) == 1"],
+            },
+            "similar_elements",
+        ),
+        (
+            {
+                "code": "import math\ndef helper(n):\n  return n\ndef is_not_prime(n):\n  return helper(n)",
+                "test_list": ["assert is_not_prime(2) == False"],
+            },
+            "is_not_prime",
+        ),
+        ({"code": "", "test_list": ["assert math.isclose(area(2), 4.0)"]}, "area"),
+    ],
+)
+def test_mbpp_entry_point(doc: dict, entry: str) -> None:
+    assert mbpp_entry_point(doc) == entry
+
+
+def test_mbpp_program_scores_reference_code_and_rejects_wrong_code() -> None:
+    task = MBPP()
+    doc = {
+        "task_id": 11,
+        "text": "Write a function to add two numbers.",
+        "code": "def add(a, b):\r\n  return a + b",
+        "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
+        "test_setup_code": "",
+    }
+    good, _ = task.program(doc, "def add(a, b):\n    return a + b\n[DONE]")
+    bad, _ = task.program(doc, "def add(a, b):\n    return a - b\n[DONE]")
+    results = Sandbox().run_many([good, bad])
+    assert [r.status for r in results] == ["pass", "fail"]
+
+
+def test_humaneval_canonical_solutions_pass_and_empty_completions_fail() -> None:
+    """The acceptance check: 164/164 for the canonical solutions, 0/164 for empty completions."""
+    task = get_task("humaneval")
+    docs = task.load_docs(None)
+    assert len(docs) == 164
+    sandbox = Sandbox()
+    canonical = sandbox.run_many([task.program(d, d["canonical_solution"])[0] for d in docs], workers=2)
+    failed = [(d["task_id"], r.status, r.detail[-200:]) for d, r in zip(docs, canonical, strict=True) if not r.passed]
+    assert not failed
+    empty = sandbox.run_many([task.program(d, "")[0] for d in docs], workers=2)
+    assert sum(r.passed for r in empty) == 0
+    assert all(r.status in ("fail", "error") for r in empty)

@@ -1,0 +1,135 @@
+"""The code sandbox: every bad program becomes a result (never a harness crash) and nothing escapes it."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lopa.eval.sandbox import Sandbox, SandboxLimits, _pids_of_user
+
+LIMITS = SandboxLimits(timeout_s=1.0, memory_mb=1024)
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Sandbox:
+    return Sandbox(LIMITS)
+
+
+def test_pass_fail_and_error_are_told_apart(sandbox: Sandbox) -> None:
+    results = sandbox.run_many(
+        ["def f(x):\n    return x + 1\nassert f(1) == 2\n", "assert 1 == 2, 'wrong'\n", "def f(:\n", "1 / 0\n"]
+    )
+    assert [r.status for r in results] == ["pass", "fail", "error", "error"]
+    assert "wrong" in results[1].detail
+    assert "SyntaxError" in results[2].detail
+    assert "ZeroDivisionError" in results[3].detail
+
+
+def test_exiting_early_is_not_a_pass(sandbox: Sandbox) -> None:
+    for program in ("import sys\nsys.exit(0)\nassert False\n", "import os\nos._exit(0)\nassert False\n"):
+        assert sandbox.run(program).status == "error"
+
+
+def test_a_passing_program_that_replaces_stdout_still_passes(sandbox: Sandbox) -> None:
+    assert sandbox.run("import io, sys\nsys.stdout = io.StringIO()\nprint('hidden')\nassert True\n").passed
+
+
+def test_infinite_loop_times_out_and_harness_continues(sandbox: Sandbox) -> None:
+    looping, after = sandbox.run_many(["while True:\n    pass\n", "assert True\n"])
+    assert looping.status == "timeout"
+    assert looping.seconds < LIMITS.timeout_s + 2.0
+    assert after.status == "pass"
+
+
+def test_sleeping_program_times_out_on_wall_time(sandbox: Sandbox) -> None:
+    result = sandbox.run("import time\ntime.sleep(60)\n")
+    assert result.status == "timeout"
+    assert result.seconds < LIMITS.timeout_s + 2.0
+
+
+def test_ten_gigabyte_allocation_fails_inside(sandbox: Sandbox) -> None:
+    result = sandbox.run("x = bytearray(10 * 1024**3)\n")
+    assert result.status == "error"
+    assert "memory" in result.detail.lower()
+    assert sandbox.run("x = bytearray(10 * 1024**2)\n").passed  # 10 MB is fine
+
+
+def test_files_outside_the_temp_dir_survive(sandbox: Sandbox, tmp_path: Path) -> None:
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("keep me")
+    attempts = [
+        f"import os\nos.remove({str(sentinel)!r})\n",
+        f"import os\nos.unlink({str(sentinel)!r})\n",
+        f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n",
+        f"import pathlib\npathlib.Path({str(sentinel)!r}).unlink()\n",
+        f"open({str(sentinel)!r}, 'w').write('overwritten')\n",
+        f"import os\nos.rename({str(sentinel)!r}, 'stolen.txt')\n",
+        f"import subprocess\nsubprocess.run(['rm', '-f', {str(sentinel)!r}])\n",
+        f"import os\nos.system('rm -f {sentinel}')\n",
+    ]
+    for result in sandbox.run_many(attempts):
+        assert result.status == "error", result
+    assert sentinel.read_text() == "keep me"
+
+
+def test_files_inside_the_temp_dir_work_and_are_removed(sandbox: Sandbox) -> None:
+    program = (
+        "import os, tempfile\n"
+        "open('scratch.txt', 'w').write('x')\n"
+        "os.remove('scratch.txt')\n"
+        "with tempfile.NamedTemporaryFile('w') as f:\n    f.write('y')\n"
+        "open('left.txt', 'w').write(os.getcwd())\n"
+        "print(os.getcwd())\n"
+    )
+    before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    assert sandbox.run(program).passed
+    after = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    assert not [d for d in after - before if d.startswith("lopa-sandbox-")]
+
+
+def test_fork_bomb_is_contained(sandbox: Sandbox) -> None:
+    bomb, after = sandbox.run_many(["import os\nwhile True:\n    os.fork()\n", "assert 2 + 2 == 4\n"], workers=1)
+    assert bomb.status in ("error", "timeout")
+    assert after.passed
+    if bomb.uid is not None:
+        assert _pids_of_user(bomb.uid) == []
+
+
+def test_fork_bomb_that_bypasses_the_guard_is_contained(sandbox: Sandbox) -> None:
+    """Under root the per-program user id makes RLIMIT_NPROC apply; every process it made is killed."""
+    if sandbox.isolation != "user+guard+rlimits":
+        pytest.skip("needs root (a separate user id per program)")
+    program = "import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()\n"
+    bomb = sandbox.run(program)
+    assert bomb.status == "timeout"
+    assert bomb.uid is not None and _pids_of_user(bomb.uid) == []
+    assert sandbox.run("assert True\n").passed
+
+
+def test_environment_is_stripped_and_fds_closed(sandbox: Sandbox) -> None:
+    os.environ["LOPA_SECRET_FOR_TEST"] = "x"
+    try:
+        program = (
+            "import os\n"
+            "assert 'LOPA_SECRET_FOR_TEST' not in os.environ\n"
+            "assert sorted(int(fd) for fd in os.listdir('/proc/self/fd')) == [0, 1, 2, 3]\n"  # 3: the listdir itself
+        )
+        result = sandbox.run(program)
+    finally:
+        del os.environ["LOPA_SECRET_FOR_TEST"]
+    assert result.passed, result.detail
+
+
+def test_output_flood_is_cut() -> None:
+    small = Sandbox(SandboxLimits(timeout_s=5.0, max_file_mb=1))
+    result = small.run("while True:\n    print('x' * 1000)\n")
+    assert result.status == "error"
+
+
+def test_bad_limits_are_config_errors() -> None:
+    from lopa.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        Sandbox(SandboxLimits(timeout_s=0))
+    with pytest.raises(ConfigError):
+        Sandbox(SandboxLimits(memory_mb=1))
