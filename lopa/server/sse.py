@@ -13,6 +13,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
 from lopa.errors import DistributedError, LopaError
 from lopa.server.protocol import error_body, new_id, now
 from lopa.server.worker import Delta, Failed, Finished, Job
@@ -24,14 +27,29 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-async def encode(chunks: AsyncIterator[dict], job: Job) -> AsyncIterator[str]:
-    """SSE framing; cancels the job when the stream ends early (client gone: Starlette cancels this generator)."""
-    try:
-        async for chunk in chunks:
-            yield f"data: {_dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancel.set()
+class EventStreamResponse(StreamingResponse):
+    """``text/event-stream`` of OpenAI chunks; cancels the job however the response ends (done, error, client
+    gone: Starlette cancels the response on disconnect, possibly before the first chunk was even pulled)."""
+
+    def __init__(self, chunks: AsyncIterator[dict], job: Job) -> None:
+        super().__init__(
+            _frame(chunks),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._job.cancel.set()
+
+
+async def _frame(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    async for chunk in chunks:
+        yield f"data: {_dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _error_chunk(error: Exception) -> dict:

@@ -146,6 +146,8 @@ class EngineWorker:
         self._waiting = 0
         self._running = 0
         self._mean_seconds = 1.0  # running mean of job durations, for Retry-After
+        self.completed = 0  # jobs that ran to the end (or failed on the way)
+        self.cancelled = 0  # jobs dropped or stopped early because their client went away
         self._current: Job | None = None
         self._thread: threading.Thread | None = None
 
@@ -199,12 +201,13 @@ class EngineWorker:
             with self._lock:
                 self._waiting -= 1
             if job.cancel.is_set():
+                self.cancelled += 1
                 job.push(Closed())
                 continue
             self._running, self._current = 1, job
-            start = time.perf_counter()
+            start, stopped_early = time.perf_counter(), False
             try:
-                self._run(job)
+                stopped_early = not self._run(job)
             except LopaError as e:
                 job.push(Failed(e))
             except Exception as e:  # a bug: report it as a 500 and keep serving
@@ -212,6 +215,10 @@ class EngineWorker:
                 job.push(Failed(e))
             finally:
                 self._running, self._current = 0, None
+                if stopped_early:
+                    self.cancelled += 1
+                else:
+                    self.completed += 1
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - start)
                 job.push(Closed())
 
@@ -225,7 +232,8 @@ class EngineWorker:
                 job.push(Failed(QueueFullError(1)))
                 job.push(Closed())
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> bool:
+        """Run every prompt of ``job``; False when it stopped early because it was cancelled."""
         started = False
         for index, prompt in enumerate(job.prompts):
             cutter = OutputCutter(self.llm.tokenizer, job.max_tokens)
@@ -234,7 +242,7 @@ class EngineWorker:
             try:
                 for event in events:
                     if job.cancel.is_set():
-                        return
+                        return False
                     if not started:
                         started = True
                         job.push(Started())
@@ -256,3 +264,4 @@ class EngineWorker:
             prompt_tokens = stats.prompt_tokens or len(completion.prompt_token_ids)
             usage = usage_dict(prompt_tokens, n_tokens, stats.forwards, stats.tpf)
             job.push(Finished(index, text, reason, usage))
+        return True
