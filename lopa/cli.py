@@ -67,11 +67,26 @@ def decode_config_from_args(args: argparse.Namespace, base: DecodeConfig | None 
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model / --lora / --device / --dtype, shared by every command that loads a model."""
+    """--model / --lora / --device / --dtype / --enforce-eager, shared by every command that loads a model."""
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the bundled tiny model)")
     parser.add_argument("--lora", default=None, help="peft-format LoRA adapter directory merged at load")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="eager forward only: no fused weights, padded buckets or CUDA graphs (default: fast path on CUDA)",
+    )
+
+
+def load_llm(args: argparse.Namespace, **extra: object):
+    """The LLM named by the model flags of ``add_model_arguments``."""
+    from lopa import LLM
+
+    return LLM(
+        args.model, lora=args.lora, device=args.device, dtype=args.dtype, enforce_eager=args.enforce_eager, **extra
+    )
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args
+from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
         from lopa.dist.launch import run_generate
 
         return run_generate(args, cfg, prompts)
-    from lopa import LLM
-
-    llm = LLM(args.model, lora=args.lora, device=args.device, dtype=args.dtype)
+    llm = load_llm(args)
     for completion in llm.generate(prompts, cfg, raw=args.raw):
         emit(completion, cfg, args.json, llm)
     return 0

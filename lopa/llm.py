@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lopa.config import DecodeConfig
 from lopa.engine.engine import Step, answer_ids, decode
-from lopa.engine.runner import Runner
+from lopa.engine.fast import make_runner
 from lopa.errors import ConfigError, PromptTooLongError
 from lopa.model.loader import load_checkpoint
 from lopa.outputs import Completion, Stats
@@ -52,6 +52,7 @@ class LLM:
         lora: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
+        enforce_eager: bool | None = None,
     ) -> None:
         path = Path(model_dir) if model_dir is not None else default_model_dir()
         self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype)
@@ -63,7 +64,7 @@ class LLM:
         self.max_context = self.config.max_position_embeddings
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
-        self.runner = Runner(self.model, self.device)
+        self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
 
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:

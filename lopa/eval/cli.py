@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args
+from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
 from lopa.config import DecodeConfig
 from lopa.eval.runner import evaluate, format_summary
 from lopa.eval.sandbox import Sandbox, SandboxLimits
@@ -47,13 +47,6 @@ def load_docs(task: Task, args: argparse.Namespace) -> list[Doc]:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     docs = task.load_docs(Path(args.data) if args.data else None)
     return docs[: args.limit] if args.limit else docs
-
-
-def load_llm(args: argparse.Namespace) -> Any:
-    from lopa.llm import LLM
-
-    extra = {"enforce_eager": args.enforce_eager} if getattr(args, "enforce_eager", None) is not None else {}
-    return LLM(args.model, lora=args.lora, device=args.device, dtype=args.dtype, **extra)
 
 
 def task_config(task: Task, llm: Any, args: argparse.Namespace) -> DecodeConfig:

@@ -58,9 +58,7 @@ class FusedAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim))
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: StaticKVCache | None
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: StaticKVCache | None) -> Tensor:
         q, k, v = self._qkv(x, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)  # (rows, Hkv, committed + L, D)
@@ -139,12 +137,14 @@ def static_forward(
     logits_idx: Tensor,
     cache: StaticKVCache,
     kv_len: int,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The verification forward over a fixed cache slice; needs a fused model.
 
     ids, positions: (rows, L); valid: (rows, L) bool; logits_idx: (rows, n) window indices to return.
     Writes the window's K/V at slots ``positions[0]`` of the first ``rows`` cache rows and attends over cache
-    slots ``[0, kv_len)``. Returns raw logits (rows, n, vocab), as ``DreamModel.forward`` does.
+    slots ``[0, kv_len)``. Returns raw logits (rows, n, vocab), as ``DreamModel.forward`` does; with ``out``
+    (a contiguous (rows, n, vocab) buffer) the head writes into it, so graphs can share one logits buffer.
     """
     rows = ids.shape[0]
     slots = positions[0]  # (L,) every row's window sits at the same absolute positions
@@ -156,4 +156,8 @@ def static_forward(
         x = x + layer.self_attn.forward_static(layer.input_layernorm(x), cos, sin, mask, k_buf, v_buf, slots)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     x = torch.gather(x, 1, logits_idx[..., None].expand(-1, -1, x.shape[-1]))  # (rows, n, hidden)
-    return model.lm_head(model.model.norm(x))
+    if out is None:
+        return model.lm_head(model.model.norm(x))
+    h = model.model.norm(x).reshape(-1, x.shape[-1])  # (rows * n, hidden)
+    torch.mm(h, model.lm_head.weight.t(), out=out.view(h.shape[0], -1))  # the head has no bias
+    return out

@@ -36,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as e:
         raise ConfigError("lopa serve needs the server extras; install them with: pip install 'lopa[serve]'") from e
-    from lopa import LLM
+    from lopa.cli import load_llm
     from lopa.server.app import create_app
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     config = decode_config_from_args(args)
-    llm = LLM(args.model, lora=args.lora, device=args.device, dtype=args.dtype)
+    llm = load_llm(args)
     app = create_app(
         llm,
         default_config=config,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lopa.cli import add_model_arguments
+from lopa.cli import add_model_arguments, load_llm
 from lopa.config import DecodeConfig
 
 BRANCHES = (1, 2, 4, 8)
@@ -87,11 +87,10 @@ def settings_of(cfg: DecodeConfig) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lopa import LLM
     from lopa.errors import ConfigError
     from lopa.tiny.task import extract_answer, fixed_set
 
-    llm = LLM(args.model, lora=args.lora, device=args.device, dtype=args.dtype)
+    llm = load_llm(args)
     gen = llm.checkpoint.generation_config
     block = args.block_size or int(gen.get("block_size", 8))
     max_new = args.max_new_tokens or int(gen.get("max_new_tokens", 4 * block))

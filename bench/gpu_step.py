@@ -1,0 +1,292 @@
+"""GPU step benchmark: one LoPA verification forward (branches x window tokens over a cached prefix).
+
+Times, on random weights of a chosen model shape (nothing is downloaded), for every branches x window:
+
+- ``fast``: lopa's FastRunner forward (fused weights, padded buckets; a CUDA-graph replay on CUDA),
+- ``fast+score``: the same plus on-device token choice and the one host copy (a whole ``verify`` call),
+- ``eager``: lopa's eager Runner forward (``--enforce-eager``),
+- ``hf``: transformers' Qwen2 eager forward of the same shape over a DynamicCache (causal mask: Dream differs
+  only in the mask), unless ``--no-hf``,
+- ``yardstick``: the minimal forward of ``bench/gpu_floor.py`` (static KV, fused qkv / gate-up, SDPA), captured
+  in a CUDA graph on CUDA, eager on CPU, run in-process for the same shape;
+
+and the floor: weight bytes / device copy bandwidth (read + write) measured in the same run. Prints a table,
+a tokens/s projection at the paper's TPF values, then one JSON line. ``--floor-script bench/gpu_floor.py``
+also runs the verbatim yardstick script in a subprocess (CUDA, 7B shape) and adds its rows to the JSON.
+
+    python bench/gpu_step.py                   # CUDA: --shape 7b, bf16; CPU: --shape small, fp32
+    python bench/gpu_step.py --shape tiny --branches 1 2 --windows 8 --cache 32 --reps 2   # seconds, on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lopa.decoding.confidence import Sampler
+from lopa.engine.fast import FastRunner
+from lopa.engine.runner import Candidate, Runner
+from lopa.model.config import ModelConfig
+from lopa.model.dream import DreamModel
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head dim, vocab
+    "7b": (3584, 18944, 28, 28, 4, 128, 152064),  # Dream-v0-7B / Qwen2.5-7B
+    "small": (256, 768, 4, 8, 2, 32, 8192),
+    "tiny": (64, 128, 2, 4, 2, 16, 512),
+}
+# Tokens per forward the paper reports (authors' counting, docs/algorithm.md): the projection's inputs.
+PAPER_TPF = {
+    "GSM8K D2F-Dream (T1)": 10.1,
+    "MATH D2F-Dream (T1)": 8.0,
+    "HumanEval D2F-Dream (T1)": 6.3,
+    "MBPP D2F-Dream (T1)": 5.4,
+    "HumanEval+ D2F-DiffuCoder (T2)": 8.3,
+    "MBPP NV BP8 base (T3)": 15.55,
+}
+
+
+def model_config(shape: str) -> ModelConfig:
+    h, i, n, heads, kv, d, v = SHAPES[shape]
+    return ModelConfig(v, h, i, n, heads, kv, d, max_position_embeddings=4096, mask_token_id=v - 1, pad_token_id=v - 2)
+
+
+def build(factory: Callable[[], torch.nn.Module], device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Construct a module directly on ``device`` in ``dtype`` (a 7B model never exists in fp32 or on the host)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), torch.no_grad():
+            return factory().eval()
+    finally:
+        torch.set_default_dtype(old)
+
+
+def timer(device: str, warmup: int, reps: int) -> Callable[[Callable[[], object]], float]:
+    """Median milliseconds of ``fn``: CUDA events like bench/gpu_floor.py, wall clock on CPU."""
+
+    def run(fn: Callable[[], object]) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return run
+
+
+def copy_bandwidth(device: str, nbytes: int) -> float:
+    """Bytes per second of a device-to-device copy, counting read + write (as docs/gpu.md does)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(device, 2, 10)(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms / 1e3)
+
+
+def candidates(cfg: ModelConfig, branches: int, window: int, start: int) -> list[Candidate]:
+    """Branch windows as LoPA builds them: a decoded first token, the rest masked (all predicted)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for j in range(branches):
+        tokens = torch.full((window,), cfg.mask_token_id, dtype=torch.long)  # (L,)
+        tokens[0] = int(torch.randint(0, cfg.vocab_size - 2, (1,), generator=gen))
+        predict = torch.arange(start + 1, start + window)  # (L - 1,)
+        out.append(Candidate(tokens, predict, torch.ones(window - 1, dtype=torch.bool), j))
+    return out
+
+
+def time_runner(runner: Runner, cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, clock) -> dict:
+    """ms of the runner's forward and of a whole verify, per (branches, window), over a ``cache``-token prefix."""
+    sampler, out = Sampler(cfg.mask_token_id), {}
+    for b, w in grid:
+        runner.begin(cache + w, rows=b)
+        runner.cache.committed = runner.cache.written = cache  # the prefix's values do not change the cost
+        cands = candidates(cfg, b, w, cache)
+        out[b, w] = (
+            clock(lambda: runner.raw_logits(cache, 0, cands)),  # noqa: B023 (timed before the loop moves on)
+            clock(lambda: runner.verify(cache, 0, cands, sampler, 0)),  # noqa: B023
+        )
+    return out
+
+
+def time_hf(cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, device: str, dtype, clock) -> dict:
+    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+    hf_cfg = Qwen2Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    model, out = build(lambda: Qwen2ForCausalLM(hf_cfg), device, dtype), {}
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x rename
+    with torch.inference_mode():
+        for b, w in grid:
+            kv = DynamicCache(config=hf_cfg)
+            prefix = torch.randint(0, cfg.vocab_size, (b, cache), device=device)  # (branches, cache)
+            model(input_ids=prefix, logits_to_keep=1, **{arg: kv})  # prefill; all logits would be GBs at 7B
+            ids = torch.randint(0, cfg.vocab_size, (b, w), device=device)  # (branches, window)
+
+            def step(ids=ids, kv=kv, w=w) -> None:
+                model(input_ids=ids, **{arg: kv})
+                kv.crop(-w)  # forget the window, like a rollback (negative: tokens to drop, any 4.4x/5.x)
+
+            out[b, w] = clock(step)
+    return out
+
+
+def time_yardstick(cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, device: str, dtype, clock) -> dict:
+    """bench/gpu_floor.py's forward for this shape: graph replay on CUDA, eager on CPU."""
+    H, NKV, D = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim
+    NH, I, eps = cfg.num_attention_heads, cfg.intermediate_size, cfg.rms_norm_eps
+
+    def W(*s: int) -> torch.Tensor:
+        return torch.randn(*s, device=device, dtype=dtype) * 0.02
+
+    layers = [
+        dict(qkv=W(H, NH * D + 2 * NKV * D), qkvb=W(NH * D + 2 * NKV * D), o=W(NH * D, H), gu=W(H, 2 * I),
+             dn=W(I, H), n1=torch.ones(H, device=device, dtype=dtype), n2=torch.ones(H, device=device, dtype=dtype))
+        for _ in range(cfg.num_hidden_layers)
+    ]  # fmt: skip
+    emb, head = W(cfg.vocab_size, H), W(H, cfg.vocab_size)
+
+    def fwd(ids, kc, vc, P):
+        B, L = ids.shape
+        x = emb[ids]
+        for li, w in enumerate(layers):
+            h = F.rms_norm(x, (H,), w["n1"], eps)
+            qkv = torch.addmm(w["qkvb"], h.view(-1, H), w["qkv"]).view(B, L, -1)
+            q, k, v = qkv.split([NH * D, NKV * D, NKV * D], -1)
+            q = q.view(B, L, NH, D).transpose(1, 2)
+            kc[li][:, :, P : P + L] = k.view(B, L, NKV, D).transpose(1, 2)
+            vc[li][:, :, P : P + L] = v.view(B, L, NKV, D).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, kc[li][:, :, : P + L], vc[li][:, :, : P + L], enable_gqa=NH != NKV)
+            x = x + (a.transpose(1, 2).reshape(B * L, NH * D) @ w["o"]).view(B, L, H)
+            h = F.rms_norm(x, (H,), w["n2"], eps).view(-1, H)
+            g, u = (h @ w["gu"]).chunk(2, -1)
+            x = x + ((F.silu(g) * u) @ w["dn"]).view(B, L, H)
+        return F.rms_norm(x, (H,), layers[0]["n2"], eps) @ head
+
+    out = {}
+    with torch.no_grad():
+        for b, w in grid:
+            kc = [torch.zeros(b, NKV, cache + w, D, device=device, dtype=dtype) for _ in layers]
+            vc = [torch.zeros(b, NKV, cache + w, D, device=device, dtype=dtype) for _ in layers]
+            ids = torch.randint(0, cfg.vocab_size, (b, w), device=device)
+            fn = lambda: fwd(ids, kc, vc, cache)  # noqa: B023, E731
+            if device == "cuda":
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        fn()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                fn = graph.replay
+            out[b, w] = clock(fn)
+    return out
+
+
+def floor_script(path: str) -> list[dict] | None:
+    """Rows of the verbatim yardstick script, run in its own process (it needs CUDA and the 7B shape)."""
+    proc = subprocess.run([sys.executable, path], capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1])["rows"] if proc.returncode == 0 and lines else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 7b on CUDA, small on CPU")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
+    p.add_argument("--branches", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--windows", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--cache", type=int, default=512, help="cached prefix tokens")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=None, help="default: 20 on CUDA, 3 on CPU")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers forward")
+    p.add_argument("--floor-script", default=None, help="also run this copy of gpu_floor.py (CUDA only)")
+    a = p.parse_args(argv)
+    dev = a.device.split(":")[0]
+    shape = a.shape or ("7b" if dev == "cuda" else "small")
+    dtype = getattr(torch, a.dtype or ("bfloat16" if dev == "cuda" else "float32"))
+    clock = timer(dev, a.warmup, a.reps or (20 if dev == "cuda" else 3))
+    grid = [(b, w) for b in a.branches for w in a.windows]
+    cfg = model_config(shape)
+    torch.manual_seed(0)
+
+    ref = floor_script(a.floor_script) if a.floor_script and dev == "cuda" else None  # before we hold memory
+    bandwidth = copy_bandwidth(a.device, (1 << 30) if dev == "cuda" else (64 << 20))
+    model = build(lambda: DreamModel(cfg), a.device, dtype)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    floor_ms = weight_bytes / bandwidth * 1e3
+    eager = time_runner(Runner(model, torch.device(a.device)), cfg, grid, a.cache, clock)
+    fast_runner = FastRunner(model, torch.device(a.device))  # fuses the same weights in place
+    fast = time_runner(fast_runner, cfg, grid, a.cache, clock)
+    del model, fast_runner
+    hf = {} if a.no_hf else time_hf(cfg, grid, a.cache, a.device, dtype, clock)
+    yard = time_yardstick(cfg, grid, a.cache, a.device, dtype, clock)
+
+    rows = []
+    for b, w in grid:
+        f, v = fast[b, w]
+        r = dict(branches=b, window=w, fast_ms=f, fast_score_ms=v, eager_ms=eager[b, w][0], hf_ms=hf.get((b, w)))
+        r.update(yardstick_ms=yard[b, w], fast_vs_yardstick=f / yard[b, w], fast_vs_floor=f / floor_ms)
+        r.update(hf_vs_fast=r["hf_ms"] / f if r["hf_ms"] else None, eager_vs_fast=r["eager_ms"] / f)
+        rows.append({k: round(x, 3) if isinstance(x, float) else x for k, x in r.items()})
+    name = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
+    kind = "CUDA-graph replay" if dev == "cuda" else "fused weights, no graphs or padding on CPU"
+    print(f"# {name}, shape {shape} ({weight_bytes / 1e9:.2f} GB {str(dtype)[6:]}), cache {a.cache} tokens")
+    print(
+        f"# copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); floor = weights / bandwidth = {floor_ms:.2f} ms"
+    )
+    print(f"# fast = lopa FastRunner forward ({kind}); fast+score adds token choice and the host copy")
+    cols = ["branches", "window", "fast_ms", "fast_score_ms", "eager_ms", "hf_ms", "yardstick_ms"]
+    cols += ["fast_vs_yardstick", "fast_vs_floor", "hf_vs_fast"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join("-" if r[c] is None else str(r[c]) for c in cols))
+    projection = {f"{b}x{w}": {k: round(t * 1e3 / fast[b, w][1], 1) for k, t in PAPER_TPF.items()} for b, w in grid}
+    print("# PROJECTION (not a measurement): tok/s = paper TPF / measured fast+score step time, one sequence;")
+    print("# ignores the engine's host work between steps, prefill and batching; the paper's TPF counts its own way")
+    print("branches x window | " + " | ".join(PAPER_TPF))
+    for key, vals in projection.items():
+        print(f"{key} | " + " | ".join(str(x) for x in vals.values()))
+    summary = dict(
+        bench="gpu_step", device=name, shape=shape, dtype=str(dtype)[6:], cache=a.cache, graphs=dev == "cuda"
+    )
+    summary.update(weight_bytes=weight_bytes, copy_bandwidth_gbs=round(bandwidth / 1e9, 1), floor_ms=round(floor_ms, 3))
+    summary.update(rows=rows, projection_tok_s=projection, paper_tpf=PAPER_TPF, floor_script_rows=ref)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The fast path equals its eager twin: fused weights, padded buckets, on-device token choice, the graph
+bookkeeping (with a CPU stand-in for a CUDA graph), runner selection, and the GPU step benchmark on a tiny
+shape. ``gpu``-marked tests check real CUDA-graph replays against eager and skip without CUDA."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from engine_utils import END, MASK, answer, peaky_model
+
+from lopa.cache import StaticKVCache
+from lopa.config import DecodeConfig
+from lopa.decoding.confidence import Sampler, predict
+from lopa.engine.engine import decode, run
+from lopa.engine.fast import FastRunner, _Graph, choose, make_runner, pack_inputs
+from lopa.engine.runner import Candidate, Runner, build_batch
+from lopa.errors import ConfigError
+from lopa.model.config import ModelConfig
+from lopa.model.dream import DreamModel
+from lopa.model.fused import FusedAttention, FusedMLP, fuse, is_fused, key_mask, static_forward
+from lopa.testing import random_model
+
+SETTINGS = [
+    dict(decoder="threshold", threshold=0.9, block_size=4, max_new_tokens=16),
+    dict(decoder="d2f", threshold=0.8, tau_add=0.3, tau_act=0.9, block_size=4, max_new_tokens=16),
+    dict(decoder="lopa", base="threshold", branches=3, threshold=0.9, block_size=8, max_new_tokens=16),
+    dict(decoder="lopa", base="d2f", branches=2, threshold=0.7, tau_add=0.5, tau_act=0.5, block_size=4,
+         max_new_tokens=20, confidence="margin"),
+    dict(decoder="lopa", base="d2f", branches=4, block_size=4, max_new_tokens=16, confidence="neg_entropy",
+         branch_score="shared"),
+    dict(decoder="lopa", base="d2f", branches=2, block_size=4, max_new_tokens=16, temperature=0.8, top_k=20, seed=5),
+    dict(decoder="vanilla", max_new_tokens=6),
+]  # fmt: skip
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 60) for _ in range(rng.randrange(3, 20))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: intra-op threads only add sync cost (10x slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> DreamModel:
+    return peaky_model(seed=2)
+
+
+@pytest.fixture(scope="module")
+def fused(model: DreamModel) -> DreamModel:
+    return fuse(copy.deepcopy(model))
+
+
+def _cache(m: DreamModel, rows: int = 4, max_len: int = 64) -> StaticKVCache:
+    c = m.config
+    return StaticKVCache(c.num_hidden_layers, rows, max_len, c.num_key_value_heads, c.head_dim)
+
+
+def _prefilled(m: DreamModel, n: int = 5) -> StaticKVCache:
+    cache = _cache(m)
+    with torch.inference_mode():
+        m(torch.arange(n)[None] + 7, torch.arange(n)[None], cache)
+    cache.commit(n)
+    return cache
+
+
+def _window(rows: int = 3, length: int = 10, start: int = 5):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 60, (rows, length), generator=gen)  # (rows, L)
+    positions = (start + torch.arange(length)).expand(rows, length)
+    valid = torch.arange(length)[None, :] < torch.tensor([length, 7, 4][:rows])[:, None]  # rows 1, 2 padded
+    idx = torch.tensor([[0, 3, 9], [1, 2, 6], [0, 1, 3]][:rows])  # (rows, 3)
+    return ids, positions, valid, idx
+
+
+# ---- fused weights and the static forward ------------------------------------------------------------
+def test_fuse_swaps_modules_and_keeps_the_forward(model, fused):
+    assert is_fused(fused) and not is_fused(model)
+    layer = fused.model.layers[0]
+    assert isinstance(layer.self_attn, FusedAttention) and isinstance(layer.mlp, FusedMLP)
+    assert fuse(fused).model.layers[0].self_attn is layer.self_attn  # idempotent
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())
+    ids, positions, valid, idx = _window()
+    with torch.inference_mode():
+        a = model(ids, positions, _prefilled(model), valid, idx)
+        b = fused(ids, positions, _prefilled(model), valid, idx)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_key_mask_shows_prefix_and_valid_window_keys_only():
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    mask = key_mask(torch.tensor([2]), valid, 7)[:, 0, 0]  # (rows, S)
+    assert mask.tolist() == [[True, True, True, True, False, False, False], [True] * 5 + [False] * 2]
+
+
+def test_static_forward_matches_eager_on_real_positions(model, fused):
+    ids, positions, valid, idx = _window()
+    eager_cache, static_cache = _prefilled(model), _prefilled(model)
+    with torch.inference_mode():
+        ref = model(ids, positions, eager_cache, valid, idx)  # (3, 3, vocab)
+        # pad to 4 rows and width 16 the way the runner does; padded rows see all their keys
+        pad_ids = torch.full((4, 16), 62)
+        pad_ids[:3, :10] = ids
+        pad_valid = torch.ones(4, 16, dtype=torch.bool)
+        pad_valid[:3] = False
+        pad_valid[:3, :10] = valid
+        pad_idx = torch.zeros(4, 16, dtype=torch.long)
+        pad_idx[:3, :3] = idx
+        pad_pos = (5 + torch.arange(16)).expand(4, 16)
+        out = static_forward(fused, pad_ids, pad_pos, pad_valid, pad_idx, static_cache, 32)
+    torch.testing.assert_close(out[:3, :3], ref, rtol=0, atol=1e-4)
+    for row, n in enumerate([10, 7, 4]):  # the window's real K/V landed where cache.write puts them
+        torch.testing.assert_close(
+            static_cache.k[:, row, :, 5 : 5 + n], eager_cache.k[:, row, :, 5 : 5 + n], rtol=0, atol=1e-5
+        )
+
+
+# ---- buckets and padding -----------------------------------------------------------------------------
+def test_buckets_round_rows_window_and_kv_length(fused):
+    r = FastRunner(fused, window_granularity=16, kv_granularity=32)
+    r.begin(40, rows=5)
+    assert r.cache.rows == 5 and r.cache.max_len == 64  # 40 + window slack 16, rounded up to 32
+    assert r.bucket(3, 10, 20) == (4, 16, 64)
+    assert r.bucket(5, 17, 0) == (5, 32, 32)  # the request's own row count is a bucket
+    assert r.bucket(1, 16, 8) == (1, 16, 32)
+    with pytest.raises(ConfigError, match="rows"):
+        r.bucket(6, 4, 0)
+    plain = FastRunner(fused)  # without graphs nothing is gained by padding windows or the kv length
+    plain.begin(40, rows=5)
+    assert plain.bucket(3, 10, 20) == (4, 10, 30)
+
+
+def test_pack_inputs_pads_rows_and_window():
+    cands = [Candidate(torch.tensor([5, 63, 63]), torch.tensor([11, 12]), torch.ones(2, dtype=torch.bool))]
+    cands.append(Candidate(torch.tensor([5, 63]), torch.tensor([11]), torch.ones(1, dtype=torch.bool)))
+    b = build_batch(10, 1, cands, pad_id=62)
+    packed = pack_inputs(b, rows=4, width=8, pad_id=62)  # (4, rows, width)
+    ids, valid, idx, positions = packed
+    assert ids[:2, :3].tolist() == [[5, 63, 63], [5, 63, 62]] and (ids[2:] == 62).all() and (ids[:, 3:] == 62).all()
+    assert valid[:2].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]] and (valid[2:] == 1).all()
+    assert torch.equal(idx[:2, : b.logits_idx.shape[1]], b.logits_idx) and (idx[:, b.logits_idx.shape[1] :] == 0).all()
+    assert (positions == 10 + torch.arange(8)).all()
+
+
+def _two_steps(eager: Runner, fast: FastRunner) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Raw logits of both runners for a prompt window (committed) and then three padded branch windows."""
+    window = torch.cat([torch.arange(9) + 3, torch.full((4,), MASK)])  # prompt + one masked block
+    prompt = Candidate(window, torch.arange(9, 13), torch.ones(4, dtype=torch.bool))
+    branches = [
+        Candidate(torch.tensor([4, 9, MASK, MASK, MASK]), torch.arange(11, 14), torch.ones(3, dtype=torch.bool), 1),
+        Candidate(torch.tensor([4, MASK, MASK]), torch.arange(10, 12), torch.ones(2, dtype=torch.bool), 2),
+        Candidate(torch.tensor([4, MASK, MASK, MASK]), torch.arange(10, 13), torch.ones(3, dtype=torch.bool), 0),
+    ]
+    for r in (eager, fast):
+        r.begin(40, rows=3)
+    out = []
+    for start, commit, cands in [(0, 9, [prompt]), (9, 0, branches), (9, 0, branches)]:
+        a, _ = eager.raw_logits(start, commit, cands)  # (rows, n, vocab)
+        b, _ = fast.raw_logits(start, commit, cands)
+        assert b.shape == a.shape  # padding is cut off again: only real rows and requested indices
+        out.append((a.float(), b.float().clone()))  # clone: a graph's output buffer is reused
+        if commit:
+            eager.cache.commit(commit)
+            fast.cache.commit(commit)
+    torch.testing.assert_close(fast.committed_kv()[0], eager.committed_kv()[0], rtol=1e-2, atol=1e-2)
+    return out
+
+
+def test_fast_raw_logits_match_eager_across_a_commit(model, fused):
+    for a, b in _two_steps(Runner(model), FastRunner(fused, window_granularity=16, kv_granularity=32)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["maxprob", "margin", "neg_entropy"])
+def test_choose_equals_per_row_predict(kind):
+    logits = torch.randn(7, 64, generator=torch.Generator().manual_seed(4)) * 4  # (m, vocab)
+    s = Sampler(MASK, kind, top_k=10, top_p=0.9)
+    tokens, prob, conf = choose(logits, s)
+    ref = predict(logits, torch.arange(7), s)
+    assert torch.equal(tokens, ref.tokens) and torch.equal(prob, ref.prob) and torch.equal(conf, ref.conf)
+
+
+# ---- whole decodes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("setting", SETTINGS, ids=[f"{s['decoder']}-{i}" for i, s in enumerate(SETTINGS)])
+def test_fast_decode_equals_eager(model, fused, setting):
+    cfg = DecodeConfig(**setting).validate()
+    fast = FastRunner(fused, window_granularity=16, kv_granularity=32)
+    for prompt in _prompts(3, seed=len(str(setting))):
+        ref = run(decode(Runner(model), prompt, cfg, MASK, END))
+        got = run(decode(fast, prompt, cfg, MASK, END))
+        assert answer(got) == answer(ref)
+        assert got.stats.forwards == ref.stats.forwards
+    if cfg.decoder != "vanilla":
+        assert fast.eager_forwards > 0  # the padded static forward really ran (no cache: vanilla stays eager)
+
+
+class _CPUGraph:
+    """Stand-in for torch.cuda.CUDAGraph: replay reruns the captured function on the static buffers."""
+
+    def __init__(self, fn) -> None:
+        self.replay = fn
+
+
+class _CPUGraphRunner(FastRunner):
+    def _capture(self, key, packed):
+        inputs, out = packed.clone(), self._output(key)  # static input; output aliases the shared buffer
+        return _Graph(_CPUGraph(lambda: self._run(inputs, key[2], out)), inputs, out)
+
+
+def test_graph_buffers_are_reused_per_bucket_and_match_eager(model, fused):
+    runner = _CPUGraphRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=16)
+    runner.use_graphs = True  # the capture is the CPU stand-in above
+    cfg = DecodeConfig(decoder="lopa", base="d2f", branches=3, block_size=4, max_new_tokens=16).validate()
+    for prompt in _prompts(2, seed=11):
+        ref = run(decode(Runner(model), prompt, cfg, MASK, END))
+        got = run(decode(runner, prompt, cfg, MASK, END))
+        assert answer(got) == answer(ref) and got.stats.forwards == ref.stats.forwards
+    assert runner.replays > len(runner.captured) > 0  # buckets were replayed more often than captured
+    assert all(key[1] <= 16 for key in runner.captured)  # wider windows fell back to the eager forward
+    assert runner.eager_forwards > 0
+
+
+# ---- selection ---------------------------------------------------------------------------------------
+def test_make_runner_picks_eager_on_cpu_unless_asked(model):
+    m = copy.deepcopy(model)
+    assert type(make_runner(m, "cpu")) is Runner and not is_fused(m)
+    assert type(make_runner(m, "cpu", enforce_eager=True)) is Runner
+    assert isinstance(make_runner(m, "cpu", enforce_eager=False), FastRunner) and is_fused(m)
+
+
+def test_fast_runner_rejects_what_it_cannot_run(model):
+    with pytest.raises(ConfigError, match="DreamModel"):
+        FastRunner(torch.nn.Linear(2, 2))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            FastRunner(copy.deepcopy(model), use_graphs=True)
+
+
+def test_llm_enforce_eager_selects_the_runner(tiny_ckpt):
+    from lopa import LLM
+
+    cfg = DecodeConfig(decoder="lopa", branches=2, max_new_tokens=16, block_size=8)
+    eager, fast = LLM(tiny_ckpt), LLM(tiny_ckpt, enforce_eager=False)
+    assert type(eager.runner) is Runner and isinstance(fast.runner, FastRunner)
+    assert fast.generate([3, 4, 5, 6], cfg)[0].token_ids == eager.generate([3, 4, 5, 6], cfg)[0].token_ids
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------
+def test_gpu_step_bench_runs_on_cpu(capsys):
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_step.py"
+    spec = importlib.util.spec_from_file_location("gpu_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--device", "cpu", "--shape", "tiny", "--branches", "1", "2", "--windows", "8", "--cache", "16"]
+    assert bench.main([*argv, "--warmup", "0", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert "PROJECTION" in out
+    h, i, n, heads, kv, d, v = bench.SHAPES["tiny"]
+    params = 2 * v * h + n * (
+        h * heads * d + 2 * (h * kv * d) + heads * d + 2 * kv * d + heads * d * h + 3 * h * i + 2 * h
+    )
+    assert summary["weight_bytes"] == 4 * (params + h)  # fp32, plus the final norm
+    floor = summary["weight_bytes"] / (summary["copy_bandwidth_gbs"] * 1e9) * 1e3
+    assert summary["floor_ms"] == pytest.approx(floor, rel=0.05)  # bandwidth is printed rounded
+    assert [(r["branches"], r["window"]) for r in summary["rows"]] == [(1, 8), (2, 8)]
+    for r in summary["rows"]:
+        assert min(r["fast_ms"], r["eager_ms"], r["hf_ms"], r["yardstick_ms"]) > 0
+        assert r["fast_vs_yardstick"] == pytest.approx(r["fast_ms"] / r["yardstick_ms"], rel=0.01, abs=1e-3)
+        tok_s = summary["projection_tok_s"][f"{r['branches']}x{r['window']}"]["GSM8K D2F-Dream (T1)"]
+        assert tok_s == pytest.approx(10.1 * 1e3 / r["fast_score_ms"], rel=0.01)
+
+
+# ---- CUDA graphs (skipped without CUDA) ----------------------------------------------------------------
+def _cuda_model(dtype: torch.dtype) -> DreamModel:
+    cfg = ModelConfig(512, 128, 256, 2, 4, 2, 32, mask_token_id=MASK, eos_token_id=62, pad_token_id=62)
+    return random_model(cfg, seed=0).to("cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_logits_match_eager_bf16():
+    base = _cuda_model(torch.bfloat16)
+    fast = FastRunner(fuse(copy.deepcopy(base)), torch.device("cuda"))
+    assert fast.use_graphs
+    for a, b in _two_steps(Runner(base, torch.device("cuda")), fast):
+        assert float((b - a).norm() / a.norm()) <= 1e-2
+    assert fast.replays == 3 and len(fast.captured) == 2  # the repeated branch step replayed its graph
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager_fp32(model):
+    dev = torch.device("cuda")
+    base = copy.deepcopy(model).to(dev)
+    fast = FastRunner(fuse(copy.deepcopy(base)), dev)
+    for setting in SETTINGS[:5]:
+        cfg = DecodeConfig(**setting).validate()
+        for prompt in _prompts(3, seed=len(str(setting))):
+            ref = run(decode(Runner(base, dev), prompt, cfg, MASK, END))
+            got = run(decode(fast, prompt, cfg, MASK, END))
+            assert answer(got) == answer(ref) and got.stats.forwards == ref.stats.forwards
+    captured = len(fast.captured)
+    assert fast.replays > captured > 0
+    run(decode(fast, _prompts(1, seed=1)[0], DecodeConfig(**SETTINGS[0]).validate(), MASK, END))
+    assert len(fast.captured) >= captured  # graphs survive across requests (same cache)
