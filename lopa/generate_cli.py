@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
+from lopa.dist.launch import add_dist_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     p.add_argument("--branch-parallel", action="store_true", help="run as one rank of a torchrun launch")
     p.add_argument("--bp", type=int, default=0, metavar="N", help="launch N branch-parallel ranks on this machine")
+    add_dist_arguments(p)
     add_decode_arguments(p)
 
 
@@ -42,8 +45,9 @@ def describe(cfg) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = decode_config_from_args(args)
-    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
+    worker_rank = args.branch_parallel and os.environ.get("RANK", "0") != "0"  # gets its prompts from rank 0
+    prompts = args.prompts or ([] if worker_rank else [line.rstrip("\n") for line in sys.stdin if line.strip()])
+    if not prompts and not worker_rank:
         print("lopa generate: no prompt given", file=sys.stderr)
         return 2
     if args.bp or args.branch_parallel:

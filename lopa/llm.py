@@ -92,7 +92,8 @@ class LLM:
     def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
         return len(self.encode_prompt(prompt, raw))
 
-    def _check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
+    def check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
+        """Raise PromptTooLongError unless the prompt plus max_new_tokens fits the model's context."""
         need = len(ids) + cfg.max_new_tokens
         if need > self.max_context:
             raise PromptTooLongError(
@@ -113,7 +114,7 @@ class LLM:
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
         encoded = [self.encode_prompt(p, raw) for p in batch]  # validate every prompt before decoding any
         for ids in encoded:
-            self._check_fits(ids, cfg)
+            self.check_fits(ids, cfg)
         bar = tqdm(encoded, desc="generate", unit="prompt", disable=not progress)
         return [self._complete(ids, cfg) for ids in bar]
 
@@ -121,7 +122,7 @@ class LLM:
         """Decode the assistant's reply to OpenAI-style messages."""
         cfg = (config or DecodeConfig()).validate()
         ids = self.encode_prompt(messages)
-        self._check_fits(ids, cfg)
+        self.check_fits(ids, cfg)
         return self._complete(ids, cfg)
 
     def stream(
@@ -130,7 +131,7 @@ class LLM:
         """Yield final text after every forward; the last event carries the Completion."""
         cfg = (config or DecodeConfig()).validate()
         ids = self.encode_prompt(prompt, raw)
-        self._check_fits(ids, cfg)
+        self.check_fits(ids, cfg)
         shown_text, shown_ids = "", 0
         hold = max((len(s) for s in cfg.stop), default=1) - 1
         for step, completion in self._steps(ids, cfg):

@@ -52,3 +52,26 @@ def test_bench_n5_on_the_bundled_model(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["name"] for r in result["rows"]] == DEFAULT
     assert result["n"] == 5
+
+
+def test_bench_branch_parallel_matches_single_process(tiny_ckpt, capsys):
+    common = [
+        "bench",
+        "--model",
+        str(tiny_ckpt),
+        "--n",
+        "2",
+        "--block-size",
+        "8",
+        "--max-new-tokens",
+        "16",
+        "--decoders",
+        "lopa-d2f-k2",
+        "--json-only",
+    ]
+    assert main(common) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    assert main([*common, "--bp", "2"]) == 0
+    parallel = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    for key in ("accuracy", "tpf", "tpf_paper", "forwards"):
+        assert parallel[key] == single[key]

@@ -9,6 +9,8 @@ run and every decoder sees the same ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import platform
 import sys
@@ -20,6 +22,7 @@ import torch
 
 from lopa.cli import add_model_arguments, load_llm
 from lopa.config import DecodeConfig
+from lopa.dist.launch import BranchParallelGroup, add_dist_arguments, resolve_timeout
 
 BRANCHES = (1, 2, 4, 8)
 
@@ -34,7 +37,7 @@ class Row:
     forwards: float
     tok_s: float
     latency: float
-    agreement: float
+    agreement: float | None  # None when threshold was not run
     branches: int
     base: str
     score: str
@@ -76,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--json-only", action="store_true", help="print only the JSON line")
+    p.add_argument("--bp", type=int, default=0, metavar="N", help="decode with N branch-parallel ranks")
+    add_dist_arguments(p)
 
 
 def settings_of(cfg: DecodeConfig) -> str:
@@ -88,7 +93,7 @@ def settings_of(cfg: DecodeConfig) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from lopa.errors import ConfigError
-    from lopa.tiny.task import extract_answer, fixed_set
+    from lopa.tiny.task import fixed_set
 
     llm = load_llm(args)
     gen = llm.checkpoint.generation_config
@@ -101,40 +106,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown bench decoder(s) {unknown}; choose from {list(table)}")
     problems = fixed_set("test", args.n)
     prompts = [p.prompt for p in problems]
-    reference: list[int | None] | None = None
-    rows: list[Row] = []
-    for name in sorted(names, key=lambda n: n != "threshold"):  # threshold first: it is the agreement baseline
-        cfg = table[name]
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, cfg, raw=True, progress=not args.json_only)
-        wall = time.perf_counter() - t0
-        answers = [extract_answer(o.text) for o in outs]
-        if name == "threshold":
-            reference = answers
-        tokens = sum(o.stats.tokens for o in outs)
-        forwards = sum(o.stats.forwards for o in outs)
-        seconds = sum(o.stats.seconds for o in outs)
-        n = len(outs)
-        rows.append(
-            Row(
-                name=name,
-                settings=settings_of(cfg),
-                accuracy=sum(a == p.answer for a, p in zip(answers, problems, strict=True)) / n,
-                tpf=tokens / forwards,
-                tpf_paper=sum(o.stats.tpf_paper for o in outs) / n,
-                forwards=forwards / n,
-                tok_s=tokens / seconds if seconds else 0.0,
-                latency=seconds / n,
-                agreement=(
-                    sum(a == b for a, b in zip(answers, reference, strict=True)) / n if reference else float("nan")
-                ),
-                branches=cfg.num_branches,
-                base=cfg.base_decoder,
-                score=cfg.branch_score if cfg.decoder == "lopa" else "",
+    with contextlib.ExitStack() as stack:
+        if args.bp:
+            group = BranchParallelGroup(
+                args.bp,
+                args.model,
+                lora=args.lora,
+                device=args.device,
+                dtype=args.dtype,
+                timeout_s=resolve_timeout(args.dist_timeout),
+                port=args.dist_port,
             )
-        )
-        if not args.json_only:
-            print(f"  {name}: {wall:.1f}s", file=sys.stderr)
+            generate = stack.enter_context(group).generate
+        else:
+            generate = functools.partial(llm.generate, progress=not args.json_only)
+        rows = _measure(generate, names, table, problems, prompts, args)
     order = {n: i for i, n in enumerate(names)}
     rows.sort(key=lambda r: order[r.name])
     dtype = str(next(llm.model.parameters()).dtype).replace("torch.", "")
@@ -159,14 +145,54 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure(generate, names: list[str], table: dict[str, DecodeConfig], problems, prompts, args) -> list[Row]:
+    """Run every named decoder on the prompts; threshold first, as the agreement baseline."""
+    from lopa.tiny.task import extract_answer
+
+    reference: list[int | None] | None = None
+    rows: list[Row] = []
+    for name in sorted(names, key=lambda n: n != "threshold"):  # threshold first: it is the agreement baseline
+        cfg = table[name]
+        t0 = time.perf_counter()
+        outs = generate(prompts, cfg, raw=True)
+        wall = time.perf_counter() - t0
+        answers = [extract_answer(o.text) for o in outs]
+        if name == "threshold":
+            reference = answers
+        tokens = sum(o.stats.tokens for o in outs)
+        forwards = sum(o.stats.forwards for o in outs)
+        seconds = sum(o.stats.seconds for o in outs)
+        n = len(outs)
+        rows.append(
+            Row(
+                name=name,
+                settings=settings_of(cfg),
+                accuracy=sum(a == p.answer for a, p in zip(answers, problems, strict=True)) / n,
+                tpf=tokens / forwards,
+                tpf_paper=sum(o.stats.tpf_paper for o in outs) / n,
+                forwards=forwards / n,
+                tok_s=tokens / seconds if seconds else 0.0,
+                latency=seconds / n,
+                agreement=(sum(a == b for a, b in zip(answers, reference, strict=True)) / n if reference else None),
+                branches=cfg.num_branches,
+                base=cfg.base_decoder,
+                score=cfg.branch_score if cfg.decoder == "lopa" else "",
+            )
+        )
+        if not args.json_only:
+            print(f"  {name}: {wall:.1f}s", file=sys.stderr)
+    return rows
+
+
 def format_table(rows: list[Row], header: dict) -> str:
     head = " ".join(f"{k}={v}" for k, v in header.items())
     cols = ("decoder", "settings", "acc", "tpf", "tpf_paper", "fwd/sample", "tok/s", "latency", "agree")
     lines = [f"lopa bench: {head}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
+        agree = "-" if r.agreement is None else f"{100 * r.agreement:.0f}%"
         lines.append(
             f"| {r.name} | {r.settings} | {100 * r.accuracy:.1f}% | {r.tpf:.2f} | {r.tpf_paper:.2f} | "
-            f"{r.forwards:.1f} | {r.tok_s:.0f} | {1000 * r.latency:.0f} ms | {100 * r.agreement:.0f}% |"
+            f"{r.forwards:.1f} | {r.tok_s:.0f} | {1000 * r.latency:.0f} ms | {agree} |"
         )
     return "\n".join(lines)
 

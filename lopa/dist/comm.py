@@ -1,0 +1,73 @@
+"""Collectives with a deadline: every all-gather and broadcast of branch parallelism goes through :class:`Comm`.
+
+Each collective is started asynchronously and waited on in short slices. Between slices the monitor is asked
+whether a rank died or froze, so a dead rank is reported in seconds, not at the timeout; a live rank that never
+joins is reported when ``timeout_s`` runs out. A failed collective raises :class:`~lopa.errors.DistributedError`
+naming the rank to blame (see :mod:`lopa.dist.monitor`). With NCCL the tensors travel through the rank's GPU;
+callers always pass and get CPU tensors.
+
+Used by :class:`lopa.dist.runner.BranchParallelRunner` and the request channel in :mod:`lopa.dist.worker`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lopa.dist.init import DistContext
+from lopa.dist.monitor import Monitor
+
+SLICE_S = 0.5  # how often a waiting rank looks at the heartbeats
+
+
+class Comm:
+    """Timed collectives over the default process group."""
+
+    def __init__(self, ctx: DistContext, monitor: Monitor) -> None:
+        self.ctx, self.monitor = ctx, monitor
+        self._on_gpu = ctx.backend == "nccl"
+
+    def all_gather(self, t: Tensor, stage: str) -> list[Tensor]:
+        """Every rank's ``t`` (same shape and dtype on every rank), in rank order."""
+        if self.ctx.world_size == 1:  # nothing to exchange: skip the backend's round trip
+            return [t]
+        x = self._to_dev(t)
+        out = [torch.empty_like(x) for _ in range(self.ctx.world_size)]
+        self._run(stage, lambda: dist.all_gather(out, x, async_op=True))
+        return [o.cpu() for o in out]
+
+    def broadcast(self, t: Tensor, src: int, stage: str) -> Tensor:
+        """``src``'s ``t`` on every rank (receivers pass a buffer of the right shape and dtype)."""
+        if self.ctx.world_size == 1:
+            return t
+        x = self._to_dev(t)
+        self._run(stage, lambda: dist.broadcast(x, src, async_op=True))
+        return x.cpu() if self._on_gpu else x
+
+    def _to_dev(self, t: Tensor) -> Tensor:
+        return t.to(self.ctx.device).contiguous() if self._on_gpu else t.contiguous()
+
+    def _run(self, stage: str, start: Callable[[], dist.Work | None]) -> None:
+        self.monitor.enter(stage)
+        try:
+            work = start()
+        except RuntimeError as e:  # a peer already vanished while the collective was being set up
+            raise self.monitor.failure(stage, e, wait_s=self.monitor.stale_s) from e
+        assert work is not None
+        deadline = time.monotonic() + self.ctx.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                work.wait(timeout=timedelta(seconds=max(min(SLICE_S, left), 0.001)))
+                return
+            except RuntimeError as e:
+                if work.is_completed():  # it ended with an error (a peer closed its connection): find out who
+                    raise self.monitor.failure(stage, e, wait_s=self.monitor.stale_s) from e
+                if self.monitor.unresponsive() or left <= SLICE_S:
+                    late = TimeoutError(f"no answer within {time.monotonic() - deadline + self.ctx.timeout_s:.1f} s")
+                    raise self.monitor.failure(stage, late) from None

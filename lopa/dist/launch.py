@@ -1,0 +1,249 @@
+"""Starting branch-parallel ranks: ``lopa generate --bp N`` (ranks on this machine), ``--branch-parallel`` (one
+rank of a torchrun launch), and :class:`BranchParallelGroup` / :func:`generate_bp` for tests and benchmarks.
+
+The launcher starts every rank as ``python -m lopa.dist.rank`` with torchrun's environment on 127.0.0.1 and a
+free port (or the one given), and talks to rank 0 over a socket pair; rank 0 owns each request. Any failure
+kills every rank (SIGKILL also ends a frozen one), ``close`` and interpreter exit do too, and each rank ends
+itself when the launcher disappears, so no rank outlives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from lopa.config import DecodeConfig
+from lopa.dist.faults import Fault
+from lopa.dist.init import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
+from lopa.errors import ConfigError, DistributedError, LopaError
+from lopa.llm import Prompt
+from lopa.outputs import Completion
+
+SPEC_ENV, FD_ENV = "LOPA_BP_SPEC", "LOPA_BP_FD"  # read by lopa.dist.rank
+_CLEARED_ENV = ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID")
+
+
+class BranchParallelGroup:
+    """N ranks on this machine, ready to decode; use as a context manager (or call start / close)."""
+
+    def __init__(
+        self,
+        world_size: int,
+        model_dir: str | Path | None = None,
+        *,
+        lora: str | Path | None = None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        timeout_s: float | None = None,
+        port: int | None = None,
+        threads: int = 1,
+        kv_dump_dir: str | Path | None = None,
+        startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+    ) -> None:
+        if world_size < 1:
+            raise ConfigError(f"branch parallelism needs at least 1 rank, got {world_size}")
+        self.world_size, self.timeout_s = world_size, resolve_timeout(timeout_s)
+        self.startup_timeout_s, self.port, self.threads = startup_timeout_s, port, threads
+        self.spec = {
+            "model": str(model_dir) if model_dir is not None else None,
+            "lora": str(lora) if lora is not None else None,
+            "device": device,
+            "dtype": dtype,
+            "timeout_s": self.timeout_s,
+            "startup_timeout_s": startup_timeout_s,
+            "kv_dump_dir": str(kv_dump_dir) if kv_dump_dir is not None else None,
+        }
+        self.procs: list[subprocess.Popen] = []
+        self._conn: Connection | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def start(self) -> BranchParallelGroup:
+        """Start the ranks and wait until rank 0 has loaded the model and the group is formed."""
+        port = self.port or free_port()
+        ours, theirs = socket.socketpair()
+        base_env = {k: v for k, v in os.environ.items() if k not in _CLEARED_ENV}
+        pkg_root = str(Path(__file__).resolve().parents[2])  # so the ranks import this very lopa
+        base_env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, base_env.get("PYTHONPATH")) if p)
+        atexit.register(self.kill)
+        for rank in range(self.world_size):
+            env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.world_size))
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(self.threads))
+            env[SPEC_ENV] = json.dumps(self.spec)
+            fds: tuple[int, ...] = ()
+            if rank == 0:
+                env[FD_ENV], fds = str(theirs.fileno()), (theirs.fileno(),)
+            cmd = [sys.executable, "-m", "lopa.dist.rank"]
+            self.procs.append(subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL))
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        try:
+            self._expect(self._wait_reply(self.startup_timeout_s, "starting"), "ready")
+        except BaseException:
+            self.kill()  # a rank that failed to start (bad checkpoint, ...) takes the others with it
+            raise
+        return self
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], config: DecodeConfig | None = None, raw: bool = False
+    ) -> list[Completion]:
+        """Decode on the group; same prompts and config as :meth:`lopa.LLM.generate`."""
+        return self._call("generate", prompts, (config or DecodeConfig()).validate(), raw)
+
+    def inject_fault(self, rank: int, action: str, iteration: int = 1) -> None:
+        """Make ``rank`` die / freeze / hang at ``iteration`` of the next request (failure-path testing)."""
+        if not 0 < rank < self.world_size:
+            raise ConfigError(f"fault rank must be a worker rank in [1, {self.world_size}), got {rank}")
+        self._call("fault", Fault(rank, action, iteration).to_dict())
+
+    def close(self) -> None:
+        """Stop every rank: politely if the group is healthy, by SIGKILL otherwise."""
+        try:
+            if self._conn is not None and all(p.poll() is None for p in self.procs):
+                self._call("close")
+                deadline = time.monotonic() + self.timeout_s
+                for p in self.procs:
+                    p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except (LopaError, subprocess.TimeoutExpired):
+            pass  # kill() below ends whatever is left
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL every rank still running and reap them all."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            p.wait()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        atexit.unregister(self.kill)
+
+    def __enter__(self) -> BranchParallelGroup:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- talking to rank 0 ---------------------------------------------------------------------------
+    def _call(self, kind: str, *args: Any) -> Any:
+        if self._conn is None:
+            raise DistributedError("the branch-parallel group is not running; start it (or start a new one)")
+        try:
+            self._conn.send((kind, *args))
+        except OSError as e:
+            self.kill()
+            raise DistributedError(f"rank 0 is gone ({e}); start a new group") from e
+        return self._expect(self._wait_reply(None, kind), "ok")
+
+    def _expect(self, reply: tuple[str, Any], kind: str) -> Any:
+        status, value = reply
+        if status == "error":
+            if isinstance(value, DistributedError) or self.procs[0].poll() is not None:
+                self.kill()
+            raise value
+        if status != kind:
+            self.kill()
+            raise DistributedError(f"rank 0 answered {status!r}, expected {kind!r}")
+        return value
+
+    def _wait_reply(self, limit_s: float | None, what: str) -> tuple[str, Any]:
+        """Rank 0's answer; rank 0 names a failed worker itself, so a dead worker only gets a grace period."""
+        assert self._conn is not None
+        start, worker_gone = time.monotonic(), None
+        while True:
+            try:
+                if self._conn.poll(0.1):
+                    return self._conn.recv()
+            except (EOFError, OSError):
+                pass  # rank 0 closed its end: its exit status below says why
+            codes = [p.poll() for p in self.procs]
+            if codes[0] is not None:
+                self.kill()
+                raise DistributedError(f"rank 0 exited with status {codes[0]} while {what}; see its log above")
+            gone = [r for r, c in enumerate(codes) if c is not None]
+            now = time.monotonic()
+            if gone and worker_gone is None:
+                worker_gone = now
+            late = limit_s is not None and now - start > limit_s
+            if late or (worker_gone is not None and now - worker_gone > self.timeout_s + 5):
+                self.kill()
+                who = ", ".join(f"rank {r} (status {codes[r]})" for r in gone) or "no rank exited"
+                raise DistributedError(f"branch-parallel group stopped answering while {what}: {who}")
+
+
+def generate_bp(
+    model_dir: str | Path | None,
+    prompts: Prompt | Sequence[Prompt],
+    cfg: DecodeConfig | None,
+    world_size: int,
+    **kwargs: Any,
+) -> list[Completion]:
+    """Start ``world_size`` ranks, decode ``prompts`` with ``cfg``, stop the ranks."""
+    with BranchParallelGroup(world_size, model_dir, **kwargs) as group:
+        return group.generate(prompts, cfg)
+
+
+def add_dist_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dist-timeout / --dist-port, for commands that take --bp / --branch-parallel."""
+    parser.add_argument("--dist-timeout", type=float, default=None, help="seconds before a silent rank is an error")
+    parser.add_argument("--dist-port", type=int, default=None, help="rendezvous port for --bp (default: a free one)")
+
+
+def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]) -> int:
+    """``lopa generate --bp N`` or ``--branch-parallel`` (under torchrun)."""
+    from lopa.generate_cli import emit
+
+    timeout = resolve_timeout(getattr(args, "dist_timeout", None))
+    if args.branch_parallel:
+        if args.bp:
+            raise ConfigError("use either --bp N (start the ranks here) or --branch-parallel (under torchrun)")
+        return _run_torchrun_rank(args, cfg, prompts, timeout)
+    port = getattr(args, "dist_port", None)
+    with BranchParallelGroup(
+        args.bp, args.model, lora=args.lora, device=args.device, dtype=args.dtype, timeout_s=timeout, port=port
+    ) as group:
+        for completion in group.generate(prompts, cfg, raw=args.raw):
+            emit(completion, cfg, args.json)
+    return 0
+
+
+def _run_torchrun_rank(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str], timeout: float) -> int:
+    from lopa.dist.worker import BranchParallelLLM, serve
+    from lopa.generate_cli import emit
+    from lopa.llm import LLM
+
+    try:
+        ctx = init_distributed(args.device, timeout)
+        llm = LLM(args.model, lora=args.lora, device=ctx.device, dtype=args.dtype)
+        ctx.store_barrier("loaded")
+        if not ctx.is_master:
+            serve(llm, ctx)
+            return 0
+        bp = BranchParallelLLM(llm, ctx)
+        try:
+            completions = bp.generate(prompts, cfg, raw=args.raw)
+        finally:
+            if not bp.broken:
+                bp.close()  # also after a user error on rank 0: the workers are told to stop
+        for completion in completions:
+            emit(completion, cfg, args.json, llm)
+        return 0
+    except DistributedError as e:  # leave at once: the group's threads may never finish
+        print(f"lopa generate: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)

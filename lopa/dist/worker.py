@@ -1,0 +1,168 @@
+"""Requests across ranks: rank 0 owns each request and does all I/O; the other ranks replay it.
+
+Rank 0 (:class:`BranchParallelLLM`) encodes and validates the prompts, then for each one rings a doorbell on the
+store (``req/<n>`` = message size) and broadcasts the request itself (prompt ids + DecodeConfig as JSON bytes
+in a uint8 tensor). Every worker (:func:`serve`) waits for the doorbell, receives the request and runs exactly
+the same ``LLM.generate`` call with a :class:`BranchParallelRunner`, so the engine loop, stop strings included,
+is replicated and the collectives line up. The worker's Completion is dropped; rank 0 returns its own. A
+``stop`` message ends the workers.
+
+Idle workers wait on the store, not in a collective, so they can wait for the next request as long as rank 0
+is alive (checked through its heartbeat) instead of running into the collective timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lopa.config import DecodeConfig
+from lopa.dist.comm import Comm
+from lopa.dist.faults import Fault
+from lopa.dist.init import DistContext, shutdown
+from lopa.dist.monitor import Monitor
+from lopa.dist.runner import BranchParallelRunner
+from lopa.errors import DistributedError
+from lopa.llm import LLM, Prompt
+from lopa.outputs import Completion
+
+_POLL_S = (0.001, 0.05)  # doorbell polling interval: starts short, grows while idle
+
+
+class RequestChannel:
+    """Doorbell on the store + one broadcast per message; messages are small JSON objects."""
+
+    def __init__(self, ctx: DistContext, comm: Comm) -> None:
+        self.ctx, self.comm, self.count = ctx, comm, 0
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = torch.frombuffer(bytearray(json.dumps(msg).encode()), dtype=torch.uint8)  # (bytes,)
+        self.count += 1
+        self.ctx.store.set(f"req/{self.count}", str(data.numel()))
+        self.comm.broadcast(data, 0, "request")
+
+    def receive(self) -> dict[str, Any]:
+        self.count += 1
+        key, monitor, delay = f"req/{self.count}", self.comm.monitor, _POLL_S[0]
+        monitor.stage = "idle"
+        while not self.ctx.store.check([key]):  # polling: store.wait logs a warning on every timeout
+            gone = monitor.unresponsive([0])
+            if gone or self.ctx.store.check(["failed/0"]):
+                raise monitor.failure("waiting for a request", None)
+            time.sleep(delay)
+            delay = min(delay * 2, _POLL_S[1])
+        size = int(self.ctx.store.get(key))
+        data = self.comm.broadcast(torch.empty(size, dtype=torch.uint8), 0, "request")
+        return json.loads(data.numpy().tobytes().decode())
+
+
+class BranchParallelLLM:
+    """Rank 0's side: the LLM facade with branch-parallel decoding; workers must be running :func:`serve`."""
+
+    def __init__(self, llm: LLM, ctx: DistContext, kv_dump_dir: str | Path | None = None) -> None:
+        if not ctx.is_master:
+            raise DistributedError(f"BranchParallelLLM runs on rank 0; rank {ctx.rank} must call serve()")
+        self.llm, self.ctx, self.kv_dump_dir = llm, ctx, kv_dump_dir
+        self.monitor = Monitor(ctx)
+        self.comm = Comm(ctx, self.monitor)
+        self.runner = BranchParallelRunner(llm.runner, self.comm)
+        llm.runner = self.runner  # type: ignore[assignment]  # same interface as the single-device Runner
+        self.channel = RequestChannel(ctx, self.comm)
+        self.fault: Fault | None = None  # sent with the next request only
+        self.broken = False
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], config: DecodeConfig | None = None, raw: bool = False
+    ) -> list[Completion]:
+        """Like :meth:`LLM.generate`. User errors (ConfigError, PromptTooLongError) come before any rank is
+        involved; a DistributedError leaves the group broken (``broken``), and every rank stops."""
+        cfg = (config or DecodeConfig()).validate()
+        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
+        encoded = [self.llm.encode_prompt(p, raw) for p in batch]
+        for ids in encoded:
+            self.llm.check_fits(ids, cfg)
+        return [self._one(ids, cfg) for ids in encoded]
+
+    def _one(self, ids: list[int], cfg: DecodeConfig) -> Completion:
+        if self.broken:
+            raise DistributedError("the branch-parallel group has failed earlier; start a new one")
+        fault, self.fault = self.fault, None
+        try:
+            self.channel.send({"type": "generate", "ids": ids, "config": cfg.to_dict(), "fault": _fault_dict(fault)})
+            completion = self.llm.generate(ids, cfg)[0]
+        except BaseException as e:
+            self.broken = True  # the workers are somewhere inside this request: the group cannot continue
+            if not isinstance(e, DistributedError):
+                self.monitor.report(f"rank 0 raised {type(e).__name__}: {e}")
+            raise
+        dump_kv(self.runner, self.kv_dump_dir, self.channel.count)
+        return completion
+
+    def close(self) -> None:
+        """Stop the workers and leave the group (normal path only)."""
+        if not self.broken:
+            self.channel.send({"type": "stop"})
+            _wait_acks(self.ctx, "stopped", self.ctx.world_size - 1)  # the store (ours) must outlive their exit
+        self.monitor.stop()
+        if not self.broken:
+            shutdown()
+
+
+def serve(llm: LLM, ctx: DistContext, kv_dump_dir: str | Path | None = None) -> int:
+    """A worker rank's loop: replay rank 0's requests until told to stop; returns the number served."""
+    monitor = Monitor(ctx)
+    comm = Comm(ctx, monitor)
+    runner = BranchParallelRunner(llm.runner, comm)
+    llm.runner = runner  # type: ignore[assignment]
+    channel, served = RequestChannel(ctx, comm), 0
+    try:
+        while True:
+            msg = channel.receive()
+            if msg["type"] == "stop":
+                break
+            cfg = DecodeConfig.from_dict({**msg["config"], "stop": tuple(msg["config"]["stop"])})
+            fault = msg.get("fault")
+            runner.fault = Fault(**fault) if fault and fault["rank"] == ctx.rank else None
+            llm.generate(list(msg["ids"]), cfg)
+            dump_kv(runner, kv_dump_dir, channel.count)
+            served += 1
+    except BaseException as e:
+        if not isinstance(e, DistributedError):
+            monitor.report(f"rank {ctx.rank} raised {type(e).__name__}: {e}")
+        raise
+    monitor.stop()
+    shutdown()
+    ctx.store.add("stopped", 1)  # rank 0 keeps the store up until every worker got here
+    return served
+
+
+def _wait_acks(ctx: DistContext, key: str, count: int) -> None:
+    deadline = time.monotonic() + ctx.timeout_s
+    while ctx.store.add(key, 0) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def dump_kv(runner: BranchParallelRunner, out_dir: str | Path | None, request: int) -> None:
+    """Save this rank's committed K/V after a request (for cross-rank equivalence checks)."""
+    if out_dir is None or runner.cache is None:
+        return
+    k, v = runner.committed_kv()  # each (layers, kv_heads, committed, head_dim)
+    path = Path(out_dir) / f"rank{runner.rank}-request{request}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({"k": k.contiguous().cpu(), "v": v.contiguous().cpu()}, str(tmp))
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def _fault_dict(fault: Fault | None) -> dict[str, Any] | None:
+    return fault.to_dict() if fault is not None else None
+
+
+def _is_ids(x: object) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
