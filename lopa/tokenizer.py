@@ -24,7 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from lopa.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from lopa.model.config import ModelConfig
+from lopa.model.config import ModelConfig, read_json
 
 MASK_TOKEN = "<|mask|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -77,8 +77,8 @@ class Tokenizer:
             hf_tok = _HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
             raise CorruptCheckpointError(f"{tok_file} cannot be parsed ({e}); re-save or re-download it.") from e
-        tok_cfg = _read_json(path / "tokenizer_config.json")
-        tok_cfg = {**_read_json(path / "special_tokens_map.json"), **tok_cfg}
+        tok_cfg = read_json(path / "tokenizer_config.json")
+        tok_cfg = {**read_json(path / "special_tokens_map.json"), **tok_cfg}
         gen = generation_config or {}
         strings = {f: _token_string(tok_cfg.get(f"{f}_token")) for f in _SPECIAL_FIELDS}
         ids: dict[str, int | None] = {}
@@ -193,19 +193,6 @@ def _chat_template(path: Path, tok_cfg: dict[str, Any]) -> str | None:
         return tpl
     jinja_file = path / "chat_template.jinja"
     return jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """Parsed JSON object, or {} when the (optional) file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"{path} is not valid JSON ({e}); fix or re-download it.") from e
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{path} must hold a JSON object.")
-    return data
 
 
 def _token_string(v: Any) -> str | None:

@@ -50,15 +50,7 @@ def plot_tpf_vs_branches(rows: list[dict[str, Any]], path: Path) -> Path:
     for r in rows:
         if r["decoder"] != "lopa":  # baselines: one horizontal reference line each
             ax.axhline(r["tpf"], linestyle="--", linewidth=1, alpha=0.7, label=f"{r['decoder']}, tau={r['threshold']}")
-    ax.set_xlabel("lookahead branches k")
-    ax.set_ylabel("tokens per forward (TPF)")
-    ax.set_title("TPF vs branches")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, "lookahead branches k", "tokens per forward (TPF)", "TPF vs branches")
 
 
 def plot_score_vs_throughput(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -74,9 +66,14 @@ def plot_score_vs_throughput(rows: list[dict[str, Any]], path: Path) -> Path:
     line = sorted(points[i] for i in front)
     ax.plot([x for x, _ in line], [y for _, y in line], color="black", linewidth=1, label="Pareto front")
     ax.scatter([x for x, _ in line], [y for _, y in line], facecolors="none", edgecolors="black", s=90)
-    ax.set_xlabel("tokens per second (aggregate)")
-    ax.set_ylabel("score")
-    ax.set_title("score vs throughput")
+    return _save(plt, fig, ax, path, "tokens per second (aggregate)", "score", "score vs throughput")
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid and legend the axes, then write the PNG and free the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

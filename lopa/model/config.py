@@ -7,10 +7,12 @@ decoders need them; they come from the checkpoint (config / generation_config / 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from lopa.errors import CorruptCheckpointError, UnsupportedModelError
+from lopa.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("Dream", "dream", "qwen2", "Qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -133,3 +135,18 @@ def _first_int(v: Any) -> int | None:
     if isinstance(v, list):
         return int(v[0]) if v else None
     return _int_or_none(v)
+
+
+def read_json(path: Path, required: bool = False) -> dict[str, Any]:
+    """A checkpoint's JSON object file; {} when an optional file is absent; named errors otherwise."""
+    if not path.is_file():
+        if required:
+            raise CheckpointNotFoundError(f"{path} does not exist; a checkpoint directory needs it.")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{path} is not valid JSON ({e}); fix or re-download it.") from e
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path} must hold a JSON object.")
+    return data

@@ -27,7 +27,7 @@ from lopa.errors import (
     TensorMismatchError,
     UnsafeWeightsError,
 )
-from lopa.model.config import ModelConfig
+from lopa.model.config import ModelConfig, read_json
 from lopa.model.dream import DreamModel
 from lopa.model.layers import Rotary
 from lopa.model.lora import linear_weight_shapes, plan_lora
@@ -95,9 +95,9 @@ def load_checkpoint(
             f"checkpoint directory {path} does not exist; pass a local directory holding config.json and "
             f"*.safetensors (models cannot be downloaded by name)."
         )
-    raw = _read_json(path / "config.json", required=True)
+    raw = read_json(path / "config.json", required=True)
     config = ModelConfig.from_hf_dict(raw, source=str(path / "config.json"))
-    generation_config = _read_json(path / "generation_config.json", required=False)
+    generation_config = read_json(path / "generation_config.json", required=False)
     tokenizer = Tokenizer.from_dir(path, config, generation_config)
     config = replace(
         config,
@@ -122,7 +122,7 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint, from the shard index when there is one."""
     index = path / INDEX_FILE
     if index.is_file():
-        data = _read_json(index, required=True)
+        data = read_json(index, required=True)
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index} has no 'weight_map'; re-save the checkpoint.")
@@ -260,17 +260,3 @@ def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Te
         shards[-1][key] = t
         size += nbytes
     return shards
-
-
-def _read_json(path: Path, required: bool) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise CheckpointNotFoundError(f"{path} does not exist; a checkpoint directory needs it.")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"{path} is not valid JSON ({e}); fix or re-download it.") from e
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{path} must hold a JSON object.")
-    return data
