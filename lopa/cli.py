@@ -54,8 +54,31 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=None, choices=_CHOICES.get(f.name), help=help_text)
 
 
+def checkpoint_decode_defaults(model_dir: str | None) -> DecodeConfig:
+    """The decoding defaults for a checkpoint (the bundled one when None): see DecodeConfig.recommended."""
+    from pathlib import Path
+
+    from lopa.model.config import read_json
+
+    if model_dir is None:
+        from lopa.tiny import default_checkpoint_dir
+
+        path = default_checkpoint_dir()
+    else:
+        path = Path(model_dir)
+    try:
+        return DecodeConfig.recommended(read_json(path / "generation_config.json"))
+    except LopaError:  # a broken file is reported by the loader, with the full story
+        return DecodeConfig()
+
+
 def decode_config_from_args(args: argparse.Namespace, base: DecodeConfig | None = None) -> DecodeConfig:
-    """DecodeConfig from parsed flags: only flags the user gave override ``base`` (or the defaults)."""
+    """DecodeConfig from parsed flags: only flags the user gave override ``base``.
+
+    Without ``base``: the defaults of the checkpoint named by ``--model`` (engine defaults + its recommendations).
+    """
+    if base is None:
+        base = checkpoint_decode_defaults(getattr(args, "model", None))
     given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(DecodeConfig)
@@ -63,7 +86,7 @@ def decode_config_from_args(args: argparse.Namespace, base: DecodeConfig | None 
     }
     if "stop" in given:
         given["stop"] = tuple(given["stop"])
-    return (base or DecodeConfig()).replace(**given).validate()
+    return base.replace(**given).validate()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

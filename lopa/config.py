@@ -24,6 +24,18 @@ BASES: tuple[str, ...] = ("threshold", "d2f")
 CONFIDENCES: tuple[str, ...] = ("maxprob", "margin", "neg_entropy")
 ORDERS: tuple[str, ...] = ("maskgit_plus", "topk_margin", "entropy")
 BRANCH_SCORES: tuple[str, ...] = ("mean", "shared")
+# decoding settings a checkpoint's generation_config.json may recommend (they replace the engine defaults)
+RECOMMENDABLE: tuple[str, ...] = (
+    "decoder",
+    "base",
+    "branches",
+    "block_size",
+    "max_new_tokens",
+    "threshold",
+    "tau_add",
+    "tau_act",
+    "confidence",
+)
 
 HELP: dict[str, str] = {
     "decoder": "decoding algorithm: vanilla | threshold | d2f | lopa",
@@ -138,6 +150,19 @@ class DecodeConfig:
         if unknown:
             raise ConfigError(f"unknown decoding parameter(s) {unknown}; known: {sorted(names)}")
         return cls(**d).validate()
+
+    @classmethod
+    def recommended(cls, generation_config: dict[str, Any]) -> DecodeConfig:
+        """Engine defaults overridden by the decoding settings a checkpoint recommends.
+
+        Only the keys in RECOMMENDABLE are read from ``generation_config.json`` (sampling settings there are
+        ignored: decoding stays greedy unless asked). A recommendation that does not validate is ignored whole.
+        """
+        picked = {k: generation_config[k] for k in RECOMMENDABLE if k in generation_config}
+        try:
+            return cls(**picked).validate()
+        except (ConfigError, TypeError):
+            return cls()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -64,6 +64,7 @@ class LLM:
         self.max_context = self.config.max_position_embeddings
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
+        self.default_config = DecodeConfig.recommended(self.checkpoint.generation_config)
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
 
     # ---- prompts -------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class LLM:
         progress: bool = False,
     ) -> list[Completion]:
         """Decode each prompt (a string, a list of token ids, or a list of those)."""
-        cfg = (config or DecodeConfig()).validate()
+        cfg = (config or self.default_config).validate()
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
         encoded = [self.encode_prompt(p, raw) for p in batch]  # validate every prompt before decoding any
         for ids in encoded:
@@ -120,7 +121,7 @@ class LLM:
 
     def chat(self, messages: Messages, config: DecodeConfig | None = None) -> Completion:
         """Decode the assistant's reply to OpenAI-style messages."""
-        cfg = (config or DecodeConfig()).validate()
+        cfg = (config or self.default_config).validate()
         ids = self.encode_prompt(messages)
         self.check_fits(ids, cfg)
         return self._complete(ids, cfg)
@@ -129,7 +130,7 @@ class LLM:
         self, prompt: Prompt | Messages, config: DecodeConfig | None = None, raw: bool = False
     ) -> Iterator[StreamEvent]:
         """Yield final text after every forward; the last event carries the Completion."""
-        cfg = (config or DecodeConfig()).validate()
+        cfg = (config or self.default_config).validate()
         ids = self.encode_prompt(prompt, raw)
         self.check_fits(ids, cfg)
         shown_text, shown_ids = "", 0

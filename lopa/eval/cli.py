@@ -56,7 +56,7 @@ def task_config(task: Task, llm: Any, args: argparse.Namespace) -> DecodeConfig:
     block = getattr(args, "block_size", None) or defaults.get("block_size", DecodeConfig.block_size)
     if getattr(args, "max_new_tokens", None) is None and "max_new_tokens" in defaults:
         defaults["max_new_tokens"] = -(-defaults["max_new_tokens"] // block) * block  # a multiple of the block
-    return decode_config_from_args(args, DecodeConfig().replace(**defaults))
+    return decode_config_from_args(args, getattr(llm, "default_config", DecodeConfig()).replace(**defaults))
 
 
 def run_meta(args: argparse.Namespace) -> dict[str, Any]:

@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--json-only", action="store_true", help="print only the JSON line")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: the tiny model gains nothing from more)"
+    )
     p.add_argument("--bp", type=int, default=0, metavar="N", help="decode with N branch-parallel ranks")
     add_dist_arguments(p)
 
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from lopa.errors import ConfigError
     from lopa.tiny.task import fixed_set
 
+    torch.set_num_threads(max(1, args.threads))
     llm = load_llm(args)
     gen = llm.checkpoint.generation_config
     block = args.block_size or int(gen.get("block_size", 8))

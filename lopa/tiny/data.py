@@ -10,15 +10,19 @@ is what the block decoders do at inference: a committed block sees only what pre
 block sees the cache and itself; later blocks do not exist yet.
 
 Noise: each answer block gets a mask ratio, never decreasing along the answer (D2F); a position is masked with
-its block's probability. Half the rows imitate threshold decoding exactly (clean blocks, one partly masked active
-block, all-mask later blocks), the other half use sorted uniform ratios. The loss (Dream's shifted logits: the
-output at ``i - 1`` predicts token ``i``) covers masked answer positions, including the end/pad tail after the
-answer so the model learns to emit the end token and then pad.
+its block's probability. Half the rows imitate threshold decoding (clean blocks, one active block, all-mask later
+blocks), the other half use sorted uniform ratios. In half of the threshold-like rows the active block is still
+all-mask and the block before it may see it: that is the engine's forward that commits a block together with the
+next, fresh one (full attention inside the window), whose logits start the fresh block. Without it the engine
+lost 11 points of accuracy against this module's own block-causal decoding (88.7% vs 100% on the test split).
+The loss (Dream's shifted logits: the output at ``i - 1`` predicts token ``i``) covers masked answer positions,
+including the end/pad tail after the answer so the model learns to emit the end token and then pad.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +51,7 @@ class Layout:
 
 
 def encode_rows(
-    problems: list[Problem], encode: callable, layout: Layout, with_answer: bool = True
+    problems: list[Problem], encode: Callable[[str], list[int]], layout: Layout, with_answer: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Left-padded rows for ``problems``.
 
@@ -91,40 +95,67 @@ def block_causal_mask(valid: Tensor, layout: Layout) -> Tensor:
     return mask | eye[None]  # a pad query with no visible key would make softmax NaN
 
 
-def block_ratios(rows: int, num_blocks: int, gen: torch.Generator) -> Tensor:
-    """(rows, num_blocks) mask ratios, non-decreasing along the answer in every row."""
+def block_ratios(rows: int, num_blocks: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Mask ratios (rows, num_blocks), non-decreasing along the answer in every row, and the fresh block (rows,).
+
+    ``fresh[r]`` is the 0-based index of an all-mask active block whose predecessor may see it (-1: none).
+    """
     sorted_uniform = torch.sort(torch.rand(rows, num_blocks, generator=gen), dim=1).values
     active = torch.randint(0, num_blocks, (rows, 1), generator=gen)  # (rows, 1)
     idx = torch.arange(num_blocks)[None]  # (1, num_blocks)
-    partial = torch.rand(rows, 1, generator=gen).clamp_min(0.05)
+    is_fresh = torch.rand(rows, 1, generator=gen) < 0.5
+    partial = torch.where(is_fresh, 1.0, torch.rand(rows, 1, generator=gen).clamp_min(0.05))
     threshold_like = torch.where(idx < active, 0.0, torch.where(idx == active, partial, 1.0))
     use_threshold = torch.rand(rows, 1, generator=gen) < 0.5
-    return torch.where(use_threshold, threshold_like, sorted_uniform)
+    fresh = torch.where(use_threshold & is_fresh, active, -1).squeeze(1)  # (rows,)
+    return torch.where(use_threshold, threshold_like, sorted_uniform), fresh
 
 
-def noise(ids: Tensor, layout: Layout, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Mask answer positions by block ratio. Returns noisy ids (rows, L) and the loss mask (rows, L) bool."""
+def open_fresh_blocks(mask: Tensor, valid: Tensor, fresh: Tensor, layout: Layout) -> Tensor:
+    """Let the block before each row's fresh block see it, as in the engine's window (ready + active block).
+
+    At inference a block is committed by the forward that also runs the next, still all-mask, block with full
+    attention inside the window; that forward also gives the logit for the next block's first position.
+    mask: (rows, L, L); valid: (rows, L); fresh: (rows,) 0-based answer block index or -1.
+    """
+    blocks = block_ids(layout, mask.device)  # (L,): 0 = prompt, b = answer block b (1-based)
+    before = blocks[None, :] == fresh[:, None]  # (rows, L) queries: the block before the fresh one
+    after = blocks[None, :] == fresh[:, None] + 1  # (rows, L) keys: the fresh block
+    return mask | (before[:, :, None] & (after & valid)[:, None, :])
+
+
+def noise(ids: Tensor, layout: Layout, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask answer positions by block ratio.
+
+    Returns noisy ids (rows, L), the loss mask (rows, L) bool and the fresh block per row (rows,), see
+    :func:`block_ratios`.
+    """
     rows = ids.shape[0]
-    ratios = block_ratios(rows, layout.num_blocks, gen)  # (rows, blocks)
+    ratios, fresh = block_ratios(rows, layout.num_blocks, gen)  # (rows, blocks), (rows,)
     per_pos = ratios.repeat_interleave(layout.block_size, dim=1)  # (rows, answer_len)
     masked = torch.rand(rows, layout.answer_len, generator=gen) < per_pos  # (rows, answer_len)
     loss_mask = torch.zeros_like(ids, dtype=torch.bool)
     loss_mask[:, layout.max_prompt :] = masked
     noisy = torch.where(loss_mask, torch.full_like(ids, layout.mask_id), ids)
-    return noisy, loss_mask
+    return noisy, loss_mask, fresh
 
 
 def training_batch(
-    rng: random.Random, gen: torch.Generator, sampler: callable, encode: callable, layout: Layout, rows: int
+    rng: random.Random,
+    gen: torch.Generator,
+    sampler: Callable[[random.Random], Problem],
+    encode: Callable[[str], list[int]],
+    layout: Layout,
+    rows: int,
 ) -> dict[str, Tensor]:
     """One noised batch: ids, positions, attn_mask, targets and loss mask (all on CPU)."""
     problems = [sampler(rng) for _ in range(rows)]
     clean, positions, valid = encode_rows(problems, encode, layout)
-    noisy, loss_mask = noise(clean, layout, gen)
+    noisy, loss_mask, fresh = noise(clean, layout, gen)
     return {
         "ids": noisy,  # (rows, L)
         "positions": positions,  # (rows, L)
-        "attn_mask": block_causal_mask(valid, layout),  # (rows, L, L)
+        "attn_mask": open_fresh_blocks(block_causal_mask(valid, layout), valid, fresh, layout),  # (rows, L, L)
         "targets": clean,  # (rows, L)
         "loss_mask": loss_mask,  # (rows, L)
     }

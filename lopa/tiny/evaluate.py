@@ -3,9 +3,10 @@
 This is a small reference loop, independent of the engine: full-row forwards (no KV cache) under the same
 block-causal layout as training, one block at a time; every masked position of the active block whose
 probability exceeds ``threshold`` is filled, else the single most confident one (ties: lower position). The mask
-token is never a candidate. With the block-causal layout a committed block never sees later blocks, so this
-matches cached threshold decoding up to floating-point noise. Called by ``lopa.tiny.train`` (validation score
-at every save) and the tests.
+token is never a candidate. It differs from the engine's cached threshold decoder in one way: the engine
+commits a block in the forward that also runs the next, still all-mask block (full attention inside the window),
+so the engine's numbers are the ones to report; this loop tracks training progress. Called by
+``lopa.tiny.train`` (validation score at every save) and the tests.
 """
 
 from __future__ import annotations
@@ -85,4 +86,3 @@ def score(
     model.train(was_training)
     n = max(len(problems), 1)
     return {"accuracy": correct / n, "chain_exact": exact / n, "tpf": tokens / max(forwards, 1), "n": len(problems)}
-

@@ -1,16 +1,21 @@
 """The tiny model's task: short grade-school word problems with a chain of thought and a ``#### N`` answer.
 
-A problem starts with a quantity and applies 1 to 3 operations, each stated by one sentence of the question::
+A problem starts with a quantity and applies 1 or 2 operations, each stated by one sentence of the question.
+The chain of thought *counts on* (or back) from the current quantity, one number per unit, the way children
+add small numbers::
 
-    Q: Kim has 60 eggs. She buys 12 more. She then halves them. How many eggs does Kim have now? A:
-    60 + 12 = 72. 72 / 2 = 36. #### 36
+    Q: Kim has 48 eggs. She buys 3 more. She then eats 2. How many eggs does Kim have now? A:
+    48 + 3 = 49 50 51. 51 - 2 = 50 49. #### 49
 
-Design choices, made so that a ~2M-parameter model can learn the task on a CPU:
+Design choices, made so that a ~1M-parameter model learns the task in well under an hour of CPU training
+(measured; see the model card):
 
-- every number stays in ``0..MAX_VALUE`` and is one token, so copying a number is copying one token and the
-  arithmetic is a small table (about 4k facts) instead of character-level carries;
-- every operation sentence is exactly five tokens, so the j-th equation reads the j-th sentence at a fixed offset;
-- one equation per sentence, in question order, so the chain never reorders anything.
+- every number is one token, so copying a number is copying one token;
+- each chain step is a successor or predecessor of the previous number: one small table (about 180 facts) that
+  every step of every problem trains. Two earlier designs failed on the arithmetic, not the format: whole-number
+  results (a table of ~1.6k sums) reached 29% correct results after 3.5k steps, and digit tokens with carries
+  left the units digit at chance (10%) after 2k steps;
+- every operation sentence is exactly five tokens, so the j-th equation reads the j-th sentence at a fixed offset.
 
 Splits are fixed and disjoint by construction: a problem belongs to the split chosen by a stable hash of its
 question text (:func:`split_of`); the samplers reject problems of other splits. The test and validation sets are
@@ -29,10 +34,10 @@ from typing import Literal
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 
-MAX_VALUE = 99  # every number in a question, chain or answer is in 0..MAX_VALUE
-MIN_START, MAX_START = 10, 99
-MIN_OPERAND, MAX_OPERAND = 2, 20
-MAX_OPS = 3
+MIN_VALUE, MAX_VALUE = 10, 99  # every quantity in a question, chain or answer
+MIN_START, MAX_START = MIN_VALUE, MAX_VALUE
+MIN_OPERAND, MAX_OPERAND = 2, 5  # at most five counting steps per operation
+MAX_OPS = 2
 
 NAMES: dict[str, str] = {
     "Kim": "She",
@@ -65,13 +70,6 @@ ITEMS: tuple[str, ...] = (
 # operation -> sentence templates; each renders to exactly five tokens: pronoun, two words, number or word, "."
 ADD_SENTENCES = ("{p} buys {n} more.", "{p} finds {n} more.", "{p} gets {n} more.")
 SUB_SENTENCES = ("{p} gives away {n}.", "{p} then eats {n}.", "{p} then sells {n}.", "{p} then loses {n}.")
-# fixed-factor operations are stated in words, so the model maps a word to its number
-FACTOR_SENTENCES: dict[str, tuple[str, int, str]] = {
-    "double": ("*", 2, "{p} then doubles them."),
-    "triple": ("*", 3, "{p} then triples them."),
-    "halve": ("/", 2, "{p} then halves them."),
-    "third": ("/", 3, "{p} keeps one third."),
-}
 # split buckets of the question hash (out of 100): the rest is train
 _BUCKETS: dict[Split, range] = {"test": range(0, 3), "validation": range(3, 6)}
 _ANSWER_RE = re.compile(r"####\s*(-?\d+)")
@@ -108,22 +106,14 @@ def split_of(question: str) -> Split:
 
 def _operation(rng: random.Random, value: int) -> tuple[str, int, int, str] | None:
     """A random operation valid for ``value``: (symbol, operand, result, sentence template) or None."""
-    kind = rng.choice(("add", "sub", "factor"))
-    if kind == "add":
-        n = rng.randint(MIN_OPERAND, MAX_OPERAND)
+    n = rng.randint(MIN_OPERAND, MAX_OPERAND)
+    if rng.random() < 0.5:
         if value + n > MAX_VALUE:
             return None
         return "+", n, value + n, rng.choice(ADD_SENTENCES).replace("{n}", str(n))
-    if kind == "sub":
-        n = rng.randint(MIN_OPERAND, MAX_OPERAND)
-        if n > value:
-            return None
-        return "-", n, value - n, rng.choice(SUB_SENTENCES).replace("{n}", str(n))
-    symbol, n, template = FACTOR_SENTENCES[rng.choice(tuple(FACTOR_SENTENCES))]
-    result = value * n if symbol == "*" else value // n
-    if result > MAX_VALUE or (symbol == "/" and value % n):
+    if value - n < MIN_VALUE:
         return None
-    return symbol, n, result, template
+    return "-", n, value - n, rng.choice(SUB_SENTENCES).replace("{n}", str(n))
 
 
 def generate(rng: random.Random, num_ops: int | None = None) -> Problem:
@@ -144,7 +134,9 @@ def generate(rng: random.Random, num_ops: int | None = None) -> Problem:
                 break
             symbol, n, result, template = op
             sentences.append(template.replace("{p}", pronoun))
-            steps.append(f"{value} {symbol} {n} = {result}.")
+            unit = 1 if symbol == "+" else -1
+            counted = " ".join(str(value + unit * k) for k in range(1, n + 1))  # counting on (or back)
+            steps.append(f"{value} {symbol} {n} = {counted}.")
             value = result
         if len(steps) == ops:
             break

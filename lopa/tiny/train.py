@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lopa.errors import ConfigError
@@ -39,25 +40,26 @@ STATE_DIR = "train_state"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory: checkpoint + resumable training state")
-    p.add_argument("--steps", type=int, default=12000, help="total optimizer steps (default: 12000)")
-    p.add_argument("--batch", type=int, default=64, help="problems per step (default: 64)")
+    p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default: 4000)")
+    p.add_argument("--until", type=int, default=0, help="stop after this step for now; rerun to resume (0 = --steps)")
+    p.add_argument("--batch", type=int, default=32, help="problems per step (default: 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
-    p.add_argument("--warmup", type=int, default=300, help="linear warm-up steps (default: 300)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default: 200)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
-    p.add_argument("--hidden", type=int, default=192, help="hidden size (default: 192)")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size (default: 128)")
     p.add_argument("--layers", type=int, default=4, help="transformer layers (default: 4)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
     p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default: 4)")
-    p.add_argument("--intermediate", type=int, default=512, help="MLP inner size (default: 512)")
+    p.add_argument("--intermediate", type=int, default=384, help="MLP inner size (default: 384)")
     p.add_argument("--block-size", type=int, default=8, help="positions per answer block (default: 8)")
     p.add_argument("--num-blocks", type=int, default=3, help="answer blocks per row (default: 3)")
-    p.add_argument("--max-prompt", type=int, default=32, help="prompt room in tokens (default: 32)")
+    p.add_argument("--max-prompt", type=int, default=27, help="prompt room in tokens (default: 27)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--save-every", type=int, default=250, help="write checkpoint + state every N steps")
-    p.add_argument("--eval-every", type=int, default=1000, help="validation accuracy every N steps (0 = off)")
-    p.add_argument("--eval-n", type=int, default=300, help="validation problems per evaluation (default: 300)")
+    p.add_argument("--eval-every", type=int, default=500, help="validation accuracy every N steps (0 = off)")
+    p.add_argument("--eval-n", type=int, default=200, help="validation problems per evaluation (default: 200)")
     p.add_argument("--test-n", type=int, default=600, help="test problems scored at the end (0 = skip)")
 
 
@@ -121,7 +123,7 @@ def load_state(model: DreamModel, opt: torch.optim.Optimizer, out: Path, args: a
     return meta
 
 
-def write_checkpoint(model: DreamModel, tok, layout: Layout, out: Path) -> None:
+def write_checkpoint(model: DreamModel, tok: Tokenizer, layout: Layout, out: Path) -> None:
     """The Dream-format checkpoint directory (what users and ``--model`` load)."""
     gen = {
         **special_ids(tok),
@@ -170,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=args.steps, initial=meta["step"], desc="train", dynamic_ncols=True)
     loss_ema, window_t, window_tok = None, time.perf_counter(), 0
     model.train()
-    while meta["step"] < args.steps:
+    stop = min(args.until, args.steps) if args.until else args.steps
+    while meta["step"] < stop:
         step = meta["step"]
         t0 = time.perf_counter()
         rng = random.Random(args.seed * 1_000_003 + step)  # batches are a pure function of (seed, step)
@@ -205,13 +208,17 @@ def run(args: argparse.Namespace) -> int:
         if args.eval_every and meta["step"] % args.eval_every == 0:
             record["validation"] = score(model, validation, encode, decode, layout)
             bar.write(f"step {meta['step']}: validation {record['validation']}")
-        if meta["step"] % args.save_every == 0 or meta["step"] == args.steps:
+        if meta["step"] % args.save_every == 0 or meta["step"] == stop:
             save_state(model, opt, meta, out)
             write_checkpoint(model, tok, layout, out)
         if meta["step"] % 20 == 0 or "validation" in record:
             log.write(json.dumps(record) + "\n")
             log.flush()
     bar.close()
+    log.close()
+    if meta["step"] < args.steps:
+        print(f"stopped at step {meta['step']}/{args.steps}; rerun the same command to resume")
+        return 0
     if args.test_n:
         result = score(model, task.fixed_set("test", args.test_n), encode, decode, layout)
         meta["test"] = result

@@ -3,7 +3,7 @@
 Built with the ``tokenizers`` library as a WordLevel model behind the ``Whitespace`` pre-tokenizer (words and
 runs of punctuation become separate tokens, so ``"eggs."`` is ``eggs`` ``.``), and saved as ``tokenizer.json``
 so the normal loader reads it like any Hugging Face tokenizer. Decoding re-joins tokens with spaces and removes
-the space before ``. , ? !``. Numbers are single tokens because copying and combining whole numbers is what the
+the space before ``. , ? ! :``. Numbers are single tokens because copying and combining whole numbers is what the
 task needs; a multi-token number was the blocker of an earlier character-level attempt.
 
 Special tokens (ids fixed by their order here): ``<|endoftext|>`` is both the end token and the pad token (as
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from lopa.tiny.task import ADD_SENTENCES, FACTOR_SENTENCES, ITEMS, NAMES, SUB_SENTENCES
+from lopa.tiny.task import ADD_SENTENCES, ITEMS, NAMES, SUB_SENTENCES
 
 END_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
@@ -25,13 +25,13 @@ UNK_TOKEN = "<unk>"
 SPECIAL_TOKENS = (END_TOKEN, MASK_TOKEN, UNK_TOKEN)
 MAX_NUMBER_TOKEN = 199
 
-_PROMPT_WORDS = "Q : A : has . How many does have now ? ####".split()
+_PROMPT_WORDS = ["Q", ":", "A", ":", "has", ".", "How", "many", "does", "have", "now", "?", "####"]
 _CHAIN_SYMBOLS = ["+", "-", "*", "/", "=", ","]
 
 
 def _words() -> list[str]:
     """Every non-number, non-special token the task can produce, in a fixed order (ids must be stable)."""
-    templates = list(ADD_SENTENCES) + list(SUB_SENTENCES) + [t for _, _, t in FACTOR_SENTENCES.values()]
+    templates = list(ADD_SENTENCES) + list(SUB_SENTENCES)
     pieces = " ".join(templates).replace("{p}", "").replace("{n}", "").replace(".", " . ").split()
     ordered = _PROMPT_WORDS + _CHAIN_SYMBOLS + sorted(set(NAMES.values())) + list(NAMES) + list(ITEMS) + pieces
     seen: dict[str, None] = {}
@@ -50,8 +50,11 @@ def build_tokenizer() -> Tokenizer:
     """The WordLevel tokenizer of the tiny model (deterministic: same vocabulary and ids on every call)."""
     tok = Tokenizer(models.WordLevel(vocab=build_vocab(), unk_token=UNK_TOKEN))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    # WordPiece's decoder joins with spaces and cleans " ." -> "."; its prefix never occurs in this vocabulary
-    tok.decoder = decoders.WordPiece(prefix="\u2581\u2581", cleanup=True)
+    # WordPiece's decoder joins with spaces and cleans " ." -> "." (its prefix never occurs in this vocabulary);
+    # the Replace step does the same for ":" so that "Q:" and "A:" read back as typed
+    tok.decoder = decoders.Sequence(
+        [decoders.WordPiece(prefix="\u2581\u2581", cleanup=True), decoders.Replace(" :", ":")]
+    )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 

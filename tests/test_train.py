@@ -1,0 +1,108 @@
+"""``lopa train`` on a micro configuration: the D2F layout and noise, loss decrease, resume, loadable output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lopa.cli import main
+from lopa.model.loader import load_checkpoint
+from lopa.tiny import task
+from lopa.tiny.data import Layout, block_causal_mask, block_ratios, encode_rows, noise, open_fresh_blocks
+from lopa.tiny.evaluate import greedy_decode
+from lopa.tiny.vocab import build_tokenizer, special_ids
+
+MICRO = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "64"]
+MICRO += ["--batch", "8", "--warmup", "5", "--lr", "3e-3", "--threads", "1", "--eval-every", "0", "--test-n", "0"]
+
+
+def _layout() -> tuple[Layout, object]:
+    tok = build_tokenizer()
+    ids = special_ids(tok)
+    return Layout(27, 8, 3, ids["eos_token_id"], ids["mask_token_id"]), tok
+
+
+def test_block_causal_layout_and_monotone_block_noise() -> None:
+    layout, tok = _layout()
+    problems = task.fixed_set("validation", 6)
+    clean, positions, valid = encode_rows(problems, lambda t: tok.encode(t).ids, layout)
+    mask = block_causal_mask(valid, layout)  # (rows, L, L)
+    p, b = layout.max_prompt, layout.block_size
+    for r in range(len(problems)):
+        first = int((~valid[r]).sum())  # first real prompt token
+        assert positions[r, first] == 0 and positions[r, -1] == layout.length - 1 - first
+        assert not mask[r, first:, :first].any()  # real tokens never see left padding
+        assert mask[r, :first, :first].diagonal().all()  # every query sees some key (no NaN softmax rows)
+        assert mask[r, first:p, first:p].all() and not mask[r, first:p, p:].any()  # prompt sees only itself
+        assert mask[r, p : p + b, first : p + b].all() and not mask[r, p : p + b, p + b :].any()  # block 1
+        assert mask[r, p + b : p + 2 * b, first : p + 2 * b].all()  # block 2 sees the prompt, block 1 and itself
+        assert not mask[r, p + b : p + 2 * b, p + 2 * b :].any() and mask[r, p + 2 * b :, first:].all()
+        answer = clean[r, p:].tolist()
+        assert tok.decode(answer[: answer.index(layout.end_id)]) == problems[r].target
+        assert set(answer[answer.index(layout.end_id) :]) == {layout.end_id}  # end, then pad (same id)
+    ratios, fresh = block_ratios(4000, 3, torch.Generator().manual_seed(0))  # (rows, blocks), (rows,)
+    assert (ratios[:, 1:] >= ratios[:, :-1]).all()
+    assert (ratios[:, 0] == 0).any() and (ratios[:, -1] == 1).any()  # the threshold-like rows are there
+    rows = torch.arange(4000)
+    has_fresh = fresh >= 0
+    assert 0 < has_fresh.sum() < 4000 and (ratios[rows[has_fresh], fresh[has_fresh]] == 1).all()
+    noisy, loss_mask, _ = noise(clean, layout, torch.Generator().manual_seed(1))
+    assert not loss_mask[:, :p].any() and noisy[:, :p].equal(clean[:, :p])
+    assert (noisy[loss_mask] == layout.mask_id).all() and noisy[~loss_mask].equal(clean[~loss_mask])
+
+
+def test_fresh_block_is_visible_only_to_the_block_before_it() -> None:
+    layout, tok = _layout()
+    clean, _, valid = encode_rows(task.fixed_set("validation", 3), lambda t: tok.encode(t).ids, layout)
+    base = block_causal_mask(valid, layout)
+    opened = open_fresh_blocks(base, valid, torch.tensor([-1, 0, 1]), layout)  # (rows, L, L)
+    p, b = layout.max_prompt, layout.block_size
+    assert opened[0].equal(base[0])
+    first = int((~valid[1]).sum())
+    assert opened[1, first:p, p : p + b].all()  # the prompt sees fresh block 1 (the engine's first forward)
+    assert opened[2, p : p + b, p + b : p + 2 * b].all()  # block 1 sees fresh block 2
+    extra = opened & ~base
+    assert extra[1, :, :p].sum() == 0 and extra[1, :, p + b :].sum() == 0  # nothing else is opened
+    assert not opened[1, first:, :first].any()  # padding stays invisible
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_train_decreases_loss_resumes_exactly_and_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["train", "--steps", "40", "--save-every", "10", *MICRO]
+    assert main([*common, "--out", str(straight)]) == 0
+    losses = [r["loss"] for r in _log(straight)]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+    assert main([*common, "--out", str(resumed), "--until", "25"]) == 0
+    state = json.loads((resumed / "train_state" / "state.json").read_text())
+    assert state["step"] == 25
+    assert main([*common, "--out", str(resumed)]) == 0  # the same command continues from step 25
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    ckpt = load_checkpoint(straight)
+    layout, tok = _layout()
+    assert ckpt.config.mask_token_id == layout.mask_id and ckpt.config.eos_token_id == layout.end_id
+    assert ckpt.generation_config["block_size"] == 8
+    assert sum(p.numel() for p in ckpt.model.parameters()) > 0
+    outs, forwards = greedy_decode(ckpt.model, task.fixed_set("test", 3), lambda t: tok.encode(t).ids, layout, 0.9)
+    assert all(1 <= len(o) <= layout.answer_len and layout.mask_id not in o for o in outs)
+    assert all(1 <= f <= layout.answer_len for f in forwards)
+
+
+def test_resume_refuses_a_different_architecture(tmp_path: Path) -> None:
+    out = str(tmp_path / "run")
+    assert main(["train", "--steps", "2", "--save-every", "1", "--out", out, *MICRO]) == 0
+    changed = [*MICRO]
+    changed[changed.index("--hidden") + 1] = "64"
+    assert main(["train", "--steps", "4", "--out", out, *changed]) == 2  # ConfigError -> exit code 2
