@@ -25,6 +25,7 @@ from lopa.model.loader import load_checkpoint
 from lopa.outputs import Completion, Stats
 
 Prompt = str | Sequence[int]
+BUNDLED_MODEL_NAME = "lopa-tiny"  # model id of the checkpoint shipped in lopa/tiny/checkpoint
 Messages = list[dict[str, str]]
 
 
@@ -60,7 +61,7 @@ class LLM:
         self.model = self.checkpoint.model
         self.config = self.checkpoint.config
         self.device = next(self.model.parameters()).device
-        self.model_name = path.resolve().name
+        self.model_name = path.resolve().name if model_dir is not None else BUNDLED_MODEL_NAME
         self.max_context = self.config.max_position_embeddings
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
