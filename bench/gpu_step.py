@@ -130,18 +130,11 @@ def time_runner(runner: Runner, cfg: ModelConfig, grid: list[tuple[int, int]], c
 
 
 def time_hf(cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, device: str, dtype, clock) -> dict:
-    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+    from transformers import DynamicCache, Qwen2ForCausalLM
 
-    hf_cfg = Qwen2Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-    )
-    hf_cfg._attn_implementation = "sdpa"
+    from lopa.testing import qwen2_config
+
+    hf_cfg = qwen2_config(cfg, "sdpa")
     model, out = build(lambda: Qwen2ForCausalLM(hf_cfg), device, dtype), {}
     arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x rename
     with torch.inference_mode():

@@ -252,15 +252,10 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def transformers_twin(model: DreamModel) -> Any:
-    """The same weights in transformers' ``Qwen2ForCausalLM`` (eager attention), for equivalence checks.
+def qwen2_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Any:
+    """transformers' ``Qwen2Config`` of the same shape as ``cfg`` (needs the ``transformers`` package)."""
+    from transformers import Qwen2Config
 
-    Needs the ``transformers`` package (a dev dependency). The twin is causal as built; call it through
-    :func:`transformers_bidirectional_logits` to get Dream's bidirectional logits.
-    """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = model.config
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
     hf_cfg = Qwen2Config(
         vocab_size=cfg.vocab_size,
@@ -273,10 +268,21 @@ def transformers_twin(model: DreamModel) -> Any:
         rms_norm_eps=cfg.rms_norm_eps,
         rope_parameters=rope,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        attn_implementation="eager",
+        attn_implementation=attn_implementation,
     )
     hf_cfg.head_dim = cfg.head_dim  # Qwen2Config has no head_dim argument; the attention reads the attribute
-    hf = Qwen2ForCausalLM(hf_cfg).to(next(model.parameters()).dtype)
+    return hf_cfg
+
+
+def transformers_twin(model: DreamModel) -> Any:
+    """The same weights in transformers' ``Qwen2ForCausalLM`` (eager attention), for equivalence checks.
+
+    Needs the ``transformers`` package (a dev dependency). The twin is causal as built; call it through
+    :func:`transformers_bidirectional_logits` to get Dream's bidirectional logits.
+    """
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM(qwen2_config(model.config, "eager")).to(next(model.parameters()).dtype)
     hf.load_state_dict(model.state_dict(), strict=True)
     for layer in hf.model.layers:
         layer.self_attn.is_causal = False
