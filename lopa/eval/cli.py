@@ -71,14 +71,17 @@ def make_sandbox(task: Task, args: argparse.Namespace) -> Sandbox | None:
     return Sandbox(SandboxLimits(timeout_s=args.timeout, memory_mb=args.sandbox_memory_mb))
 
 
-def run(args: argparse.Namespace) -> int:
-    task = get_task(args.task)
-    docs = load_docs(task, args)
-    sandbox = make_sandbox(task, args)
-    llm = load_llm(args)
-    config = task_config(task, llm, args)
-    out = Path(args.out) if args.out else Path("eval-out") / f"{task.name}-{llm.model_name}-{config.decoder}"
-    result = evaluate(
+def evaluate_with_args(
+    llm: Any,
+    task: Task,
+    docs: list[Doc],
+    config: DecodeConfig,
+    sandbox: Sandbox | None,
+    args: argparse.Namespace,
+    out: Path,
+) -> Any:
+    """One evaluation with the harness flags shared by ``lopa eval`` and ``lopa sweep``."""
+    return evaluate(
         llm,
         task,
         docs,
@@ -91,6 +94,16 @@ def run(args: argparse.Namespace) -> int:
         out_dir=out,
         meta=run_meta(args),
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    task = get_task(args.task)
+    docs = load_docs(task, args)
+    sandbox = make_sandbox(task, args)
+    llm = load_llm(args)
+    config = task_config(task, llm, args)
+    out = Path(args.out) if args.out else Path("eval-out") / f"{task.name}-{llm.model_name}-{config.decoder}"
+    result = evaluate_with_args(llm, task, docs, config, sandbox, args, out)
     print(format_summary(result.summary))
     print(f"  wrote {out / 'samples.jsonl'} and {out / 'summary.json'}")
     return 0

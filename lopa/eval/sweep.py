@@ -19,8 +19,7 @@ from lopa.cli import add_decode_arguments
 from lopa.config import DECODERS, DecodeConfig
 from lopa.errors import ConfigError
 from lopa.eval import plots
-from lopa.eval.cli import add_task_arguments, load_docs, load_llm, make_sandbox, run_meta, task_config
-from lopa.eval.runner import evaluate
+from lopa.eval.cli import add_task_arguments, evaluate_with_args, load_docs, load_llm, make_sandbox, task_config
 from lopa.eval.tasks import get_task
 
 COLUMNS = (
@@ -123,19 +122,7 @@ def run(args: argparse.Namespace) -> int:
     for i, c in enumerate(configs):
         name = run_name(c)
         print(f"[{i + 1}/{len(configs)}] {name}", flush=True)
-        result = evaluate(
-            llm,
-            task,
-            docs,
-            c,
-            chat=args.chat,
-            num_fewshot=args.num_fewshot,
-            sandbox=sandbox,
-            workers=args.workers,
-            progress=not args.no_progress,
-            out_dir=out / "runs" / name,
-            meta=run_meta(args),
-        )
+        result = evaluate_with_args(llm, task, docs, c, sandbox, args, out / "runs" / name)
         rows.append(row_of(name, c, result.summary))
     write_table(rows, out)
     print((out / "sweep.md").read_text(encoding="utf-8"), end="")
