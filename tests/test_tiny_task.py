@@ -9,9 +9,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from lopa.tiny import default_checkpoint_dir, task
+from lopa.tiny.grammar import parse, tokens
 from lopa.tiny.vocab import UNK_TOKEN, build_tokenizer, save_tokenizer, special_ids
-
-_STEP = re.compile(r"(\d+) ([-+]) (\d+) = ((?:\d+ ?)+)\.")
 
 
 def _draws(n: int, seed: int = 0) -> list[task.Problem]:
@@ -42,26 +41,67 @@ def test_training_sampler_never_yields_held_out_questions() -> None:
     assert raw == set(task.SPLITS)
 
 
-def test_chain_of_thought_counts_on_correctly_and_ends_in_the_answer() -> None:
+def test_every_phrasing_counts_on_correctly_and_ends_in_the_answer() -> None:
     for p in _draws(1000, seed=1):
-        steps = _STEP.findall(p.chain)
-        assert len(steps) == p.num_ops and " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in steps) == p.chain
         value = int(re.search(r"has (\d+) ", p.question).group(1))
-        for a, op, b, counted in steps:
-            assert int(a) == value  # each step continues from the previous result
-            unit = 1 if op == "+" else -1
-            assert [int(c) for c in counted.split()] == [value + unit * k for k in range(1, int(b) + 1)]
-            value += unit * int(b)
+        assert value == p.start
+        runs = re.findall(r"(?:\d+ )*\d+\.", p.target)  # steps end with their counts and "." (a closing may too)
+        counted = [[int(x) for x in run[:-1].split()] for run in runs]
+        assert len(counted) >= p.num_ops
+        for (symbol, n), numbers in zip(p.ops, counted[: p.num_ops], strict=True):
+            unit = 1 if symbol == "+" else -1
+            assert numbers[-n:] == [value + unit * k for k in range(1, n + 1)]  # counts on from the last result
+            value += unit * n
             assert task.MIN_VALUE <= value <= task.MAX_VALUE
-            assert task.MIN_OPERAND <= int(b) <= task.MAX_OPERAND
+            assert task.MIN_OPERAND <= n <= task.MAX_OPERAND
         assert value == p.answer == task.extract_answer(p.target)
+        assert p.target.endswith(f"#### {p.answer}")
+
+
+def test_answers_have_many_phrasings_of_different_lengths() -> None:
+    p = task.fixed_set("test", 2)[1]  # three operations
+    texts = {task.render(p, w) for w in task.all_wordings(p.num_ops)}
+    assert len(texts) == task.num_phrasings(p.num_ops) == 38_880
+    lengths = {len(tokens(t)) for t in texts}
+    assert max(lengths) - min(lengths) >= 15  # a wording of another length shifts every later position
+    assert {task.extract_answer(t) for t in texts} == {p.answer}
+    lens = [len(build_tokenizer().encode(" " + q.target).ids) for q in task.fixed_set("test", 600)]
+    assert 30 <= sum(lens) / len(lens) <= 40 and max(lens) <= 63  # fits 64 new tokens with the end token
+
+
+def test_grammar_accepts_every_generated_answer_and_rejects_mixed_wordings() -> None:
+    tok = build_tokenizer()
+    for p in _draws(2000, seed=6):
+        assert parse(p.target), p.target
+        assert parse(tok.decode(tok.encode(" " + p.target).ids)), p.target  # as the engine's text reads
+    p = task.fixed_set("test", 1)[0]  # two operations: all 2,160 phrasings
+    assert all(parse(task.render(p, w)) for w in task.all_wordings(p.num_ops))
+    good = "48 eggs. 48 + 3 gives 49 50 51. next, take 2 from 51: 50 49. so the answer is 49. #### 49"
+    assert parse(good)
+    bad = [
+        "48 eggs. 48 + 3 = gives 49 50 51. #### 51",  # two wordings mixed inside one step
+        "48 eggs. 48 plus 3 = 49 50 51. #### 51",  # half of one wording, half of another
+        "48 eggs. 48 + 3 gives 49 50. #### 50",  # counts two numbers for an operand of three
+        "48 eggs. 48 + 3 gives 49 51 52. #### 52",  # skips a number
+        "48 eggs. 48 + 3 gives 49 50 51. 50 - 2 = 49 48. #### 48",  # the second step does not continue the first
+        "48 eggs. 47 + 3 gives 48 49 50. #### 50",  # the first step does not start from the restated start
+        "48 eggs. 48 + 3 gives 49 50 51. so the answer is 51. #### 50",  # the closing disagrees with the count
+        "48 eggs. 48 + 3 gives 49 50 51.",  # no closing
+        "48 eggs. 48 + 3 gives 49 50 51. #### 51 #### 51",  # trailing garbage
+        "48 eggs. let us count. let us count. 48 + 3 gives 49 50 51. #### 51",  # two openers
+        "let by step. 48 + 3 gives 49 50 51. #### 51",  # no restated start, a garbled opener
+        "48 + 3 gives 49 50 51. #### 51",  # no restated start
+        "",
+    ]
+    for text in bad:
+        assert not parse(text), text
 
 
 def test_number_of_operations_covers_the_curriculum() -> None:
-    counts = {n: 0 for n in range(1, task.MAX_OPS + 1)}
+    counts = {n: 0 for n in range(task.MIN_OPS, task.MAX_OPS + 1)}
     for p in task.fixed_set("test", 90):
         counts[p.num_ops] += 1
-    assert set(counts.values()) == {90 // task.MAX_OPS}
+    assert set(counts.values()) == {90 // len(counts)}
 
 
 @pytest.mark.parametrize(
@@ -76,13 +116,13 @@ def test_tokenizer_covers_the_task_with_single_token_numbers(tmp_path) -> None:
     tok = build_tokenizer()
     unk = tok.token_to_id(UNK_TOKEN)
     for p in _draws(500, seed=2):
-        for text in (p.prompt, p.target):
-            ids = tok.encode(text).ids
-            assert unk not in ids
-            assert tok.decode(ids) == text  # readable text back, spacing included
+        prompt, answer = tok.encode(p.prompt).ids, tok.encode(" " + p.target).ids
+        assert unk not in prompt and unk not in answer
+        assert tok.decode(prompt) == p.prompt  # readable text back, spacing included
+        assert tok.decode(answer) == p.target
     for n in range(task.MAX_VALUE + 1):
         assert tok.encode(str(n)).ids == [tok.token_to_id(str(n))]
-    # every operation sentence is five tokens, so the j-th equation reads the j-th sentence at a fixed offset
+    # every operation sentence of the question is five tokens
     for p in _draws(200, seed=3):
         sentences = re.findall(r"[A-Z][^.?]*[.?]", p.question)[1 : 1 + p.num_ops]
         assert [len(tok.encode(s).ids) for s in sentences] == [5] * p.num_ops

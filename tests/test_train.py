@@ -22,7 +22,7 @@ MICRO += ["--batch", "8", "--warmup", "5", "--lr", "3e-3", "--threads", "1", "--
 def _layout() -> tuple[Layout, object]:
     tok = build_tokenizer()
     ids = special_ids(tok)
-    return Layout(27, 8, 3, ids["eos_token_id"], ids["mask_token_id"]), tok
+    return Layout(32, 16, 4, ids["eos_token_id"], ids["mask_token_id"]), tok
 
 
 def test_block_causal_layout_and_monotone_block_noise() -> None:
@@ -39,7 +39,7 @@ def test_block_causal_layout_and_monotone_block_noise() -> None:
         assert mask[r, first:p, first:p].all() and not mask[r, first:p, p:].any()  # prompt sees only itself
         assert mask[r, p : p + b, first : p + b].all() and not mask[r, p : p + b, p + b :].any()  # block 1
         assert mask[r, p + b : p + 2 * b, first : p + 2 * b].all()  # block 2 sees the prompt, block 1 and itself
-        assert not mask[r, p + b : p + 2 * b, p + 2 * b :].any() and mask[r, p + 2 * b :, first:].all()
+        assert not mask[r, p + b : p + 2 * b, p + 2 * b :].any() and mask[r, p + 3 * b :, first:].all()
         answer = clean[r, p:].tolist()
         assert tok.decode(answer[: answer.index(layout.end_id)]) == problems[r].target
         assert set(answer[answer.index(layout.end_id) :]) == {layout.end_id}  # end, then pad (same id)
@@ -93,7 +93,7 @@ def test_train_decreases_loss_resumes_exactly_and_writes_a_loadable_checkpoint(t
     ckpt = load_checkpoint(straight)
     layout, tok = _layout()
     assert ckpt.config.mask_token_id == layout.mask_id and ckpt.config.eos_token_id == layout.end_id
-    assert ckpt.generation_config["block_size"] == 8
+    assert ckpt.generation_config["block_size"] == 32  # the default of lopa train
     assert sum(p.numel() for p in ckpt.model.parameters()) > 0
     outs, forwards = greedy_decode(ckpt.model, task.fixed_set("test", 3), lambda t: tok.encode(t).ids, layout, 0.9)
     assert all(1 <= len(o) <= layout.answer_len and layout.mask_id not in o for o in outs)

@@ -1,9 +1,11 @@
 """``lopa bench``: every decoder side by side on held-out problems of the bundled task.
 
-Prints one table (decoder, settings, accuracy, tpf, tpf_paper, forwards/sample, tok/s, latency, agreement of final
-answers with threshold τ=0.9), then one JSON line with the same numbers plus device, dtype and versions.
-``--plot`` writes TPF vs branches and accuracy vs TPF. The problems are the test split's fixed set, so every
-run and every decoder sees the same ones.
+Prints one table (decoder, settings, exact-answer accuracy, well-formedness, TPF, forwards/sample, aggregate
+tok/s, mean latency, agreement of final answers with threshold τ=0.9), then the AUP of each decoder family over
+its sweep (τ for threshold and d2f, k for lopa, k = 0 being the base decoder itself), then one JSON line with the
+same numbers plus device, dtype and versions. ``--plot`` draws accuracy vs TPF, one curve per family. The
+problems are the test split's fixed set, so every run and every decoder sees the same ones. Each decoder's prompts
+go to ``LLM.generate`` together, which batches them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import torch
 from lopa.cli import add_model_arguments, load_llm
 from lopa.config import DecodeConfig
 from lopa.dist.launch import BranchParallelGroup, add_dist_arguments, resolve_timeout
+from lopa.eval.aup import aup
 
 BRANCHES = (1, 2, 4, 8)
+THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.5)  # the τ sweep of threshold and d2f (0.9 is the reference)
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Row:
     name: str
     settings: str
     accuracy: float
+    wellformed: float
     tpf: float
     tpf_paper: float
     forwards: float
@@ -41,21 +46,25 @@ class Row:
     branches: int
     base: str
     score: str
+    threshold: float
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
 
 
+def _tau_name(decoder: str, tau: float) -> str:
+    return decoder if tau == 0.9 else f"{decoder}@{tau}"
+
+
 def variants(block_size: int, max_new_tokens: int) -> dict[str, DecodeConfig]:
     """Name → DecodeConfig of every decoder the bench knows, in table order."""
     common = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens, threshold=0.9)
-    out = {
-        "vanilla": common.replace(decoder="vanilla"),
-        "threshold": common.replace(decoder="threshold"),
-        "threshold@0.7": common.replace(decoder="threshold", threshold=0.7),
-        "threshold+1": common.replace(decoder="threshold", extra_fill=1),
-        "d2f": common.replace(decoder="d2f"),
-    }
+    out = {"vanilla": common.replace(decoder="vanilla")}
+    for tau in THRESHOLDS:
+        out[_tau_name("threshold", tau)] = common.replace(decoder="threshold", threshold=tau)
+    out["threshold+1"] = common.replace(decoder="threshold", extra_fill=1)
+    for tau in THRESHOLDS:
+        out[_tau_name("d2f", tau)] = common.replace(decoder="d2f", threshold=tau)
     for base in ("threshold", "d2f"):
         for score in ("mean", "shared"):
             for k in BRANCHES:
@@ -66,16 +75,24 @@ def variants(block_size: int, max_new_tokens: int) -> dict[str, DecodeConfig]:
     return out
 
 
-DEFAULT = ["vanilla", "threshold", "threshold@0.7", "threshold+1", "d2f"] + [
-    f"lopa-{b}-k{k}{s}" for b in ("threshold", "d2f") for s in ("", "-shared") for k in BRANCHES
-]
+DEFAULT = list(variants(32, 64))
+
+# family → the rows of its sweep (lopa families start at k = 0: the base decoder at τ = 0.9)
+FAMILIES: dict[str, list[str]] = {
+    "threshold (τ sweep)": [_tau_name("threshold", t) for t in THRESHOLDS],
+    "d2f (τ sweep)": [_tau_name("d2f", t) for t in THRESHOLDS],
+    "lopa over threshold (k sweep)": ["threshold"] + [f"lopa-threshold-k{k}" for k in BRANCHES],
+    "lopa over d2f (k sweep)": ["d2f"] + [f"lopa-d2f-k{k}" for k in BRANCHES],
+    "lopa over threshold, shared score": ["threshold"] + [f"lopa-threshold-k{k}-shared" for k in BRANCHES],
+    "lopa over d2f, shared score": ["d2f"] + [f"lopa-d2f-k{k}-shared" for k in BRANCHES],
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--n", type=int, default=60, help="held-out test problems per decoder (default: 60)")
+    p.add_argument("--n", type=int, default=600, help="held-out test problems per decoder (default: 600)")
     p.add_argument("--decoders", nargs="+", default=None, metavar="NAME", help="subset of: " + " ".join(DEFAULT))
-    p.add_argument("--plot", default=None, metavar="PNG", help="write TPF vs branches and accuracy vs TPF")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs TPF, one curve per family")
     p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--json-only", action="store_true", help="print only the JSON line")
@@ -98,11 +115,13 @@ def run(args: argparse.Namespace) -> int:
     from lopa.errors import ConfigError
     from lopa.tiny.task import fixed_set
 
+    if args.n < 1:
+        raise ConfigError(f"--n must be at least 1, not {args.n}")
     torch.set_num_threads(max(1, args.threads))
     llm = load_llm(args)
     gen = llm.checkpoint.generation_config
-    block = args.block_size or int(gen.get("block_size", 8))
-    max_new = args.max_new_tokens or int(gen.get("max_new_tokens", 4 * block))
+    block = args.block_size or int(gen.get("block_size", 32))
+    max_new = args.max_new_tokens or int(gen.get("max_new_tokens", 2 * block))
     table = variants(block, max_new)
     names = args.decoders or DEFAULT
     unknown = [n for n in names if n not in table]
@@ -110,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown bench decoder(s) {unknown}; choose from {list(table)}")
     problems = fixed_set("test", args.n)
     prompts = [p.prompt for p in problems]
+    t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if args.bp:
             group = BranchParallelGroup(
@@ -133,24 +153,40 @@ def run(args: argparse.Namespace) -> int:
         "n": len(problems),
         "device": str(llm.device),
         "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "ranks": args.bp or 1,
         "block_size": block,
         "max_new_tokens": max_new,
     }
+    families = family_aup(rows)
     if not args.json_only:
         print(format_table(rows, header))
+        print(format_aup(families))
+        print(f"total {time.perf_counter() - t_start:.0f} s")
     if args.plot:
         from lopa.tiny.plots import plot_bench
 
-        plot_bench(rows, Path(args.plot))
+        plot_bench(rows, families, Path(args.plot))
         if not args.json_only:
             print(f"plot written to {args.plot}")
     versions = {"lopa": _version(), "torch": torch.__version__, "python": platform.python_version()}
-    print(json.dumps({"bench": "tiny", **header, "versions": versions, "rows": [r.as_dict() for r in rows]}))
+    print(
+        json.dumps(
+            {
+                "bench": "tiny",
+                **header,
+                "versions": versions,
+                "rows": [r.as_dict() for r in rows],
+                "aup": families,
+            }
+        )
+    )
     return 0
 
 
 def _measure(generate, names: list[str], table: dict[str, DecodeConfig], problems, prompts, args) -> list[Row]:
     """Run every named decoder on the prompts; threshold first, as the agreement baseline."""
+    from lopa.tiny.grammar import parse
     from lopa.tiny.task import extract_answer
 
     reference: list[int | None] | None = None
@@ -165,22 +201,23 @@ def _measure(generate, names: list[str], table: dict[str, DecodeConfig], problem
             reference = answers
         tokens = sum(o.stats.tokens for o in outs)
         forwards = sum(o.stats.forwards for o in outs)
-        seconds = sum(o.stats.seconds for o in outs)
         n = len(outs)
         rows.append(
             Row(
                 name=name,
                 settings=settings_of(cfg),
                 accuracy=sum(a == p.answer for a, p in zip(answers, problems, strict=True)) / n,
+                wellformed=sum(parse(o.text) for o in outs) / n,
                 tpf=tokens / forwards,
                 tpf_paper=sum(o.stats.tpf_paper for o in outs) / n,
                 forwards=forwards / n,
-                tok_s=tokens / seconds if seconds else 0.0,
-                latency=seconds / n,
+                tok_s=tokens / wall if wall > 0 else 0.0,
+                latency=sum(o.stats.seconds for o in outs) / n,
                 agreement=(sum(a == b for a, b in zip(answers, reference, strict=True)) / n if reference else None),
                 branches=cfg.num_branches,
                 base=cfg.base_decoder,
                 score=cfg.branch_score if cfg.decoder == "lopa" else "",
+                threshold=cfg.threshold,
             )
         )
         if not args.json_only:
@@ -188,16 +225,44 @@ def _measure(generate, names: list[str], table: dict[str, DecodeConfig], problem
     return rows
 
 
+def family_aup(rows: list[Row]) -> dict[str, dict]:
+    """AUP of every family whose sweep has at least two measured points (accuracy in %)."""
+    by_name = {r.name: r for r in rows}
+    if not rows:
+        return {}
+    y_max = 100 * max(r.accuracy for r in rows)
+    out: dict[str, dict] = {}
+    for family, members in FAMILIES.items():
+        pts = [(by_name[m].tpf, 100 * by_name[m].accuracy) for m in members if m in by_name]
+        if len(pts) < 2:
+            continue
+        result = aup(pts, y_max)
+        out[family] = {
+            "aup": round(result.value, 2),
+            "points": [[round(t, 3), round(a, 2)] for t, a in result.points],
+            "members": [m for m in members if m in by_name],
+        }
+    return out
+
+
 def format_table(rows: list[Row], header: dict) -> str:
     head = " ".join(f"{k}={v}" for k, v in header.items())
-    cols = ("decoder", "settings", "acc", "tpf", "tpf_paper", "fwd/sample", "tok/s", "latency", "agree")
+    cols = ("decoder", "settings", "acc", "well-formed", "tpf", "fwd/sample", "tok/s", "latency", "agree")
     lines = [f"lopa bench: {head}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         agree = "-" if r.agreement is None else f"{100 * r.agreement:.0f}%"
         lines.append(
-            f"| {r.name} | {r.settings} | {100 * r.accuracy:.1f}% | {r.tpf:.2f} | {r.tpf_paper:.2f} | "
+            f"| {r.name} | {r.settings} | {100 * r.accuracy:.1f}% | {100 * r.wellformed:.1f}% | {r.tpf:.2f} | "
             f"{r.forwards:.1f} | {r.tok_s:.0f} | {1000 * r.latency:.0f} ms | {agree} |"
         )
+    return "\n".join(lines)
+
+
+def format_aup(families: dict[str, dict]) -> str:
+    lines = ["| family | AUP | points (tpf, accuracy %) |", "|---|---|---|"]
+    for family, f in families.items():
+        pts = " ".join(f"({t:.2f}, {a:.1f})" for t, a in f["points"])
+        lines.append(f"| {family} | {f['aup']:.1f} | {pts} |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from lopa.model.dream import DreamModel
 from lopa.tiny.data import Layout, block_causal_mask, encode_rows
+from lopa.tiny.grammar import parse
 from lopa.tiny.task import Problem, extract_answer
 
 
@@ -71,18 +72,18 @@ def score(
     threshold: float = 0.9,
     batch: int = 256,
 ) -> dict[str, float]:
-    """Exact-answer accuracy, exact-chain rate and tokens per forward over ``problems`` (greedy)."""
+    """Exact-answer accuracy, well-formedness (``lopa.tiny.grammar``) and tokens per forward (greedy)."""
     was_training = model.training
     model.eval()
-    correct = exact = tokens = forwards = 0
+    correct = wellformed = tokens = forwards = 0
     for i in range(0, len(problems), batch):
         chunk = problems[i : i + batch]
         outs, fw = greedy_decode(model, chunk, encode, layout, threshold)
         for p, ids, f in zip(chunk, outs, fw, strict=True):
             text = decode(ids)
             correct += extract_answer(text) == p.answer
-            exact += text.strip() == decode(encode(" " + p.target)).strip()
+            wellformed += parse(text)
             tokens, forwards = tokens + len(ids), forwards + f
     model.train(was_training)
     n = max(len(problems), 1)
-    return {"accuracy": correct / n, "chain_exact": exact / n, "tpf": tokens / max(forwards, 1), "n": len(problems)}
+    return {"accuracy": correct / n, "wellformed": wellformed / n, "tpf": tokens / max(forwards, 1), "n": len(problems)}

@@ -1,38 +1,61 @@
-"""PNG plots for ``lopa bench``: TPF vs branches (one line per base and score) and accuracy vs TPF."""
+"""PNG plot for ``lopa bench``: accuracy vs TPF, one curve per decoder family, AUP in the legend."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+_STYLE = {
+    "threshold (τ sweep)": ("tab:gray", "o", "-"),
+    "d2f (τ sweep)": ("tab:brown", "s", "-"),
+    "lopa over threshold (k sweep)": ("tab:blue", "o", "-"),
+    "lopa over d2f (k sweep)": ("tab:orange", "s", "-"),
+    "lopa over threshold, shared score": ("tab:blue", "^", ":"),
+    "lopa over d2f, shared score": ("tab:orange", "v", ":"),
+}
 
-def plot_bench(rows: list[Any], out: Path) -> None:
-    """Two panels side by side; rows are lopa.tiny.bench.Row."""
+
+def plot_bench(rows: list[Any], families: dict[str, dict], out: Path) -> None:
+    """Accuracy (%) vs TPF per family (rows are lopa.tiny.bench.Row), the controls as single markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for base in ("threshold", "d2f"):
-        for score, style in (("mean", "-o"), ("shared", "--s")):
-            base_row = next((r for r in rows if r.name == base), None)
-            pts = sorted((r.branches, r.tpf) for r in rows if r.base == base and r.score == score)
-            if base_row is not None:
-                pts = [(0, base_row.tpf)] + pts
-            if len(pts) > 1:
-                left.plot(*zip(*pts, strict=True), style, label=f"lopa over {base} ({score} score)")
-    left.set_xlabel("lookahead branches k (0 = base decoder)")
-    left.set_ylabel("tokens per forward (TPF)")
-    left.set_title("TPF vs branches")
-    left.legend(fontsize=8)
-    for r in rows:
-        marker = "o" if r.name.startswith("lopa") else "D"
-        right.scatter(r.tpf, 100 * r.accuracy, marker=marker)
-        right.annotate(r.name, (r.tpf, 100 * r.accuracy), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    right.set_xlabel("tokens per forward (TPF)")
-    right.set_ylabel("exact-answer accuracy (%)")
-    right.set_title("accuracy vs TPF")
+    by_name = {r.name: r for r in rows}
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    for family, f in families.items():
+        members = [by_name[m] for m in f["members"]]
+        members.sort(key=lambda r: r.tpf)
+        color, marker, line = _STYLE.get(family, ("black", "o", "-"))
+        xs, ys = [r.tpf for r in members], [100 * r.accuracy for r in members]
+        ax.plot(xs, ys, linestyle=line, marker=marker, color=color, label=f"{family}: AUP {f['aup']:.0f}")
+        if "shared" in family:
+            continue  # same k labels as the mean-score curve; labelling both would overlap
+        for r in members:
+            tag = f"k={r.branches}" if r.name.startswith("lopa") else f"τ={r.threshold:g}"
+            if r.name in ("threshold", "d2f") and "lopa" in family:
+                tag = "k=0"
+            ax.annotate(
+                tag, (r.tpf, 100 * r.accuracy), fontsize=7, color=color, xytext=(4, -10), textcoords="offset points"
+            )
+    for name, marker in (("threshold+1", "X"), ("vanilla", "D")):
+        if name in by_name:
+            r = by_name[name]
+            ax.scatter(
+                [r.tpf],
+                [100 * r.accuracy],
+                marker=marker,
+                s=60,
+                color="black",
+                zorder=3,
+                label=f"{name} (no search)" if name == "threshold+1" else name,
+            )
+    ax.set_xlabel("tokens per forward (TPF)")
+    ax.set_ylabel("exact-answer accuracy (%)")
+    ax.set_title("lopa bench: accuracy vs parallelism on the bundled model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

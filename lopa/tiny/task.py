@@ -1,33 +1,40 @@
-"""The tiny model's task: short grade-school word problems with a chain of thought and a ``#### N`` answer.
+"""The tiny model's task (v2): word problems whose chain of thought can be worded many ways.
 
-A problem starts with a quantity and applies 1 or 2 operations, each stated by one sentence of the question.
-The chain of thought *counts on* (or back) from the current quantity, one number per unit, the way children
-add small numbers::
+A problem starts with a quantity and applies 2 or 3 operations, each stated by one sentence of the question. The
+chain of thought *counts on* (or back) one number per unit, as in v1, but every piece of it is worded freely::
 
     Q: Kim has 48 eggs. She buys 3 more. She then eats 2. How many eggs does Kim have now? A:
-    48 + 3 = 49 50 51. 51 - 2 = 50 49. #### 49
+    48 eggs. let us count. 48 + 3 gives 49 50 51. next, take 2 from 51: 50 49. so the answer is 49. #### 49
 
-Design choices, made so that a ~1M-parameter model learns the task in well under an hour of CPU training
-(measured; see the model card):
+An answer restates the start (always the same words: see ``START``), then has an optional opener, one *step* per operation (six wordings each, of different lengths: the counted
+numbers land at different offsets), an optional filler between steps, and one of five closings, all ending in
+``#### N``. Wordings are drawn uniformly and independently, so a correct answer has hundreds of phrasings
+(``num_phrasings``). That is the point: like natural text, a position is uncertain until its neighbours are
+fixed, and a phrasing of another length shifts every later position, so decoding order matters (v1's answers had
+one phrasing, and every decoder filled whole blocks at once).
 
-- every number is one token, so copying a number is copying one token;
-- each chain step is a successor or predecessor of the previous number: one small table (about 180 facts) that
-  every step of every problem trains. Two earlier designs failed on the arithmetic, not the format: whole-number
-  results (a table of ~1.6k sums) reached 29% correct results after 3.5k steps, and digit tokens with carries
-  left the units digit at chance (10%) after 2k steps;
-- every operation sentence is exactly five tokens, so the j-th equation reads the j-th sentence at a fixed offset.
+What keeps the arithmetic learnable (v1's lessons): every number is one token; each counted number is the
+successor or predecessor of the previous one; every wording of a step names its operand, so the count length is
+read locally. Nothing is copied from far inside the answer: a step starts from the last counted number.
+
+``lopa.tiny.grammar.parse`` is the grammar check: an answer is **well-formed** when it parses as
+opener? step (filler step)* closing with one consistent wording per step, every step counting by one from its
+start for as many numbers as its operand says, each step starting where the previous one ended, and the closing
+repeating the last count.
 
 Splits are fixed and disjoint by construction: a problem belongs to the split chosen by a stable hash of its
-question text (:func:`split_of`); the samplers reject problems of other splits. The test and validation sets are
-the first ``n`` problems of their split drawn from fixed seeds. Called by ``lopa.tiny.data`` (training batches),
-``lopa.tiny.evaluate`` (accuracy) and the tests.
+question text (:func:`split_of`); the samplers reject problems of other splits. Evaluation sets are the first
+``n`` problems of a split from fixed seeds. Called by ``lopa.tiny.data`` (training batches), ``lopa.tiny.evaluate``
+and ``lopa.tiny.bench`` (scores) and the tests.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,9 +42,8 @@ Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 
 MIN_VALUE, MAX_VALUE = 10, 99  # every quantity in a question, chain or answer
-MIN_START, MAX_START = MIN_VALUE, MAX_VALUE
 MIN_OPERAND, MAX_OPERAND = 2, 5  # at most five counting steps per operation
-MAX_OPS = 2
+MIN_OPS, MAX_OPS = 2, 3
 
 NAMES: dict[str, str] = {
     "Kim": "She",
@@ -67,9 +73,41 @@ ITEMS: tuple[str, ...] = (
     "stickers",
     "candies",
 )
-# operation -> sentence templates; each renders to exactly five tokens: pronoun, two words, number or word, "."
+# question sentences per operation; each renders to exactly five tokens: pronoun, two words, number or word, "."
 ADD_SENTENCES = ("{p} buys {n} more.", "{p} finds {n} more.", "{p} gets {n} more.")
 SUB_SENTENCES = ("{p} gives away {n}.", "{p} then eats {n}.", "{p} then sells {n}.", "{p} then loses {n}.")
+
+# answer wordings: {v} = the step's start, {n} = its operand, {c} = the counted numbers, {r} = the result.
+# Every answer opens with the same restatement of the start: the first position of an answer is predicted before
+# any of it is decoded (Dream's shift: from the prompt's last output, which a cached block never sees again), so
+# it must not be a choice point.
+START = "{v} {item} ."
+OPENERS = ("", "let us count .", "we count on .", "step by step .")
+ADD_STEPS = (
+    "{v} + {n} = {c} .",
+    "{v} + {n} gives {c} .",
+    "{v} plus {n} : {c} .",
+    "add {n} to {v} : {c} .",
+    "count up {n} from {v} : {c} .",
+    "then {n} more : {c} .",
+)
+SUB_STEPS = (
+    "{v} - {n} = {c} .",
+    "{v} - {n} gives {c} .",
+    "{v} minus {n} : {c} .",
+    "take {n} from {v} : {c} .",
+    "count down {n} from {v} : {c} .",
+    "then {n} less : {c} .",
+)
+FILLERS = ("", "next ,", "and")
+CLOSINGS = (
+    "#### {r}",
+    "so the answer is {r} . #### {r}",
+    "answer : {r} #### {r}",
+    "{name} has {r} {item} now . #### {r}",
+    "in all {r} . #### {r}",
+)
+
 # split buckets of the question hash (out of 100): the rest is train
 _BUCKETS: dict[Split, range] = {"test": range(0, 3), "validation": range(3, 6)}
 _ANSWER_RE = re.compile(r"####\s*(-?\d+)")
@@ -77,12 +115,22 @@ _ANSWER_RE = re.compile(r"####\s*(-?\d+)")
 
 @dataclass(frozen=True)
 class Problem:
-    """One word problem: the question (without ``Q:``/``A:``), the chain of thought and the final answer."""
+    """One word problem: the question (without ``Q:``/``A:``), its operations and one phrasing of the answer."""
 
     question: str
-    chain: str
-    answer: int
-    num_ops: int
+    name: str
+    item: str
+    start: int
+    ops: tuple[tuple[str, int], ...]  # ("+" or "-", operand) per question sentence
+    wording: tuple[int, ...]  # opener, then (step form, filler before it) per op, then closing
+
+    @property
+    def answer(self) -> int:
+        return self.start + sum(n if s == "+" else -n for s, n in self.ops)
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.ops)
 
     @property
     def prompt(self) -> str:
@@ -91,8 +139,57 @@ class Problem:
 
     @property
     def target(self) -> str:
-        """The text the model should generate after the prompt (before the end token)."""
-        return f"{self.chain} #### {self.answer}"
+        """This problem's phrasing of the answer (before the end token), as readable text."""
+        return render(self, self.wording)
+
+    def with_wording(self, wording: tuple[int, ...]) -> Problem:
+        return Problem(self.question, self.name, self.item, self.start, self.ops, wording)
+
+
+def _step_text(symbol: str, form: int, value: int, n: int) -> str:
+    unit = 1 if symbol == "+" else -1
+    counted = " ".join(str(value + unit * k) for k in range(1, n + 1))
+    template = (ADD_STEPS if symbol == "+" else SUB_STEPS)[form]
+    return template.format(v=value, n=n, c=counted)
+
+
+def render(p: Problem, wording: tuple[int, ...]) -> str:
+    """The answer text of ``p`` under ``wording`` (see :func:`random_wording` for its layout)."""
+    parts = [START.format(v=p.start, item=p.item), OPENERS[wording[0]]]
+    value = p.start
+    for j, (symbol, n) in enumerate(p.ops):
+        form, filler = wording[1 + 2 * j], wording[2 + 2 * j]
+        if j:
+            parts.append(FILLERS[filler])
+        parts.append(_step_text(symbol, form, value, n))
+        value += n if symbol == "+" else -n
+    parts.append(CLOSINGS[wording[-1]].format(r=value, name=p.name, item=p.item))
+    text = " ".join(x for x in parts if x)
+    return text.replace(" .", ".").replace(" :", ":").replace(" ,", ",")  # as the tokenizer decodes it
+
+
+def random_wording(rng: random.Random, num_ops: int) -> tuple[int, ...]:
+    """Uniform wording: (opener, form₁, filler₁ (unused), form₂, filler₂, ..., closing)."""
+    out = [rng.randrange(len(OPENERS))]
+    for j in range(num_ops):
+        out += [rng.randrange(len(ADD_STEPS)), rng.randrange(len(FILLERS)) if j else 0]
+    return (*out, rng.randrange(len(CLOSINGS)))
+
+
+def all_wordings(num_ops: int) -> Iterator[tuple[int, ...]]:
+    """Every wording of a problem with ``num_ops`` operations (distinct wordings give distinct texts)."""
+    first = [(f, 0) for f in range(len(ADD_STEPS))]
+    later = [(f, g) for f in range(len(ADD_STEPS)) for g in range(len(FILLERS))]
+    steps = [first] + [later] * (num_ops - 1)
+    for opener in range(len(OPENERS)):
+        for combo in itertools.product(*steps):
+            for closing in range(len(CLOSINGS)):
+                yield (opener, *[x for pair in combo for x in pair], closing)
+
+
+def num_phrasings(num_ops: int) -> int:
+    """How many distinct answer texts a problem with ``num_ops`` operations has."""
+    return len(OPENERS) * len(ADD_STEPS) ** num_ops * len(FILLERS) ** (num_ops - 1) * len(CLOSINGS)
 
 
 def split_of(question: str) -> Split:
@@ -104,44 +201,28 @@ def split_of(question: str) -> Split:
     return "train"
 
 
-def _operation(rng: random.Random, value: int) -> tuple[str, int, int, str] | None:
-    """A random operation valid for ``value``: (symbol, operand, result, sentence template) or None."""
-    n = rng.randint(MIN_OPERAND, MAX_OPERAND)
-    if rng.random() < 0.5:
-        if value + n > MAX_VALUE:
-            return None
-        return "+", n, value + n, rng.choice(ADD_SENTENCES).replace("{n}", str(n))
-    if value - n < MIN_VALUE:
-        return None
-    return "-", n, value - n, rng.choice(SUB_SENTENCES).replace("{n}", str(n))
-
-
 def generate(rng: random.Random, num_ops: int | None = None) -> Problem:
-    """Draw one problem from any split (``num_ops`` None = uniform over 1..MAX_OPS)."""
-    ops = num_ops if num_ops is not None else rng.randint(1, MAX_OPS)
+    """Draw one problem from any split (``num_ops`` None = uniform over MIN_OPS..MAX_OPS), with a random wording."""
+    k = num_ops if num_ops is not None else rng.randint(MIN_OPS, MAX_OPS)
     name = rng.choice(tuple(NAMES))
     pronoun, item = NAMES[name], rng.choice(ITEMS)
-    while True:  # rejection: some start values admit no valid operation of the drawn kind
-        value = rng.randint(MIN_START, MAX_START)
-        sentences = [f"{name} has {value} {item}."]
-        steps: list[str] = []
-        for _ in range(ops):
-            for _try in range(20):
-                op = _operation(rng, value)
-                if op is not None:
-                    break
-            else:
+    while True:  # rejection: keep every intermediate value inside [MIN_VALUE, MAX_VALUE]
+        start = value = rng.randint(MIN_VALUE, MAX_VALUE)
+        ops: list[tuple[str, int]] = []
+        sentences = [f"{name} has {start} {item}."]
+        for _ in range(k):
+            n = rng.randint(MIN_OPERAND, MAX_OPERAND)
+            symbol = "+" if rng.random() < 0.5 else "-"
+            value += n if symbol == "+" else -n
+            ops.append((symbol, n))
+            template = rng.choice(ADD_SENTENCES if symbol == "+" else SUB_SENTENCES)
+            sentences.append(template.replace("{p}", pronoun).replace("{n}", str(n)))
+            if not MIN_VALUE <= value <= MAX_VALUE:
                 break
-            symbol, n, result, template = op
-            sentences.append(template.replace("{p}", pronoun))
-            unit = 1 if symbol == "+" else -1
-            counted = " ".join(str(value + unit * k) for k in range(1, n + 1))  # counting on (or back)
-            steps.append(f"{value} {symbol} {n} = {counted}.")
-            value = result
-        if len(steps) == ops:
+        if len(ops) == k and MIN_VALUE <= value <= MAX_VALUE:
             break
     sentences.append(f"How many {item} does {name} have now?")
-    return Problem(" ".join(sentences), " ".join(steps), value, ops)
+    return Problem(" ".join(sentences), name, item, start, tuple(ops), random_wording(rng, k))
 
 
 def sample(rng: random.Random, split: Split, num_ops: int | None = None) -> Problem:
@@ -156,12 +237,12 @@ _EVAL_SEEDS: dict[Split, int] = {"train": 11, "validation": 22, "test": 33}
 
 
 def fixed_set(split: Split, n: int) -> list[Problem]:
-    """The first ``n`` distinct problems of a split from its fixed seed, ops balanced 1..MAX_OPS (deterministic)."""
+    """The first ``n`` distinct problems of a split from its fixed seed, ops balanced (deterministic)."""
     rng = random.Random(_EVAL_SEEDS[split])
     seen: set[str] = set()
     out: list[Problem] = []
     while len(out) < n:
-        p = sample(rng, split, num_ops=len(out) % MAX_OPS + 1)
+        p = sample(rng, split, num_ops=MIN_OPS + len(out) % (MAX_OPS - MIN_OPS + 1))
         if p.question not in seen:
             seen.add(p.question)
             out.append(p)

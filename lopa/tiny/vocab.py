@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from lopa.tiny.task import ADD_SENTENCES, ITEMS, NAMES, SUB_SENTENCES
+from lopa.tiny import task
 
 END_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
@@ -31,9 +31,13 @@ _CHAIN_SYMBOLS = ["+", "-", "*", "/", "=", ","]
 
 def _words() -> list[str]:
     """Every non-number, non-special token the task can produce, in a fixed order (ids must be stable)."""
-    templates = list(ADD_SENTENCES) + list(SUB_SENTENCES)
+    templates = list(task.ADD_SENTENCES) + list(task.SUB_SENTENCES)
     pieces = " ".join(templates).replace("{p}", "").replace("{n}", "").replace(".", " . ").split()
-    ordered = _PROMPT_WORDS + _CHAIN_SYMBOLS + sorted(set(NAMES.values())) + list(NAMES) + list(ITEMS) + pieces
+    answer = task.OPENERS + task.ADD_STEPS + task.SUB_STEPS + task.FILLERS + task.CLOSINGS
+    words = [w for w in " ".join(answer).split() if not w.startswith("{")]
+    ordered = (
+        _PROMPT_WORDS + _CHAIN_SYMBOLS + sorted(set(task.NAMES.values())) + list(task.NAMES) + list(task.ITEMS) + pieces
+    ) + words
     seen: dict[str, None] = {}
     for w in ordered:
         seen.setdefault(w, None)
