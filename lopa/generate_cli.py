@@ -8,7 +8,7 @@ import os
 import sys
 
 from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
-from lopa.dist.launch import add_dist_arguments
+from lopa.dist.launch import add_dist_arguments, add_tp_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     p.add_argument("--branch-parallel", action="store_true", help="run as one rank of a torchrun launch")
     p.add_argument("--bp", type=int, default=0, metavar="N", help="launch N branch-parallel ranks on this machine")
+    add_tp_argument(p)
     add_dist_arguments(p)
     add_decode_arguments(p)
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompts and not worker_rank:
         print("lopa generate: no prompt given", file=sys.stderr)
         return 2
-    if args.bp or args.branch_parallel:
+    if args.bp or args.branch_parallel or args.tp != 1:
         from lopa.dist.launch import run_generate
 
         return run_generate(args, cfg, prompts)

@@ -22,6 +22,7 @@ from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
 from lopa.errors import ConfigError, PromptTooLongError
 from lopa.model.loader import load_checkpoint
+from lopa.model.tp import TPShard
 from lopa.outputs import Completion, Stats
 
 Prompt = str | Sequence[int]
@@ -54,9 +55,12 @@ class LLM:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         enforce_eager: bool | None = None,
+        shard: TPShard | None = None,
     ) -> None:
         path = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype)
+        self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype, shard=shard)
+        if shard is not None and shard.size > 1:
+            enforce_eager = True  # tensor-parallel all-reduces are timed collectives: no CUDA graph around them
         self.tokenizer = self.checkpoint.tokenizer
         self.model = self.checkpoint.model
         self.config = self.checkpoint.config

@@ -31,6 +31,7 @@ from lopa.model.config import ModelConfig, read_json
 from lopa.model.dream import DreamModel
 from lopa.model.layers import Rotary
 from lopa.model.lora import linear_weight_shapes, plan_lora
+from lopa.model.tp import TPShard, shard_model
 from lopa.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -87,8 +88,12 @@ def load_checkpoint(
     lora: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    shard: TPShard | None = None,
 ) -> Checkpoint:
-    """Load a checkpoint directory (and merge an optional LoRA adapter) onto ``device`` in ``dtype``."""
+    """Load a checkpoint directory (and merge an optional LoRA adapter) onto ``device`` in ``dtype``.
+
+    With ``shard`` (tensor parallelism, :mod:`lopa.model.tp`) only that rank's slices are read and the model
+    has the rank's local shapes; ``Checkpoint.config`` stays the full model's."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointNotFoundError(
@@ -114,7 +119,7 @@ def load_checkpoint(
             )
     device = torch.device(device)
     dt = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
-    model = _load_model(path, config, device, dt, lora)
+    model = _load_model(path, config, device, dt, lora, shard)
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, generation_config=generation_config)
 
 
@@ -146,13 +151,24 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def _load_model(
-    path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype, lora: str | Path | None
+    path: Path,
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    lora: str | Path | None,
+    shard: TPShard | None = None,
 ) -> DreamModel:
     # Build on the meta device so no random weights are allocated, then assign the loaded tensors:
     # only one copy of the weights ever exists, already on the target device and dtype.
     with torch.device("meta"):
         model = DreamModel(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict().items()}  # full shapes, checked before any slicing
+    if shard is not None and shard.size > 1:
+        if lora is not None:
+            raise ConfigError("a LoRA adapter cannot be merged into a tensor-parallel shard; merge it first")
+        shard_model(model, shard)  # local shapes: each rank reads only its slices below
+    else:
+        shard = None
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     # The adapter is validated before any weight is read, and merged into each weight in fp32 before the cast
@@ -170,12 +186,14 @@ def _load_model(
                             f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a Dream model "
                             f"with this config.json (wrong architecture, or an unmerged adapter?)."
                         )
-                    t = f.get_tensor(key)
-                    if t.shape != expected[key]:
+                    sl = f.get_slice(key)
+                    shape = torch.Size(sl.get_shape())
+                    if shape != expected[key]:
                         raise TensorMismatchError(
-                            f"{file.name}: tensor {key!r} has shape {tuple(t.shape)} but config.json implies "
+                            f"{file.name}: tensor {key!r} has shape {tuple(shape)} but config.json implies "
                             f"{tuple(expected[key])}; config.json and the weights disagree."
                         )
+                    t = sl[:] if shard is None else shard.read(key, config, sl)  # a shard reads only its slice
                     state[key] = updates[key].merge_into(t.float()).to(dtype) if key in updates else t.to(dtype)
         except (TensorMismatchError, CheckpointNotFoundError):
             raise
