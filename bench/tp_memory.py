@@ -2,8 +2,8 @@
 
 For TP = 1, 2 and 4, a fresh process loads rank 0's shard of a random checkpoint (weights read slice by slice
 from safetensors), allocates the static cache (``--rows`` x ``--max-len``) and reports the bytes of its
-parameters + cache and its peak RSS minus the RSS it had before loading (interpreter and torch excluded), and the growth of its
-anonymous memory (RssAnon: what the rank owns; the peak RSS also counts pages of the mapped safetensors
+parameters + cache, its peak RSS minus the RSS it had before loading (interpreter and torch excluded), and the
+growth of its anonymous memory (RssAnon: what the rank owns; the peak RSS also counts pages of the mapped safetensors
 file, and a column slice of a row-major tensor touches every page of it, so the peak of a shard includes
 file pages the kernel can drop at any time). The
 same ratio is then computed from the shapes alone for Dream-7B (no weights needed).
