@@ -182,6 +182,30 @@ def assert_killed_rank_is_named(group: BranchParallelGroup, victim: int) -> None
     t0 = time.monotonic()
     with pytest.raises(DistributedError, match=rf"rank {victim} \(pid {group.pids[victim]}\) exited"):
         group.generate(PROMPT, cfg)
-    assert time.monotonic() - t0 < TIMEOUT_S
+    assert time.monotonic() - t0 < group.timeout_s
     assert all(p.poll() is not None for p in group.procs)
     assert not any(psutil.pid_exists(pid) for pid in group.pids)
+
+
+# ---- NCCL (one GPU per rank) ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("bp,tp", [(1, 2), (2, 2)])
+def test_nccl_mesh_equals_one_gpu(tmp_path, bp, tp):
+    if torch.cuda.device_count() < bp * tp:
+        pytest.skip(f"needs {bp * tp} GPUs")
+    ckpt = checkpoint(tmp_path, 4, 2)
+    ref = LLM(ckpt, device="cuda", dtype="float32", enforce_eager=True)
+    with BranchParallelGroup(
+        bp, ckpt, tp=tp, device="cuda", dtype="float32", timeout_s=30, kv_dump_dir=tmp_path, startup_timeout_s=240
+    ) as group:  # fmt: skip
+        torch.testing.assert_close(group.forward(IDS), plain_forward(ref, IDS), atol=1e-4, rtol=0)
+        check_equivalent(group, ref, configs(0, 1, 3))
+
+
+@pytest.mark.gpu
+def test_nccl_mesh_names_a_killed_rank(tmp_path):
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs")
+    ckpt = checkpoint(tmp_path, 4, 2)
+    with BranchParallelGroup(2, ckpt, tp=2, device="cuda", timeout_s=30, startup_timeout_s=240) as group:
+        assert_killed_rank_is_named(group, victim=3)
