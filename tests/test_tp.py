@@ -12,16 +12,22 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lopa import LLM, DecodeConfig
+from lopa.dist.init import free_port
 from lopa.dist.launch import BranchParallelGroup
 from lopa.dist.mesh import layout
 from lopa.dist.worker import plain_forward
@@ -209,3 +215,46 @@ def test_nccl_mesh_names_a_killed_rank(tmp_path):
     ckpt = checkpoint(tmp_path, 4, 2)
     with BranchParallelGroup(2, ckpt, tp=2, device="cuda", timeout_s=30, startup_timeout_s=240) as group:
         assert_killed_rank_is_named(group, victim=3)
+
+
+# ---- serving -------------------------------------------------------------------------------------------------
+def test_serve_tp2_answers_like_one_process(tmp_path, single_thread):
+    ckpt = checkpoint(tmp_path, 4, 2)
+    port = free_port()
+    flags = ["--decoder", "lopa", "--branches", "2", "--block-size", "4", "--max-new-tokens", "16"]
+    cmd = [sys.executable, "-m", "lopa", "serve", "--tp", "2", "--model", str(ckpt), "--port", str(port), *flags]
+    env = dict(os.environ, LOPA_DIST_TIMEOUT=str(TIMEOUT_S), OMP_NUM_THREADS="1")
+    server = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + 240
+        while True:
+            assert server.poll() is None, "the server exited"
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        workers = [c.pid for c in psutil.Process(server.pid).children()]
+        assert len(workers) == 1
+        ref = LLM(ckpt)
+        want = DecodeConfig(decoder="lopa", branches=2, block_size=4, max_new_tokens=16)
+        want = ref.generate("def add(a, b):", want, raw=True)[0]
+        for stream in (False, True):  # twice: the group is in step after the first request
+            body = {"model": ckpt.name, "prompt": "def add(a, b):", "max_tokens": 16, "stream": stream}
+            r = httpx.post(f"{url}/completions", json=body, timeout=120)
+            assert r.status_code == 200
+            if stream:
+                chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+                assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
+            else:
+                assert r.json()["choices"][0]["text"] == want.text
+                assert r.json()["usage"]["forwards"] == want.stats.forwards
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    deadline = time.monotonic() + 10  # the worker rank sees its parent gone within a heartbeat
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers):
+        assert time.monotonic() < deadline, "a worker rank outlived the server"
+        time.sleep(0.1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from lopa.dist.mesh import Mesh, TensorParallel, layout
 from lopa.dist.monitor import Monitor
 from lopa.dist.runner import BranchParallelRunner
 from lopa.errors import DistributedError
-from lopa.llm import LLM, Prompt
+from lopa.llm import LLM, Messages, Prompt, StreamEvent
 from lopa.outputs import Completion
 
 _POLL_S = (0.001, 0.05)  # doorbell polling interval: starts short, grows while idle
@@ -106,6 +106,46 @@ class BranchParallelLLM:
             raise
         dump_kv(self.runner, self.kv_dump_dir, self.channel.count, self.ctx.rank)
         return completion
+
+    # ---- what the server needs of an LLM (one sequence at a time) ---------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.llm.model_name
+
+    @property
+    def max_context(self) -> int:
+        return self.llm.max_context
+
+    def stream(
+        self, prompt: Prompt | Messages, config: DecodeConfig | None = None, raw: bool = False
+    ) -> Iterator[StreamEvent]:
+        """Like :meth:`LLM.stream`, decoded by the whole group. Closing the stream early still finishes the
+        request here without yielding (the other ranks run it to the end, and the next request must find them
+        in step), so a cancelled request costs the rest of its decoding."""
+        cfg = (config or self.llm.default_config).validate()
+        ids = self.llm.encode_prompt(prompt, raw)
+        self.llm.check_fits(ids, cfg)
+        if self.broken:
+            raise DistributedError("the branch-parallel group has failed earlier; start a new one")
+        finished = False
+        try:
+            self.channel.send({"type": "generate", "ids": ids, "config": cfg.to_dict(), "fault": None})
+            events = self.llm.stream(ids, cfg)
+            for event in events:
+                yield event
+            finished = True
+        except GeneratorExit:
+            for _ in events:  # the consumer left: finish the request with the other ranks
+                pass
+            finished = True
+            raise
+        finally:
+            if not finished:
+                self.broken = True
 
     def forward(self, ids: list[int]) -> torch.Tensor:
         """Raw logits (L, vocab) of one plain forward over ``ids`` (no cache), computed by the whole group."""

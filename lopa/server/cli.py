@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args
+from lopa.dist.launch import add_dist_arguments, add_tp_argument
 from lopa.errors import ConfigError
 
 
@@ -28,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log"
     )
+    dist = parser.add_argument_group("mesh (tensor / branch parallelism, one sequence at a time)")
+    dist.add_argument("--bp", type=int, default=1, metavar="M", help="branch groups (default: 1)")
+    add_tp_argument(dist)
+    add_dist_arguments(dist)
     add_decode_arguments(parser)
 
 
@@ -42,7 +47,15 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     config = decode_config_from_args(args)
-    llm = load_llm(args)
+    if args.tp > 1 or args.bp > 1:  # this process becomes rank 0 of a mesh; the other ranks start here
+        from lopa.dist.serving import start_serving_mesh
+
+        llm = start_serving_mesh(
+            args.model, tp=args.tp, bp=args.bp, lora=args.lora, device=args.device, dtype=args.dtype,
+            timeout_s=args.dist_timeout, port=args.dist_port,
+        )  # fmt: skip
+    else:
+        llm = load_llm(args)
     app = create_app(
         llm,
         default_config=config,
