@@ -258,3 +258,16 @@ def test_serve_tp2_answers_like_one_process(tmp_path, single_thread):
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers):
         assert time.monotonic() < deadline, "a worker rank outlived the server"
         time.sleep(0.1)
+
+
+def test_mesh_2x2_names_a_stuck_rank_at_the_timeout(tmp_path, single_thread):
+    ckpt = checkpoint(tmp_path, 4, 2)
+    with BranchParallelGroup(2, ckpt, tp=2, timeout_s=TIMEOUT_S, startup_timeout_s=240) as group:
+        group.inject_fault(3, "hang", iteration=2)  # alive, heartbeat going, never joins its TP peer's all-reduce
+        cfg = DecodeConfig(decoder="lopa", branches=3, block_size=4, max_new_tokens=32, threshold=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(DistributedError, match=r"rank 3 is stuck") as err:
+            group.generate(PROMPT, cfg)
+        assert "rank 2 is stuck" not in str(err.value)
+        assert time.monotonic() - t0 < TIMEOUT_S + 3.0
+        assert all(p.poll() is not None for p in group.procs)

@@ -153,7 +153,8 @@ class Monitor:
             if culprits or reports or time.monotonic() >= deadline:  # a report already says what went wrong
                 break
             time.sleep(self.interval_s)
-        behind = sorted(r for r, p in self.peers.items() if r not in dead and r not in reports and self._behind(r, p))
+        behind = [r for r, p in self.peers.items() if r not in dead and r not in reports and self._behind(r, p)]
+        behind = sorted(self._furthest_behind(behind))
         if culprits:
             cause = "; ".join(culprits)
         elif behind:
@@ -180,6 +181,13 @@ class Monitor:
         if p.seq != self.seq:
             return p.seq < self.seq
         return r in self.tp_ranks and p.tp_seq < self.tp_seq
+
+    def _furthest_behind(self, ranks: list[int]) -> list[int]:
+        """Of the ranks behind, those no rank of the same TP group is further behind than: a TP group waiting
+        in an all-reduce for its stuck member is behind too, but only the member is to blame."""
+        size = len(self.tp_ranks)
+        progress = {r: (self.peers[r].seq, self.peers[r].tp_seq) for r in ranks}
+        return [r for r in ranks if not any(q // size == r // size and progress[q] < progress[r] for q in ranks)]
 
     def report(self, cause: str) -> None:
         """Tell the other ranks this one is giving up, and why (best effort: the store may be gone)."""
