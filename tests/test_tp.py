@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from lopa import LLM, DecodeConfig
+from lopa.cli import main
 from lopa.dist.init import free_port
 from lopa.dist.launch import BranchParallelGroup
 from lopa.dist.mesh import layout
@@ -271,3 +272,16 @@ def test_mesh_2x2_names_a_stuck_rank_at_the_timeout(tmp_path, single_thread):
         assert "rank 2 is stuck" not in str(err.value)
         assert time.monotonic() - t0 < TIMEOUT_S + 3.0
         assert all(p.poll() is not None for p in group.procs)
+
+
+def test_cli_generate_tp2_prints_the_single_process_answer(tmp_path, capsys, monkeypatch, single_thread):
+    ckpt = checkpoint(tmp_path, 4, 2)
+    monkeypatch.setenv("LOPA_DIST_TIMEOUT", str(TIMEOUT_S))
+    flags = ["--decoder", "lopa", "--branches", "2", "--block-size", "4", "--max-new-tokens", "16"]
+    assert main(["generate", "--tp", "2", "--model", str(ckpt), "--json", *flags, "hello there"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ref = LLM(ckpt).generate("hello there", DecodeConfig(decoder="lopa", branches=2, block_size=4, max_new_tokens=16))
+    assert got["token_ids"] == ref[0].token_ids
+    assert got["stats"]["forwards"] == ref[0].stats.forwards
+    assert main(["generate", "--tp", "0", "--model", str(ckpt), "x"]) == 2
+    assert "must be positive" in capsys.readouterr().err

@@ -148,7 +148,9 @@ class Monitor:
         """
         deadline = time.monotonic() + wait_s
         while True:
-            reports, dead = self.reports(), self.unresponsive()
+            # dead ranks first: a rank that reported and then exited is then sure to show its report too
+            dead = self.unresponsive()
+            reports = self.reports()
             culprits = [why for r, why in dead.items() if r not in reports]
             if culprits or reports or time.monotonic() >= deadline:  # a report already says what went wrong
                 break
