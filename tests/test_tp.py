@@ -285,3 +285,15 @@ def test_cli_generate_tp2_prints_the_single_process_answer(tmp_path, capsys, mon
     assert got["stats"]["forwards"] == ref[0].stats.forwards
     assert main(["generate", "--tp", "0", "--model", str(ckpt), "x"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_bp_measures_every_term_on_nccl():
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs")
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bp.py"
+    cmd = [sys.executable, str(bench), "--device", "cuda", "--mesh", "1x1,1x2,2x1,2x2", "--max-new-tokens", "32"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900).stdout
+    rows = json.loads(out.strip().splitlines()[-1])["rows"]
+    assert rows["1x2"]["all_reduce"] > 0 and rows["2x2"]["all_reduce"] > 0
+    assert rows["2x1"]["all_gather"] > 0 and rows["2x2"]["kv_broadcast"] > 0
