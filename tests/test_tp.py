@@ -252,6 +252,11 @@ def test_serve_tp2_answers_like_one_process(tmp_path, single_thread):
             else:
                 assert r.json()["choices"][0]["text"] == want.text
                 assert r.json()["usage"]["forwards"] == want.stats.forwards
+        body = {"model": ckpt.name, "prompt": "def add(a, b):", "max_tokens": 256, "stream": True}
+        with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as r:
+            next(r.iter_lines())  # hang up after the first event: rank 0 finishes the request quietly
+        body = {"model": ckpt.name, "prompt": "def add(a, b):", "max_tokens": 16}
+        assert httpx.post(f"{url}/completions", json=body, timeout=120).json()["choices"][0]["text"] == want.text
     finally:
         server.terminate()
         server.wait(timeout=30)
