@@ -137,7 +137,13 @@ def _block(cfg: DecodeConfig) -> int:
 def _labels(order: FillOrder, end_ids: frozenset[int], token_text: Callable[[int], str] | None) -> list[str] | None:
     if token_text is None:
         return None
-    return ["EOS" if t in end_ids else token_text(t) if t >= 0 else "" for t in order.token.tolist()]
+    return ["EOS" if t in end_ids else _printable(token_text(t)) if t >= 0 else "" for t in order.token.tolist()]
+
+
+def _printable(text: str) -> str:
+    """A short tick label: control characters escaped, blanks shown as a dot."""
+    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text.strip())
+    return (text or "·")[:10]
 
 
 def _title(completion: Completion, cfg: DecodeConfig, describe: str) -> str:
