@@ -63,7 +63,8 @@ class Run {
     $(".replay", this.node).addEventListener("click", () => this.replay());
   }
 
-  reset(settings) {
+  reset(settings, replay = false) {
+    if (!replay) this.node.dataset.runs = Number(this.node.dataset.runs || 0) + 1;  // runs started in this panel
     this.settings = settings;
     this.steps = [];
     this.done = null;
@@ -209,7 +210,7 @@ class Run {
 
   async replay() {
     const steps = this.steps, done = this.done;
-    this.reset(this.settings);
+    this.reset(this.settings, true);
     this.start(this.info);
     for (const s of steps) { this.step(s); await new Promise((r) => setTimeout(r, 400)); }
     this.finish(done);
