@@ -140,7 +140,7 @@ def test_page_and_static_files_are_served(base_url: str) -> None:
     page = httpx.get(f"{base_url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<script src="/static/app.js">' in page.text and "http" not in page.text.replace("http-equiv", "")
-    for name, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+    for name, kind in (("app.js", "javascript"), ("stream.js", "javascript"), ("style.css", "text/css")):
         r = httpx.get(f"{base_url}/static/{name}")
         assert r.status_code == 200 and kind in r.headers["content-type"] and len(r.text) > 1000
         assert "http://" not in r.text and "https://" not in r.text  # nothing fetched from elsewhere
