@@ -3,7 +3,8 @@
 Serves the bundled model as ``lopa serve`` does and checks the page against the API of the same server (never
 against the model's exact text): the grid's text equals ``/v1/completions``' text for the same settings, one
 step per forward, every filled cell's forward, token and lookahead mark equal the ``/v1/trace`` stream's; compare
-mode shows both runs; a 4xx's message and an unreachable server are shown; everything works from the keyboard.
+mode shows both runs; a 4xx's message, an unreachable server and a stream that breaks off are shown; everything
+works from the keyboard.
 Skips when Playwright or the browser is missing (``.ci/run`` installs both). A screenshot of compare mode is
 saved in the test's tmp dir, and also in ``$LOPA_SCREENSHOT_DIR`` when set (docs/live-view.png comes from there).
 """
@@ -207,6 +208,18 @@ def test_server_gone_is_a_clear_message(browser, llm: LLM) -> None:
     assert "Cannot reach the lopa server" in text and "lopa serve" in text
     assert p.get_attribute("#run-a", "data-state") == "error"
     p.close()
+
+
+def test_a_stream_that_breaks_off_is_reported(page, base_url: str) -> None:
+    with httpx.stream("POST", f"{base_url}/v1/trace", json={"prompt": PROMPT, "lopa": LOPA}, timeout=120) as r:
+        frames = r.read().decode().split("\n\n")
+    cut = "\n\n".join(frames[:2]) + "\n\n"  # start and the first step, then the connection ends
+    page.route("**/v1/trace", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=cut))
+    page.click("#run")
+    page.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+    assert "closed before run A finished" in page.inner_text("#error")
+    assert page.locator("#run-a .steps > li").count() == 1  # what did arrive is still shown
+    assert page.locator("#run-a .cell[data-step='1']").count() >= 1
 
 
 def focus(page, element_id: str, key: str = "Tab", limit: int = 40) -> None:
