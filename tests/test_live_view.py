@@ -71,6 +71,8 @@ def page(browser, base_url: str):
     p.on("pageerror", lambda e: errors.append(str(e)))
     p.goto(f"{base_url}/")
     p.wait_for_selector("body[data-ready='1']", timeout=WAIT_MS)
+    if p.is_enabled("#chat"):
+        p.uncheck("#chat")  # the API side of every comparison is /v1/completions with the raw prompt
     yield p
     p.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
