@@ -145,7 +145,7 @@ def test_buckets_round_rows_window_and_kv_length(fused):
 def test_pack_inputs_pads_rows_and_window():
     cands = [Candidate(torch.tensor([5, 63, 63]), torch.tensor([11, 12]), torch.ones(2, dtype=torch.bool))]
     cands.append(Candidate(torch.tensor([5, 63]), torch.tensor([11]), torch.ones(1, dtype=torch.bool)))
-    b = build_batch(10, 1, cands, pad_id=62)
+    b = build_batch(10, 1, cands, pad_id=62, shift=1)
     packed = pack_inputs(b, rows=4, width=8, pad_id=62)  # (4, rows, width)
     ids, valid, idx, positions = packed
     assert ids[:2, :3].tolist() == [[5, 63, 63], [5, 63, 62]] and (ids[2:] == 62).all() and (ids[:, 3:] == 62).all()
