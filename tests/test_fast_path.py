@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_utils import END, MASK, answer, peaky_model
+from engine_utils import END, FAMILIES, MASK, answer, peaky_model
 
 from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
@@ -53,9 +53,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def model() -> DreamModel:
-    return peaky_model(seed=2)
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def model(request) -> DreamModel:
+    """A peaky random model of each family: the fast path is shared, and LLaDA has no shift and no biases."""
+    return peaky_model(seed=2, family=request.param)
 
 
 @pytest.fixture(scope="module")
