@@ -259,20 +259,20 @@ def test_llm_enforce_eager_selects_the_runner(tiny_ckpt):
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------
-def test_gpu_step_bench_runs_on_cpu(capsys):
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_gpu_step_bench_runs_on_cpu(capsys, family):
     path = Path(__file__).resolve().parents[1] / "bench" / "gpu_step.py"
     spec = importlib.util.spec_from_file_location("gpu_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    argv = ["--device", "cpu", "--shape", "tiny", "--branches", "1", "2", "--windows", "8", "--cache", "16"]
-    assert bench.main([*argv, "--warmup", "0", "--reps", "1"]) == 0
+    argv = ["--device", "cpu", "--family", family, "--shape", "tiny", "--branches", "1", "2", "--windows", "8"]
+    assert bench.main([*argv, "--cache", "16", "--warmup", "0", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
-    assert "PROJECTION" in out
-    h, i, n, heads, kv, d, v = bench.SHAPES["tiny"]
-    params = 2 * v * h + n * (
-        h * heads * d + 2 * (h * kv * d) + heads * d + 2 * kv * d + heads * d * h + 3 * h * i + 2 * h
-    )
+    assert "PROJECTION" in out and summary["family"] == family
+    h, i, n, heads, kv, d, v = bench.FAMILY_SHAPES[family]["tiny"]
+    biases = heads * d + 2 * kv * d if family == "dream" else 0  # LLaDA has no q/k/v biases
+    params = 2 * v * h + n * (h * heads * d + 2 * (h * kv * d) + biases + heads * d * h + 3 * h * i + 2 * h)
     assert summary["weight_bytes"] == 4 * (params + h)  # fp32, plus the final norm
     floor = summary["weight_bytes"] / (summary["copy_bandwidth_gbs"] * 1e9) * 1e3
     assert summary["floor_ms"] == pytest.approx(floor, rel=0.05)  # bandwidth is printed rounded
