@@ -13,8 +13,7 @@ the engine and the decoders cannot tell it from :class:`lopa.engine.runner.Runne
   itself from these few numbers; never logits.
 - ``commit(w, n)``: Commit-Winner-Cache. The owner commits locally and broadcasts the newly committed K/V span
   of every layer together with the frozen last logit (when the model's shift keeps one) in ONE tensor; the
-  others overwrite their cache. All
-  ranks' committed caches stay bit-identical.
+  others overwrite their cache. All ranks' committed caches stay bit-identical.
 
 ``timing`` splits each request's time into forward, scoring (local runner), all_gather, broadcast (the
 prediction) and kv_broadcast, so the cost of communication is visible next to the compute.
