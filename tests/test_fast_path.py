@@ -285,14 +285,16 @@ def test_gpu_step_bench_runs_on_cpu(capsys, family):
 
 
 # ---- CUDA graphs (skipped without CUDA) ----------------------------------------------------------------
-def _cuda_model(dtype: torch.dtype) -> DreamModel:
-    cfg = ModelConfig(512, 128, 256, 2, 4, 2, 32, mask_token_id=MASK, eos_token_id=62, pad_token_id=62)
+def _cuda_model(dtype: torch.dtype, family: str) -> DreamModel:
+    ids = dict(mask_token_id=MASK, eos_token_id=62, pad_token_id=62)
+    cfg = ModelConfig(512, 128, 256, 2, 4, 2, 32, **ids, **FAMILIES[family])
     return random_model(cfg, seed=0).to("cuda", dtype)
 
 
 @pytest.mark.gpu
-def test_cuda_graph_logits_match_eager_bf16():
-    base = _cuda_model(torch.bfloat16)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cuda_graph_logits_match_eager_bf16(family):
+    base = _cuda_model(torch.bfloat16, family)
     fast = FastRunner(fuse(copy.deepcopy(base)), torch.device("cuda"))
     assert fast.use_graphs
     for a, b in _two_steps(Runner(base, torch.device("cuda")), fast):
