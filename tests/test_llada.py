@@ -244,3 +244,18 @@ def test_dream_tensor_names_in_a_llada_checkpoint_are_named(tmp_path: Path, tiny
     shutil.copyfile(tiny_ckpt / "model.safetensors", ckpt / "model.safetensors")
     with pytest.raises(TensorMismatchError, match=r"unexpected tensor '[\w.]+'; .* a llada model"):
         load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_name_tables_translate_every_tensor_both_ways(family: str) -> None:
+    from lopa.model.dream import DreamModel
+    from lopa.model.family import families
+
+    fam = families()[family]
+    cfg = ModelConfig(97, 32, 48, 3, 4, 2, 8, model_type=fam.model_types[0])
+    with torch.device("meta"):
+        names = list(DreamModel(cfg).state_dict())
+    ckpt = [fam.tensor_to_checkpoint(n) for n in names]
+    assert len(set(ckpt)) == len(names)  # one checkpoint name per tensor
+    assert [fam.tensor_to_shared(c) for c in ckpt] == names
+    assert fam.tensor_to_shared("model.transformer.blocks.0.q_norm.weight") is None or family == "dream"

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 NameTable = tuple[tuple[str, str], ...]  # (checkpoint module pattern, shared module pattern); "{i}" = layer index
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Family:
     """One checkpoint lineage: see the module docstring for what it owns."""
 
