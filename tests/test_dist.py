@@ -132,6 +132,8 @@ def test_branch_parallel_equals_single_process(world, family, groups, references
             torch.testing.assert_close(kvs[0][1], ref_v, atol=1e-5, rtol=0)
             owners |= {t.winner % world for t in got.trace}
     assert owners == set(range(world))  # every rank won at least once: its K/V broadcast was exercised
+    if family != "dream":
+        group.close()  # only the Dream groups serve the fault tests below; idle ranks would slow their timing
 
 
 def test_user_error_leaves_the_group_usable(groups):
