@@ -50,7 +50,7 @@ def default_model_dir() -> Path:
 
 
 class LLM:
-    """A loaded Dream-family model ready to decode. Not thread-safe: serialize calls."""
+    """A loaded model (any supported family) ready to decode. Not thread-safe: serialize calls."""
 
     def __init__(
         self,
@@ -70,7 +70,9 @@ class LLM:
         self.max_context = self.config.max_position_embeddings
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
-        self.default_config = DecodeConfig.recommended(self.checkpoint.generation_config)
+        self.default_config = DecodeConfig.recommended(
+            {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
+        )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
 
     # ---- prompts -------------------------------------------------------------------------------------
