@@ -55,10 +55,12 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def checkpoint_decode_defaults(model_dir: str | None) -> DecodeConfig:
-    """The decoding defaults for a checkpoint (the bundled one when None): see DecodeConfig.recommended."""
+    """The decoding defaults for a checkpoint (the bundled one when None): see DecodeConfig.recommended and
+    lopa.model.family.recommended_settings (the family's recommendations under the checkpoint's own)."""
     from pathlib import Path
 
     from lopa.model.config import read_json
+    from lopa.model.family import recommended_settings
 
     if model_dir is None:
         from lopa.tiny import default_checkpoint_dir
@@ -67,7 +69,8 @@ def checkpoint_decode_defaults(model_dir: str | None) -> DecodeConfig:
     else:
         path = Path(model_dir)
     try:
-        return DecodeConfig.recommended(read_json(path / "generation_config.json"))
+        settings = recommended_settings(read_json(path / "config.json"), read_json(path / "generation_config.json"))
+        return DecodeConfig.recommended(settings)
     except LopaError:  # a broken file is reported by the loader, with the full story
         return DecodeConfig()
 

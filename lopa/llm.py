@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from lopa.engine.fast import make_runner
 from lopa.errors import ConfigError, PromptTooLongError
 from lopa.model.loader import load_checkpoint
 from lopa.model.tp import TPShard
-from lopa.outputs import Completion, Stats
+from lopa.outputs import Completion, Stats, TraceStep
 
 Prompt = str | Sequence[int]
 BUNDLED_MODEL_NAME = "lopa-tiny"  # model id of the checkpoint shipped in lopa/tiny/checkpoint
@@ -32,11 +32,16 @@ Messages = list[dict[str, str]]
 
 @dataclass
 class StreamEvent:
-    """Text that became final since the previous event ('' if none); ``completion`` on the last event."""
+    """Text that became final since the previous event ('' if none); ``completion`` on the last event.
+
+    With ``DecodeConfig.trace`` on, ``trace`` holds the trace steps recorded since the previous event (one per
+    forward), so a client can show the decoding live; it is empty otherwise.
+    """
 
     text: str
     token_ids: list[int]
     completion: Completion | None = None
+    trace: list[TraceStep] = field(default_factory=list)
 
 
 def default_model_dir() -> Path:
@@ -46,7 +51,7 @@ def default_model_dir() -> Path:
 
 
 class LLM:
-    """A loaded Dream-family model ready to decode. Not thread-safe: serialize calls."""
+    """A loaded model (any supported family) ready to decode. Not thread-safe: serialize calls."""
 
     def __init__(
         self,
@@ -69,7 +74,9 @@ class LLM:
         self.max_context = self.config.max_position_embeddings
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
-        self.default_config = DecodeConfig.recommended(self.checkpoint.generation_config)
+        self.default_config = DecodeConfig.recommended(
+            {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
+        )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
 
     # ---- prompts -------------------------------------------------------------------------------------
@@ -138,7 +145,7 @@ class LLM:
         cfg = (config or self.default_config).validate()
         ids = self.encode_prompt(prompt, raw)
         self.check_fits(ids, cfg)
-        shown_text, shown_ids = "", 0
+        shown_text, shown_ids, shown_steps = "", 0, 0
         hold = max((len(s) for s in cfg.stop), default=1) - 1
         for step, completion in self._steps(ids, cfg):
             if completion is None:
@@ -151,7 +158,9 @@ class LLM:
             shown_text += delta
             new_ids = out_ids[shown_ids:]
             shown_ids = max(shown_ids, len(out_ids))
-            yield StreamEvent(delta, new_ids, completion)
+            steps = step.trace[shown_steps:] if step.trace is not None else []
+            shown_steps += len(steps)
+            yield StreamEvent(delta, new_ids, completion, steps)
 
     def _steps(self, ids: list[int], cfg: DecodeConfig) -> Iterator[tuple[Step, Completion | None]]:
         t0 = time.perf_counter()

@@ -2,11 +2,11 @@
 
 - Sharding: every rank's slices put back together are the full weights, read slice by slice from safetensors;
   kv heads are replicated when there are fewer than ranks; shapes that do not divide get a named error.
-- TP = 2 and 3, GQA and MHA (and replicated kv heads): logits equal the single process within 1e-4, decoding
-  gives the same tokens, forwards and winners, and each rank's committed K/V is its slice of the single-process
-  cache.
-- BP 2 x TP 2 (4 processes): the same, with k + 1 below, equal to and above the 2 branch groups; then a rank
-  killed mid-generation is named within the timeout and no process is left.
+- TP = 2 and 3, GQA and MHA (and replicated kv heads), Dream and LLaDA: logits equal the single process
+  within 1e-4, decoding gives the same tokens, forwards and winners, and each rank's committed K/V is its
+  slice of the single-process cache.
+- BP 2 x TP 2 (4 processes): the same (Dream and LLaDA), with k + 1 below, equal to and above the 2 branch
+  groups; a rank killed mid-generation (or stuck) is named within the timeout and no process is left.
 - Memory: tensor bytes (weights + cache) of a TP = 2 rank against the single process.
 """
 
@@ -41,8 +41,17 @@ TIMEOUT_S = 8.0
 PROMPT = [5, 17, 3, 99, 42, 7]
 IDS = [5, 17, 3, 99, 42, 7, 260, 11, 12, 4, 4, 8]
 BASE = dict(block_size=4, max_new_tokens=16, threshold=0.5, trace=True)
-# name -> (heads, kv heads, tp)
-MODELS = {"gqa-tp2": (4, 2, 2), "mha-tp2": (4, 4, 2), "gqa-tp3": (6, 3, 3), "mha-tp3": (6, 6, 3), "kv1-tp2": (4, 1, 2)}
+# name -> (heads, kv heads, tp, family)
+MODELS = {
+    "dream-gqa-tp2": (4, 2, 2, "dream"),
+    "dream-mha-tp2": (4, 4, 2, "dream"),
+    "dream-gqa-tp3": (6, 3, 3, "dream"),
+    "dream-mha-tp3": (6, 6, 3, "dream"),
+    "dream-kv1-tp2": (4, 1, 2, "dream"),
+    "llada-mha-tp2": (4, 4, 2, "llada"),
+    "llada-mha-tp3": (6, 6, 3, "llada"),
+    "llada-gqa-tp2": (4, 2, 2, "llada"),
+}
 
 
 def configs(k_lo: int, k_eq: int, k_hi: int) -> list[DecodeConfig]:
@@ -54,10 +63,11 @@ def configs(k_lo: int, k_eq: int, k_hi: int) -> list[DecodeConfig]:
     ]
 
 
-def checkpoint(root: Path, heads: int, kv: int) -> Path:
+def checkpoint(root: Path, heads: int, kv: int, family: str = "dream") -> Path:
     return make_tiny_checkpoint(
-        root / f"tp-{heads}-{kv}", hidden_size=96, num_heads=heads, num_kv_heads=kv, intermediate_size=192, seed=3
-    )
+        root / f"tp-{family}-{heads}-{kv}", hidden_size=96, num_heads=heads, num_kv_heads=kv, intermediate_size=192,
+        seed=3, family=family,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +112,9 @@ def check_equivalent(group: BranchParallelGroup, ref: LLM, cfgs: list[DecodeConf
 
 
 # ---- sharding, in this process ------------------------------------------------------------------------
-@pytest.mark.parametrize("heads,kv,tp", MODELS.values(), ids=MODELS.keys())
-def test_shards_put_together_are_the_full_weights(tmp_path, heads, kv, tp):
-    ckpt = checkpoint(tmp_path, heads, kv)
+@pytest.mark.parametrize("heads,kv,tp,family", MODELS.values(), ids=MODELS.keys())
+def test_shards_put_together_are_the_full_weights(tmp_path, heads, kv, tp, family):
+    ckpt = checkpoint(tmp_path, heads, kv, family)
     full = load_checkpoint(ckpt).model.state_dict()
     parts = [load_checkpoint(ckpt, shard=TPShard(r, tp)).model.state_dict() for r in range(tp)]
     for key, want in full.items():
@@ -153,9 +163,9 @@ def test_tp2_rank_holds_at_most_six_tenths_of_the_tensor_bytes(tmp_path):
 
 
 # ---- TP groups ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("heads,kv,tp", MODELS.values(), ids=MODELS.keys())
-def test_tensor_parallel_equals_single_process(tmp_path, single_thread, heads, kv, tp):
-    ckpt = checkpoint(tmp_path, heads, kv)
+@pytest.mark.parametrize("heads,kv,tp,family", MODELS.values(), ids=MODELS.keys())
+def test_tensor_parallel_equals_single_process(tmp_path, single_thread, heads, kv, tp, family):
+    ckpt = checkpoint(tmp_path, heads, kv, family)
     ref = LLM(ckpt)
     with BranchParallelGroup(
         1, ckpt, tp=tp, timeout_s=TIMEOUT_S, kv_dump_dir=tmp_path, startup_timeout_s=240
@@ -166,6 +176,15 @@ def test_tensor_parallel_equals_single_process(tmp_path, single_thread, heads, k
 
 
 # ---- the 2 x 2 mesh ----------------------------------------------------------------------------------------
+def test_mesh_2x2_llada_equals_single_process(tmp_path, single_thread):
+    ckpt = checkpoint(tmp_path, 4, 4, "llada")
+    ref = LLM(ckpt)
+    with BranchParallelGroup(2, ckpt, tp=2, timeout_s=TIMEOUT_S, kv_dump_dir=tmp_path, startup_timeout_s=240) as group:
+        torch.testing.assert_close(group.forward(IDS), plain_forward(ref, IDS), atol=1e-4, rtol=0)
+        winners = check_equivalent(group, ref, configs(0, 1, 3))
+        assert {w % 2 for w in winners} == {0, 1}
+
+
 def test_mesh_2x2_equals_single_process_and_names_a_killed_rank(tmp_path, single_thread):
     ckpt = checkpoint(tmp_path, 4, 2)
     ref = LLM(ckpt)

@@ -12,8 +12,8 @@ the engine and the decoders cannot tell it from :class:`lopa.engine.runner.Runne
   with prob / conf bit-packed into the same int64 tensor): every rank then builds the next candidate set
   itself from these few numbers; never logits.
 - ``commit(w, n)``: Commit-Winner-Cache. The owner commits locally and broadcasts the newly committed K/V span
-  of every layer together with the frozen last logit in ONE tensor; the others overwrite their cache. All
-  ranks' committed caches stay bit-identical.
+  of every layer together with the frozen last logit (when the model's shift keeps one) in ONE tensor; the
+  others overwrite their cache. All ranks' committed caches stay bit-identical.
 
 In a BP x TP mesh (:mod:`lopa.dist.mesh`) "rank" above means *branch group*: the runner's ``comm`` is the
 cross group of this rank's TP rank, the local runner drives a tensor-parallel shard whose cache holds only
@@ -136,7 +136,7 @@ class BranchParallelRunner:
         t0 = time.perf_counter()
         start, end = cache.committed, cache.committed + n
         layers, _, heads, _, dim = cache.k.shape
-        vocab = int(self.local.model.config.vocab_size)
+        vocab = int(self.local.model.config.vocab_size) if self.local.shift else 0  # size of the frozen logit
         if owner == self.rank:
             self.local.commit(row, n)  # every local row gets the winner's span; last_logit is saved
             k, v = cache.span(start, end, row=0)  # each (layers, kv_heads, n, head_dim)
@@ -151,7 +151,7 @@ class BranchParallelRunner:
             v = payload[span : 2 * span].view(layers, heads, n, dim)
             cache.overwrite(start, k, v)
             cache.committed = cache.written = end  # the span is now committed here too, as on the owner
-            self.local.last_logit = payload[2 * span :].clone()  # (vocab,)
+            self.local.last_logit = payload[2 * span :].clone()  # (vocab,), or (0,) without a shift
         self._tick("kv_broadcast", t0)
 
     def committed_kv(self) -> tuple[Tensor, Tensor]:

@@ -1,9 +1,13 @@
-"""Loading and saving Dream-format checkpoint directories.
+"""Loading and saving checkpoint directories of every supported family (:mod:`lopa.model.family`).
 
-Owns the on-disk contract: ``config.json`` (model_type Dream, or Qwen2 field names), ``model.safetensors`` or
+Owns the on-disk contract: ``config.json`` (its ``model_type`` names the family, which parses it),
+``model.safetensors`` or
 shards listed in ``model.safetensors.index.json``, tokenizer files, ``generation_config.json``, and an optional
 peft LoRA adapter merged at load (:mod:`lopa.model.lora`). Weights are read only with safetensors; pickle-based
-``.bin`` / ``.pt`` files are refused. Every problem a user can cause raises a named :mod:`lopa.errors` exception.
+``.bin`` / ``.pt`` files are refused. Tensor names are translated between the family's checkpoint names and
+the shared module names of :class:`~lopa.model.dream.DreamModel` (the one transformer every family runs on);
+errors name tensors as the checkpoint spells them. Every problem a user can cause raises a named
+:mod:`lopa.errors` exception.
 Called by the LLM facade, the CLI, training and the tests.
 """
 
@@ -171,37 +175,43 @@ def _load_model(
         shard = None
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    family = config.family
     # The adapter is validated before any weight is read, and merged into each weight in fp32 before the cast
     # to ``dtype``, so a bf16 model gets one rounding of W + BA, not two.
-    updates = plan_lora(lora, linear_weight_shapes(model), config.tie_word_embeddings) if lora is not None else {}
+    updates = (
+        plan_lora(lora, linear_weight_shapes(model), config.tie_word_embeddings, family.to_shared)
+        if lora is not None
+        else {}
+    )
     state: dict[str, Tensor] = {}
     for file in weight_files(path):
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
+                    name = family.tensor_to_shared(key)
+                    if key.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                         continue
-                    if key not in expected:
+                    if name not in expected:
                         raise TensorMismatchError(
-                            f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a Dream model "
-                            f"with this config.json (wrong architecture, or an unmerged adapter?)."
+                            f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a "
+                            f"{family.name} model with this config.json (wrong architecture, or an unmerged adapter?)."
                         )
                     sl = f.get_slice(key)
                     shape = torch.Size(sl.get_shape())
-                    if shape != expected[key]:
+                    if shape != expected[name]:
                         raise TensorMismatchError(
                             f"{file.name}: tensor {key!r} has shape {tuple(shape)} but config.json implies "
-                            f"{tuple(expected[key])}; config.json and the weights disagree."
+                            f"{tuple(expected[name])}; config.json and the weights disagree."
                         )
-                    t = sl[:] if shard is None else shard.read(key, config, sl)  # a shard reads only its slice
-                    state[key] = updates[key].merge_into(t.float()).to(dtype) if key in updates else t.to(dtype)
+                    t = sl[:] if shard is None else shard.read(name, config, sl)  # a shard reads only its slice
+                    state[name] = updates[name].merge_into(t.float()).to(dtype) if name in updates else t.to(dtype)
         except (TensorMismatchError, CheckpointNotFoundError):
             raise
         except Exception as e:  # safetensors raises its own error type for a bad header or truncated data
             raise CorruptCheckpointError(
                 f"{file} is not a valid safetensors file ({e}); re-download or re-save it."
             ) from e
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(family.tensor_to_checkpoint(k) for k in set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise TensorMismatchError(
@@ -227,7 +237,10 @@ def save_checkpoint(
     generation_config: dict | None = None,
     max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write ``model`` as a Dream checkpoint directory that :func:`load_checkpoint` (and transformers) can read."""
+    """Write ``model`` as a checkpoint directory of its family that :func:`load_checkpoint` can read.
+
+    Tensor names and config.json are the family's own (a Dream checkpoint is also readable by transformers).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -242,6 +255,7 @@ def save_checkpoint(
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the HF convention: a tied head is not stored
+    state = {cfg.family.tensor_to_checkpoint(k): v for k, v in state.items()}
     for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:
         stale.unlink(missing_ok=True)
     shards = _shard(state, max_shard_bytes)

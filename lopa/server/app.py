@@ -5,7 +5,8 @@ itself: each request becomes a :class:`~lopa.server.worker.Job` run by the singl
 the route awaits the job's items, so the event loop stays free during forwards. A client that disconnects
 sets the job's cancel flag (a watcher task before the response starts; Starlette's disconnect listener, which
 cancels the SSE generator, afterwards). Errors are raised as exceptions and answered by ``handlers.py``;
-the body size limit is ``middleware.py``; response and chunk bodies are built by ``sse.py``.
+the body size limit is ``middleware.py``; response and chunk bodies are built by ``sse.py``; the trace stream and
+the page at ``/`` are ``trace.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lopa.server.handlers import ModelNotFoundError, add_error_handlers
 from lopa.server.middleware import BodyLimitMiddleware
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatCompletionRequest, CompletionRequest, sum_usage
+from lopa.server.trace import add_trace_routes
 from lopa.server.worker import Closed, Delta, EngineWorker, Failed, Finished, Job
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ def create_app(
     app.state.worker = worker
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     add_error_handlers(app)
+    add_trace_routes(app, worker, default, llm, model_name)  # the live view: GET /, POST /v1/trace (trace.py)
 
     def model_card() -> dict[str, Any]:
         return {

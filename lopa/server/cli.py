@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         served_model_name=args.served_model_name,
     )
-    print(f"serving {args.served_model_name or llm.model_name} on http://{args.host}:{args.port}/v1 ({config.decoder})")
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {args.served_model_name or llm.model_name} on {url}/v1 ({config.decoder}); live view: {url}/")
     # on Ctrl+C, give running requests 5 s, then cancel them (their generations stop within one forward)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

@@ -52,6 +52,14 @@ class Delta:
 
 
 @dataclass
+class Trace:
+    """Trace steps recorded since the previous item (only for jobs whose config has ``trace`` on)."""
+
+    index: int
+    steps: list[Any]  # lopa.outputs.TraceStep, one per forward
+
+
+@dataclass
 class Finished:
     index: int
     text: str  # the whole output of this prompt (after the max_tokens cut)
@@ -249,6 +257,8 @@ class EngineWorker:
                     delta = cutter.feed(event.text, list(event.token_ids))
                     if job.stream and delta:
                         job.push(Delta(index, delta))
+                    if event.trace:  # the live trace stream (server/trace.py); empty unless config.trace
+                        job.push(Trace(index, list(event.trace)))
                     if event.completion is not None:
                         completion = event.completion
             finally:
