@@ -13,22 +13,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
-from lopa.dist.init import free_port
 from lopa.dist.launch import BranchParallelGroup
 from lopa.dist.mesh import layout
 from lopa.dist.worker import plain_forward
@@ -237,54 +233,6 @@ def test_nccl_mesh_names_a_killed_rank(tmp_path):
         assert_killed_rank_is_named(group, victim=3)
 
 
-# ---- serving -------------------------------------------------------------------------------------------------
-def test_serve_tp2_answers_like_one_process(tmp_path, single_thread):
-    ckpt = checkpoint(tmp_path, 4, 2)
-    port = free_port()
-    flags = ["--decoder", "lopa", "--branches", "2", "--block-size", "4", "--max-new-tokens", "16"]
-    cmd = [sys.executable, "-m", "lopa", "serve", "--tp", "2", "--model", str(ckpt), "--port", str(port), *flags]
-    env = dict(os.environ, LOPA_DIST_TIMEOUT=str(TIMEOUT_S), OMP_NUM_THREADS="1")
-    server = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
-    try:
-        url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + 240
-        while True:
-            assert server.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
-        workers = [c.pid for c in psutil.Process(server.pid).children()]
-        assert len(workers) == 1
-        ref = LLM(ckpt)
-        want = DecodeConfig(decoder="lopa", branches=2, block_size=4, max_new_tokens=16)
-        want = ref.generate("def add(a, b):", want, raw=True)[0]
-        for stream in (False, True):  # twice: the group is in step after the first request
-            body = {"model": ckpt.name, "prompt": "def add(a, b):", "max_tokens": 16, "stream": stream}
-            r = httpx.post(f"{url}/completions", json=body, timeout=120)
-            assert r.status_code == 200
-            if stream:
-                chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
-                assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
-            else:
-                assert r.json()["choices"][0]["text"] == want.text
-                assert r.json()["usage"]["forwards"] == want.stats.forwards
-        body = {"model": ckpt.name, "prompt": "def add(a, b):", "max_tokens": 256, "stream": True}
-        with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as r:
-            next(r.iter_lines())  # hang up after the first event: rank 0 finishes the request quietly
-        body = {"model": ckpt.name, "prompt": "def add(a, b):", "max_tokens": 16}
-        assert httpx.post(f"{url}/completions", json=body, timeout=120).json()["choices"][0]["text"] == want.text
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    deadline = time.monotonic() + 10  # the worker rank sees its parent gone within a heartbeat
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers):
-        assert time.monotonic() < deadline, "a worker rank outlived the server"
-        time.sleep(0.1)
-
-
 def test_mesh_2x2_names_a_stuck_rank_at_the_timeout(tmp_path, single_thread):
     ckpt = checkpoint(tmp_path, 4, 2)
     with BranchParallelGroup(2, ckpt, tp=2, timeout_s=TIMEOUT_S, startup_timeout_s=240) as group:
@@ -296,19 +244,6 @@ def test_mesh_2x2_names_a_stuck_rank_at_the_timeout(tmp_path, single_thread):
         assert "rank 2 is stuck" not in str(err.value)
         assert time.monotonic() - t0 < TIMEOUT_S + 3.0
         assert all(p.poll() is not None for p in group.procs)
-
-
-def test_cli_generate_tp2_prints_the_single_process_answer(tmp_path, capsys, monkeypatch, single_thread):
-    ckpt = checkpoint(tmp_path, 4, 2)
-    monkeypatch.setenv("LOPA_DIST_TIMEOUT", str(TIMEOUT_S))
-    flags = ["--decoder", "lopa", "--branches", "2", "--block-size", "4", "--max-new-tokens", "16"]
-    assert main(["generate", "--tp", "2", "--model", str(ckpt), "--json", *flags, "hello there"]) == 0
-    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    ref = LLM(ckpt).generate("hello there", DecodeConfig(decoder="lopa", branches=2, block_size=4, max_new_tokens=16))
-    assert got["token_ids"] == ref[0].token_ids
-    assert got["stats"]["forwards"] == ref[0].stats.forwards
-    assert main(["generate", "--tp", "0", "--model", str(ckpt), "x"]) == 2
-    assert "must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
