@@ -4,7 +4,8 @@
 text that became final after every forward, so a server can send it at once and cancel between forwards by
 closing the iterator. Text is never revised: decoded positions are final, and only the contiguous decoded
 prefix of the answer is ever shown. Parameters are validated by :meth:`DecodeConfig.validate`; prompt length
-is checked here against the model's context.
+is checked here against the model's context, and a prompt holding the mask token is refused here
+(:class:`~lopa.errors.MaskTokenInPromptError`): every decoder continues a prompt, none infills one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from lopa.config import DecodeConfig
 from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
-from lopa.errors import ConfigError, PromptTooLongError
+from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 from lopa.model.loader import load_checkpoint
 from lopa.outputs import Completion, Stats
 
@@ -89,7 +90,18 @@ class LLM:
                 raise ConfigError(f"token ids must be in [0, {vocab}); got {bad[:5]}")
         if not ids:
             raise ConfigError("the prompt is empty: give at least one token")
+        self._refuse_mask(ids)
         return ids
+
+    def _refuse_mask(self, ids: list[int]) -> None:
+        """Every decoder continues a prompt; none infills it, so a mask token inside one is refused."""
+        at = [i for i, t in enumerate(ids) if t == self.mask_id]
+        if at:
+            token = self.tokenizer.id_to_token(self.mask_id)
+            raise MaskTokenInPromptError(
+                f"the prompt contains the mask token {token!r} (id {self.mask_id}) at position(s) {at[:5]}; lopa "
+                f"continues prompts and does not infill masked positions: remove the mask token from the prompt"
+            )
 
     def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
         return len(self.encode_prompt(prompt, raw))
