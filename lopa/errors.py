@@ -24,6 +24,10 @@ class MaskTokenInPromptError(ConfigError):
     """The prompt contains the mask token: lopa continues prompts, it does not infill them (docs/algorithm.md)."""
 
 
+class DeviceUnavailableError(ConfigError):
+    """The requested device is not a torch device, or this machine does not have it."""
+
+
 class CheckpointError(LopaError):
     """A checkpoint directory cannot be loaded."""
 

@@ -24,6 +24,7 @@ from lopa.errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    DeviceUnavailableError,
     TensorMismatchError,
     UnsafeWeightsError,
 )
@@ -82,6 +83,33 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, config_
     return _DTYPES[str(dtype)]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has; DeviceUnavailableError otherwise (before any file is read)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceUnavailableError(f"--device {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise DeviceUnavailableError(
+            "--device meta holds no data, so weights cannot be loaded onto it; use cpu or cuda"
+        )
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise DeviceUnavailableError(
+            f"--device {device!r}: no {dev.type} device is available on this machine (torch {torch.__version__}); "
+            f"use --device cpu"
+        )
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise DeviceUnavailableError(
+            f"--device {device!r}: this machine has {count} {dev.type} device(s), numbered 0..{count - 1}"
+        )
+    return dev
+
+
 def load_checkpoint(
     path: str | Path,
     lora: str | Path | None = None,
@@ -89,6 +117,7 @@ def load_checkpoint(
     dtype: torch.dtype | str | None = None,
 ) -> Checkpoint:
     """Load a checkpoint directory (and merge an optional LoRA adapter) onto ``device`` in ``dtype``."""
+    device = resolve_device(device)
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointNotFoundError(
@@ -112,7 +141,6 @@ def load_checkpoint(
                 f"{path}: {field}={getattr(config, field)} is outside the vocabulary (vocab_size="
                 f"{config.vocab_size}); fix {field} in config.json."
             )
-    device = torch.device(device)
     dt = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
     model = _load_model(path, config, device, dt, lora)
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, generation_config=generation_config)
