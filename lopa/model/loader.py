@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lopa.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
@@ -154,7 +155,14 @@ def weight_files(path: Path) -> list[Path]:
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index} has no 'weight_map'; re-save the checkpoint.")
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        root, names = path.resolve(), sorted({str(v) for v in weight_map.values()})
+        outside = [n for n in names if (path / n).resolve().parent != root or not n.endswith(".safetensors")]
+        if outside:
+            raise CorruptCheckpointError(
+                f"{index} names shard(s) {outside} that are not *.safetensors files inside {path}; a shard index "
+                f"may only list files of its own directory."
+            )
+        files = [path / name for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointNotFoundError(
@@ -204,8 +212,9 @@ def _load_model(
                             f"{file.name}: tensor {key!r} has shape {tuple(t.shape)} but config.json implies "
                             f"{tuple(expected[key])}; config.json and the weights disagree."
                         )
+                    _check_values(file, key, t)
                     state[key] = updates[key].merge_into(t.float()).to(dtype) if key in updates else t.to(dtype)
-        except (TensorMismatchError, CheckpointNotFoundError):
+        except CheckpointError:  # already named (mismatch, bad values, missing file)
             raise
         except Exception as e:  # safetensors raises its own error type for a bad header or truncated data
             raise CorruptCheckpointError(
@@ -228,6 +237,20 @@ def _load_model(
         model.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _check_values(file: Path, key: str, t: Tensor) -> None:
+    """Weights must be floating point and finite: an integer or NaN tensor would decode garbage silently."""
+    if not t.is_floating_point():
+        raise TensorMismatchError(
+            f"{file.name}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; model weights must be "
+            f"float32, bfloat16 or float16. The file was not written by a model's save."
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise CorruptCheckpointError(
+            f"{file.name}: tensor {key!r} holds NaN or inf values; the weights are corrupt (re-download them, or "
+            f"restore a checkpoint saved before training diverged)."
+        )
 
 
 def save_checkpoint(
