@@ -69,6 +69,10 @@ class LLM:
         self.default_config = DecodeConfig.recommended(self.checkpoint.generation_config)
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
 
+    def decode_config(self, **changes: object) -> DecodeConfig:
+        """This checkpoint's recommended settings with ``changes`` applied (what the CLI's flags do), validated."""
+        return self.default_config.replace(**changes).validate()
+
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:
         """Token ids of a prompt: ids verbatim, messages or text through the chat template (unless raw)."""
