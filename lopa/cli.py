@@ -16,7 +16,7 @@ import typing
 from collections.abc import Sequence
 
 from lopa.config import BASES, BRANCH_SCORES, CONFIDENCES, DECODERS, HELP, ORDERS, RECOMMENDABLE, DecodeConfig
-from lopa.errors import LopaError
+from lopa.errors import ConfigError, LopaError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -110,6 +110,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="eager forward only: no fused weights, padded buckets or CUDA graphs (default: fast path on CUDA)",
     )
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """--threads: torch's CPU thread count (generate, serve)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads torch may use (default: torch's choice, one per core; on a busy machine 1 is often faster)",
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's thread count from --threads (no-op when not given)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def load_llm(args: argparse.Namespace, **extra: object):

@@ -216,6 +216,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f" base={d['base']} branches={d['branches']}" if d["decoder"] == "lopa" else ""
     )
     knobs += f" block={d['block_size']} tau_conf={d['threshold']} tau_add={d['tau_add']} tau_act={d['tau_act']}"
+    notes = []
+    if summary.get("prompt_too_long"):
+        notes.append(
+            f"  prompt_too_long {summary['prompt_too_long']}/{summary['n']}: not decoded and scored wrong (the prompt "
+            f"plus max_new_tokens={d['max_new_tokens']} exceeds the model's context)"
+        )
     return "\n".join(
         [
             f"task {summary['settings']['task']}  model {summary['model']}  device {summary['device']} "
@@ -225,5 +231,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"(per-sample mean {summary['tok_s_mean']:.2f})  tpf {summary['tpf_mean']:.3f} "
             f"(aggregate {summary['tpf_aggregate']:.3f}, paper-style {summary['tpf_paper_mean']:.3f})  "
             f"latency {summary['latency_mean']:.3f}s",
+            *notes,
         ]
     )

@@ -10,6 +10,7 @@ Called by the LLM facade, the CLI, training and the tests.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -280,11 +281,13 @@ def save_checkpoint(
     shards = _shard(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        _readable(out / "model.safetensors")
     else:
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(out / name), metadata={"format": "pt"})
+            _readable(out / name)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -295,6 +298,13 @@ def save_checkpoint(
             if src.is_file():
                 shutil.copyfile(src, out / name)
     return out
+
+
+def _readable(file: Path) -> None:
+    """Give a weight file the mode any other file gets (0644 under umask 022); safetensors writes it 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
 
 
 def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:

@@ -81,6 +81,7 @@ def create_app(
             "running": worker.running,
             "waiting": worker.waiting,
             "completed": worker.completed,
+            "failed": worker.failed,
             "cancelled": worker.cancelled,
             "queue_limit": worker.queue_limit,
         }

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import argparse
 
-from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args
+from lopa.cli import (
+    add_decode_arguments,
+    add_model_arguments,
+    add_threads_argument,
+    apply_threads,
+    decode_config_from_args,
+)
 from lopa.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_threads_argument(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 = all)")
     group.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -42,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     config = decode_config_from_args(args)
+    apply_threads(args)
     llm = load_llm(args)
     app = create_app(
         llm,
