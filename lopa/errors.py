@@ -28,6 +28,10 @@ class DeviceUnavailableError(ConfigError):
     """The requested device is not a torch device, or this machine does not have it."""
 
 
+class LimitExceededError(ConfigError):
+    """A request asks for more than the server's operator limits allow (branches, KV cache memory)."""
+
+
 class CheckpointError(LopaError):
     """A checkpoint directory cannot be loaded."""
 

@@ -68,6 +68,8 @@ class LLM:
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
         self.default_config = DecodeConfig.recommended(self.checkpoint.generation_config)
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
+        # after a request, a KV cache larger than this is freed rather than kept for reuse (None: always kept)
+        self.max_idle_cache_bytes: int | None = None
 
     def decode_config(self, **changes: object) -> DecodeConfig:
         """This checkpoint's recommended settings with ``changes`` applied (what the CLI's flags do), validated."""
@@ -109,6 +111,11 @@ class LLM:
 
     def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
         return len(self.encode_prompt(prompt, raw))
+
+    def kv_cache_bytes(self, rows: int, positions: int) -> int:
+        """Bytes of the K and V cache for ``rows`` branch rows of ``positions`` positions of this model."""
+        c, element = self.config, next(self.model.parameters()).element_size()
+        return 2 * c.num_hidden_layers * rows * c.num_key_value_heads * positions * c.head_dim * element
 
     def check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
         """Raise PromptTooLongError unless the prompt plus max_new_tokens fits the model's context."""
@@ -168,11 +175,23 @@ class LLM:
     def _steps(self, ids: list[int], cfg: DecodeConfig) -> Iterator[tuple[Step, Completion | None]]:
         t0 = time.perf_counter()
         stop = self._stop_check(cfg) if cfg.stop else None
-        for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
-            if step.done:
-                yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
-            else:
-                yield step, None
+        try:
+            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
+                if step.done:
+                    yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
+                else:
+                    yield step, None
+        finally:
+            self._trim_cache()
+
+    def _trim_cache(self) -> None:
+        """Free a KV cache one large request grew past ``max_idle_cache_bytes`` (the next request allocates)."""
+        cache = getattr(self.runner, "cache", None)
+        limit = self.max_idle_cache_bytes
+        if limit is None or cache is None or not hasattr(self.runner, "release"):
+            return
+        if 2 * cache.k.numel() * cache.k.element_size() > limit:
+            self.runner.release()
 
     def _complete(self, ids: list[int], cfg: DecodeConfig) -> Completion:
         completion = None

@@ -23,7 +23,8 @@ from lopa import DecodeConfig, __version__
 from lopa.errors import ConfigError
 from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError, add_error_handlers
-from lopa.server.middleware import BodyLimitMiddleware
+from lopa.server.limits import ServerLimits, cache_rows, check_request, kv_cache_bytes
+from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatCompletionRequest, CompletionRequest, sum_usage
 from lopa.server.worker import Closed, Delta, EngineWorker, Failed, Finished, Job
@@ -41,6 +42,7 @@ def create_app(
     queue_limit: int = 64,
     max_body_bytes: int = 1 << 20,
     served_model_name: str | None = None,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """An ASGI app serving ``llm``; the engine worker thread runs for the app's lifespan."""
     if not isinstance(queue_limit, int) or queue_limit < 1:
@@ -48,6 +50,9 @@ def create_app(
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
         raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
     default = (default_config or DecodeConfig()).validate()
+    limits = (limits or ServerLimits()).validate()
+    # a cache larger than a request at the server's defaults needs is freed after the request that grew it
+    llm.max_idle_cache_bytes = kv_cache_bytes(llm, max(1, cache_rows(default)), llm.max_context)
     model_name = served_model_name or llm.model_name
     worker = EngineWorker(llm, queue_limit)
     created = int(time.time())
@@ -62,6 +67,7 @@ def create_app(
 
     app = FastAPI(title="lopa", version=__version__, lifespan=lifespan)
     app.state.worker = worker
+    app.add_middleware(InternalErrorMiddleware)  # innermost of the two: sees the routes' unhandled errors
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     add_error_handlers(app)
 
@@ -113,6 +119,9 @@ def create_app(
         if body.model is not None and body.model != model_name:
             raise ModelNotFoundError(body.model, model_name)
         config, max_tokens = decode_config_for(body, default, llm.max_context)
+        # tokenized off the event loop; a bad prompt (mask token, ids outside the vocabulary) is a 400 here
+        counts = await asyncio.to_thread(lambda: [llm.count_prompt_tokens(p, raw) for p in prompts])
+        check_request(config, max(counts), llm, limits)
         job = Job(prompts, config, raw, max_tokens, body.stream, asyncio.get_running_loop())
         worker.submit(job)
         watcher = asyncio.create_task(_watch_disconnect(request, job))

@@ -17,6 +17,7 @@ from lopa.cli import (
     decode_config_from_args,
 )
 from lopa.errors import ConfigError
+from lopa.server.limits import ServerLimits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="largest request body; more gets 413 (default: 1 MiB)"
+    )
+    group.add_argument(
+        "--max-branches",
+        type=int,
+        default=ServerLimits.max_branches,
+        help=f"largest lopa.branches a request may ask for; more gets 400 (default: {ServerLimits.max_branches})",
+    )
+    group.add_argument(
+        "--max-kv-cache-mb",
+        type=int,
+        default=ServerLimits.max_kv_cache_mb,
+        help="largest KV cache one request may need (branch rows x (prompt + max_new_tokens) positions), in MiB; "
+        f"more gets 400 (default: {ServerLimits.max_kv_cache_mb})",
     )
     group.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log"
@@ -57,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         queue_limit=args.queue_limit,
         max_body_bytes=args.max_body_bytes,
         served_model_name=args.served_model_name,
+        limits=ServerLimits(args.max_branches, args.max_kv_cache_mb),
     )
     print(f"serving {args.served_model_name or llm.model_name} on http://{args.host}:{args.port}/v1 ({config.decoder})")
     # on Ctrl+C, give running requests 5 s, then cancel them (their generations stop within one forward)
