@@ -25,6 +25,7 @@ from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError, add_error_handlers
 from lopa.server.limits import ServerLimits, cache_rows, check_request, kv_cache_bytes
 from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware
+from lopa.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, MODEL_RESPONSES, install_openapi
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatCompletionRequest, CompletionRequest, sum_usage
 from lopa.server.worker import Closed, Delta, EngineWorker, Failed, Finished, Job
@@ -70,6 +71,7 @@ def create_app(
     app.add_middleware(InternalErrorMiddleware)  # innermost of the two: sees the routes' unhandled errors
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     add_error_handlers(app)
+    install_openapi(app, limits.max_branches, llm.max_context)
 
     def model_card() -> dict[str, Any]:
         return {
@@ -80,7 +82,7 @@ def create_app(
             "max_model_len": llm.max_context,
         }
 
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_RESPONSES)
     async def health() -> JSONResponse:
         body = {
             "status": "ok" if worker.alive else "engine worker stopped",
@@ -97,20 +99,20 @@ def create_app(
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", responses=MODEL_RESPONSES)
     async def get_model(name: str) -> dict[str, Any]:
         if name != model_name:
             raise ModelNotFoundError(name, model_name)
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prompts = body.prompts()
         if body.stream and len(prompts) > 1:
             raise ConfigError("streaming takes one prompt per request; send the prompts as separate requests")
         return await _serve(request, body, prompts, raw=True, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         messages = [m.as_template_message() for m in body.messages]
         return await _serve(request, body, [messages], raw=False, chat=True)
