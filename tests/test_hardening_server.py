@@ -74,6 +74,13 @@ def test_branches_over_the_operator_limit_are_a_400_naming_it(base_url, branches
     assert error["code"] == "limit_exceeded" and "--max-branches" in error["message"] and "8" in error["message"]
 
 
+def test_the_trace_route_enforces_the_same_limits(base_url) -> None:
+    body = {"prompt": "hi", "max_tokens": 8, "lopa": {"decoder": "lopa", "branches": 20000}}
+    r = httpx.post(f"{base_url}/v1/trace", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "limit_exceeded" and "--max-branches" in r.json()["error"]["message"]
+
+
 def test_kv_cache_budget_is_a_400_naming_it(base_url, llm) -> None:
     # tiny model: 2 layers x 2 kv heads x 16 head dims x fp32 x (K, V) = 512 bytes per row-position
     per_position = 2 * llm.config.num_hidden_layers * llm.config.num_key_value_heads * llm.config.head_dim * 4

@@ -73,7 +73,7 @@ def create_app(
     app.add_middleware(InternalErrorMiddleware)  # innermost of the two: sees the routes' unhandled errors
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     add_error_handlers(app)
-    add_trace_routes(app, worker, default, llm, model_name)  # the live view: GET /, POST /v1/trace (trace.py)
+    add_trace_routes(app, worker, default, llm, model_name, limits)  # the live view: GET /, POST /v1/trace (trace.py)
     install_openapi(app, limits.max_branches, llm.max_context)
 
     def model_card() -> dict[str, Any]:
