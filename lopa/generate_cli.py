@@ -2,6 +2,10 @@
 
 ``--trace-plot out.png`` / ``--trace-gif out.gif`` turn the trace on and save each prompt's filling-order map
 (``trace_plot.py``); with several prompts the files are numbered: ``out-1.png``, ``out-2.png``, ...
+
+Every prompt is checked (encoding, mask token, context length) before any is decoded; each result is printed as
+soon as its prompt finishes. ``--trace`` prints the per-iteration trace: inside the JSON object with ``--json``,
+as readable lines on stderr otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +16,14 @@ import os
 import sys
 from pathlib import Path
 
-from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
+from lopa.cli import (
+    add_decode_arguments,
+    add_model_arguments,
+    add_threads_argument,
+    apply_threads,
+    decode_config_from_args,
+    load_llm,
+)
 from lopa.dist.launch import add_dist_arguments, add_tp_argument
 from lopa.errors import ConfigError
 
@@ -20,6 +31,7 @@ from lopa.errors import ConfigError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompt text(s); read one per line from stdin when none are given")
     add_model_arguments(p)
+    add_threads_argument(p)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template to the prompts")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     p.add_argument("--branch-parallel", action="store_true", help="run as one rank of a torchrun launch")
@@ -63,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompts and not worker_rank:
         print("lopa generate: no prompt given", file=sys.stderr)
         return 2
+    apply_threads(args)
     pictures = [(kind, path) for kind, path in (("plot", args.trace_plot), ("gif", args.trace_gif)) if path]
     if args.bp or args.branch_parallel or args.tp != 1:
         if pictures:
@@ -74,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.replace(trace=True)
         _check_plotting()
     llm = load_llm(args)
-    for i, completion in enumerate(llm.generate(prompts, cfg, raw=args.raw)):
+    for prompt in prompts:  # every prompt is checked before the first one is decoded
+        llm.check_fits(llm.encode_prompt(prompt, args.raw), cfg)
+    for i, prompt in enumerate(prompts):  # each result is printed as soon as its prompt finishes
+        completion = llm.generate([prompt], cfg, raw=args.raw)[0]
         emit(completion, cfg, args.json, llm)
         for kind, path in pictures:
             save_pictures(kind, numbered(path, i, len(prompts)), completion, cfg, llm)
@@ -104,6 +120,22 @@ def save_pictures(kind: str, path: Path, completion, cfg, llm) -> None:
     print(f"wrote {out}", file=sys.stderr, flush=True)
 
 
+def format_trace(trace) -> str:
+    """One readable line per iteration: candidates with their scores, the winner, what it filled."""
+    lines = []
+    for step in trace:
+        cands = []
+        for i, c in enumerate(step.candidates):
+            at = c.get("extra_position")
+            kind = f"{c['kind']}@{at}" if isinstance(at, int) and at >= 0 else c["kind"]
+            mark = "*" if i == step.winner else ""
+            cands.append(f"{mark}{kind}={c['score']:.3f}")
+        lines.append(
+            f"  iter {step.iteration:>3}: {' '.join(cands)} | filled {step.filled} | committed {step.committed}"
+        )
+    return "\n".join(["trace (score per candidate, * = winner):", *lines])
+
+
 def emit(completion, cfg, as_json: bool, llm=None) -> None:
     stats = completion.stats.to_dict()
     if as_json:
@@ -114,4 +146,6 @@ def emit(completion, cfg, as_json: bool, llm=None) -> None:
         print(json.dumps(d), flush=True)
     else:
         print(completion.text, flush=True)
+        if completion.trace is not None:
+            print(format_trace(completion.trace), file=sys.stderr, flush=True)
         print(summary(stats, describe(cfg)), file=sys.stderr, flush=True)

@@ -4,7 +4,8 @@
 text that became final after every forward, so a server can send it at once and cancel between forwards by
 closing the iterator. Text is never revised: decoded positions are final, and only the contiguous decoded
 prefix of the answer is ever shown. Parameters are validated by :meth:`DecodeConfig.validate`; prompt length
-is checked here against the model's context.
+is checked here against the model's context, and a prompt holding the mask token is refused here
+(:class:`~lopa.errors.MaskTokenInPromptError`): every decoder continues a prompt, none infills one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from lopa.config import DecodeConfig
 from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
-from lopa.errors import ConfigError, PromptTooLongError
+from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 from lopa.model.loader import load_checkpoint
 from lopa.model.tp import TPShard
 from lopa.outputs import Completion, Stats, TraceStep
@@ -78,6 +79,12 @@ class LLM:
             {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
         )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
+        # after a request, a KV cache larger than this is freed rather than kept for reuse (None: always kept)
+        self.max_idle_cache_bytes: int | None = None
+
+    def decode_config(self, **changes: object) -> DecodeConfig:
+        """This checkpoint's recommended settings with ``changes`` applied (what the CLI's flags do), validated."""
+        return self.default_config.replace(**changes).validate()
 
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:
@@ -100,10 +107,26 @@ class LLM:
                 raise ConfigError(f"token ids must be in [0, {vocab}); got {bad[:5]}")
         if not ids:
             raise ConfigError("the prompt is empty: give at least one token")
+        self._refuse_mask(ids)
         return ids
+
+    def _refuse_mask(self, ids: list[int]) -> None:
+        """Every decoder continues a prompt; none infills it, so a mask token inside one is refused."""
+        at = [i for i, t in enumerate(ids) if t == self.mask_id]
+        if at:
+            token = self.tokenizer.id_to_token(self.mask_id)
+            raise MaskTokenInPromptError(
+                f"the prompt contains the mask token {token!r} (id {self.mask_id}) at position(s) {at[:5]}; lopa "
+                f"continues prompts and does not infill masked positions: remove the mask token from the prompt"
+            )
 
     def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
         return len(self.encode_prompt(prompt, raw))
+
+    def kv_cache_bytes(self, rows: int, positions: int) -> int:
+        """Bytes of the K and V cache for ``rows`` branch rows of ``positions`` positions of this model."""
+        c, element = self.config, next(self.model.parameters()).element_size()
+        return 2 * c.num_hidden_layers * rows * c.num_key_value_heads * positions * c.head_dim * element
 
     def check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
         """Raise PromptTooLongError unless the prompt plus max_new_tokens fits the model's context."""
@@ -165,11 +188,23 @@ class LLM:
     def _steps(self, ids: list[int], cfg: DecodeConfig) -> Iterator[tuple[Step, Completion | None]]:
         t0 = time.perf_counter()
         stop = self._stop_check(cfg) if cfg.stop else None
-        for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
-            if step.done:
-                yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
-            else:
-                yield step, None
+        try:
+            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
+                if step.done:
+                    yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
+                else:
+                    yield step, None
+        finally:
+            self._trim_cache()
+
+    def _trim_cache(self) -> None:
+        """Free a KV cache one large request grew past ``max_idle_cache_bytes`` (the next request allocates)."""
+        cache = getattr(self.runner, "cache", None)
+        limit = self.max_idle_cache_bytes
+        if limit is None or cache is None or not hasattr(self.runner, "release"):
+            return
+        if 2 * cache.k.numel() * cache.k.element_size() > limit:
+            self.runner.release()
 
     def _complete(self, ids: list[int], cfg: DecodeConfig) -> Completion:
         completion = None

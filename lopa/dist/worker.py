@@ -36,7 +36,12 @@ from lopa.errors import DistributedError
 from lopa.llm import LLM, Messages, Prompt, StreamEvent
 from lopa.outputs import Completion
 
-_POLL_S = (0.001, 0.05)  # doorbell polling interval: starts short, grows while idle
+_POLL_S = (0.001, 0.05)
+# LLM attributes that do not decode: rank 0 answers them alone (the server's checks and limits use them)
+_READ_ONLY = frozenset(
+    ("tokenizer", "model_name", "max_context", "config", "default_config", "decode_config", "end_ids", "mask_id",
+     "encode_prompt", "count_prompt_tokens", "check_fits", "kv_cache_bytes")
+)  # fmt: skip  # doorbell polling interval: starts short, grows while idle
 
 
 class RequestChannel:
@@ -108,17 +113,11 @@ class BranchParallelLLM:
         return completion
 
     # ---- what the server needs of an LLM (one sequence at a time) ---------------------------------------
-    @property
-    def tokenizer(self) -> Any:
-        return self.llm.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.llm.model_name
-
-    @property
-    def max_context(self) -> int:
-        return self.llm.max_context
+    def __getattr__(self, name: str) -> Any:
+        """Rank 0's read-only LLM attributes (tokenizer, limits, prompt checks); decoding goes through the group."""
+        if name in _READ_ONLY:
+            return getattr(self.llm, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def stream(
         self, prompt: Prompt | Messages, config: DecodeConfig | None = None, raw: bool = False

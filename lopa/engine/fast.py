@@ -106,6 +106,12 @@ class FastRunner(Runner):
             self.captured.clear()  # graphs hold the old cache's addresses
             self._kept = self.cache
 
+    def release(self) -> None:
+        """As Runner.release; the captured graphs point into the dropped cache, so they go too."""
+        self._kept = None
+        self.captured.clear()
+        super().release()
+
     # ---- the forward -----------------------------------------------------------------------------------
     def _run(self, packed: Tensor, kv_len: int, out: Tensor | None = None) -> Tensor:
         """The padded forward on device inputs (4, rows, L): logits (rows, L, vocab). Captured as is."""

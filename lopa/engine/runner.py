@@ -112,6 +112,10 @@ class Runner:
             )
         self.cache.reset()
 
+    def release(self) -> None:
+        """Drop the KV cache so its memory is freed; the next ``begin`` allocates one of the size it needs."""
+        self.cache = None
+
     def _tick(self, phase: str, t0: float) -> float:
         now = time.perf_counter()
         self.timing[phase] = self.timing.get(phase, 0.0) + now - t0

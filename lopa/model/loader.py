@@ -14,6 +14,7 @@ Called by the LLM facade, the CLI, training and the tests.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,9 +26,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lopa.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    DeviceUnavailableError,
     TensorMismatchError,
     UnsafeWeightsError,
 )
@@ -87,6 +90,33 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, config_
     return _DTYPES[str(dtype)]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has; DeviceUnavailableError otherwise (before any file is read)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceUnavailableError(f"--device {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise DeviceUnavailableError(
+            "--device meta holds no data, so weights cannot be loaded onto it; use cpu or cuda"
+        )
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise DeviceUnavailableError(
+            f"--device {device!r}: no {dev.type} device is available on this machine (torch {torch.__version__}); "
+            f"use --device cpu"
+        )
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise DeviceUnavailableError(
+            f"--device {device!r}: this machine has {count} {dev.type} device(s), numbered 0..{count - 1}"
+        )
+    return dev
+
+
 def load_checkpoint(
     path: str | Path,
     lora: str | Path | None = None,
@@ -98,6 +128,7 @@ def load_checkpoint(
 
     With ``shard`` (tensor parallelism, :mod:`lopa.model.tp`) only that rank's slices are read and the model
     has the rank's local shapes; ``Checkpoint.config`` stays the full model's."""
+    device = resolve_device(device)
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointNotFoundError(
@@ -121,7 +152,6 @@ def load_checkpoint(
                 f"{path}: {field}={getattr(config, field)} is outside the vocabulary (vocab_size="
                 f"{config.vocab_size}); fix {field} in config.json."
             )
-    device = torch.device(device)
     dt = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
     model = _load_model(path, config, device, dt, lora, shard)
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, generation_config=generation_config)
@@ -135,7 +165,14 @@ def weight_files(path: Path) -> list[Path]:
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index} has no 'weight_map'; re-save the checkpoint.")
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        root, names = path.resolve(), sorted({str(v) for v in weight_map.values()})
+        outside = [n for n in names if (path / n).resolve().parent != root or not n.endswith(".safetensors")]
+        if outside:
+            raise CorruptCheckpointError(
+                f"{index} names shard(s) {outside} that are not *.safetensors files inside {path}; a shard index "
+                f"may only list files of its own directory."
+            )
+        files = [path / name for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointNotFoundError(
@@ -204,8 +241,9 @@ def _load_model(
                             f"{tuple(expected[name])}; config.json and the weights disagree."
                         )
                     t = sl[:] if shard is None else shard.read(name, config, sl)  # a shard reads only its slice
+                    _check_values(file, key, t)
                     state[name] = updates[name].merge_into(t.float()).to(dtype) if name in updates else t.to(dtype)
-        except (TensorMismatchError, CheckpointNotFoundError):
+        except CheckpointError:  # already named (mismatch, bad values, missing file)
             raise
         except Exception as e:  # safetensors raises its own error type for a bad header or truncated data
             raise CorruptCheckpointError(
@@ -228,6 +266,20 @@ def _load_model(
         model.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _check_values(file: Path, key: str, t: Tensor) -> None:
+    """Weights must be floating point and finite: an integer or NaN tensor would decode garbage silently."""
+    if not t.is_floating_point():
+        raise TensorMismatchError(
+            f"{file.name}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; model weights must be "
+            f"float32, bfloat16 or float16. The file was not written by a model's save."
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise CorruptCheckpointError(
+            f"{file.name}: tensor {key!r} holds NaN or inf values; the weights are corrupt (re-download them, or "
+            f"restore a checkpoint saved before training diverged)."
+        )
 
 
 def save_checkpoint(
@@ -261,11 +313,13 @@ def save_checkpoint(
     shards = _shard(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        _readable(out / "model.safetensors")
     else:
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(out / name), metadata={"format": "pt"})
+            _readable(out / name)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -276,6 +330,13 @@ def save_checkpoint(
             if src.is_file():
                 shutil.copyfile(src, out / name)
     return out
+
+
+def _readable(file: Path) -> None:
+    """Give a weight file the mode any other file gets (0644 under umask 022); safetensors writes it 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
 
 
 def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:

@@ -133,6 +133,17 @@ def plan_lora(
                 f"adapter tensors {name}.lora_A/B have shapes {tuple(a.shape)} / {tuple(b.shape)}, which do not fit "
                 f"the model's {name}.weight {tuple(weight_shapes[shared])}; is this an adapter for another base?"
             )
+        declared = _pattern(cfg.get("rank_pattern"), name, cfg.get("r"))
+        if declared is not None and declared != a.shape[0]:
+            raise AdapterError(
+                f"adapter_config.json declares r={declared!r} for {name!r}, but its lora_A/B tensors have rank "
+                f"{a.shape[0]}; peft would scale the update by lora_alpha/{declared!r}: re-save the adapter."
+            )
+        for part, t in (("A", a), ("B", b)):
+            if not t.is_floating_point():
+                raise AdapterError(f"adapter tensor {name}.lora_{part}.weight has dtype {t.dtype}, not a float type.")
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"adapter tensor {name}.lora_{part}.weight holds NaN or inf values; re-train it.")
         plan[f"{shared}.weight"] = LoraUpdate(a, b, _scale(cfg, name, a.shape[0]), fan)
     return plan
 

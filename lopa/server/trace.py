@@ -34,6 +34,7 @@ from lopa.config import BASES, CONFIDENCES, DECODERS
 from lopa.errors import DistributedError, LopaError
 from lopa.outputs import TraceStep
 from lopa.server.handlers import ModelNotFoundError
+from lopa.server.limits import ServerLimits, check_request
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatMessage, InvalidFieldError, error_body, new_id
 from lopa.server.worker import Closed, EngineWorker, Failed, Finished, Job, Trace
@@ -173,7 +174,9 @@ class StepConverter:
         return out
 
 
-def add_trace_routes(app: FastAPI, worker: EngineWorker, default: DecodeConfig, llm: LLM, model_name: str) -> None:
+def add_trace_routes(
+    app: FastAPI, worker: EngineWorker, default: DecodeConfig, llm: LLM, model_name: str, limits: ServerLimits
+) -> None:
     """Install ``GET /``, ``/static/*``, ``GET /v1/trace/settings`` and ``POST /v1/trace`` on ``app``."""
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -201,8 +204,9 @@ def add_trace_routes(app: FastAPI, worker: EngineWorker, default: DecodeConfig, 
         config = config.replace(trace=True)
         chat = body.messages is not None
         prompt: Any = [m.as_template_message() for m in body.messages] if body.messages is not None else body.prompt
-        ids = llm.encode_prompt(prompt, raw=not chat)
+        ids = await asyncio.to_thread(llm.encode_prompt, prompt, not chat)
         llm.check_fits(ids, config)
+        check_request(config, len(ids), llm, limits)  # the operator's limits, as on the completion routes
         job = Job([prompt], config, not chat, max_tokens, False, asyncio.get_running_loop())
         worker.submit(job)
         watcher = asyncio.create_task(_watch_disconnect(request, job))
