@@ -54,6 +54,13 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
         {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}, "required": True}},
     ),
 }
+TRACE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **GENERATION_RESPONSES,
+    200: {
+        "description": "Server-Sent Events named start, step (one per forward), then done or error (docs/serve.md)",
+        "content": {"text/event-stream": {"schema": {"description": "one JSON object per named event"}}},
+    },
+}
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {404: _error("unknown model")}
 HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {503: {"description": "the engine worker stopped"}}
 
@@ -105,7 +112,7 @@ def install_openapi(app: FastAPI, max_branches: int, max_context: int) -> None:
             for unused in ("HTTPValidationError", "ValidationError"):
                 components.pop(unused, None)
             lopa = lopa_schema(max_branches, max_context)
-            for request in ("CompletionRequest", "ChatCompletionRequest"):
+            for request in ("CompletionRequest", "ChatCompletionRequest", "TraceRequest"):
                 if request in components:
                     components[request]["properties"]["lopa"] = {"anyOf": [lopa, {"type": "null"}]}
             app.openapi_schema = schema

@@ -35,6 +35,7 @@ from lopa.errors import DistributedError, LopaError
 from lopa.outputs import TraceStep
 from lopa.server.handlers import ModelNotFoundError
 from lopa.server.limits import ServerLimits, check_request
+from lopa.server.openapi import TRACE_RESPONSES
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatMessage, InvalidFieldError, error_body, new_id
 from lopa.server.worker import Closed, EngineWorker, Failed, Finished, Job, Trace
@@ -194,7 +195,7 @@ def add_trace_routes(
             "choices": {"decoder": list(DECODERS), "base": list(BASES), "confidence": list(CONFIDENCES)},
         }
 
-    @app.post("/v1/trace")
+    @app.post("/v1/trace", responses=TRACE_RESPONSES)
     async def trace(body: TraceRequest, request: Request) -> Response:
         if body.model is not None and body.model != model_name:
             raise ModelNotFoundError(body.model, model_name)
