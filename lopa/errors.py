@@ -20,6 +20,18 @@ class PromptTooLongError(ConfigError):
     """The prompt plus max_new_tokens does not fit the model's context."""
 
 
+class MaskTokenInPromptError(ConfigError):
+    """The prompt contains the mask token: lopa continues prompts, it does not infill them (docs/algorithm.md)."""
+
+
+class DeviceUnavailableError(ConfigError):
+    """The requested device is not a torch device, or this machine does not have it."""
+
+
+class LimitExceededError(ConfigError):
+    """A request asks for more than the server's operator limits allow (branches, KV cache memory)."""
+
+
 class CheckpointError(LopaError):
     """A checkpoint directory cannot be loaded."""
 

@@ -4,14 +4,15 @@
 text that became final after every forward, so a server can send it at once and cancel between forwards by
 closing the iterator. Text is never revised: decoded positions are final, and only the contiguous decoded
 prefix of the answer is ever shown. Parameters are validated by :meth:`DecodeConfig.validate`; prompt length
-is checked here against the model's context.
+is checked here against the model's context, and a prompt holding the mask token is refused here
+(:class:`~lopa.errors.MaskTokenInPromptError`): every decoder continues a prompt, none infills one.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,9 +21,10 @@ from tqdm import tqdm
 from lopa.config import DecodeConfig
 from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
-from lopa.errors import ConfigError, PromptTooLongError
+from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 from lopa.model.loader import load_checkpoint
-from lopa.outputs import Completion, Stats
+from lopa.model.tp import TPShard
+from lopa.outputs import Completion, Stats, TraceStep
 
 Prompt = str | Sequence[int]
 BUNDLED_MODEL_NAME = "lopa-tiny"  # model id of the checkpoint shipped in lopa/tiny/checkpoint
@@ -31,11 +33,16 @@ Messages = list[dict[str, str]]
 
 @dataclass
 class StreamEvent:
-    """Text that became final since the previous event ('' if none); ``completion`` on the last event."""
+    """Text that became final since the previous event ('' if none); ``completion`` on the last event.
+
+    With ``DecodeConfig.trace`` on, ``trace`` holds the trace steps recorded since the previous event (one per
+    forward), so a client can show the decoding live; it is empty otherwise.
+    """
 
     text: str
     token_ids: list[int]
     completion: Completion | None = None
+    trace: list[TraceStep] = field(default_factory=list)
 
 
 def default_model_dir() -> Path:
@@ -45,7 +52,7 @@ def default_model_dir() -> Path:
 
 
 class LLM:
-    """A loaded Dream-family model ready to decode. Not thread-safe: serialize calls."""
+    """A loaded model (any supported family) ready to decode. Not thread-safe: serialize calls."""
 
     def __init__(
         self,
@@ -54,9 +61,12 @@ class LLM:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         enforce_eager: bool | None = None,
+        shard: TPShard | None = None,
     ) -> None:
         path = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype)
+        self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype, shard=shard)
+        if shard is not None and shard.size > 1:
+            enforce_eager = True  # tensor-parallel all-reduces are timed collectives: no CUDA graph around them
         self.tokenizer = self.checkpoint.tokenizer
         self.model = self.checkpoint.model
         self.config = self.checkpoint.config
@@ -65,8 +75,16 @@ class LLM:
         self.max_context = self.config.max_position_embeddings
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
-        self.default_config = DecodeConfig.recommended(self.checkpoint.generation_config)
+        self.default_config = DecodeConfig.recommended(
+            {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
+        )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
+        # after a request, a KV cache larger than this is freed rather than kept for reuse (None: always kept)
+        self.max_idle_cache_bytes: int | None = None
+
+    def decode_config(self, **changes: object) -> DecodeConfig:
+        """This checkpoint's recommended settings with ``changes`` applied (what the CLI's flags do), validated."""
+        return self.default_config.replace(**changes).validate()
 
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:
@@ -89,10 +107,26 @@ class LLM:
                 raise ConfigError(f"token ids must be in [0, {vocab}); got {bad[:5]}")
         if not ids:
             raise ConfigError("the prompt is empty: give at least one token")
+        self._refuse_mask(ids)
         return ids
+
+    def _refuse_mask(self, ids: list[int]) -> None:
+        """Every decoder continues a prompt; none infills it, so a mask token inside one is refused."""
+        at = [i for i, t in enumerate(ids) if t == self.mask_id]
+        if at:
+            token = self.tokenizer.id_to_token(self.mask_id)
+            raise MaskTokenInPromptError(
+                f"the prompt contains the mask token {token!r} (id {self.mask_id}) at position(s) {at[:5]}; lopa "
+                f"continues prompts and does not infill masked positions: remove the mask token from the prompt"
+            )
 
     def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
         return len(self.encode_prompt(prompt, raw))
+
+    def kv_cache_bytes(self, rows: int, positions: int) -> int:
+        """Bytes of the K and V cache for ``rows`` branch rows of ``positions`` positions of this model."""
+        c, element = self.config, next(self.model.parameters()).element_size()
+        return 2 * c.num_hidden_layers * rows * c.num_key_value_heads * positions * c.head_dim * element
 
     def check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
         """Raise PromptTooLongError unless the prompt plus max_new_tokens fits the model's context."""
@@ -134,7 +168,7 @@ class LLM:
         cfg = (config or self.default_config).validate()
         ids = self.encode_prompt(prompt, raw)
         self.check_fits(ids, cfg)
-        shown_text, shown_ids = "", 0
+        shown_text, shown_ids, shown_steps = "", 0, 0
         hold = max((len(s) for s in cfg.stop), default=1) - 1
         for step, completion in self._steps(ids, cfg):
             if completion is None:
@@ -147,16 +181,30 @@ class LLM:
             shown_text += delta
             new_ids = out_ids[shown_ids:]
             shown_ids = max(shown_ids, len(out_ids))
-            yield StreamEvent(delta, new_ids, completion)
+            steps = step.trace[shown_steps:] if step.trace is not None else []
+            shown_steps += len(steps)
+            yield StreamEvent(delta, new_ids, completion, steps)
 
     def _steps(self, ids: list[int], cfg: DecodeConfig) -> Iterator[tuple[Step, Completion | None]]:
         t0 = time.perf_counter()
         stop = self._stop_check(cfg) if cfg.stop else None
-        for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
-            if step.done:
-                yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
-            else:
-                yield step, None
+        try:
+            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
+                if step.done:
+                    yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
+                else:
+                    yield step, None
+        finally:
+            self._trim_cache()
+
+    def _trim_cache(self) -> None:
+        """Free a KV cache one large request grew past ``max_idle_cache_bytes`` (the next request allocates)."""
+        cache = getattr(self.runner, "cache", None)
+        limit = self.max_idle_cache_bytes
+        if limit is None or cache is None or not hasattr(self.runner, "release"):
+            return
+        if 2 * cache.k.numel() * cache.k.element_size() > limit:
+            self.runner.release()
 
     def _complete(self, ids: list[int], cfg: DecodeConfig) -> Completion:
         completion = None

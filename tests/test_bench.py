@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from lopa.cli import main
+from lopa.eval.aup import aup, weight
 from lopa.tiny import default_checkpoint_dir
-from lopa.tiny.bench import DEFAULT
+from lopa.tiny.bench import DEFAULT, FAMILIES
 
 
 def test_bench_on_a_random_checkpoint(tiny_ckpt, tmp_path, capsys):
     png = tmp_path / "bench.png"
-    names = ["threshold", "threshold+1", "lopa-d2f-k2", "lopa-threshold-k1-shared"]
+    names = ["threshold", "threshold@0.7", "threshold+1", "lopa-d2f-k2", "lopa-threshold-k1-shared"]
     rc = main(
         [
             "bench",
@@ -36,8 +38,10 @@ def test_bench_on_a_random_checkpoint(tiny_ckpt, tmp_path, capsys):
     result = json.loads(out[-1])
     assert [r["name"] for r in result["rows"]] == names
     for r in result["rows"]:
-        assert 0 <= r["accuracy"] <= 1 and r["tpf"] > 0 and r["forwards"] >= 1
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["wellformed"] <= 1 and r["tpf"] > 0 and r["forwards"] >= 1
     assert any(line.startswith("| threshold |") for line in out)
+    # a family's AUP needs two points of its sweep: d2f's has only lopa k=2 here
+    assert set(result["aup"]) == {"threshold (τ sweep)", "lopa over threshold, shared score"}
     assert png.stat().st_size > 1000
 
 
@@ -47,11 +51,27 @@ def test_bench_rejects_unknown_decoder(tiny_ckpt, capsys):
 
 
 @pytest.mark.skipif(not (default_checkpoint_dir() / "config.json").exists(), reason="bundled checkpoint not built")
-def test_bench_n5_on_the_bundled_model(capsys):
-    assert main(["bench", "--n", "5", "--json-only"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_bench_n10_on_the_bundled_model(capsys):
+    assert main(["bench", "--n", "10"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
     assert [r["name"] for r in result["rows"]] == DEFAULT
-    assert result["n"] == 5
+    assert result["n"] == 10 and result["block_size"] == 32 and result["max_new_tokens"] == 64
+    assert set(result["aup"]) == set(FAMILIES)  # every family's sweep was measured
+    for family in result["aup"].values():
+        assert family["aup"] > 0 and family["points"] == sorted(family["points"])
+    assert any(line.startswith("| lopa over threshold (k sweep) |") for line in out)
+
+
+def test_aup_by_hand():
+    # two points at the best accuracy: ρ₁·y₁ + ½·(ρ₂ − ρ₁)·(y₂ + y₁) = 1·90 + ½·1·180 = 180
+    assert aup([(2.0, 90.0), (1.0, 90.0)], y_max=90.0).value == pytest.approx(180.0)
+    # a point more than 5 points under y₁ is dropped, one within 5 is kept and weighted by W(y) = exp(−3(1 − y/y_max))
+    result = aup([(1.0, 90.0), (2.0, 84.0), (3.0, 86.0)], y_max=90.0)
+    assert result.points == ((1.0, 90.0), (3.0, 86.0))
+    w = math.exp(-3 * (1 - 86 / 90))
+    assert result.value == pytest.approx(90 + 0.5 * 2 * (86 * w + 90))
+    assert weight(95.0, 90.0) == 1.0  # capped at 1
 
 
 def test_bench_branch_parallel_matches_single_process(tiny_ckpt, capsys):
@@ -70,8 +90,14 @@ def test_bench_branch_parallel_matches_single_process(tiny_ckpt, capsys):
         "--json-only",
     ]
     assert main(common) == 0
-    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    single_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main([*common, "--bp", "2"]) == 0
-    parallel = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
-    for key in ("accuracy", "tpf", "tpf_paper", "forwards"):
-        assert parallel[key] == single[key]
+    parallel_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (single_run["bp"], parallel_run["bp"]) == (0, 2)  # the rank count is recorded
+    assert main([*common, "--tp", "2"]) == 0
+    tensor_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tensor_run["tp"] == 2
+    single = single_run["rows"][0]
+    for other in (parallel_run["rows"][0], tensor_run["rows"][0]):
+        for key in ("accuracy", "wellformed", "tpf", "tpf_paper", "forwards"):
+            assert other[key] == single[key], key

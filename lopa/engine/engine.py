@@ -12,6 +12,7 @@ cancel between forwards, or just run to the end with :func:`run`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ def _decode_blocks(
     stop: StopCheck | None,
 ) -> Iterator[Step]:
     decoder, sampler, k = make_decoder(cfg), sampler_for(cfg, mask_id), cfg.num_branches
+    t0 = time.perf_counter()
     runner.begin(len(prompt) + cfg.max_new_tokens, rows=k + 1)
     stats, trace = Stats(prompt_tokens=len(prompt)), [] if cfg.trace else None
     branches = [Branch(GenState.from_prompt(prompt, mask_id), "anchor")]
@@ -118,7 +120,8 @@ def _decode_blocks(
         winner.fill(pred.positions[keep], pred.tokens[keep], end_ids)
         winner.promote_ready()
         if trace is not None:
-            trace.append(_trace_step(stats.forwards, branches, scores, w, pred.positions[keep], start + commit_len))
+            filled = (pred.positions[keep], pred.tokens[keep])
+            trace.append(_trace_step(stats.forwards, branches, scores, w, filled, start + commit_len, t0))
         branches = spawn(winner, pred.subset(~keep), k, end_ids) if k else [Branch(winner, "anchor")]
         stats.timing = dict(runner.timing)
         if stop is not None and stop(_final_ids(winner)):
@@ -137,6 +140,7 @@ def _decode_vanilla(
     stop: StopCheck | None,
 ) -> Iterator[Step]:
     sampler = sampler_for(cfg, mask_id, ORDER_TO_CONFIDENCE[cfg.order])
+    t0 = time.perf_counter()
     runner.begin(len(prompt) + cfg.max_new_tokens, rows=1, use_cache=False)
     state = GenState.from_prompt(prompt, mask_id)
     state.add_block(cfg.max_new_tokens, fully_activated=True)
@@ -150,10 +154,9 @@ def _decode_vanilla(
         i = select_one(pred)
         state.fill(pred.positions[i : i + 1], pred.tokens[i : i + 1], end_ids)
         if trace is not None:
+            filled = (pred.positions[i : i + 1], pred.tokens[i : i + 1])
             trace.append(
-                _trace_step(
-                    stats.forwards, [Branch(state, "anchor")], [float(pred.conf[i])], 0, pred.positions[i : i + 1], 0
-                )
+                _trace_step(stats.forwards, [Branch(state, "anchor")], [float(pred.conf[i])], 0, filled, 0, t0)
             )
         stats.timing = dict(runner.timing)
         ids = _final_ids(state)
@@ -196,10 +199,25 @@ def _finish(
 
 
 def _trace_step(
-    iteration: int, branches: list[Branch], scores: list[float], winner: int, filled: torch.Tensor, committed: int
+    iteration: int,
+    branches: list[Branch],
+    scores: list[float],
+    winner: int,
+    filled: tuple[torch.Tensor, torch.Tensor],
+    committed: int,
+    t0: float,
 ) -> TraceStep:
+    """The trace record of one iteration; ``filled`` is (positions, tokens) of the anchor fill, each (n,)."""
     cands = [
-        {"kind": b.kind, "extra_position": b.extra_position, "extra_conf": b.extra_conf, "score": s}
+        {
+            "kind": b.kind,
+            "extra_position": b.extra_position,
+            "extra_token": int(b.state.tokens[b.extra_position]) if b.extra_position >= 0 else -1,
+            "extra_conf": b.extra_conf,
+            "score": s,
+        }
         for b, s in zip(branches, scores, strict=False)
     ]
-    return TraceStep(iteration, cands, winner, filled.tolist(), committed)
+    positions, tokens = filled
+    seconds = time.perf_counter() - t0
+    return TraceStep(iteration, cands, winner, positions.tolist(), committed, tokens.tolist(), seconds)

@@ -52,6 +52,14 @@ class Delta:
 
 
 @dataclass
+class Trace:
+    """Trace steps recorded since the previous item (only for jobs whose config has ``trace`` on)."""
+
+    index: int
+    steps: list[Any]  # lopa.outputs.TraceStep, one per forward
+
+
+@dataclass
 class Finished:
     index: int
     text: str  # the whole output of this prompt (after the max_tokens cut)
@@ -146,7 +154,8 @@ class EngineWorker:
         self._waiting = 0
         self._running = 0
         self._mean_seconds = 1.0  # running mean of job durations, for Retry-After
-        self.completed = 0  # jobs that ran to the end (or failed on the way)
+        self.completed = 0  # jobs that ran to the end
+        self.failed = 0  # jobs that ended with an error (the client's, 4xx, or a bug, 5xx)
         self.cancelled = 0  # jobs dropped or stopped early because their client went away
         self._current: Job | None = None
         self._thread: threading.Thread | None = None
@@ -205,9 +214,10 @@ class EngineWorker:
                 job.push(Closed())
                 continue
             self._running, self._current = 1, job
-            start, stopped_early = time.perf_counter(), False
+            start, stopped_early, failed = time.perf_counter(), False, True
             try:
                 stopped_early = not self._run(job)
+                failed = False
             except LopaError as e:
                 job.push(Failed(e))
             except Exception as e:  # a bug: report it as a 500 and keep serving
@@ -217,6 +227,8 @@ class EngineWorker:
                 self._running, self._current = 0, None
                 if stopped_early:
                     self.cancelled += 1
+                elif failed:
+                    self.failed += 1
                 else:
                     self.completed += 1
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - start)
@@ -249,6 +261,8 @@ class EngineWorker:
                     delta = cutter.feed(event.text, list(event.token_ids))
                     if job.stream and delta:
                         job.push(Delta(index, delta))
+                    if event.trace:  # the live trace stream (server/trace.py); empty unless config.trace
+                        job.push(Trace(index, list(event.trace)))
                     if event.completion is not None:
                         completion = event.completion
             finally:

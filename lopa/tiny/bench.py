@@ -24,7 +24,7 @@ import torch
 
 from lopa.cli import add_model_arguments, load_llm
 from lopa.config import DecodeConfig
-from lopa.dist.launch import BranchParallelGroup, add_dist_arguments, resolve_timeout
+from lopa.dist.launch import BranchParallelGroup, add_dist_arguments, add_tp_argument, resolve_timeout
 from lopa.eval.aup import aup
 
 BRANCHES = (1, 2, 4, 8)
@@ -100,6 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=1, help="torch CPU threads (default 1: the tiny model gains nothing from more)"
     )
     p.add_argument("--bp", type=int, default=0, metavar="N", help="decode with N branch-parallel ranks")
+    add_tp_argument(p)
     add_dist_arguments(p)
 
 
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from lopa.tiny.task import fixed_set
 
     if args.n < 1:
-        raise ConfigError(f"--n must be at least 1, not {args.n}")
+        raise ConfigError(f"--n must be >= 1 (problems per decoder), got {args.n}")
     torch.set_num_threads(max(1, args.threads))
     llm = load_llm(args)
     gen = llm.checkpoint.generation_config
@@ -131,10 +132,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p.prompt for p in problems]
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if args.bp:
+        if args.bp or args.tp != 1:
             group = BranchParallelGroup(
-                args.bp,
+                max(args.bp, 1),
                 args.model,
+                tp=args.tp,
                 lora=args.lora,
                 device=args.device,
                 dtype=args.dtype,
@@ -154,9 +156,10 @@ def run(args: argparse.Namespace) -> int:
         "device": str(llm.device),
         "dtype": dtype,
         "threads": torch.get_num_threads(),
-        "ranks": args.bp or 1,
         "block_size": block,
         "max_new_tokens": max_new,
+        "bp": args.bp,  # branch-parallel ranks (0: one process)
+        "tp": args.tp,  # tensor-parallel ranks per branch group
     }
     families = family_aup(rows)
     if not args.json_only:

@@ -6,10 +6,10 @@ chain of thought *counts on* (or back) one number per unit, as in v1, but every 
     Q: Kim has 48 eggs. She buys 3 more. She then eats 2. How many eggs does Kim have now? A:
     48 eggs. let us count. 48 + 3 gives 49 50 51. next, take 2 from 51: 50 49. so the answer is 49. #### 49
 
-An answer restates the start (always the same words: see ``START``), then has an optional opener, one *step* per operation (six wordings each, of different lengths: the counted
-numbers land at different offsets), an optional filler between steps, and one of five closings, all ending in
-``#### N``. Wordings are drawn uniformly and independently, so a correct answer has hundreds of phrasings
-(``num_phrasings``). That is the point: like natural text, a position is uncertain until its neighbours are
+An answer restates the start (always the same words: see ``START``), then has an optional opener, one *step* per
+operation (six wordings each, of different lengths: the counted numbers land at different offsets), an optional
+filler between steps, and one of five closings, all ending in ``#### N``. Wordings are drawn uniformly and
+independently, so a correct answer has thousands of phrasings (``num_phrasings``). That is the point: like natural text, a position is uncertain until its neighbours are
 fixed, and a phrasing of another length shifts every later position, so decoding order matters (v1's answers had
 one phrasing, and every decoder filled whole blocks at once).
 
