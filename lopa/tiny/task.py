@@ -10,8 +10,9 @@ An answer restates the start (always the same words: see ``START``), then has an
 operation (six wordings each, of different lengths: the counted numbers land at different offsets), an optional
 filler between steps, and one of five closings, all ending in ``#### N``. Wordings are drawn uniformly and
 independently, so a correct answer has thousands of phrasings (``num_phrasings``). That is the point: like
-natural text, a position is uncertain until its neighbours are fixed, and a phrasing of another length shifts every later position, so decoding order matters (v1's answers had
-one phrasing, and every decoder filled whole blocks at once).
+natural text, a position is uncertain until its neighbours are fixed, and a phrasing of another length shifts
+every later position, so decoding order matters (v1's answers had one phrasing, and every decoder filled whole
+blocks at once).
 
 What keeps the arithmetic learnable (v1's lessons): every number is one token; each counted number is the
 successor or predecessor of the previous one; every wording of a step names its operand, so the count length is
