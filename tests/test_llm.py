@@ -160,5 +160,5 @@ def test_checkpoint_recommendations_replace_engine_defaults(tmp_path):
     with pytest.warns(UserWarning, match="invalid"):  # invalid: ignored, with a warning
         assert DecodeConfig.recommended({"block_size": 8, "max_new_tokens": 20}) == DecodeConfig()
     bundled = checkpoint_decode_defaults(None)
-    assert (bundled.decoder, bundled.block_size, bundled.max_new_tokens) == ("threshold", 8, 24)
+    assert (bundled.decoder, bundled.block_size, bundled.max_new_tokens) == ("threshold", 32, 64)
     assert checkpoint_decode_defaults(str(tmp_path / "missing")) == DecodeConfig()

@@ -141,9 +141,14 @@ def test_shipped_checkpoint_loads_and_answers_test_problems() -> None:
     assert (path / "model.safetensors").is_file(), f"the shipped checkpoint is missing in {path}"
     assert sum(f.stat().st_size for f in path.iterdir()) <= 20 * 2**20
     llm = LLM()  # no model_dir: the bundled checkpoint
+    recommended = llm.checkpoint.generation_config
+    assert (recommended["block_size"], recommended["max_new_tokens"]) == (32, 64)
     problems = task.fixed_set("test", 12)
-    cfg = DecodeConfig(decoder="threshold", threshold=0.9, block_size=8, max_new_tokens=24)
-    outs = llm.generate([p.prompt for p in problems], cfg)
-    answers = [task.extract_answer(o.text) for o in outs]
-    assert answers[0] == problems[0].answer, (problems[0].prompt, outs[0].text)
-    assert sum(a == p.answer for a, p in zip(answers, problems, strict=True)) >= 10
+    for cfg in (
+        DecodeConfig(decoder="threshold", threshold=0.9, block_size=32, max_new_tokens=64),
+        DecodeConfig(decoder="lopa", base="threshold", branches=4, threshold=0.9, block_size=32, max_new_tokens=64),
+    ):
+        outs = llm.generate([p.prompt for p in problems], cfg)
+        answers = [task.extract_answer(o.text) for o in outs]
+        assert answers[0] == problems[0].answer and parse(outs[0].text), (cfg.decoder, outs[0].text)
+        assert sum(a == p.answer for a, p in zip(answers, problems, strict=True)) >= 9, [o.text for o in outs]
