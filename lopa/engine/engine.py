@@ -25,8 +25,8 @@ from lopa.decoding.lopa import Branch, pick_winner, score_masks, spawn
 from lopa.decoding.threshold import ThresholdDecoder
 from lopa.decoding.vanilla import select_one
 from lopa.engine.runner import Candidate, Runner
-from lopa.engine.state import GenState
 from lopa.outputs import Stats, TraceStep
+from lopa.state import GenState
 
 StopCheck = Callable[[list[int]], bool]
 
