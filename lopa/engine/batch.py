@@ -109,7 +109,9 @@ class BatchRunner:
         batches = [build_batch(p.window_start, p.commit_len, p.cands, self.pad_id) for _, p, _ in items]
         ids, positions, valid, idx = _stack(batches, self.pad_id)
         row_slot = torch.tensor([s for (s, _, _), b in zip(items, batches, strict=True) for _ in b.uses_last])
-        prefix = torch.tensor([p.window_start for (_, p, _), b in zip(items, batches, strict=True) for _ in b.uses_last])
+        prefix = torch.tensor(
+            [p.window_start for (_, p, _), b in zip(items, batches, strict=True) for _ in b.uses_last]
+        )
         dev = self.device
         logits, win_k, win_v = pooled_forward(
             self.model,
