@@ -20,6 +20,10 @@ class PromptTooLongError(ConfigError):
     """The prompt plus max_new_tokens does not fit the model's context."""
 
 
+class BatchingError(ConfigError):
+    """A setting cannot be combined with decoding several sequences together (e.g. branch parallelism)."""
+
+
 class CheckpointError(LopaError):
     """A checkpoint directory cannot be loaded."""
 

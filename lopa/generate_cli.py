@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
         print("lopa generate: no prompt given", file=sys.stderr)
         return 2
     if args.bp or args.branch_parallel:
+        from lopa.cli import check_branch_parallel_batch
         from lopa.dist.launch import run_generate
+
+        check_branch_parallel_batch(args)
 
         return run_generate(args, cfg, prompts)
     llm = load_llm(args)
