@@ -1,0 +1,167 @@
+"""Server load benchmark: 1, 4 and 16 concurrent ``openai`` clients against one ``lopa serve`` on loopback.
+
+Starts ``python -m lopa serve`` (the bundled model unless ``--model``) as a subprocess on 127.0.0.1 and a free
+port, waits for ``/health``, then for each concurrency sends the same held-out problems of the bundled task
+(``lopa.tiny.task.fixed_set("test", n)``) through ``/v1/completions``, each client thread taking the next
+prompt when its previous answer is back. Concurrency 1 is the sequential run. Reported per row: aggregate
+completion tokens/s (all tokens / wall time), p50 / p99 request latency, accuracy, and the speedup over the
+sequential run. Bounded: ``--n`` requests per row, a per-request timeout, and the server is stopped at the end.
+Prints a table, then one JSON line.
+
+    python bench/serve_load.py                          # 64 requests, concurrency 1 4 16, lopa k=4
+    python bench/serve_load.py --n 16 --decoder threshold
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+from lopa.tiny.task import extract_answer, fixed_set
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lopa", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    cmd += ["--max-num-seqs", str(args.max_num_seqs), "--queue-limit", str(max(64, args.n))]
+    if args.model:
+        cmd += ["--model", args.model]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + args.start_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"lopa serve exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"lopa serve did not answer /health within {args.start_timeout}s")
+
+
+def run_clients(url: str, model: str, prompts: list[str], concurrency: int, body: dict, timeout: float):
+    """Every prompt once, ``concurrency`` clients at a time: (wall seconds, [(index, text, tokens, seconds)])."""
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(len(prompts)):
+        todo.put(i)
+    results, errors = [], []
+
+    def client() -> None:
+        api = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            t0 = time.perf_counter()
+            try:
+                r = api.completions.create(model=model, prompt=prompts[i], **body)
+            except Exception as e:  # reported, never retried: the benchmark stays bounded
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
+            results.append((i, r.choices[0].text, r.usage.completion_tokens, time.perf_counter() - t0))
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, sorted(results), errors
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))] if ordered else 0.0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled tiny model)")
+    p.add_argument("--n", type=int, default=64, help="requests per concurrency level (default: 64)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--decoder", default="lopa", choices=["threshold", "d2f", "lopa"])
+    p.add_argument("--branches", type=int, default=4)
+    p.add_argument("--max-num-seqs", type=int, default=16, help="the server's batch size (default: 16)")
+    p.add_argument("--threads", type=int, default=2, help="the server's CPU threads (default: 2)")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    p.add_argument("--start-timeout", type=float, default=120.0)
+    args = p.parse_args()
+    problems = fixed_set("test", args.n)
+    prompts, answers = [q.prompt for q in problems], [q.answer for q in problems]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(args, port)
+    rows = []
+    try:
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        lopa = {"decoder": args.decoder}
+        if args.decoder == "lopa":
+            lopa.update(base="threshold", branches=args.branches)
+        body = {"extra_body": {"lopa": lopa}}
+        run_clients(url, model, prompts[: min(8, len(prompts))], 4, body, args.timeout)  # warm-up
+        for c in args.concurrency:
+            wall, results, errors = run_clients(url, model, prompts, c, body, args.timeout)
+            tokens = sum(r[2] for r in results)
+            rows.append(
+                {
+                    "concurrency": c,
+                    "requests": len(results),
+                    "errors": len(errors),
+                    "tok_s": tokens / wall,
+                    "wall_s": wall,
+                    "p50_s": percentile([r[3] for r in results], 50),
+                    "p99_s": percentile([r[3] for r in results], 99),
+                    "accuracy": sum(extract_answer(r[1]) == answers[r[0]] for r in results) / len(prompts),
+                    "texts": [r[1] for r in results],
+                }
+            )
+            for e in errors[:3]:
+                print(f"  concurrency {c}: {e}", file=sys.stderr)
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    texts = [r.pop("texts") for r in rows]
+    for r, t in zip(rows, texts, strict=True):
+        r["speedup"] = r["tok_s"] / rows[0]["tok_s"]
+        r["same_text_as_first"] = t == texts[0]
+    header = {"model": model, "n": args.n, "decoder": args.decoder, "max_num_seqs": args.max_num_seqs}
+    header.update(threads=args.threads, branches=args.branches if args.decoder == "lopa" else 0)
+    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    print(f"{'clients':>7} {'tok/s':>8} {'x seq':>6} {'p50 s':>7} {'p99 s':>7} {'acc':>5} {'errors':>6} {'= seq':>5}")
+    for r in rows:
+        print(
+            f"{r['concurrency']:>7} {r['tok_s']:>8.0f} {r['speedup']:>6.2f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} "
+            f"{r['accuracy']:>5.2f} {r['errors']:>6} {str(r['same_text_as_first']):>5}"
+        )
+    print(json.dumps({"bench": "serve_load", **header, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
