@@ -181,6 +181,14 @@ class LLM:
             self._scheduler = Scheduler(runner, self.mask_id, self.end_ids)
         return self._scheduler
 
+    def kv_pool_bytes(self) -> int:
+        """Memory of the batched engine's KV pool (max_num_seqs x max_model_len positions), allocated or not."""
+        from lopa.cache import KVPool
+
+        cfg, p = self.config, next(self.model.parameters())
+        layers, kv, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        return KVPool.bytes_needed(layers, self.max_num_seqs, self.max_context, kv, dim, p.dtype)
+
     def open_session(self) -> BatchSession | IteratorSession:
         """Many prompts in flight, stepped together (see lopa.session). One session at a time per LLM."""
         if self.can_batch:

@@ -51,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
     )
     print(f"serving {args.served_model_name or llm.model_name} on http://{args.host}:{args.port}/v1 ({config.decoder})")
+    if llm.can_batch:
+        mib = llm.kv_pool_bytes() / 2**20
+        print(
+            f"batching up to {llm.max_num_seqs} sequences; "
+            f"KV pool {llm.max_num_seqs} x {llm.max_context} positions = {mib:.1f} MiB"
+        )
     # on Ctrl+C, give running requests 5 s, then cancel them (their generations stop within one forward)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
