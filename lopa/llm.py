@@ -175,9 +175,12 @@ class LLM:
         """The continuous-batching scheduler; its KV pool is allocated (and its size logged) on first use."""
         if self._scheduler is None:
             from lopa.engine.batch import BatchRunner
+            from lopa.engine.fast import FastRunner
+            from lopa.engine.fast_batch import FastBatchRunner
             from lopa.engine.scheduler import Scheduler
 
-            runner = BatchRunner(self.model, self.max_num_seqs, self.max_context, self.device)
+            kind = FastBatchRunner if isinstance(self.runner, FastRunner) else BatchRunner  # same choice as runner
+            runner = kind(self.model, self.max_num_seqs, self.max_context, self.device)
             self._scheduler = Scheduler(runner, self.mask_id, self.end_ids)
         return self._scheduler
 

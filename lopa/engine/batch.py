@@ -112,8 +112,18 @@ class BatchRunner:
         prefix = torch.tensor(
             [p.window_start for (_, p, _), b in zip(items, batches, strict=True) for _ in b.uses_last]
         )
+        logits, win_k, win_v = self._forward(ids, positions, valid, idx, row_slot, prefix)
+        self._win, self.forwards = (win_k, win_v), self.forwards + 1
+        t1 = time.perf_counter()
+        views = self._score(items, batches, logits, cached=True)
+        return _timed(views, t1 - t0, time.perf_counter() - t1)
+
+    def _forward(
+        self, ids: Tensor, positions: Tensor, valid: Tensor | None, idx: Tensor, row_slot: Tensor, prefix: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The batched forward on host inputs: logits (R, n, vocab), window K and V (layers, R, Hkv, W, D)."""
         dev = self.device
-        logits, win_k, win_v = pooled_forward(
+        return pooled_forward(
             self.model,
             ids.to(dev),
             positions.to(dev),
@@ -124,10 +134,6 @@ class BatchRunner:
             row_slot.to(dev),
             prefix.to(dev),
         )
-        self._win, self.forwards = (win_k, win_v), self.forwards + 1
-        t1 = time.perf_counter()
-        views = self._score(items, batches, logits, cached=True)
-        return _timed(views, t1 - t0, time.perf_counter() - t1)
 
     @torch.inference_mode()
     def verify_uncached(self, items: list[tuple[int, Plan, Sampler]]) -> list[SlotView]:
