@@ -118,6 +118,7 @@ class BatchRunner:
         views = self._score(items, batches, logits, cached=True)
         return _timed(views, t1 - t0, time.perf_counter() - t1)
 
+    @torch.inference_mode()
     def _forward(
         self, ids: Tensor, positions: Tensor, valid: Tensor | None, idx: Tensor, row_slot: Tensor, prefix: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:

@@ -68,6 +68,7 @@ class FastBatchRunner(BatchRunner):
         padded_prefix = min(round_up(prefix, self.kv_granularity), self.max_model_len) if prefix else 0
         return 1 << (rows - 1).bit_length(), round_up(width, self.window_granularity), padded_prefix
 
+    @torch.inference_mode()
     def _forward(
         self, ids: Tensor, positions: Tensor, valid: Tensor | None, idx: Tensor, row_slot: Tensor, prefix: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
