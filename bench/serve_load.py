@@ -5,8 +5,9 @@ port, waits for ``/health``, then for each concurrency sends the same held-out p
 (``lopa.tiny.task.fixed_set("test", n)``) through ``/v1/completions``, each client thread taking the next
 prompt when its previous answer is back. Concurrency 1 is the sequential run. Reported per row: aggregate
 completion tokens/s (all tokens / wall time), p50 / p99 request latency, accuracy, and the speedup over the
-sequential run. Bounded: ``--n`` requests per row, a per-request timeout, and the server is stopped at the end.
-Prints a table, then one JSON line.
+sequential run, and where the time goes: the server's and the clients' CPU seconds (same machine) and the
+server's tokens per CPU second. Bounded: ``--n`` requests per row, a per-request timeout, and the server is
+stopped at the end. Prints a table, then one JSON line.
 
     python bench/serve_load.py                          # 64 requests, concurrency 1 4 16, lopa k=4
     python bench/serve_load.py --n 16 --decoder threshold
@@ -92,6 +93,15 @@ def run_clients(url: str, model: str, prompts: list[str], concurrency: int, body
     return time.perf_counter() - t0, sorted(results), errors
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))] if ordered else 0.0
@@ -123,7 +133,10 @@ def main() -> int:
         body = {"extra_body": {"lopa": lopa}}
         run_clients(url, model, prompts[: min(8, len(prompts))], 4, body, args.timeout)  # warm-up
         for c in args.concurrency:
+            server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
             wall, results, errors = run_clients(url, model, prompts, c, body, args.timeout)
+            server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
+            health = httpx.get(f"{url}/health", timeout=10).json()
             tokens = sum(r[2] for r in results)
             rows.append(
                 {
@@ -135,6 +148,10 @@ def main() -> int:
                     "p50_s": percentile([r[3] for r in results], 50),
                     "p99_s": percentile([r[3] for r in results], 99),
                     "accuracy": sum(extract_answer(r[1]) == answers[r[0]] for r in results) / len(prompts),
+                    "tok_per_server_cpu_s": tokens / server_cpu if server_cpu > 0 else 0.0,
+                    "server_cpu_s": server_cpu,  # where the time goes: the server's CPU seconds in this row
+                    "client_cpu_s": client_cpu,  # ... and the openai clients' (same machine, same cores)
+                    "completed": health.get("completed"),
                     "texts": [r[1] for r in results],
                 }
             )
@@ -153,11 +170,16 @@ def main() -> int:
     header = {"model": model, "n": args.n, "decoder": args.decoder, "max_num_seqs": args.max_num_seqs}
     header.update(threads=args.threads, branches=args.branches if args.decoder == "lopa" else 0)
     print("  ".join(f"{k}={v}" for k, v in header.items()))
-    print(f"{'clients':>7} {'tok/s':>8} {'x seq':>6} {'p50 s':>7} {'p99 s':>7} {'acc':>5} {'errors':>6} {'= seq':>5}")
+    print(
+        f"{'clients':>7} {'tok/s':>8} {'x seq':>6} {'p50 s':>7} {'p99 s':>7} {'acc':>5} {'errors':>6} {'= seq':>5} "
+        f"{'wall s':>7} {'srv cpu':>7} {'cli cpu':>7} {'tok/srv-cpu-s':>13} {'x seq':>6}"
+    )
     for r in rows:
         print(
             f"{r['concurrency']:>7} {r['tok_s']:>8.0f} {r['speedup']:>6.2f} {r['p50_s']:>7.3f} {r['p99_s']:>7.3f} "
-            f"{r['accuracy']:>5.2f} {r['errors']:>6} {str(r['same_text_as_first']):>5}"
+            f"{r['accuracy']:>5.2f} {r['errors']:>6} {str(r['same_text_as_first']):>5} {r['wall_s']:>7.2f} "
+            f"{r['server_cpu_s']:>7.2f} {r['client_cpu_s']:>7.2f} {r['tok_per_server_cpu_s']:>13.0f} "
+            f"{r['tok_per_server_cpu_s'] / rows[0]['tok_per_server_cpu_s']:>6.2f}"
         )
     print(json.dumps({"bench": "serve_load", **header, "rows": rows}))
     return 0
