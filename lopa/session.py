@@ -12,7 +12,8 @@ Completion. :meth:`cancel` drops a sequence at once (its KV slot is free for the
 
 :class:`TextStream` turns one sequence's Steps into StreamEvents: text is never revised (only the contiguous
 decoded prefix of the answer is shown), an incomplete multi-byte character is held back, and so is the tail
-that could still turn into a stop string.
+that could still turn into a stop string. With ``DecodeConfig.trace`` each event also carries the iteration's
+:class:`~lopa.outputs.TraceStep` (the per-step hook for live views).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from lopa.config import DecodeConfig
 from lopa.engine.sequence import Step
-from lopa.outputs import Completion
+from lopa.outputs import Completion, TraceStep
 
 if TYPE_CHECKING:
     from lopa.engine.scheduler import Scheduler
@@ -40,6 +41,7 @@ class StreamEvent:
     text: str
     token_ids: list[int]
     completion: Completion | None = None
+    trace: TraceStep | None = None  # this iteration's trace record when the config asks for ``trace``
 
 
 class TextStream:
@@ -50,6 +52,7 @@ class TextStream:
         self.t0 = time.perf_counter()
         self.shown_text, self.shown_ids = "", 0
         self.hold = max((len(s) for s in cfg.stop), default=1) - 1
+        self.traced = 0  # trace records already handed out (one per forward)
 
     def feed(self, step: Step) -> StreamEvent:
         cfg = self.cfg
@@ -65,7 +68,9 @@ class TextStream:
         self.shown_text += delta
         new_ids = out_ids[self.shown_ids :]
         self.shown_ids = max(self.shown_ids, len(out_ids))
-        return StreamEvent(delta, new_ids, completion)
+        trace = step.trace[-1] if step.trace and len(step.trace) > self.traced else None
+        self.traced = len(step.trace) if step.trace else 0
+        return StreamEvent(delta, new_ids, completion, trace)
 
 
 class BatchSession:

@@ -108,3 +108,19 @@ def test_branch_parallel_refuses_a_batch(capsys) -> None:
     err = capsys.readouterr().err
     assert "one sequence at a time" in err and "--max-num-seqs" in err
     assert issubclass(BatchingError, ConfigError)
+
+
+def test_session_events_carry_each_iterations_trace(llm) -> None:
+    cfg = FAST.replace(trace=True)
+    session = llm.open_session()
+    rids = [session.add(p, cfg) for p in ("one", "two")]
+    traces: dict[int, list] = {rid: [] for rid in rids}
+    final = {}
+    while session.has_work:
+        for rid, event in session.step():
+            if event.trace is not None:
+                traces[rid].append(event.trace)
+            if event.completion is not None:
+                final[rid] = event.completion
+    for rid in rids:
+        assert traces[rid] == final[rid].trace and len(traces[rid]) == final[rid].stats.forwards
