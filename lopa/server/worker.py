@@ -163,7 +163,9 @@ class EngineWorker:
         self._mean_seconds = 1.0  # running mean of job durations, for Retry-After
         self.completed = 0  # jobs that ran to the end (or failed on the way)
         self.cancelled = 0  # jobs dropped or stopped early because their client went away
-        self._active: dict[int, _Active] = {}  # session sequence id -> its job
+        self._active: dict[int, _Active] = {}  # session sequence id -> its job (worker thread only)
+        self._running = 0  # jobs admitted and not yet closed (read by /health from the event loop)
+        self._stopping = threading.Event()  # set by stop(): the worker cancels its running jobs
         self._thread: threading.Thread | None = None
         self._session: Any = None
 
@@ -176,8 +178,7 @@ class EngineWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running jobs, drop queued ones, and join the thread."""
-        for active in list(self._active.values()):
-            active.job.cancel.set()
+        self._stopping.set()
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -194,7 +195,7 @@ class EngineWorker:
     @property
     def running(self) -> int:
         """Jobs whose sequences are in the engine."""
-        return len({id(a.job) for a in list(self._active.values())})
+        return self._running
 
     def retry_after(self) -> int:
         """Seconds a rejected client should wait: the queue's expected drain time, 1 to 60."""
@@ -232,7 +233,7 @@ class EngineWorker:
                     self._waiting -= 1
                 self._admit(session, job)
             for active in {id(a.job): a for a in self._active.values()}.values():
-                if active.job.cancel.is_set():
+                if active.job.cancel.is_set() or self._stopping.is_set():
                     self._close(session, active, cancelled=True)
             if not session.has_work:
                 continue
@@ -255,6 +256,7 @@ class EngineWorker:
             job.push(Closed())
             return
         active = _Active(job, {}, {})
+        self._running += 1
         try:
             for index, prompt in enumerate(job.prompts):
                 rid = session.add(prompt, job.config, raw=job.raw)
@@ -302,6 +304,7 @@ class EngineWorker:
             session.cancel(rid)
             self._active.pop(rid, None)
         active.prompts.clear()
+        self._running -= 1
         if cancelled:
             self.cancelled += 1
         else:
