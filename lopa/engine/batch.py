@@ -105,13 +105,12 @@ class BatchRunner:
         t0 = time.perf_counter()
         for slot, plan, _ in items:
             if self.pool.committed[slot] != plan.window_start:
-                raise RuntimeError(f"slot {slot}: window starts at {plan.window_start}, pool holds more/less")
+                committed = self.pool.committed[slot]
+                raise RuntimeError(f"slot {slot}: window starts at {plan.window_start} but the pool holds {committed}")
         batches = [build_batch(p.window_start, p.commit_len, p.cands, self.pad_id) for _, p, _ in items]
         ids, positions, valid, idx = _stack(batches, self.pad_id)
-        row_slot = torch.tensor([s for (s, _, _), b in zip(items, batches, strict=True) for _ in b.uses_last])
-        prefix = torch.tensor(
-            [p.window_start for (_, p, _), b in zip(items, batches, strict=True) for _ in b.uses_last]
-        )
+        row_slot = torch.tensor([slot for slot, plan, _ in items for _ in plan.cands])  # (R,)
+        prefix = torch.tensor([plan.window_start for _, plan, _ in items for _ in plan.cands])  # (R,)
         logits, win_k, win_v = self._forward(ids, positions, valid, idx, row_slot, prefix)
         self._win, self.forwards = (win_k, win_v), self.forwards + 1
         t1 = time.perf_counter()
