@@ -2,8 +2,9 @@
 
 Starts ``python -m lopa serve`` (the bundled model unless ``--model``) as a subprocess on 127.0.0.1 and a free
 port, waits for ``/health``, then for each concurrency sends the same held-out problems of the bundled task
-(``lopa.tiny.task.fixed_set("test", n)``) through ``/v1/completions``, each client thread taking the next
-prompt when its previous answer is back. Concurrency 1 is the sequential run. Reported per row: aggregate
+(``lopa.tiny.task.fixed_set("test", n)``) through ``/v1/completions``, each client taking the next
+prompt when its previous answer is back; each client is its own process (one interpreter lock per client).
+Concurrency 1 is the sequential run. Reported per row: aggregate
 completion tokens/s (all tokens / wall time), p50 / p99 request latency, accuracy, and the speedup over the
 sequential run, and where the time goes: the server's and the clients' CPU seconds (same machine) and the
 server's tokens per CPU second. Bounded: ``--n`` requests per row, a per-request timeout, and the server is
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -62,35 +63,56 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     raise SystemExit(f"lopa serve did not answer /health within {args.start_timeout}s")
 
 
+def _client(url: str, model: str, prompts: list[str], body: dict, timeout: float, todo, done, go) -> None:
+    """One client process: waits for ``go``, then takes prompt indices from ``todo`` until it is empty."""
+    api = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+    cpu0 = time.process_time()
+    go.wait()
+    while True:
+        try:
+            i = todo.get_nowait()
+        except queue.Empty:
+            break
+        t0 = time.perf_counter()
+        try:
+            r = api.completions.create(model=model, prompt=prompts[i], **body)
+        except Exception as e:  # reported, never retried: the benchmark stays bounded
+            done.put(("error", f"{type(e).__name__}: {e}"))
+            continue
+        done.put(("ok", (i, r.choices[0].text, r.usage.completion_tokens, time.perf_counter() - t0)))
+    done.put(("cpu", time.process_time() - cpu0))
+
+
 def run_clients(url: str, model: str, prompts: list[str], concurrency: int, body: dict, timeout: float):
-    """Every prompt once, ``concurrency`` clients at a time: (wall seconds, [(index, text, tokens, seconds)])."""
-    todo: queue.Queue[int] = queue.Queue()
+    """Every prompt once, ``concurrency`` client processes at a time (one process each, so the clients do not
+    share one interpreter lock): (wall seconds, [(index, text, tokens, seconds)], errors, clients' CPU seconds)."""
+    ctx = mp.get_context("fork")  # the clients start from this process's imports, ready to send
+    todo, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     for i in range(len(prompts)):
         todo.put(i)
-    results, errors = [], []
-
-    def client() -> None:
-        api = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout)
-        while True:
-            try:
-                i = todo.get_nowait()
-            except queue.Empty:
-                return
-            t0 = time.perf_counter()
-            try:
-                r = api.completions.create(model=model, prompt=prompts[i], **body)
-            except Exception as e:  # reported, never retried: the benchmark stays bounded
-                errors.append(f"{type(e).__name__}: {e}")
-                continue
-            results.append((i, r.choices[0].text, r.usage.completion_tokens, time.perf_counter() - t0))
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    procs = [
+        ctx.Process(target=_client, args=(url, model, prompts, body, timeout, todo, done, go))
+        for _ in range(concurrency)
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)  # let every client reach the start line
+    results, errors, cpu, finished = [], [], 0.0, 0
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0, sorted(results), errors
+    go.set()
+    wall = 0.0
+    while finished < concurrency:
+        kind, item = done.get(timeout=timeout * len(prompts))
+        if kind == "ok":
+            results.append(item)
+            wall = time.perf_counter() - t0
+        elif kind == "error":
+            errors.append(item)
+        else:
+            cpu, finished = cpu + item, finished + 1
+    for p in procs:
+        p.join(10)
+    return wall, sorted(results), errors, cpu
 
 
 def cpu_seconds(pid: int) -> float:
@@ -133,9 +155,9 @@ def main() -> int:
         body = {"extra_body": {"lopa": lopa}}
         run_clients(url, model, prompts[: min(8, len(prompts))], 4, body, args.timeout)  # warm-up
         for c in args.concurrency:
-            server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
-            wall, results, errors = run_clients(url, model, prompts, c, body, args.timeout)
-            server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
+            server_cpu = cpu_seconds(server.pid)
+            wall, results, errors, client_cpu = run_clients(url, model, prompts, c, body, args.timeout)
+            server_cpu = cpu_seconds(server.pid) - server_cpu
             health = httpx.get(f"{url}/health", timeout=10).json()
             tokens = sum(r[2] for r in results)
             rows.append(
