@@ -5,8 +5,8 @@ Times, on random weights of a chosen model shape (nothing is downloaded), for ev
 - ``fast``: lopa's FastRunner forward (fused weights, padded buckets; a CUDA-graph replay on CUDA),
 - ``fast+score``: the same plus on-device token choice and the one host copy (a whole ``verify`` call),
 - ``eager``: lopa's eager Runner forward (``--enforce-eager``),
-- ``hf``: transformers' Qwen2 eager forward of the same shape over a DynamicCache (causal mask: Dream differs
-  only in the mask), unless ``--no-hf``,
+- ``hf``: transformers' eager forward of the same shape over a DynamicCache (Qwen2 for ``--family dream``, Llama
+  for ``--family llada``; causal mask: the diffusion models differ only in the mask), unless ``--no-hf``,
 - ``yardstick``: the minimal forward of ``bench/gpu_floor.py`` (static KV, fused qkv / gate-up, SDPA), captured
   in a CUDA graph on CUDA, eager on CPU, run in-process for the same shape;
 
@@ -19,6 +19,7 @@ a tokens/s projection at the paper's TPF values, then one JSON line. ``--floor-s
 also runs the verbatim yardstick script in a subprocess (CUDA, 7B shape) and adds its rows to the JSON.
 
     python bench/gpu_step.py                   # CUDA: --shape 7b, bf16; CPU: --shape small, fp32
+    python bench/gpu_step.py --family llada    # CUDA: --shape 8b (LLaDA-8B: MHA, no biases, vocab 126464)
     python bench/gpu_step.py --shape tiny --branches 1 2 --windows 8 --cache 32 --reps 2   # seconds, on CPU
 """
 
@@ -50,6 +51,13 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head dim, vocab
     "small": (256, 768, 4, 8, 2, 32, 8192),
     "tiny": (64, 128, 2, 4, 2, 16, 512),
 }
+LLADA_SHAPES = {  # the same fields; LLaDA uses multi-head attention and no biases
+    "8b": (4096, 12288, 32, 32, 32, 128, 126464),  # LLaDA-8B-Base / -Instruct, LLaDA-1.5
+    "small": (256, 768, 4, 8, 8, 32, 8192),
+    "tiny": (64, 128, 2, 4, 4, 16, 512),
+}
+FAMILY_SHAPES = {"dream": SHAPES, "llada": LLADA_SHAPES}
+FAMILY_CONFIG = {"dream": dict(model_type="Dream"), "llada": dict(model_type="llada", attention_bias=False)}
 # Tokens per forward the paper reports (authors' counting, docs/algorithm.md): the projection's inputs.
 PAPER_TPF = {
     "GSM8K D2F-Dream (T1)": 10.1,
@@ -61,9 +69,12 @@ PAPER_TPF = {
 }
 
 
-def model_config(shape: str) -> ModelConfig:
-    h, i, n, heads, kv, d, v = SHAPES[shape]
-    return ModelConfig(v, h, i, n, heads, kv, d, max_position_embeddings=4096, mask_token_id=v - 1, pad_token_id=v - 2)
+def model_config(shape: str, family: str = "dream") -> ModelConfig:
+    h, i, n, heads, kv, d, v = FAMILY_SHAPES[family][shape]
+    return ModelConfig(
+        v, h, i, n, heads, kv, d, max_position_embeddings=4096, mask_token_id=v - 1, pad_token_id=v - 2,
+        **FAMILY_CONFIG[family],
+    )  # fmt: skip
 
 
 def build(factory: Callable[[], torch.nn.Module], device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -144,7 +155,8 @@ def time_batched(runner: BatchRunner, cfg: ModelConfig, seqs: list[int], k: int,
         for slot in slots:
             runner.pool.committed[slot] = cache  # the prefix's values do not change the cost
         items = [(slot, Plan(cache, 0, candidates(cfg, k + 1, w, cache), 0), sampler) for slot in slots]
-        ids, positions, valid, idx = _stack([build_batch(cache, 0, p.cands, runner.pad_id) for _, p, _ in items], 0)
+        batches = [build_batch(cache, 0, p.cands, runner.pad_id, runner.shift) for _, p, _ in items]
+        ids, positions, valid, idx = _stack(batches, 0)
         row_slot = torch.tensor([slot for slot in slots for _ in range(k + 1)])  # (rows,)
         prefix = torch.full_like(row_slot, cache)  # (rows,)
         out[s] = (
@@ -156,13 +168,18 @@ def time_batched(runner: BatchRunner, cfg: ModelConfig, seqs: list[int], k: int,
     return out
 
 
-def time_hf(cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, device: str, dtype, clock) -> dict:
-    from transformers import DynamicCache, Qwen2ForCausalLM
+def time_hf(
+    cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, device: str, dtype, clock, family: str = "dream"
+) -> dict:
+    import transformers
+    from transformers import DynamicCache
 
-    from lopa.testing import qwen2_config
+    from lopa.testing import llama_config, qwen2_config
 
-    hf_cfg = qwen2_config(cfg, "sdpa")
-    model, out = build(lambda: Qwen2ForCausalLM(hf_cfg), device, dtype), {}
+    twins = {"dream": ("Qwen2ForCausalLM", qwen2_config), "llada": ("LlamaForCausalLM", llama_config)}
+    cls, make_config = twins[family]
+    hf_cfg = make_config(cfg, "sdpa")
+    model, out = build(lambda: getattr(transformers, cls)(hf_cfg), device, dtype), {}
     arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x rename
     with torch.inference_mode():
         for b, w in grid:
@@ -188,8 +205,9 @@ def time_yardstick(cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, de
         return torch.randn(*s, device=device, dtype=dtype) * 0.02
 
     layers = [
-        dict(qkv=W(H, NH * D + 2 * NKV * D), qkvb=W(NH * D + 2 * NKV * D), o=W(NH * D, H), gu=W(H, 2 * I),
-             dn=W(I, H), n1=torch.ones(H, device=device, dtype=dtype), n2=torch.ones(H, device=device, dtype=dtype))
+        dict(qkv=W(H, NH * D + 2 * NKV * D), o=W(NH * D, H), gu=W(H, 2 * I), dn=W(I, H),
+             n1=torch.ones(H, device=device, dtype=dtype), n2=torch.ones(H, device=device, dtype=dtype),
+             qkvb=W(NH * D + 2 * NKV * D) if cfg.attention_bias else None)
         for _ in range(cfg.num_hidden_layers)
     ]  # fmt: skip
     emb, head = W(cfg.vocab_size, H), W(H, cfg.vocab_size)
@@ -199,7 +217,8 @@ def time_yardstick(cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, de
         x = emb[ids]
         for li, w in enumerate(layers):
             h = F.rms_norm(x, (H,), w["n1"], eps)
-            qkv = torch.addmm(w["qkvb"], h.view(-1, H), w["qkv"]).view(B, L, -1)
+            flat = h.view(-1, H)
+            qkv = (flat @ w["qkv"] if w["qkvb"] is None else torch.addmm(w["qkvb"], flat, w["qkv"])).view(B, L, -1)
             q, k, v = qkv.split([NH * D, NKV * D, NKV * D], -1)
             q = q.view(B, L, NH, D).transpose(1, 2)
             kc[li][:, :, P : P + L] = k.view(B, L, NKV, D).transpose(1, 2)
@@ -244,7 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 7b on CUDA, small on CPU")
+    p.add_argument("--family", choices=sorted(FAMILY_SHAPES), default="dream", help="model family of the shape")
+    p.add_argument(
+        "--shape",
+        choices=sorted({*SHAPES, *LLADA_SHAPES}),
+        default=None,
+        help="dream: 7b | small | tiny; llada: 8b | small | tiny (default: the 7b / 8b shape on CUDA, small on CPU)",
+    )
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
     p.add_argument("--branches", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--windows", type=int, nargs="+", default=[32, 64])
@@ -258,11 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor-script", default=None, help="also run this copy of gpu_floor.py (CUDA only)")
     a = p.parse_args(argv)
     dev = a.device.split(":")[0]
-    shape = a.shape or ("7b" if dev == "cuda" else "small")
+    shapes = FAMILY_SHAPES[a.family]
+    shape = a.shape or (next(iter(shapes)) if dev == "cuda" else "small")
+    if shape not in shapes:
+        p.error(f"--shape {shape} is not a {a.family} shape; choose from {sorted(shapes)}")
     dtype = getattr(torch, a.dtype or ("bfloat16" if dev == "cuda" else "float32"))
     clock = timer(dev, a.warmup, a.reps or (20 if dev == "cuda" else 3))
     grid = [(b, w) for b in a.branches for w in a.windows]
-    cfg = model_config(shape)
+    cfg = model_config(shape, a.family)
     torch.manual_seed(0)
 
     ref = floor_script(a.floor_script) if a.floor_script and dev == "cuda" else None  # before we hold memory
@@ -280,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     fast_batch = FastBatchRunner(model, max(a.seqs), pool_len, torch.device(a.device))
     batched = time_batched(fast_batch, cfg, a.seqs, k, bw, a.cache, clock)
     del model, fast_runner, fast_batch
-    hf = {} if a.no_hf else time_hf(cfg, grid, a.cache, a.device, dtype, clock)
+    hf = {} if a.no_hf else time_hf(cfg, grid, a.cache, a.device, dtype, clock, a.family)
     yard = time_yardstick(cfg, grid, a.cache, a.device, dtype, clock)
 
     rows = []
@@ -292,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({k: round(x, 3) if isinstance(x, float) else x for k, x in r.items()})
     name = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
     kind = "CUDA-graph replay" if dev == "cuda" else "fused weights, no graphs or padding on CPU"
-    print(f"# {name}, shape {shape} ({weight_bytes / 1e9:.2f} GB {str(dtype)[6:]}), cache {a.cache} tokens")
+    print(f"# {name}, {a.family} shape {shape} ({weight_bytes / 1e9:.2f} GB {str(dtype)[6:]}), cache {a.cache} tokens")
     print(
         f"# copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); floor = weights / bandwidth = {floor_ms:.2f} ms"
     )
@@ -321,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in batch_rows:
         print(" | ".join(str(r[c]) for c in bcols))
     summary = dict(
-        bench="gpu_step", device=name, shape=shape, dtype=str(dtype)[6:], cache=a.cache, graphs=dev == "cuda"
-    )
+        bench="gpu_step", device=name, family=a.family, shape=shape, dtype=str(dtype)[6:], cache=a.cache,
+        graphs=dev == "cuda",
+    )  # fmt: skip
     summary.update(weight_bytes=weight_bytes, copy_bandwidth_gbs=round(bandwidth / 1e9, 1), floor_ms=round(floor_ms, 3))
     summary.update(
         rows=rows, batch_rows=batch_rows, projection_tok_s=projection, paper_tpf=PAPER_TPF, floor_script_rows=ref

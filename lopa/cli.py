@@ -15,8 +15,8 @@ import sys
 import typing
 from collections.abc import Sequence
 
-from lopa.config import BASES, BRANCH_SCORES, CONFIDENCES, DECODERS, HELP, ORDERS, DecodeConfig
-from lopa.errors import LopaError
+from lopa.config import BASES, BRANCH_SCORES, CONFIDENCES, DECODERS, HELP, ORDERS, RECOMMENDABLE, DecodeConfig
+from lopa.errors import ConfigError, LopaError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,13 +38,22 @@ _CHOICES = {
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per DecodeConfig field, kebab case; defaults shown from the dataclass."""
-    group = parser.add_argument_group("decoding (DecodeConfig)")
+    """One flag per DecodeConfig field, kebab case; defaults shown from the dataclass.
+
+    A flag left out takes the checkpoint's recommendation (DecodeConfig.recommended), as ``LLM`` does.
+    """
+    group = parser.add_argument_group(
+        "decoding (DecodeConfig)",
+        "Flags left out take the checkpoint's recommended settings (its generation_config.json: decoder, base, "
+        "branches, block size, max new tokens, thresholds, confidence), else the engine defaults shown.",
+    )
     hints = typing.get_type_hints(DecodeConfig)
     for f in dataclasses.fields(DecodeConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{HELP.get(f.name, '')} (default: {default!r})"
+        if f.name in RECOMMENDABLE:
+            help_text = f"{HELP.get(f.name, '')} (default: the checkpoint's generation_config.json, else {default!r})"
         if f.name == "stop":
             group.add_argument(flag, action="append", default=None, help=help_text)
         elif hints[f.name] is bool:
@@ -55,10 +64,12 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def checkpoint_decode_defaults(model_dir: str | None) -> DecodeConfig:
-    """The decoding defaults for a checkpoint (the bundled one when None): see DecodeConfig.recommended."""
+    """The decoding defaults for a checkpoint (the bundled one when None): see DecodeConfig.recommended and
+    lopa.model.family.recommended_settings (the family's recommendations under the checkpoint's own)."""
     from pathlib import Path
 
     from lopa.model.config import read_json
+    from lopa.model.family import recommended_settings
 
     if model_dir is None:
         from lopa.tiny import default_checkpoint_dir
@@ -67,7 +78,8 @@ def checkpoint_decode_defaults(model_dir: str | None) -> DecodeConfig:
     else:
         path = Path(model_dir)
     try:
-        return DecodeConfig.recommended(read_json(path / "generation_config.json"))
+        settings = recommended_settings(read_json(path / "config.json"), read_json(path / "generation_config.json"))
+        return DecodeConfig.recommended(settings)
     except LopaError:  # a broken file is reported by the loader, with the full story
         return DecodeConfig()
 
@@ -113,6 +125,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="longest prompt + max_new_tokens served; sizes the KV pool (default: the model's context, <= 8192)",
     )
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """--threads: torch's CPU thread count (generate, serve)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads torch may use (default: torch's choice, one per core; on a busy machine 1 is often faster)",
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's thread count from --threads (no-op when not given)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def load_llm(args: argparse.Namespace, **extra: object):

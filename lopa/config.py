@@ -8,6 +8,7 @@ field, and the engine reads them. ``validate()`` is the only place parameters ar
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -166,12 +167,19 @@ class DecodeConfig:
         """Engine defaults overridden by the decoding settings a checkpoint recommends.
 
         Only the keys in RECOMMENDABLE are read from ``generation_config.json`` (sampling settings there are
-        ignored: decoding stays greedy unless asked). A recommendation that does not validate is ignored whole.
+        ignored: decoding stays greedy unless asked). A recommendation that does not validate is ignored whole,
+        with a warning that says why.
         """
         picked = {k: generation_config[k] for k in RECOMMENDABLE if k in generation_config}
         try:
             return cls(**picked).validate()
-        except (ConfigError, TypeError):
+        except (ConfigError, TypeError) as e:
+            warnings.warn(
+                f"generation_config.json recommends invalid decoding settings ({e}); using the engine defaults "
+                f"instead. Fix or remove {sorted(picked)} in that file.",
+                UserWarning,
+                stacklevel=1,  # one location: shown once even when the CLI and the LLM both read the file
+            )
             return cls()
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,18 @@ class BatchingError(ConfigError):
     """A setting cannot be combined with decoding several sequences together (e.g. branch parallelism)."""
 
 
+class MaskTokenInPromptError(ConfigError):
+    """The prompt contains the mask token: lopa continues prompts, it does not infill them (docs/algorithm.md)."""
+
+
+class DeviceUnavailableError(ConfigError):
+    """The requested device is not a torch device, or this machine does not have it."""
+
+
+class LimitExceededError(ConfigError):
+    """A request asks for more than the server's operator limits allow (branches, KV cache memory)."""
+
+
 class CheckpointError(LopaError):
     """A checkpoint directory cannot be loaded."""
 

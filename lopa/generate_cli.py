@@ -1,4 +1,12 @@
-"""``lopa generate``: decode prompts and print the text plus a one-line stats summary (or JSON lines)."""
+"""``lopa generate``: decode prompts and print the text plus a one-line stats summary (or JSON lines).
+
+``--trace-plot out.png`` / ``--trace-gif out.gif`` turn the trace on and save each prompt's filling-order map
+(``trace_plot.py``); with several prompts the files are numbered: ``out-1.png``, ``out-2.png``, ...
+
+Every prompt is checked (encoding, mask token, context length) before any is decoded; each result is printed as
+soon as its prompt finishes. ``--trace`` prints the per-iteration trace: inside the JSON object with ``--json``,
+as readable lines on stderr otherwise.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +14,36 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
-from lopa.dist.launch import add_dist_arguments
+from lopa.cli import (
+    add_decode_arguments,
+    add_model_arguments,
+    add_threads_argument,
+    apply_threads,
+    decode_config_from_args,
+    load_llm,
+)
+from lopa.dist.launch import add_dist_arguments, add_tp_argument
+from lopa.errors import ConfigError
+from lopa.outputs import Completion
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompt text(s); read one per line from stdin when none are given")
     add_model_arguments(p)
+    add_threads_argument(p)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template to the prompts")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     p.add_argument("--branch-parallel", action="store_true", help="run as one rank of a torchrun launch")
     p.add_argument("--bp", type=int, default=0, metavar="N", help="launch N branch-parallel ranks on this machine")
+    add_tp_argument(p)
+    p.add_argument(
+        "--trace-plot", default=None, metavar="PNG", help="save the filling-order map (positions x forwards)"
+    )
+    p.add_argument(
+        "--trace-gif", default=None, metavar="GIF", help="save the filling-order map animated, one frame per forward"
+    )
     add_dist_arguments(p)
     add_decode_arguments(p)
 
@@ -50,17 +76,73 @@ def run(args: argparse.Namespace) -> int:
     if not prompts and not worker_rank:
         print("lopa generate: no prompt given", file=sys.stderr)
         return 2
-    if args.bp or args.branch_parallel:
+    apply_threads(args)
+    pictures = [(kind, path) for kind, path in (("plot", args.trace_plot), ("gif", args.trace_gif)) if path]
+    if args.bp or args.branch_parallel or args.tp != 1:
+        if pictures:
+            raise ConfigError("--trace-plot / --trace-gif are not available with --bp / --tp / --branch-parallel")
         from lopa.cli import check_branch_parallel_batch
         from lopa.dist.launch import run_generate
 
         check_branch_parallel_batch(args)
 
         return run_generate(args, cfg, prompts)
+    if pictures:
+        cfg = cfg.replace(trace=True)
+        _check_plotting()
     llm = load_llm(args)
-    for completion in llm.generate(prompts, cfg, raw=args.raw):
-        emit(completion, cfg, args.json, llm)
+    # every prompt is checked before the first one is decoded; the prompts decode together, and each result
+    # is printed, in input order, as soon as it and every one before it have finished
+    ready: dict[int, Completion] = {}
+    shown = 0
+    for index, completion in llm.generate_each(prompts, cfg, raw=args.raw):
+        ready[index] = completion
+        while shown in ready:
+            done = ready.pop(shown)
+            emit(done, cfg, args.json, llm)
+            for kind, path in pictures:
+                save_pictures(kind, numbered(path, shown, len(prompts)), done, cfg, llm)
+            shown += 1
     return 0
+
+
+def _check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+
+        import lopa.trace_plot  # noqa: F401  (numpy and matplotlib)
+    except ImportError as e:
+        raise ConfigError("--trace-plot / --trace-gif need matplotlib: pip install 'lopa[plot]'") from e
+
+
+def numbered(path: str, index: int, count: int) -> Path:
+    """``path`` itself for one prompt; ``stem-<index+1>.suffix`` for several."""
+    p = Path(path)
+    return p if count == 1 else p.with_name(f"{p.stem}-{index + 1}{p.suffix}")
+
+
+def save_pictures(kind: str, path: Path, completion, cfg, llm) -> None:
+    from lopa.trace_plot import save_trace_gif, save_trace_plot
+
+    save = save_trace_plot if kind == "plot" else save_trace_gif
+    out = save(completion, cfg, path, llm.end_ids, describe(cfg), lambda t: llm.tokenizer.decode([t]))
+    print(f"wrote {out}", file=sys.stderr, flush=True)
+
+
+def format_trace(trace) -> str:
+    """One readable line per iteration: candidates with their scores, the winner, what it filled."""
+    lines = []
+    for step in trace:
+        cands = []
+        for i, c in enumerate(step.candidates):
+            at = c.get("extra_position")
+            kind = f"{c['kind']}@{at}" if isinstance(at, int) and at >= 0 else c["kind"]
+            mark = "*" if i == step.winner else ""
+            cands.append(f"{mark}{kind}={c['score']:.3f}")
+        lines.append(
+            f"  iter {step.iteration:>3}: {' '.join(cands)} | filled {step.filled} | committed {step.committed}"
+        )
+    return "\n".join(["trace (score per candidate, * = winner):", *lines])
 
 
 def emit(completion, cfg, as_json: bool, llm=None) -> None:
@@ -73,4 +155,6 @@ def emit(completion, cfg, as_json: bool, llm=None) -> None:
         print(json.dumps(d), flush=True)
     else:
         print(completion.text, flush=True)
+        if completion.trace is not None:
+            print(format_trace(completion.trace), file=sys.stderr, flush=True)
         print(summary(stats, describe(cfg)), file=sys.stderr, flush=True)

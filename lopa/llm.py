@@ -7,7 +7,8 @@ every forward, so a caller can send it at once and cancel between forwards by cl
 ``open_session`` gives the same per-sequence events for many prompts at once (the server's engine worker).
 Text is never revised: decoded positions are final, and only the contiguous decoded
 prefix of the answer is ever shown. Parameters are validated by :meth:`DecodeConfig.validate`; prompt length
-is checked here against the model's context.
+is checked here against the model's context, and a prompt holding the mask token is refused here
+(:class:`~lopa.errors.MaskTokenInPromptError`): every decoder continues a prompt, none infills one.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seq
 from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
 from lopa.engine.runner import Runner
-from lopa.errors import ConfigError, PromptTooLongError
+from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 from lopa.model.loader import load_checkpoint
+from lopa.model.tp import TPShard
 from lopa.outputs import Completion, Stats
 from lopa.session import BatchSession, IteratorSession, StreamEvent, TextStream
 
@@ -47,7 +49,7 @@ def default_model_dir() -> Path:
 
 
 class LLM:
-    """A loaded Dream-family model ready to decode. Not thread-safe: serialize calls."""
+    """A loaded model (any supported family) ready to decode. Not thread-safe: serialize calls."""
 
     def __init__(
         self,
@@ -58,12 +60,15 @@ class LLM:
         enforce_eager: bool | None = None,
         max_num_seqs: int | None = None,
         max_model_len: int | None = None,
+        shard: TPShard | None = None,
     ) -> None:
         """``max_num_seqs``: sequences decoded together (default: config.default_max_num_seqs for the device);
         ``max_model_len``: the longest prompt + max_new_tokens served (default: the model's context, at most
         config.DEFAULT_MAX_MODEL_LEN). Together they size the KV pool, allocated on first batched use."""
         path = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype)
+        self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype, shard=shard)
+        if shard is not None and shard.size > 1:
+            enforce_eager = True  # tensor-parallel all-reduces are timed collectives: no CUDA graph around them
         self.tokenizer = self.checkpoint.tokenizer
         self.model = self.checkpoint.model
         self.config = self.checkpoint.config
@@ -75,12 +80,21 @@ class LLM:
             raise ConfigError(f"max_model_len must be an integer in [1, {context}], got {max_model_len!r}")
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
-        self.default_config = DecodeConfig.recommended(self.checkpoint.generation_config)
+        self.default_config = DecodeConfig.recommended(
+            {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
+        )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
         self.max_num_seqs = default_max_num_seqs(self.device.type) if max_num_seqs is None else max_num_seqs
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         self._scheduler: Scheduler | None = None
+        self.shard = shard
+        # after a request, a KV cache larger than this is freed rather than kept for reuse (None: always kept)
+        self.max_idle_cache_bytes: int | None = None
+
+    def decode_config(self, **changes: object) -> DecodeConfig:
+        """This checkpoint's recommended settings with ``changes`` applied (what the CLI's flags do), validated."""
+        return self.default_config.replace(**changes).validate()
 
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:
@@ -103,10 +117,26 @@ class LLM:
                 raise ConfigError(f"token ids must be in [0, {vocab}); got {bad[:5]}")
         if not ids:
             raise ConfigError("the prompt is empty: give at least one token")
+        self._refuse_mask(ids)
         return ids
+
+    def _refuse_mask(self, ids: list[int]) -> None:
+        """Every decoder continues a prompt; none infills it, so a mask token inside one is refused."""
+        at = [i for i, t in enumerate(ids) if t == self.mask_id]
+        if at:
+            token = self.tokenizer.id_to_token(self.mask_id)
+            raise MaskTokenInPromptError(
+                f"the prompt contains the mask token {token!r} (id {self.mask_id}) at position(s) {at[:5]}; lopa "
+                f"continues prompts and does not infill masked positions: remove the mask token from the prompt"
+            )
 
     def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
         return len(self.encode_prompt(prompt, raw))
+
+    def kv_cache_bytes(self, rows: int, positions: int) -> int:
+        """Bytes of the K and V cache for ``rows`` branch rows of ``positions`` positions of this model."""
+        c, element = self.config, next(self.model.parameters()).element_size()
+        return 2 * c.num_hidden_layers * rows * c.num_key_value_heads * positions * c.head_dim * element
 
     def check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
         """Raise PromptTooLongError unless the prompt plus max_new_tokens fits the model's context."""
@@ -128,33 +158,43 @@ class LLM:
         """Decode the prompts (a string, a list of token ids, or a list of those) together, ``max_num_seqs`` at a
         time. ``config`` is one DecodeConfig for all, or one per prompt. Every prompt is validated first."""
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
+        out: list[Completion | None] = [None] * len(batch)
+        bar = tqdm(total=len(batch), desc="generate", unit="prompt", disable=not progress)
+        for index, completion in self.generate_each(batch, config, raw):
+            out[index] = completion
+            bar.update()
+        return [c for c in out if c is not None]
+
+    def generate_each(
+        self, prompts: Sequence[Prompt], config: DecodeConfig | Sequence[DecodeConfig] | None = None, raw: bool = False
+    ) -> Iterator[tuple[int, Completion]]:
+        """As :meth:`generate`, yielding (prompt index, Completion) as each prompt finishes (the order in which
+        they finish). Every prompt is validated before the first one is decoded."""
+        batch = list(prompts)
         configs = self._configs(config, len(batch))
         encoded = [self.encode_prompt(p, raw) for p in batch]  # validate every prompt before decoding any
         for ids, cfg in zip(encoded, configs, strict=True):
             self.check_fits(ids, cfg)
-        bar = tqdm(total=len(encoded), desc="generate", unit="prompt", disable=not progress)
         if len(encoded) == 1 or not self.can_batch:
-            out = []
-            for ids, cfg in zip(encoded, configs, strict=True):
-                out.append(self._complete(ids, cfg))
-                bar.update()
-            return out
+            for index, (ids, cfg) in enumerate(zip(encoded, configs, strict=True)):
+                yield index, self._complete(ids, cfg)
+            return
         session = self.open_session()
         rids = [session.add(ids, cfg) for ids, cfg in zip(encoded, configs, strict=True)]
-        done: dict[int, Completion] = {}
+        index_of = {rid: i for i, rid in enumerate(rids)}
+        done: set[int] = set()
         try:
             while session.has_work:
                 for rid, event in session.step():
                     if isinstance(event, Exception):
                         raise event
                     if event.completion is not None:
-                        done[rid] = event.completion
-                        bar.update()
+                        done.add(rid)
+                        yield index_of[rid], event.completion
         finally:
             for rid in rids:
                 if rid not in done:
                     session.cancel(rid)
-        return [done[rid] for rid in rids]
 
     def _configs(self, config: DecodeConfig | Sequence[DecodeConfig] | None, n: int) -> list[DecodeConfig]:
         if config is None or isinstance(config, DecodeConfig):
@@ -167,8 +207,10 @@ class LLM:
     # ---- batching ------------------------------------------------------------------------------------
     @property
     def can_batch(self) -> bool:
-        """Whether prompts decode together: a single-device runner and max_num_seqs > 1."""
-        return isinstance(self.runner, Runner) and self.max_num_seqs > 1
+        """Whether prompts decode together: a single-device runner, no tensor parallelism (the pooled forward
+        runs whole attention heads on one device) and max_num_seqs > 1."""
+        sharded = self.shard is not None and self.shard.size > 1
+        return isinstance(self.runner, Runner) and not sharded and self.max_num_seqs > 1
 
     @property
     def scheduler(self) -> Scheduler:
@@ -214,17 +256,32 @@ class LLM:
         self.check_fits(ids, cfg)
         text_stream = TextStream(self, ids, cfg)
         stop = self._stop_check(cfg) if cfg.stop else None
-        for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
-            yield text_stream.feed(step)
+        try:
+            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
+                yield text_stream.feed(step)
+        finally:
+            self._trim_cache()
 
     def _steps(self, ids: list[int], cfg: DecodeConfig) -> Iterator[tuple[Step, Completion | None]]:
         t0 = time.perf_counter()
         stop = self._stop_check(cfg) if cfg.stop else None
-        for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
-            if step.done:
-                yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
-            else:
-                yield step, None
+        try:
+            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
+                if step.done:
+                    yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
+                else:
+                    yield step, None
+        finally:
+            self._trim_cache()
+
+    def _trim_cache(self) -> None:
+        """Free a KV cache one large request grew past ``max_idle_cache_bytes`` (the next request allocates)."""
+        cache = getattr(self.runner, "cache", None)
+        limit = self.max_idle_cache_bytes
+        if limit is None or cache is None or not hasattr(self.runner, "release"):
+            return
+        if 2 * cache.k.numel() * cache.k.element_size() > limit:
+            self.runner.release()
 
     def _complete(self, ids: list[int], cfg: DecodeConfig) -> Completion:
         completion = None

@@ -16,13 +16,30 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass
 class TraceStep:
-    """One iteration: what was verified, who won, and what got filled."""
+    """One iteration (= one forward): what was verified, who won, and what got filled.
 
-    iteration: int
-    candidates: list[dict[str, Any]]  # each: branch id, kind ("anchor"|"lookahead"), extra position, score
+    The positions that became part of the answer at this forward are the winner's lookahead fill (when a
+    lookahead branch won: ``candidates[winner]["extra_position"]`` and ``["extra_token"]``, predicted by the
+    previous forward and accepted by this one's verification) plus ``filled`` (the base decoder's fill from this
+    forward's predictions). Over a whole trace every decoded position appears exactly once.
+    """
+
+    iteration: int  # forward index, 1-based
+    candidates: list[dict[str, Any]]  # each: kind ("anchor"|"lookahead"), extra_position/_token/_conf, score
     winner: int  # index into candidates
     filled: list[int]  # absolute positions filled by the winner's anchor fill this iteration
     committed: int  # cache length after this iteration
+    tokens: list[int] = field(default_factory=list)  # token ids written at ``filled``, in the same order
+    seconds: float = 0.0  # wall time from the start of decoding to the end of this iteration
+
+    def fills(self) -> list[tuple[int, int, bool]]:
+        """(absolute position, token id, came from the lookahead branch) of every position this forward added."""
+        out = []
+        won = self.candidates[self.winner] if self.candidates else {}
+        if won.get("kind") == "lookahead" and won.get("extra_position", -1) >= 0:
+            out.append((int(won["extra_position"]), int(won.get("extra_token", -1)), True))
+        out.extend((p, t, False) for p, t in zip(self.filled, self.tokens, strict=False))
+        return out
 
 
 @dataclass

@@ -12,8 +12,8 @@ Completion. :meth:`cancel` drops a sequence at once (its KV slot is free for the
 
 :class:`TextStream` turns one sequence's Steps into StreamEvents: text is never revised (only the contiguous
 decoded prefix of the answer is shown), an incomplete multi-byte character is held back, and so is the tail
-that could still turn into a stop string. With ``DecodeConfig.trace`` each event also carries the iteration's
-:class:`~lopa.outputs.TraceStep` (the per-step hook for live views).
+that could still turn into a stop string. With ``DecodeConfig.trace`` each event also carries the trace steps
+recorded since the previous event (the per-step hook for live views).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lopa.config import DecodeConfig
@@ -36,12 +36,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class StreamEvent:
-    """Text that became final since the previous event ('' if none); ``completion`` on the last event."""
+    """Text that became final since the previous event ('' if none); ``completion`` on the last event.
+
+    With ``DecodeConfig.trace`` on, ``trace`` holds the trace steps recorded since the previous event (one per
+    forward), so a client can show the decoding live; it is empty otherwise.
+    """
 
     text: str
     token_ids: list[int]
     completion: Completion | None = None
-    trace: TraceStep | None = None  # this iteration's trace record when the config asks for ``trace``
+    trace: list[TraceStep] = field(default_factory=list)
 
 
 class TextStream:
@@ -68,9 +72,9 @@ class TextStream:
         self.shown_text += delta
         new_ids = out_ids[self.shown_ids :]
         self.shown_ids = max(self.shown_ids, len(out_ids))
-        trace = step.trace[-1] if step.trace and len(step.trace) > self.traced else None
-        self.traced = len(step.trace) if step.trace else 0
-        return StreamEvent(delta, new_ids, completion, trace)
+        steps = step.trace[self.traced :] if step.trace is not None else []
+        self.traced += len(steps)
+        return StreamEvent(delta, new_ids, completion, steps)
 
 
 class BatchSession:
@@ -103,11 +107,18 @@ class BatchSession:
         return rid
 
     def step(self) -> list[tuple[int, StreamEvent | Exception]]:
-        """One event per sequence that ran (or finished); an exception here is an engine bug, not a prompt's."""
+        """One event per sequence that ran (or finished). An exception raised by the batched forward is an engine
+        bug and fails the step; one raised while turning a sequence's tokens into text fails that sequence alone
+        (it is dropped and its exception is its event), the others go on."""
         out: list[tuple[int, StreamEvent | Exception]] = []
         for rid, step in self.scheduler.step():
             stream = self._streams[rid]
-            event = stream.feed(step)
+            try:
+                event: StreamEvent | Exception = stream.feed(step)
+            except Exception as e:
+                self.cancel(rid)
+                out.append((rid, e))
+                continue
             if step.done:
                 del self._streams[rid]
             out.append((rid, event))

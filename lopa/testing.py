@@ -1,8 +1,12 @@
-"""Tiny random-weight Dream checkpoints and LoRA adapters, for tests and for trying lopa without real weights.
+"""Tiny random-weight checkpoints (Dream or LLaDA family) and LoRA adapters, for tests and for trying lopa without
+real weights.
 
 The checkpoints are complete: ``config.json``, ``model.safetensors`` (or shards), ``generation_config.json``, and a
-small byte-level BPE tokenizer (256 byte tokens, a few dozen merges, and the special tokens ``<|endoftext|>``
-(eos = pad), ``<|im_start|>``, ``<|im_end|>``, ``<|mask|>``) that can encode any text, with a ChatML chat template.
+small byte-level BPE tokenizer (256 byte tokens, a few dozen merges, then the family's special tokens) that can
+encode any text, with the family's kind of chat template. Dream: ``<|endoftext|>`` (eos = pad), ``<|im_start|>``,
+``<|im_end|>``, ``<|mask|>`` and a ChatML template. LLaDA (``family="llada"``): ``<|startoftext|>`` (bos),
+``<|endoftext|>`` (eos = pad), ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>``, ``<|mdm_mask|>``,
+LLaDA's tensor names and config fields, and a Llama-3-style template like LLaDA-8B-Instruct's.
 The weights are random, so the text a model generates is gibberish, but every code path runs::
 
     from lopa.testing import make_tiny_checkpoint, make_random_lora
@@ -27,30 +31,35 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.dream import DreamModel
 from lopa.model.loader import save_checkpoint
+from lopa.model.lora import is_targeted, linear_weight_shapes
+from lopa.testing_tokenizer import (
+    CHATML_TEMPLATE,
+    FAMILY_FILES,
+    LLADA_SPECIAL_TOKENS,
+    LLADA_TEMPLATE,
+    SPECIAL_TOKENS,
+    byte_level_tokenizer,
+)
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-# Frequent English and Python pieces; each becomes a chain of merges so common text takes fewer tokens.
-# fmt: off
-_MERGE_WORDS = (
-    " the", " and", " of", " to", " in", " is", " a", " that", " for", " it", " with", " you", " on", " this",
-    "ing", "ion", "er", "ed", "es", "re", " def", " return", " if", " else", " print", " import", " self",
-    " =", " ==", " +", "()", "):", "    ", "        ", "\n", "\n\n", " 0", " 1", "the", "The", " answer",
-)
-# fmt: on
-_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-_ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+__all__ = [
+    "CHATML_TEMPLATE",
+    "LLADA_SPECIAL_TOKENS",
+    "LLADA_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "byte_level_tokenizer",
+    "llama_config",
+    "make_random_lora",
+    "make_tiny_checkpoint",
+    "qwen2_config",
+    "random_model",
+    "transformers_bidirectional_logits",
+    "transformers_twin",
+]
 
 
 def make_tiny_checkpoint(
@@ -68,25 +77,27 @@ def make_tiny_checkpoint(
     seed: int = 0,
     shards: int = 1,
     rope_scaling: dict[str, Any] | None = None,
+    family: str = "dream",
 ) -> Path:
-    """Write a random-weight Dream checkpoint directory at ``path`` and return it."""
+    """Write a random-weight checkpoint directory of ``family`` ("dream" or "llada") at ``path`` and return it."""
+    if family not in FAMILY_FILES:
+        raise ConfigError(f"unknown family {family!r}; choose from {sorted(FAMILY_FILES)}.")
+    specials, template, names, model_type = FAMILY_FILES[family]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tok = byte_level_tokenizer()
+    tok = byte_level_tokenizer(specials)
     tok.save(str(out / "tokenizer.json"))
     tok_cfg: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "mask_token": "<|mask|>",
-        "bos_token": None,
+        **names,
         "model_max_length": max_position_embeddings,
         "clean_up_tokenization_spaces": False,
     }
     if chat_template:
-        tok_cfg["chat_template"] = CHATML_TEMPLATE
+        tok_cfg["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
-    eos, mask = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|mask|>")
+    eos, mask = tok.token_to_id("<|endoftext|>"), tok.token_to_id(specials[-1])
+    bos = tok.token_to_id(names["bos_token"]) if names.get("bos_token") else None
     if rope_scaling is not None:
         rope_scaling = {**rope_scaling, "rope_type": rope_scaling.get("rope_type", rope_scaling.get("type"))}
         rope_scaling.pop("type", None)
@@ -102,18 +113,17 @@ def make_tiny_checkpoint(
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         tie_word_embeddings=tie_word_embeddings,
+        attention_bias=family == "dream",  # LLaDA has no biases
         mask_token_id=mask,
         eos_token_id=eos,
         pad_token_id=eos,
+        bos_token_id=bos,
+        model_type=model_type,
     )
     model = random_model(config, seed)
     shard_bytes = _shard_limit(model, shards) if shards > 1 else None
-    save_checkpoint(
-        model,
-        out,
-        generation_config={"eos_token_id": eos, "pad_token_id": eos, "mask_token_id": mask},
-        max_shard_bytes=shard_bytes,
-    )
+    generation = {"eos_token_id": eos, "pad_token_id": eos, "mask_token_id": mask}
+    save_checkpoint(model, out, generation_config=generation, max_shard_bytes=shard_bytes)
     return out
 
 
@@ -168,22 +178,32 @@ def make_random_lora(
     targets: Sequence[str] = ("q_proj", "v_proj"),
     seed: int = 0,
 ) -> Path:
-    """Write a peft-format LoRA adapter with random (non-zero) A and B for the checkpoint at ``base_dir``."""
+    """Write a peft-format LoRA adapter with random (non-zero) A and B for the checkpoint at ``base_dir``.
+
+    ``targets`` are module names as the checkpoint's family spells them (LLaDA: q_proj, k_proj, v_proj, attn_out,
+    ff_proj, up_proj, ff_out), matched as peft matches ``target_modules``: LLaDA's ``ff_out`` is also its
+    (untied) LM head.
+    """
     cfg = ModelConfig.from_hf_dict(json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8")))
-    shapes = _linear_shapes(cfg)
-    unknown = [t for t in targets if t not in shapes]
+    with torch.device("meta"):
+        shapes = linear_weight_shapes(DreamModel(cfg))  # shared module name -> (out, in), in model order
+    fam = cfg.family
+    chosen = {
+        fam.to_checkpoint(name): shape
+        for name, shape in shapes.items()
+        if is_targeted(fam.to_checkpoint(name), list(targets)) and not (name == "lm_head" and cfg.tie_word_embeddings)
+    }
+    unknown = [t for t in targets if not any(is_targeted(n, [t]) for n in chosen)]
     if unknown:
-        raise ConfigError(f"unknown LoRA target(s) {unknown}; choose from {sorted(shapes)}.")
+        known = sorted({fam.to_checkpoint(n).rsplit(".", 1)[-1] for n in shapes})
+        raise ConfigError(f"unknown LoRA target(s) {unknown}; choose from {known}.")
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-    for layer in range(cfg.num_hidden_layers):
-        for target in targets:
-            out_f, in_f = shapes[target]
-            block = "mlp" if target in _MLP_TARGETS else "self_attn"
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
-            # peft initialises B to zero; a random B makes the merge observable in tests.
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) / math.sqrt(in_f)
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * (0.2 / math.sqrt(r))
+    for name, (out_f, in_f) in chosen.items():
+        prefix = f"base_model.model.{name}"
+        # peft initialises B to zero; a random B makes the merge observable in tests.
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) / math.sqrt(in_f)
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * (0.2 / math.sqrt(r))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -202,54 +222,6 @@ def make_random_lora(
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n", encoding="utf-8")
     return out
-
-
-def _linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each per-layer linear module."""
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    return {
-        "q_proj": (q, h),
-        "k_proj": (kv, h),
-        "v_proj": (kv, h),
-        "o_proj": (h, q),
-        "gate_proj": (inter, h),
-        "up_proj": (inter, h),
-        "down_proj": (h, inter),
-    }
-
-
-def byte_level_tokenizer() -> Tokenizer:
-    """A GPT-2-style byte-level BPE: 256 byte tokens, a few merges, then the special tokens."""
-    byte_chars = _bytes_to_unicode()
-    vocab = {byte_chars[b]: b for b in range(256)}
-    merges: list[tuple[str, str]] = []
-    for word in _MERGE_WORDS:
-        chars = "".join(byte_chars[b] for b in word.encode("utf-8"))
-        for i in range(1, len(chars)):
-            merged = chars[: i + 1]
-            if merged not in vocab:
-                merges.append((chars[:i], chars[i]))
-                vocab[merged] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return tok
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (what the ByteLevel pre-tokenizer emits)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def qwen2_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Any:
@@ -272,6 +244,28 @@ def qwen2_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Any:
     )
     hf_cfg.head_dim = cfg.head_dim  # Qwen2Config has no head_dim argument; the attention reads the attribute
     return hf_cfg
+
+
+def llama_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Any:
+    """transformers' ``LlamaConfig`` of the same shape as ``cfg`` (LLaDA's blocks are LLaMA's; needs transformers)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=cfg.attention_bias,
+        mlp_bias=False,
+        attn_implementation=attn_implementation,
+    )
 
 
 def transformers_twin(model: DreamModel) -> Any:

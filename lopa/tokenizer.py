@@ -6,8 +6,10 @@ evaluation code use the resulting object.
 
 Special ids are resolved in this order, first hit wins: ``config.json`` (via :class:`ModelConfig`),
 ``generation_config.json``, the token strings named in ``tokenizer_config.json`` / ``special_tokens_map.json``,
-and finally tokens called ``<|mask|>`` (mask) and ``<|endoftext|>`` (eos). A checkpoint whose mask or eos id
-cannot be found is refused, because the decoders cannot run without them.
+and finally the family's names for them (:mod:`lopa.model.family`: ``<|mask|>`` or ``<|mdm_mask|>`` for the mask,
+``<|endoftext|>`` for eos). A checkpoint whose mask or eos id cannot be found is refused, because the decoders
+cannot run without them. A turn ends at eos, at every eos id of ``generation_config.json``, and at the family's
+end tokens the vocabulary has (``<|im_end|>`` for Dream; ``<|eot_id|>`` and ``<|endoftext|>`` for LLaDA).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Tokenizer:
         chat_template: str | None = None,
         special_tokens: dict[str, str] | None = None,
         extra_end_ids: Sequence[int] = (),
+        end_tokens: Sequence[str] = (IM_END_TOKEN,),
     ) -> None:
         self._tok = tokenizer
         self.mask_token_id, self.eos_token_id = mask_token_id, eos_token_id
@@ -54,9 +57,10 @@ class Tokenizer:
         # bos_token / eos_token / ... strings, exposed to the chat template like transformers does
         self.special_tokens = dict(special_tokens or {})
         ends = {eos_token_id, *extra_end_ids}
-        im_end = self.token_to_id(IM_END_TOKEN)
-        if im_end is not None:
-            ends.add(im_end)
+        for name in end_tokens:
+            end_id = self.token_to_id(name)
+            if end_id is not None:
+                ends.add(end_id)
         self.end_token_ids: frozenset[int] = frozenset(ends)
         self._template: jinja2.Template | None = None
 
@@ -80,6 +84,11 @@ class Tokenizer:
         tok_cfg = read_json(path / "tokenizer_config.json")
         tok_cfg = {**read_json(path / "special_tokens_map.json"), **tok_cfg}
         gen = generation_config or {}
+        family = config.family if config is not None else None
+        fallback = {
+            "mask": family.mask_token if family is not None else MASK_TOKEN,
+            "eos": family.eos_token if family is not None else EOS_TOKEN,
+        }
         strings = {f: _token_string(tok_cfg.get(f"{f}_token")) for f in _SPECIAL_FIELDS}
         ids: dict[str, int | None] = {}
         for field in _SPECIAL_FIELDS:
@@ -88,15 +97,15 @@ class Tokenizer:
                 found = _first_int(gen.get(f"{field}_token_id"))
             if found is None and strings[field] is not None:
                 found = hf_tok.token_to_id(strings[field])
-            if found is None and field in ("mask", "eos"):
-                found = hf_tok.token_to_id(MASK_TOKEN if field == "mask" else EOS_TOKEN)
+            if found is None and field in fallback:
+                found = hf_tok.token_to_id(fallback[field])
             ids[field] = found
         for field in ("mask", "eos"):
             if ids[field] is None:
                 raise CheckpointError(
                     f"{path}: no {field} token id found (searched config.json, generation_config.json, "
                     f"tokenizer_config.json, special_tokens_map.json and the vocabulary for "
-                    f'{MASK_TOKEN if field == "mask" else EOS_TOKEN!r}); add "{field}_token_id": <id> to config.json.'
+                    f'{fallback[field]!r}); add "{field}_token_id": <id> to config.json.'
                 )
         for field, tok_id in ids.items():
             if tok_id is not None and strings[field] is None:
@@ -112,6 +121,7 @@ class Tokenizer:
             chat_template=_chat_template(path, tok_cfg),
             special_tokens={f"{f}_token": s for f, s in strings.items() if s is not None},
             extra_end_ids=extra_ends,
+            end_tokens=family.end_tokens if family is not None else (IM_END_TOKEN,),
         )
 
     # ---- text <-> ids --------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Models and runners for decoder tests: a peaky random Dream model and a chain-rule mock model."""
+"""Models and runners for decoder tests: a peaky random model of either family and a chain-rule mock model.
+
+``FAMILIES`` maps a family name to the ModelConfig fields that select it; equivalence tests run over both, since
+the families differ in the engine only by the prediction offset (Dream 1, LLaDA 0)."""
 
 from __future__ import annotations
 
@@ -14,10 +17,14 @@ from lopa.testing import random_model
 
 VOCAB, MASK, EOS = 64, 63, 62
 END = frozenset({EOS})
+FAMILIES = {
+    "dream": dict(model_type="Dream", attention_bias=True),
+    "llada": dict(model_type="llada", attention_bias=False),
+}
 
 
-def peaky_model(seed: int = 0, sharpness: float = 8.0, layers: int = 2) -> nn.Module:
-    """A random Dream model whose head is scaled up, so confidences spread over (0, 1) and thresholds bite."""
+def peaky_model(seed: int = 0, sharpness: float = 8.0, layers: int = 2, family: str = "dream") -> nn.Module:
+    """A random model of ``family`` whose head is scaled up, so confidences spread over (0, 1) and thresholds bite."""
     cfg = ModelConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -29,6 +36,7 @@ def peaky_model(seed: int = 0, sharpness: float = 8.0, layers: int = 2) -> nn.Mo
         mask_token_id=MASK,
         eos_token_id=EOS,
         pad_token_id=EOS,
+        **FAMILIES[family],
     )
     model = random_model(cfg, seed=seed)
     with torch.no_grad():
@@ -61,11 +69,13 @@ class CountingModel(nn.Module):
 class ChainMock(nn.Module):
     """The token at position p is known (``target``); the model is sure of it only when p - 1 is decoded.
 
+    The raw output at window index j speaks for position j + shift, as the family's ``logit_shift`` says.
+
     So the best order is strictly left to right, and a branch that filled one more token makes the next
     position confident: the case LoPA's lookahead search exists for. p(sure) = 0.9994, p(unsure) = 0.163.
     """
 
-    def __init__(self, target: list[int], prompt_len: int) -> None:
+    def __init__(self, target: list[int], prompt_len: int, family: str = "dream") -> None:
         super().__init__()
         self.target, self.prompt_len = target, prompt_len
         self.config = ModelConfig(
@@ -79,7 +89,9 @@ class ChainMock(nn.Module):
             mask_token_id=15,
             eos_token_id=14,
             pad_token_id=14,
+            **FAMILIES[family],
         )
+        self.shift = self.config.logit_shift
         self.dummy = nn.Parameter(torch.zeros(1))
 
     def forward(
@@ -98,8 +110,9 @@ class ChainMock(nn.Module):
         out = torch.zeros(rows, idx.shape[1], 16)
         for r in range(rows):
             for j, i in enumerate(idx[r].tolist()):
-                pos = int(positions[r, i]) + 1  # the position this hidden state predicts (Dream's shift)
+                pos = int(positions[r, i]) + self.shift  # the position this output predicts
                 k = pos - self.prompt_len
                 token = self.target[k] if 0 <= k < len(self.target) else 14
-                out[r, j, token] = 10.0 if int(ids[r, i]) != 15 else 1.0
+                before = ids[r, i] if self.shift else (ids[r, i - 1] if i else torch.tensor(0))  # token at pos - 1
+                out[r, j, token] = 10.0 if int(before) != 15 else 1.0
         return out

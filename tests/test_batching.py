@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from engine_utils import END, EOS, MASK, peaky_model, run_decode
+from engine_utils import END, EOS, FAMILIES, MASK, peaky_model, run_decode
 
 from lopa.cache import KVPool
 from lopa.config import DecodeConfig
@@ -29,13 +29,23 @@ MIXED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model():
-    """Peaky random model that never prefers the end token, so sequences run for many iterations."""
-    m = peaky_model(seed=1)
+def _long_running(family: str):
+    """Peaky random model of ``family`` that never prefers the end token, so sequences run many iterations."""
+    m = peaky_model(seed=1, family=family)
     with torch.no_grad():
         m.lm_head.weight[EOS].zero_()
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _long_running("dream")
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_model(request):
+    """Each family: Dream (logit shift 1, a frozen last logit) and LLaDA (shift 0, none)."""
+    return _long_running(request.param)
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -74,19 +84,19 @@ def _assert_same(model, jobs, final) -> None:
     [MIXED[0], MIXED[1], MIXED[2], MIXED[3], MIXED[4]],
     ids=["threshold", "d2f", "lopa-threshold-k2", "lopa-d2f-k4", "vanilla"],
 )
-def test_each_decoder_batched_equals_alone(model, cfg) -> None:
+def test_each_decoder_batched_equals_alone(family_model, cfg) -> None:
     jobs = [(p, cfg) for p in _prompts(6, seed=len(cfg.decoder) + cfg.num_branches)]
-    final = _run_batched(model, jobs, max_num_seqs=4)
-    _assert_same(model, jobs, final)
+    final = _run_batched(family_model, jobs, max_num_seqs=4)
+    _assert_same(family_model, jobs, final)
     assert max(s.stats.batch_size for s in final.values()) > 1
 
 
-def test_mixed_settings_join_and_leave_mid_run(model) -> None:
+def test_mixed_settings_join_and_leave_mid_run(family_model) -> None:
     prompts = _prompts(12, seed=5)
     jobs = [(p, MIXED[i % len(MIXED)]) for i, p in enumerate(prompts)]
     log: list[tuple[int, int]] = []
-    final = _run_batched(model, jobs, max_num_seqs=5, log=log)
-    _assert_same(model, jobs, final)
+    final = _run_batched(family_model, jobs, max_num_seqs=5, log=log)
+    _assert_same(family_model, jobs, final)
     first_seen = {rid: it for it, rid in reversed(log)}
     assert max(first_seen.values()) > 0  # some sequences joined after the first iteration
     assert len({s.stats.forwards for s in final.values()}) > 3  # they finished at different iterations

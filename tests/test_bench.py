@@ -70,8 +70,10 @@ def test_bench_branch_parallel_matches_single_process(tiny_ckpt, capsys):
         "--json-only",
     ]
     assert main(common) == 0
-    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    single_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main([*common, "--bp", "2"]) == 0
-    parallel = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    parallel_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (single_run["bp"], parallel_run["bp"]) == (0, 2)  # the rank count is recorded
+    single, parallel = single_run["rows"][0], parallel_run["rows"][0]
     for key in ("accuracy", "tpf", "tpf_paper", "forwards"):
         assert parallel[key] == single[key]

@@ -1,4 +1,5 @@
-"""StaticKVCache with the Dream forward: chunked prefix commits, padded branch rows, commit from a row, rollback."""
+"""StaticKVCache with the shared forward (Dream and LLaDA models): chunked prefix commits, padded branch rows,
+commit from a row, rollback."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ TOL = 1e-4
 PREFIX, WINDOW = 21, 8
 
 
-@pytest.fixture(scope="module")
-def model() -> DreamModel:
+@pytest.fixture(scope="module", params=["Dream", "llada"])
+def model(request: pytest.FixtureRequest) -> DreamModel:
+    """A random model of each family (LLaDA: no q/k/v biases); the cache must not care which."""
     cfg = ModelConfig(
+        model_type=request.param,
+        attention_bias=request.param == "Dream",
         vocab_size=101,
         hidden_size=64,
         intermediate_size=96,

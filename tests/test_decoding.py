@@ -1,6 +1,6 @@
 """Decoder invariants (docs/algorithm.md §3): LoPA k=0 / forced anchor equal the base decoder, batched
 verification equals separate forwards, exact forward counting, d2f(1, 1) equals threshold, and a mock model
-where LoPA's search provably saves forwards."""
+where LoPA's search provably saves forwards. Every test runs for both model families (Dream and LLaDA)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from engine_utils import MASK, ChainMock, CountingModel, answer, peaky_model, run_decode
+from engine_utils import FAMILIES, MASK, ChainMock, CountingModel, answer, peaky_model, run_decode
 
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Sampler
@@ -32,9 +32,9 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return peaky_model(seed=1)
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def model(request):
+    return peaky_model(seed=1, family=request.param)
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -109,7 +109,8 @@ def test_batched_verification_equals_separate_forwards(model):
         torch.testing.assert_close(batched[r, :m], alone[0, :m], atol=1e-4, rtol=0)
 
 
-def test_mock_lopa_saves_forwards_exactly():
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mock_lopa_saves_forwards_exactly(family):
     """Left-to-right chain, 8 answer tokens in one block of 8, τ = 0.9.
 
     threshold fills 1 per forward → 8 forwards. lopa k=1: forward 1 fills 1, then every forward keeps the
@@ -119,7 +120,7 @@ def test_mock_lopa_saves_forwards_exactly():
     """
     target = [1, 2, 3, 4, 5, 6, 7, 14]
     prompt = [8, 9, 10]
-    mock = ChainMock(target, len(prompt))
+    mock = ChainMock(target, len(prompt), family)
     cfg = DecodeConfig(decoder="threshold", block_size=8, max_new_tokens=8, threshold=0.9)
     results = {
         "threshold": run(decode(Runner(mock), prompt, cfg, 15, frozenset({14}))),

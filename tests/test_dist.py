@@ -2,7 +2,9 @@
 
 For 1, 2 and 3 ranks and k + 1 candidates below, equal to and above the number of ranks, branch-parallel
 decoding gives the single-process tokens, forward count and winners, and every rank ends with the same
-committed K/V as the single-process cache. A killed rank, and a live rank that never joins a collective, make
+committed K/V as the single-process cache; for both model families (Dream freezes a last logit and sends it
+with the committed K/V, LLaDA has no shift and sends none).
+A killed rank, and a live rank that never joins a collective, make
 rank 0 raise DistributedError naming that rank within the timeout, and no rank process is left behind.
 Ranks are started once per world size and shared by the tests of this module (starting torch dominates).
 """
@@ -50,30 +52,41 @@ def configs(world: int) -> list[DecodeConfig]:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("bp") / "bp-tiny", seed=3)
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("bp")
+    return {fam: make_tiny_checkpoint(base / f"bp-{fam}", seed=3, family=fam) for fam in ("dream", "llada")}
 
 
 @pytest.fixture(scope="module")
-def reference(ckpt: Path):
-    """The single-process LLM; one thread, like each rank (several threads crawl on a busy 2-core machine)."""
+def ckpt(ckpts: dict[str, Path]) -> Path:
+    return ckpts["dream"]
+
+
+@pytest.fixture(scope="module")
+def references(ckpts: dict[str, Path]):
+    """The single-process LLMs; one thread, like each rank (several threads crawl on a busy 2-core machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield LLM(ckpt)
+    yield {fam: LLM(path) for fam, path in ckpts.items()}
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def groups(ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    """groups(world) -> a running group of that size (started on first use, stopped at module end)."""
-    running: dict[int, BranchParallelGroup] = {}
+def reference(references):
+    return references["dream"]
 
-    def get(world: int) -> BranchParallelGroup:
-        g = running.get(world)
+
+@pytest.fixture(scope="module")
+def groups(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """groups(world, family) -> a running group of that size (started on first use, stopped at module end)."""
+    running: dict[tuple[int, str], BranchParallelGroup] = {}
+
+    def get(world: int, family: str = "dream") -> BranchParallelGroup:
+        g = running.get((world, family))
         if g is None or any(p.poll() is not None for p in g.procs):
-            dump = tmp_path_factory.mktemp(f"kv{world}")
-            g = BranchParallelGroup(world, ckpt, timeout_s=TIMEOUT_S, kv_dump_dir=dump, startup_timeout_s=240)
-            running[world] = g.start()
+            dump = tmp_path_factory.mktemp(f"kv{world}{family}")
+            g = BranchParallelGroup(world, ckpts[family], timeout_s=TIMEOUT_S, kv_dump_dir=dump, startup_timeout_s=240)
+            running[world, family] = g.start()
         return g
 
     yield get
@@ -93,9 +106,10 @@ def dumped_kv(group: BranchParallelGroup) -> list[tuple[torch.Tensor, torch.Tens
     return [(f["k"], f["v"]) for f in files]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_branch_parallel_equals_single_process(world, groups, reference):
-    group = groups(world)
+@pytest.mark.parametrize(("world", "family"), [(1, "dream"), (2, "dream"), (3, "dream"), (2, "llada"), (3, "llada")])
+def test_branch_parallel_equals_single_process(world, family, groups, references):
+    reference = references[family]
+    group = groups(world, family)
     owners = set()
     for cfg in configs(world):
         for prompt in PROMPTS:
@@ -118,6 +132,8 @@ def test_branch_parallel_equals_single_process(world, groups, reference):
             torch.testing.assert_close(kvs[0][1], ref_v, atol=1e-5, rtol=0)
             owners |= {t.winner % world for t in got.trace}
     assert owners == set(range(world))  # every rank won at least once: its K/V broadcast was exercised
+    if family != "dream":
+        group.close()  # only the Dream groups serve the fault tests below; idle ranks would slow their timing
 
 
 def test_user_error_leaves_the_group_usable(groups):

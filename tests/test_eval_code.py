@@ -90,10 +90,12 @@ def test_mbpp_program_scores_reference_code_and_rejects_wrong_code() -> None:
         "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
         "test_setup_code": "",
     }
-    good, _ = task.program(doc, "def add(a, b):\n    return a + b\n[DONE]")
-    bad, _ = task.program(doc, "def add(a, b):\n    return a - b\n[DONE]")
+    good, good_code = task.program(doc, "def add(a, b):\n    return a + b\n[DONE]")
+    bad, bad_code = task.program(doc, "def add(a, b):\n    return a - b\n[DONE]")
     results = Sandbox().run_many([good, bad])
     assert [r.status for r in results] == ["pass", "fail"]
+    split = Sandbox().run_many([good, bad], solutions=[good_code, bad_code])
+    assert [r.status for r in split] == ["pass", "fail"]
 
 
 def test_humaneval_canonical_solutions_pass_and_empty_completions_fail() -> None:
@@ -102,9 +104,12 @@ def test_humaneval_canonical_solutions_pass_and_empty_completions_fail() -> None
     docs = task.load_docs(None)
     assert len(docs) == 164
     sandbox = Sandbox()
-    canonical = sandbox.run_many([task.program(d, d["canonical_solution"])[0] for d in docs], workers=2)
+    programs = [task.program(d, d["canonical_solution"]) for d in docs]
+    # as the eval runs them: the solution and its tests in separate processes
+    canonical = sandbox.run_many([p for p, _ in programs], workers=2, solutions=[s for _, s in programs])
     failed = [(d["task_id"], r.status, r.detail[-200:]) for d, r in zip(docs, canonical, strict=True) if not r.passed]
     assert not failed
-    empty = sandbox.run_many([task.program(d, "")[0] for d in docs], workers=2)
+    empty_programs = [task.program(d, "") for d in docs]
+    empty = sandbox.run_many([p for p, _ in empty_programs], workers=2, solutions=[s for _, s in empty_programs])
     assert sum(r.passed for r in empty) == 0
     assert all(r.status in ("fail", "error") for r in empty)

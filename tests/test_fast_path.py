@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_utils import END, MASK, answer, peaky_model
+from engine_utils import END, FAMILIES, MASK, answer, peaky_model
 
 from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
@@ -53,9 +53,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def model() -> DreamModel:
-    return peaky_model(seed=2)
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def model(request) -> DreamModel:
+    """A peaky random model of each family: the fast path is shared, and LLaDA has no shift and no biases."""
+    return peaky_model(seed=2, family=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_buckets_round_rows_window_and_kv_length(fused):
 def test_pack_inputs_pads_rows_and_window():
     cands = [Candidate(torch.tensor([5, 63, 63]), torch.tensor([11, 12]), torch.ones(2, dtype=torch.bool))]
     cands.append(Candidate(torch.tensor([5, 63]), torch.tensor([11]), torch.ones(1, dtype=torch.bool)))
-    b = build_batch(10, 1, cands, pad_id=62)
+    b = build_batch(10, 1, cands, pad_id=62, shift=1)
     packed = pack_inputs(b, rows=4, width=8, pad_id=62)  # (4, rows, width)
     ids, valid, idx, positions = packed
     assert ids[:2, :3].tolist() == [[5, 63, 63], [5, 63, 62]] and (ids[2:] == 62).all() and (ids[:, 3:] == 62).all()
@@ -258,21 +259,21 @@ def test_llm_enforce_eager_selects_the_runner(tiny_ckpt):
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------
-def test_gpu_step_bench_runs_on_cpu(capsys):
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_gpu_step_bench_runs_on_cpu(capsys, family):
     path = Path(__file__).resolve().parents[1] / "bench" / "gpu_step.py"
     spec = importlib.util.spec_from_file_location("gpu_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    argv = ["--device", "cpu", "--shape", "tiny", "--branches", "1", "2", "--windows", "8", "--cache", "16"]
+    argv = ["--device", "cpu", "--family", family, "--shape", "tiny", "--branches", "1", "2", "--windows", "8"]
     argv += ["--seqs", "1", "3", "--batch-branches", "2", "--batch-window", "8"]
-    assert bench.main([*argv, "--warmup", "0", "--reps", "1"]) == 0
+    assert bench.main([*argv, "--cache", "16", "--warmup", "0", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
-    assert "PROJECTION" in out
-    h, i, n, heads, kv, d, v = bench.SHAPES["tiny"]
-    params = 2 * v * h + n * (
-        h * heads * d + 2 * (h * kv * d) + heads * d + 2 * kv * d + heads * d * h + 3 * h * i + 2 * h
-    )
+    assert "PROJECTION" in out and summary["family"] == family
+    h, i, n, heads, kv, d, v = bench.FAMILY_SHAPES[family]["tiny"]
+    biases = heads * d + 2 * kv * d if family == "dream" else 0  # LLaDA has no q/k/v biases
+    params = 2 * v * h + n * (h * heads * d + 2 * (h * kv * d) + biases + heads * d * h + 3 * h * i + 2 * h)
     assert summary["weight_bytes"] == 4 * (params + h)  # fp32, plus the final norm
     floor = summary["weight_bytes"] / (summary["copy_bandwidth_gbs"] * 1e9) * 1e3
     assert summary["floor_ms"] == pytest.approx(floor, rel=0.05)  # bandwidth is printed rounded
@@ -290,14 +291,16 @@ def test_gpu_step_bench_runs_on_cpu(capsys):
 
 
 # ---- CUDA graphs (skipped without CUDA) ----------------------------------------------------------------
-def _cuda_model(dtype: torch.dtype) -> DreamModel:
-    cfg = ModelConfig(512, 128, 256, 2, 4, 2, 32, mask_token_id=MASK, eos_token_id=62, pad_token_id=62)
+def _cuda_model(dtype: torch.dtype, family: str) -> DreamModel:
+    ids = dict(mask_token_id=MASK, eos_token_id=62, pad_token_id=62)
+    cfg = ModelConfig(512, 128, 256, 2, 4, 2, 32, **ids, **FAMILIES[family])
     return random_model(cfg, seed=0).to("cuda", dtype)
 
 
 @pytest.mark.gpu
-def test_cuda_graph_logits_match_eager_bf16():
-    base = _cuda_model(torch.bfloat16)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cuda_graph_logits_match_eager_bf16(family):
+    base = _cuda_model(torch.bfloat16, family)
     fast = FastRunner(fuse(copy.deepcopy(base)), torch.device("cuda"))
     assert fast.use_graphs
     for a, b in _two_steps(Runner(base, torch.device("cuda")), fast):

@@ -157,7 +157,8 @@ def test_checkpoint_recommendations_replace_engine_defaults(tmp_path):
     rec = DecodeConfig.recommended({"block_size": 8, "max_new_tokens": 24, "threshold": 0.8, "temperature": 0.7})
     assert (rec.block_size, rec.max_new_tokens, rec.threshold) == (8, 24, 0.8)
     assert rec.temperature == 0.0  # sampling settings of a generation_config are not taken
-    assert DecodeConfig.recommended({"block_size": 8, "max_new_tokens": 20}) == DecodeConfig()  # invalid: ignored
+    with pytest.warns(UserWarning, match="invalid"):  # invalid: ignored, with a warning
+        assert DecodeConfig.recommended({"block_size": 8, "max_new_tokens": 20}) == DecodeConfig()
     bundled = checkpoint_decode_defaults(None)
     assert (bundled.decoder, bundled.block_size, bundled.max_new_tokens) == ("threshold", 8, 24)
     assert checkpoint_decode_defaults(str(tmp_path / "missing")) == DecodeConfig()

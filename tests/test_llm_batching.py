@@ -42,6 +42,27 @@ def test_bundled_model_batched_equals_alone(bundled, cfg) -> None:
     assert max(c.stats.batch_size for c in together) > 4
 
 
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_random_checkpoint_of_each_family_batched_equals_alone(tmp_path, family) -> None:
+    from lopa.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / f"tiny-{family}", family=family, seed=2)
+    batched, alone = LLM(path, max_num_seqs=4), LLM(path, max_num_seqs=1)
+    assert batched.config.logit_shift == (1 if family == "dream" else 0) and batched.can_batch
+    prompts = ["one", "two three", "four five six", "seven", "eight nine", "ten"]
+    configs = [FAST, FAST.replace(decoder="threshold"), FAST.replace(base="d2f", branches=3, threshold=0.7)]
+    configs = [configs[i % len(configs)] for i in range(len(prompts))]
+    together = batched.generate(prompts, configs, raw=True)
+    for p, c, got in zip(prompts, configs, together, strict=True):
+        ref = alone.generate(p, c, raw=True)[0]
+        assert (got.token_ids, got.finish_reason, got.stats.forwards) == (
+            ref.token_ids,
+            ref.finish_reason,
+            ref.stats.forwards,
+        )
+    assert max(c.stats.batch_size for c in together) > 1
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_ckpt) -> LLM:
     return LLM(tiny_ckpt, max_num_seqs=3)
@@ -103,6 +124,15 @@ def test_engine_knobs_are_checked(tiny_ckpt) -> None:
     assert not one.can_batch
 
 
+def test_tensor_parallel_shard_does_not_batch(tiny_ckpt) -> None:
+    from lopa.model.tp import TPShard
+
+    assert LLM(tiny_ckpt, max_num_seqs=4, shard=TPShard(0, 1)).can_batch
+    sharded = LLM(tiny_ckpt, max_num_seqs=4, shard=TPShard(0, 2))  # heads split: the pooled forward cannot run it
+    assert not sharded.can_batch
+    assert not isinstance(sharded.open_session(), BatchSession)
+
+
 def test_branch_parallel_refuses_a_batch(capsys) -> None:
     assert main(["generate", "--bp", "2", "--max-num-seqs", "4", "hi"]) == 2
     err = capsys.readouterr().err
@@ -118,8 +148,7 @@ def test_session_events_carry_each_iterations_trace(llm) -> None:
     final = {}
     while session.has_work:
         for rid, event in session.step():
-            if event.trace is not None:
-                traces[rid].append(event.trace)
+            traces[rid].extend(event.trace)
             if event.completion is not None:
                 final[rid] = event.completion
     for rid in rids:

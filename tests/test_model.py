@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lopa.model.config import ModelConfig
-from lopa.model.dream import predicting_index
+from lopa.model.family import predicting_index
 from lopa.model.layers import rope_inv_freq
 from lopa.testing import random_model, transformers_bidirectional_logits, transformers_twin
 
@@ -53,7 +53,7 @@ SCALINGS = {
 def _shifted(logits: torch.Tensor) -> torch.Tensor:
     """Logits that predict positions 1..L-1, gathered through Dream's shift convention."""
     length = logits.shape[1]
-    idx = torch.tensor([predicting_index(i) for i in range(1, length)])
+    idx = torch.tensor([predicting_index(i, 1) for i in range(1, length)])
     return logits[:, idx]  # (rows, L - 1, vocab)
 
 
@@ -112,9 +112,9 @@ def test_rope_scaling_matches_transformers(kind: str) -> None:
     assert _compare(cfg, seed=5, length=200) <= TOL
 
 
-def test_predicting_index_is_one_before() -> None:
-    assert predicting_index(5) == 4
-    assert torch.equal(predicting_index(torch.tensor([1, 7])), torch.tensor([0, 6]))
+def test_predicting_index_applies_the_shift() -> None:
+    assert predicting_index(5, 1) == 4 and predicting_index(5, 0) == 5
+    assert torch.equal(predicting_index(torch.tensor([1, 7]), 1), torch.tensor([0, 6]))
 
 
 def test_logits_idx_selects_positions() -> None:

@@ -43,6 +43,12 @@ class ScriptedLLM:
         self.closed = 0  # streams whose generator was closed (finished or cancelled)
         self.events = 0
 
+    def count_prompt_tokens(self, prompt, raw: bool = False) -> int:
+        return len(prompt)
+
+    def kv_cache_bytes(self, rows: int, positions: int) -> int:
+        return 0
+
     def stream(self, prompt, config: DecodeConfig | None = None, raw: bool = False):
         cfg = (config or DecodeConfig()).validate()
         n = None if prompt == "forever" else cfg.max_new_tokens

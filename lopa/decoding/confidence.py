@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 CONFIDENCE_KINDS = ("maxprob", "margin", "neg_entropy")
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 ORDER_TO_CONFIDENCE = {"maskgit_plus": "maxprob", "topk_margin": "margin", "entropy": "neg_entropy"}
 
 
@@ -59,7 +60,9 @@ def filtered_probs(logits: Tensor, s: Sampler) -> Tensor:
     x = logits.float().clone()
     x[:, s.mask_id] = float("-inf")
     if s.temperature > 0:
-        x = x / s.temperature
+        # shift so the best logit is 0 before scaling: a tiny temperature then sends the others to -inf (greedy
+        # in the limit) instead of overflowing to inf - inf = nan; 1 / T is capped where fp32 ends
+        x = (x - x.max(dim=-1, keepdim=True).values) * min(1.0 / s.temperature, _FP32_MAX)
     if s.top_k > 0 and s.top_k < x.shape[-1]:
         kth = torch.topk(x, s.top_k, dim=-1).values[:, -1:]  # (m, 1)
         x = x.masked_fill(x < kth, float("-inf"))

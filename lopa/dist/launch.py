@@ -22,6 +22,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from lopa.config import DecodeConfig
 from lopa.dist.faults import Fault
 from lopa.dist.init import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
@@ -34,13 +37,15 @@ _CLEARED_ENV = ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "T
 
 
 class BranchParallelGroup:
-    """N ranks on this machine, ready to decode; use as a context manager (or call start / close)."""
+    """``bp`` branch groups of ``tp`` tensor-parallel ranks (bp x tp processes) on this machine, ready to decode;
+    use as a context manager (or call start / close). ``world_size`` is the number of processes."""
 
     def __init__(
         self,
-        world_size: int,
+        bp: int,
         model_dir: str | Path | None = None,
         *,
+        tp: int = 1,
         lora: str | Path | None = None,
         device: str = "cpu",
         dtype: str | None = None,
@@ -50,9 +55,9 @@ class BranchParallelGroup:
         kv_dump_dir: str | Path | None = None,
         startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
     ) -> None:
-        if world_size < 1:
-            raise ConfigError(f"branch parallelism needs at least 1 rank, got {world_size}")
-        self.world_size, self.timeout_s = world_size, resolve_timeout(timeout_s)
+        if bp < 1 or tp < 1:
+            raise ConfigError(f"a mesh needs at least 1 branch group and 1 tensor-parallel rank, got {bp} x {tp}")
+        self.bp, self.tp, self.world_size, self.timeout_s = bp, tp, bp * tp, resolve_timeout(timeout_s)
         self.startup_timeout_s, self.port, self.threads = startup_timeout_s, port, threads
         self.spec = {
             "model": str(model_dir) if model_dir is not None else None,
@@ -62,6 +67,7 @@ class BranchParallelGroup:
             "timeout_s": self.timeout_s,
             "startup_timeout_s": startup_timeout_s,
             "kv_dump_dir": str(kv_dump_dir) if kv_dump_dir is not None else None,
+            "tp": tp,
         }
         self.procs: list[subprocess.Popen] = []
         self._conn: Connection | None = None
@@ -101,6 +107,10 @@ class BranchParallelGroup:
     ) -> list[Completion]:
         """Decode on the group; same prompts and config as :meth:`lopa.LLM.generate`."""
         return self._call("generate", prompts, (config or DecodeConfig()).validate(), raw)
+
+    def forward(self, ids: list[int]) -> Tensor:
+        """Raw logits (L, vocab) of one plain forward over ``ids``, computed by the group (rank 0's copy)."""
+        return torch.from_numpy(self._call("forward", list(ids)))
 
     def inject_fault(self, rank: int, action: str, iteration: int = 1) -> None:
         """Make ``rank`` die / freeze / hang at ``iteration`` of the next request (failure-path testing)."""
@@ -204,10 +214,20 @@ def add_dist_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dist-port", type=int, default=None, help="rendezvous port for --bp (default: a free one)")
 
 
+def add_tp_argument(parser: argparse.ArgumentParser) -> None:
+    """--tp N, for commands that can run a tensor-parallel mesh."""
+    parser.add_argument(
+        "--tp", type=int, default=1, metavar="N",
+        help="tensor-parallel ranks per branch group (with --bp M: M x N ranks; under torchrun: divides the world)",
+    )  # fmt: skip
+
+
 def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]) -> int:
-    """``lopa generate --bp N`` or ``--branch-parallel`` (under torchrun)."""
+    """``lopa generate --bp M [--tp N]``, ``--tp N`` alone, or ``--branch-parallel`` (under torchrun)."""
     from lopa.generate_cli import emit
 
+    if args.tp < 1 or args.bp < 0:
+        raise ConfigError(f"--bp and --tp must be positive, got --bp {args.bp} --tp {args.tp}")
     timeout = resolve_timeout(getattr(args, "dist_timeout", None))
     if args.branch_parallel:
         if args.bp:
@@ -215,26 +235,30 @@ def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]
         return _run_torchrun_rank(args, cfg, prompts, timeout)
     port = getattr(args, "dist_port", None)
     with BranchParallelGroup(
-        args.bp, args.model, lora=args.lora, device=args.device, dtype=args.dtype, timeout_s=timeout, port=port
-    ) as group:
+        max(args.bp, 1), args.model, tp=args.tp, lora=args.lora, device=args.device, dtype=args.dtype,
+        timeout_s=timeout, port=port,
+    ) as group:  # fmt: skip
         for completion in group.generate(prompts, cfg, raw=args.raw):
             emit(completion, cfg, args.json)
     return 0
 
 
 def _run_torchrun_rank(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str], timeout: float) -> int:
+    from lopa.dist.mesh import build_mesh
     from lopa.dist.worker import BranchParallelLLM, serve
     from lopa.generate_cli import emit
     from lopa.llm import LLM
 
     try:
         ctx = init_distributed(args.device, timeout)
-        llm = LLM(args.model, lora=args.lora, device=ctx.device, dtype=args.dtype)
+        mesh = build_mesh(ctx, args.tp)  # WORLD_SIZE = branch groups x tp
+        shard = mesh.shard if mesh.tp > 1 else None
+        llm = LLM(args.model, lora=args.lora, device=ctx.device, dtype=args.dtype, shard=shard)
         ctx.store_barrier("loaded")
         if not ctx.is_master:
-            serve(llm, ctx)
+            serve(llm, ctx, mesh=mesh)
             return 0
-        bp = BranchParallelLLM(llm, ctx)
+        bp = BranchParallelLLM(llm, ctx, mesh=mesh)
         try:
             completions = bp.generate(prompts, cfg, raw=args.raw)
         finally:

@@ -2,7 +2,8 @@
 
 The launcher sets torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), the group's
 settings as JSON in ``LOPA_BP_SPEC`` and, for rank 0 only, ``LOPA_BP_FD``: one end of a socket pair to the
-launcher. Rank 0 answers the launcher's messages (``generate``, ``fault``, ``close``) with ``("ok", value)`` or
+launcher. Each rank joins the BP x TP mesh (``tp`` in the spec) and loads only its tensor-parallel shard.
+Rank 0 answers the launcher's messages (``generate``, ``forward``, ``fault``, ``close``) with ``("ok", value)`` or
 ``("error", exception)``; the other ranks serve rank 0. Ranks always leave through ``os._exit``: after a failure,
 the process group's background threads may never finish, and a rank must not wait for them.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from lopa.dist.faults import Fault
 from lopa.dist.init import DistContext, init_distributed
 from lopa.dist.launch import FD_ENV, SPEC_ENV
+from lopa.dist.mesh import build_mesh
 from lopa.dist.worker import BranchParallelLLM, serve
 from lopa.errors import DistributedError, LopaError
 
@@ -32,12 +34,14 @@ def main() -> int:
         from lopa.llm import LLM
 
         ctx = init_distributed(spec["device"], spec["timeout_s"], spec["startup_timeout_s"])
-        llm = LLM(spec["model"], lora=spec["lora"], device=ctx.device, dtype=spec["dtype"])
+        mesh = build_mesh(ctx, spec.get("tp", 1))
+        shard = mesh.shard if mesh.tp > 1 else None  # each rank reads only its own slices of the weights
+        llm = LLM(spec["model"], lora=spec["lora"], device=ctx.device, dtype=spec["dtype"], shard=shard)
         ctx.store_barrier("loaded", spec["startup_timeout_s"])
         if conn is None:
-            serve(llm, ctx, spec["kv_dump_dir"])
+            serve(llm, ctx, spec["kv_dump_dir"], mesh)
             return 0
-        bp = BranchParallelLLM(llm, ctx, spec["kv_dump_dir"])
+        bp = BranchParallelLLM(llm, ctx, spec["kv_dump_dir"], mesh)
         conn.send(("ready", os.getpid()))
         return _answer_launcher(bp, conn)
     except LopaError as e:
@@ -65,6 +69,8 @@ def _answer_launcher(bp: BranchParallelLLM, conn: Connection) -> int:
                 conn.send(("ok", None))
             elif kind == "generate":
                 conn.send(("ok", bp.generate(*args)))
+            elif kind == "forward":
+                conn.send(("ok", bp.forward(*args).numpy()))  # a torch tensor would travel as a shared fd
             else:
                 raise DistributedError(f"rank 0 got an unknown launcher message {kind!r}")
         except LopaError as e:

@@ -12,11 +12,17 @@ the engine and the decoders cannot tell it from :class:`lopa.engine.runner.Runne
   with prob / conf bit-packed into the same int64 tensor): every rank then builds the next candidate set
   itself from these few numbers; never logits.
 - ``commit(w, n)``: Commit-Winner-Cache. The owner commits locally and broadcasts the newly committed K/V span
-  of every layer together with the frozen last logit in ONE tensor; the others overwrite their cache. All
-  ranks' committed caches stay bit-identical.
+  of every layer together with the frozen last logit (when the model's shift keeps one) in ONE tensor; the
+  others overwrite their cache. All ranks' committed caches stay bit-identical.
 
-``timing`` splits each request's time into forward, scoring (local runner), all_gather, broadcast (the
-prediction) and kv_broadcast, so the cost of communication is visible next to the compute.
+In a BP x TP mesh (:mod:`lopa.dist.mesh`) "rank" above means *branch group*: the runner's ``comm`` is the
+cross group of this rank's TP rank, the local runner drives a tensor-parallel shard whose cache holds only
+this rank's kv heads, and each collective above moves only that shard's share (the K/V shard) or the
+replicated numbers (scores, prediction, last logit).
+
+``timing`` splits each request's time into forward, all_reduce (tensor parallelism, taken out of forward),
+scoring (local runner), all_gather, broadcast (the prediction) and kv_broadcast, so the cost of
+communication is visible next to the compute.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from lopa.cache import StaticKVCache
 from lopa.decoding.confidence import Prediction, Sampler
 from lopa.dist.comm import Comm
 from lopa.dist.faults import Fault
+from lopa.dist.mesh import TensorParallel
 from lopa.engine.runner import Candidate, Runner
 from lopa.errors import DistributedError
 
@@ -39,8 +46,9 @@ _GATHER_FIELDS = 4  # score, branch id, iteration, window start
 class BranchParallelRunner:
     """One rank's share of every iteration, plus the collectives that keep all ranks in lockstep."""
 
-    def __init__(self, local: Runner, comm: Comm) -> None:
-        self.comm, self.rank, self.world = comm, comm.ctx.rank, comm.ctx.world_size
+    def __init__(self, local: Runner, comm: Comm, tp: TensorParallel | None = None) -> None:
+        # comm: the cross group (one rank per branch group); rank / world are this branch group's index / count
+        self.comm, self.rank, self.world, self.tp = comm, comm.rank, comm.size, tp
         self.local = local  # the single-device runner (eager or fast path) that verifies this rank's share
         self.forwards = 0  # parallel iterations: one per verify, whatever the number of ranks
         self.fault: Fault | None = None
@@ -54,7 +62,11 @@ class BranchParallelRunner:
 
     @property
     def timing(self) -> dict[str, float]:
-        return {**self.local.timing, **self._timing}
+        out = {**self.local.timing, **self._timing}
+        if self.tp is not None and self.tp.comm.size > 1:  # the forward's all-reduces, reported apart from it
+            out["all_reduce"] = self.tp.seconds
+            out["forward"] = out.get("forward", 0.0) - self.tp.seconds
+        return out
 
     @property
     def cache(self) -> StaticKVCache | None:
@@ -64,6 +76,8 @@ class BranchParallelRunner:
         """Start a request; this rank's cache holds only its share of the ``rows`` candidates."""
         self.local.begin(max_len, rows=max(1, -(-rows // self.world)), use_cache=use_cache)
         self._timing, self.forwards = {}, 0
+        if self.tp is not None:
+            self.tp.seconds = 0.0
 
     def verify(
         self, window_start: int, commit_len: int, cands: list[Candidate], sampler: Sampler, iteration: int
@@ -122,7 +136,7 @@ class BranchParallelRunner:
         t0 = time.perf_counter()
         start, end = cache.committed, cache.committed + n
         layers, _, heads, _, dim = cache.k.shape
-        vocab = int(self.local.model.config.vocab_size)
+        vocab = int(self.local.model.config.vocab_size) if self.local.shift else 0  # size of the frozen logit
         if owner == self.rank:
             self.local.commit(row, n)  # every local row gets the winner's span; last_logit is saved
             k, v = cache.span(start, end, row=0)  # each (layers, kv_heads, n, head_dim)
@@ -137,7 +151,7 @@ class BranchParallelRunner:
             v = payload[span : 2 * span].view(layers, heads, n, dim)
             cache.overwrite(start, k, v)
             cache.committed = cache.written = end  # the span is now committed here too, as on the owner
-            self.local.last_logit = payload[2 * span :].clone()  # (vocab,)
+            self.local.last_logit = payload[2 * span :].clone()  # (vocab,), or (0,) without a shift
         self._tick("kv_broadcast", t0)
 
     def committed_kv(self) -> tuple[Tensor, Tensor]:

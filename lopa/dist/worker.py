@@ -5,7 +5,9 @@ store (``req/<n>`` = message size) and broadcasts the request itself (prompt ids
 in a uint8 tensor). Every worker (:func:`serve`) waits for the doorbell, receives the request and runs exactly
 the same ``LLM.generate`` call with a :class:`BranchParallelRunner`, so the engine loop, stop strings included,
 is replicated and the collectives line up. The worker's Completion is dropped; rank 0 returns its own. A
-``stop`` message ends the workers.
+``forward`` message runs one plain forward of the given ids on every rank (rank 0 returns the logits: the
+tensor-parallel equivalence check). A ``stop`` message ends the workers. In a BP x TP mesh every rank is set
+up the same way by :func:`attach` (mesh groups, the TP all-reduce bound into the sharded model).
 
 Idle workers wait on the store, not in a collective, so they can wait for the next request as long as rank 0
 is alive (checked through its heartbeat) instead of running into the collective timeout.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +29,19 @@ from lopa.config import DecodeConfig
 from lopa.dist.comm import Comm
 from lopa.dist.faults import Fault
 from lopa.dist.init import DistContext, shutdown
+from lopa.dist.mesh import Mesh, TensorParallel, layout
 from lopa.dist.monitor import Monitor
 from lopa.dist.runner import BranchParallelRunner
 from lopa.errors import DistributedError
-from lopa.llm import LLM, Prompt
+from lopa.llm import LLM, Messages, Prompt, StreamEvent
 from lopa.outputs import Completion
 
-_POLL_S = (0.001, 0.05)  # doorbell polling interval: starts short, grows while idle
+_POLL_S = (0.001, 0.05)
+# LLM attributes that do not decode: rank 0 answers them alone (the server's checks and limits use them)
+_READ_ONLY = frozenset(
+    ("tokenizer", "model_name", "max_context", "config", "default_config", "decode_config", "end_ids", "mask_id",
+     "encode_prompt", "count_prompt_tokens", "check_fits", "kv_cache_bytes")
+)  # fmt: skip  # doorbell polling interval: starts short, grows while idle
 
 
 class RequestChannel:
@@ -66,14 +74,13 @@ class RequestChannel:
 class BranchParallelLLM:
     """Rank 0's side: the LLM facade with branch-parallel decoding; workers must be running :func:`serve`."""
 
-    def __init__(self, llm: LLM, ctx: DistContext, kv_dump_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, llm: LLM, ctx: DistContext, kv_dump_dir: str | Path | None = None, mesh: Mesh | None = None
+    ) -> None:
         if not ctx.is_master:
             raise DistributedError(f"BranchParallelLLM runs on rank 0; rank {ctx.rank} must call serve()")
         self.llm, self.ctx, self.kv_dump_dir = llm, ctx, kv_dump_dir
-        self.monitor = Monitor(ctx)
-        self.comm = Comm(ctx, self.monitor)
-        self.runner = BranchParallelRunner(llm.runner, self.comm)
-        llm.runner = self.runner  # type: ignore[assignment]  # same interface as the single-device Runner
+        self.monitor, self.comm, self.runner = attach(llm, ctx, mesh)
         self.channel = RequestChannel(ctx, self.comm)
         self.fault: Fault | None = None  # sent with the next request only
         self.broken = False
@@ -102,8 +109,53 @@ class BranchParallelLLM:
             if not isinstance(e, DistributedError):
                 self.monitor.report(f"rank 0 raised {type(e).__name__}: {e}")
             raise
-        dump_kv(self.runner, self.kv_dump_dir, self.channel.count)
+        dump_kv(self.runner, self.kv_dump_dir, self.channel.count, self.ctx.rank)
         return completion
+
+    # ---- what the server needs of an LLM (one sequence at a time) ---------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        """Rank 0's read-only LLM attributes (tokenizer, limits, prompt checks); decoding goes through the group."""
+        if name in _READ_ONLY:
+            return getattr(self.llm, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def stream(
+        self, prompt: Prompt | Messages, config: DecodeConfig | None = None, raw: bool = False
+    ) -> Iterator[StreamEvent]:
+        """Like :meth:`LLM.stream`, decoded by the whole group. Closing the stream early still finishes the
+        request here without yielding (the other ranks run it to the end, and the next request must find them
+        in step), so a cancelled request costs the rest of its decoding."""
+        cfg = (config or self.llm.default_config).validate()
+        ids = self.llm.encode_prompt(prompt, raw)
+        self.llm.check_fits(ids, cfg)
+        if self.broken:
+            raise DistributedError("the branch-parallel group has failed earlier; start a new one")
+        finished = False
+        try:
+            self.channel.send({"type": "generate", "ids": ids, "config": cfg.to_dict(), "fault": None})
+            events = self.llm.stream(ids, cfg)
+            for event in events:
+                yield event
+            finished = True
+        except GeneratorExit:
+            for _ in events:  # the consumer left: finish the request with the other ranks
+                pass
+            finished = True
+            raise
+        finally:
+            if not finished:
+                self.broken = True
+
+    def forward(self, ids: list[int]) -> torch.Tensor:
+        """Raw logits (L, vocab) of one plain forward over ``ids`` (no cache), computed by the whole group."""
+        if self.broken:
+            raise DistributedError("the branch-parallel group has failed earlier; start a new one")
+        try:
+            self.channel.send({"type": "forward", "ids": ids})
+            return plain_forward(self.llm, ids)
+        except BaseException:
+            self.broken = True
+            raise
 
     def close(self) -> None:
         """Stop the workers and leave the group (normal path only)."""
@@ -115,23 +167,42 @@ class BranchParallelLLM:
             shutdown()
 
 
-def serve(llm: LLM, ctx: DistContext, kv_dump_dir: str | Path | None = None) -> int:
+def attach(llm: LLM, ctx: DistContext, mesh: Mesh | None) -> tuple[Monitor, Comm, BranchParallelRunner]:
+    """Heartbeats, the request channel's comm, and the mesh runner installed as ``llm.runner``."""
+    mesh = mesh or layout(ctx.rank, ctx.world_size, 1)
+    monitor = Monitor(ctx, tp_ranks=mesh.tp_ranks)
+    tp = TensorParallel(ctx, monitor, mesh)
+    tp.bind(llm.model)
+    cross = Comm(ctx, monitor, mesh.cross_group, mesh.cross_ranks)
+    runner = BranchParallelRunner(llm.runner, cross, tp)
+    llm.runner = runner  # type: ignore[assignment]  # same interface as the single-device Runner
+    return monitor, Comm(ctx, monitor), runner
+
+
+def plain_forward(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Raw logits (L, vocab) of ``ids`` at positions 0..L-1, no cache (float32 on the CPU)."""
+    x = torch.tensor([ids], dtype=torch.long, device=llm.device)  # (1, L)
+    with torch.inference_mode():
+        return llm.model(x, torch.arange(len(ids), device=llm.device)[None])[0].float().cpu()
+
+
+def serve(llm: LLM, ctx: DistContext, kv_dump_dir: str | Path | None = None, mesh: Mesh | None = None) -> int:
     """A worker rank's loop: replay rank 0's requests until told to stop; returns the number served."""
-    monitor = Monitor(ctx)
-    comm = Comm(ctx, monitor)
-    runner = BranchParallelRunner(llm.runner, comm)
-    llm.runner = runner  # type: ignore[assignment]
+    monitor, comm, runner = attach(llm, ctx, mesh)
     channel, served = RequestChannel(ctx, comm), 0
     try:
         while True:
             msg = channel.receive()
             if msg["type"] == "stop":
                 break
+            if msg["type"] == "forward":
+                plain_forward(llm, list(msg["ids"]))
+                continue
             cfg = DecodeConfig.from_dict({**msg["config"], "stop": tuple(msg["config"]["stop"])})
             fault = msg.get("fault")
             runner.fault = Fault(**fault) if fault and fault["rank"] == ctx.rank else None
             llm.generate(list(msg["ids"]), cfg)
-            dump_kv(runner, kv_dump_dir, channel.count)
+            dump_kv(runner, kv_dump_dir, channel.count, ctx.rank)
             served += 1
     except BaseException as e:
         if not isinstance(e, DistributedError):
@@ -149,12 +220,12 @@ def _wait_acks(ctx: DistContext, key: str, count: int) -> None:
         time.sleep(0.005)
 
 
-def dump_kv(runner: BranchParallelRunner, out_dir: str | Path | None, request: int) -> None:
-    """Save this rank's committed K/V after a request (for cross-rank equivalence checks)."""
+def dump_kv(runner: BranchParallelRunner, out_dir: str | Path | None, request: int, rank: int) -> None:
+    """Save this rank's committed K/V (its kv-head shard) after a request (for cross-rank equivalence checks)."""
     if out_dir is None or runner.cache is None:
         return
-    k, v = runner.committed_kv()  # each (layers, kv_heads, committed, head_dim)
-    path = Path(out_dir) / f"rank{runner.rank}-request{request}.safetensors"
+    k, v = runner.committed_kv()  # each (layers, local kv_heads, committed, head_dim)
+    path = Path(out_dir) / f"rank{rank}-request{request}.safetensors"
     tmp = path.with_suffix(".tmp")
     save_file({"k": k.contiguous().cpu(), "v": v.contiguous().cpu()}, str(tmp))
     os.replace(tmp, path)  # readers never see a half-written file

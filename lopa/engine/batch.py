@@ -76,6 +76,11 @@ class BatchRunner:
         self._win: tuple[Tensor, Tensor] | None = None  # (layers, R, Hkv, W, D) K and V of the last forward
 
     @property
+    def shift(self) -> int:
+        """The model's prediction offset (its family's ``logit_shift``): 0 freezes no last logit."""
+        return int(self.model.config.logit_shift)
+
+    @property
     def pad_id(self) -> int:
         cfg = self.model.config
         return int(cfg.pad_token_id if cfg.pad_token_id is not None else cfg.mask_token_id or 0)
@@ -96,7 +101,7 @@ class BatchRunner:
         assert self._win is not None
         k, v = self._win
         self.pool.commit(slot, k[:, row, :, :n], v[:, row, :, :n])
-        self.last_logit[slot] = last.clone()
+        self.last_logit[slot] = last.clone() if last.numel() else None  # (0,) when the shift is 0
 
     # ---- the forwards --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -107,7 +112,7 @@ class BatchRunner:
             if self.pool.committed[slot] != plan.window_start:
                 committed = self.pool.committed[slot]
                 raise RuntimeError(f"slot {slot}: window starts at {plan.window_start} but the pool holds {committed}")
-        batches = [build_batch(p.window_start, p.commit_len, p.cands, self.pad_id) for _, p, _ in items]
+        batches = [build_batch(p.window_start, p.commit_len, p.cands, self.pad_id, self.shift) for _, p, _ in items]
         ids, positions, valid, idx = _stack(batches, self.pad_id)
         row_slot = torch.tensor([slot for slot, plan, _ in items for _ in plan.cands])  # (R,)
         prefix = torch.tensor([plan.window_start for _, plan, _ in items for _ in plan.cands])  # (R,)
@@ -139,7 +144,7 @@ class BatchRunner:
     def verify_uncached(self, items: list[tuple[int, Plan, Sampler]]) -> list[SlotView]:
         """Vanilla sequences: full sequences from position 0, no cache, one forward for all of them."""
         t0 = time.perf_counter()
-        batches = [build_batch(0, 0, p.cands, self.pad_id) for _, p, _ in items]
+        batches = [build_batch(0, 0, p.cands, self.pad_id, self.shift) for _, p, _ in items]
         ids, positions, valid, idx = _stack(batches, self.pad_id)
         dev = self.device
         valid = valid.to(dev) if valid is not None else None
@@ -192,7 +197,8 @@ class BatchRunner:
             ps = [p for p in preds[it] if p is not None]
             scores = [branch_score(p.conf, c.score_mask) for p, c in zip(ps, plan.cands, strict=True)]
             m = [c.predict.numel() for c in plan.cands]
-            lasts_out = [logits[row + i, m[i]] if plan.commit_len else logits.new_zeros(0) for i in range(len(m))]
+            freeze = plan.commit_len and self.shift  # shift 0: no logit to freeze at the commit
+            lasts_out = [logits[row + i, m[i]] if freeze else logits.new_zeros(0) for i in range(len(m))]
             views.append(SlotView(self if cached else None, slot, row, scores, ps, lasts_out))
             row += len(plan.cands)
         return views

@@ -106,6 +106,12 @@ class FastRunner(Runner):
             self.captured.clear()  # graphs hold the old cache's addresses
             self._kept = self.cache
 
+    def release(self) -> None:
+        """As Runner.release; the captured graphs point into the dropped cache, so they go too."""
+        self._kept = None
+        self.captured.clear()
+        super().release()
+
     # ---- the forward -----------------------------------------------------------------------------------
     def _run(self, packed: Tensor, kv_len: int, out: Tensor | None = None) -> Tensor:
         """The padded forward on device inputs (4, rows, L): logits (rows, L, vocab). Captured as is."""
@@ -131,7 +137,7 @@ class FastRunner(Runner):
             return super().raw_logits(window_start, commit_len, cands)
         if self.cache.committed != window_start:
             raise RuntimeError(f"window starts at {window_start} but the cache holds {self.cache.committed}")
-        b = build_batch(window_start, commit_len, cands, self.pad_id)
+        b = build_batch(window_start, commit_len, cands, self.pad_id, self.shift)
         rows, length = b.ids.shape
         key = self.bucket(rows, length, window_start)
         packed = pack_inputs(b, key[0], key[1], self.pad_id)  # (4, rows, L) on the host
@@ -209,14 +215,14 @@ class FastRunner(Runner):
         first = [r for r in range(rows) if batch.uses_last[r]]
         if first:
             wanted = wanted.clone()
-            wanted[first, 0] = self.last_logit.to(wanted)  # Dream's shift: the frozen logit predicts position 0
+            wanted[first, 0] = self.last_logit.to(wanted)  # shift 1: the frozen logit predicts position 0
         tokens, prob, conf = choose(wanted.reshape(rows * n, -1), sampler)
         self._preds, self._last, scores = [], [], []
         for r, c in enumerate(cands):
             sl = slice(r * n, r * n + counts[r])
             pred = Prediction(c.predict.cpu(), tokens[sl], prob[sl], conf[sl])
             self._preds.append(pred)
-            self._last.append(logits[r, counts[r]] if commit_len else logits.new_zeros(0))
+            self._last.append(self.frozen_logit(logits, r, counts[r], commit_len))
             scores.append(branch_score(pred.conf, c.score_mask))
         self._tick("scoring", t0)
         return scores

@@ -2,9 +2,12 @@
 
 The engine hands the runner a list of candidates (window tokens, the masked positions to predict, which of
 them enter the branch score, a sampling stream). ``verify`` runs them as ONE batched forward (rows = branches,
-padded keys masked out), applies Dream's one-position shift (the prediction for the first uncommitted position
-comes from the frozen last logit saved at the previous commit), turns logits into per-position predictions
-and returns one score per candidate. ``prediction(i)`` and ``commit(i, n)`` then act on the winner. The branch
+padded keys masked out), applies the model's prediction offset ``config.logit_shift`` (a property of its family,
+:mod:`lopa.model.family`), turns logits into per-position predictions and returns one score per candidate.
+With Dream's shift of 1 the prediction for the first uncommitted position comes from the output of the last
+committed one, which is no longer in the window: the runner keeps it as the *frozen last logit*, saved at the
+previous commit. With LLaDA's shift of 0 every prediction comes from its own window position; no logit is
+frozen (``last_logit`` stays empty). ``prediction(i)`` and ``commit(i, n)`` then act on the winner. The branch
 -parallel runner in ``lopa.dist`` has the same three methods, so the engine cannot tell them apart.
 """
 
@@ -19,7 +22,8 @@ from torch import Tensor
 from lopa.cache import StaticKVCache
 from lopa.decoding.confidence import Prediction, Sampler, predict
 from lopa.decoding.lopa import branch_score
-from lopa.model.dream import DreamModel, predicting_index
+from lopa.model.dream import DreamModel
+from lopa.model.family import predicting_index
 
 
 @dataclass
@@ -41,10 +45,11 @@ class Batch:
     uses_last: list[bool]  # row's first prediction comes from the frozen last logit
 
 
-def build_batch(window_start: int, commit_len: int, cands: list[Candidate], pad_id: int) -> Batch:
+def build_batch(window_start: int, commit_len: int, cands: list[Candidate], pad_id: int, shift: int) -> Batch:
     """Pad the candidates' windows into one batch and list the raw logits each row needs.
 
-    Row r's raw logits come back as: [logits for predict positions (shifted)] + [commit_len - 1 if commit_len].
+    Row r's raw logits come back as: [logits for predict positions (shifted by ``shift``)] + [commit_len - 1 if
+    commit_len and shift] (the logit to freeze at the commit).
     """
     lengths = [int(c.tokens.numel()) for c in cands]
     width = max(lengths)
@@ -57,9 +62,9 @@ def build_batch(window_start: int, commit_len: int, cands: list[Candidate], pad_
         valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # (rows, L)
     wanted, uses_last = [], []
     for c in cands:
-        hidden = predicting_index(c.predict - window_start)  # (m,) window index of the predicting state
+        hidden = predicting_index(c.predict - window_start, shift)  # (m,) window index of the predicting state
         uses_last.append(bool(hidden.numel()) and int(hidden[0]) < 0)
-        extra = [commit_len - 1] if commit_len else []
+        extra = [commit_len - 1] if commit_len and shift else []
         wanted.append(torch.cat([hidden.clamp_min(0), torch.tensor(extra, dtype=torch.long)]))
     n = max(1, max(w.numel() for w in wanted))
     logits_idx = torch.zeros(len(cands), n, dtype=torch.long)  # (rows, n)
@@ -70,7 +75,7 @@ def build_batch(window_start: int, commit_len: int, cands: list[Candidate], pad_
 
 @dataclass
 class Runner:
-    """Single-device runner: owns the model, the static cache and the frozen last logit."""
+    """Single-device runner: owns the model, the static cache and the frozen last logit (when the shift needs one)."""
 
     model: DreamModel
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -79,9 +84,14 @@ class Runner:
 
     def __post_init__(self) -> None:
         self.cache: StaticKVCache | None = None
-        self.last_logit: Tensor | None = None  # (vocab,) raw logit of the last committed position
+        self.last_logit: Tensor | None = None  # (vocab,) raw logit of the last committed position; (0,) if no shift
         self._preds: list[Prediction] = []
         self._last: list[Tensor] = []
+
+    @property
+    def shift(self) -> int:
+        """The model's prediction offset (its family's ``logit_shift``)."""
+        return int(self.model.config.logit_shift)
 
     @property
     def pad_id(self) -> int:
@@ -102,6 +112,10 @@ class Runner:
             )
         self.cache.reset()
 
+    def release(self) -> None:
+        """Drop the KV cache so its memory is freed; the next ``begin`` allocates one of the size it needs."""
+        self.cache = None
+
     def _tick(self, phase: str, t0: float) -> float:
         now = time.perf_counter()
         self.timing[phase] = self.timing.get(phase, 0.0) + now - t0
@@ -112,7 +126,7 @@ class Runner:
         """The batched forward itself: raw logits (rows, n, vocab) at the indices listed by ``build_batch``."""
         if self.cache is not None and self.cache.committed != window_start:
             raise RuntimeError(f"window starts at {window_start} but the cache holds {self.cache.committed}")
-        b = build_batch(window_start, commit_len, cands, self.pad_id)
+        b = build_batch(window_start, commit_len, cands, self.pad_id, self.shift)
         dev = self.device
         valid = b.valid.to(dev) if b.valid is not None else None
         logits = self.model(b.ids.to(dev), b.positions.to(dev), self.cache, valid, b.logits_idx.to(dev))
@@ -134,10 +148,14 @@ class Runner:
                 row = torch.cat([self.last_logit[None].to(row), row[1:]])
             pred = predict(row, c.predict, sampler, sampler.generator(iteration, c.stream))
             self._preds.append(pred)
-            self._last.append(logits[r, m] if commit_len else logits.new_zeros(0))
+            self._last.append(self.frozen_logit(logits, r, m, commit_len))
             scores.append(branch_score(pred.conf, c.score_mask))
         self._tick("scoring", t0)
         return scores
+
+    def frozen_logit(self, logits: Tensor, row: int, m: int, commit_len: int) -> Tensor:
+        """The raw logit row ``row`` would freeze if it won: (vocab,) after the ``m`` predictions, or (0,)."""
+        return logits[row, m] if commit_len and self.shift else logits.new_zeros(0)
 
     def prediction(self, index: int) -> Prediction:
         """The per-position prediction of candidate ``index`` from the last verify."""

@@ -18,6 +18,7 @@ batch. Vanilla decoding (whole answer masked, no cache) is :class:`VanillaSequen
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -109,6 +110,7 @@ class BlockSequence:
         self.trace: list[TraceStep] | None = [] if cfg.trace else None
         self.branches = [Branch(GenState.from_prompt(prompt, mask_id), "anchor")]
         self.final: Step | None = None
+        self.t0 = time.perf_counter()  # trace times count from here
 
     @property
     def anchor(self) -> GenState:
@@ -142,8 +144,8 @@ class BlockSequence:
         winner.fill(pred.positions[keep], pred.tokens[keep], self.end_ids)
         winner.promote_ready()
         if self.trace is not None:
-            filled, committed = pred.positions[keep], plan.window_start + plan.commit_len
-            self.trace.append(trace_step(self.stats.forwards, self.branches, scores, w, filled, committed))
+            filled, committed = (pred.positions[keep], pred.tokens[keep]), plan.window_start + plan.commit_len
+            self.trace.append(trace_step(self.stats.forwards, self.branches, scores, w, filled, committed, self.t0))
         k = self.k
         self.branches = spawn(winner, pred.subset(~keep), k, self.end_ids) if k else [Branch(winner, "anchor")]
         self.stats.timing = dict(runner.timing)
@@ -169,6 +171,7 @@ class VanillaSequence:
         self.stats = Stats(prompt_tokens=len(prompt))
         self.trace: list[TraceStep] | None = [] if cfg.trace else None
         self.final: Step | None = None
+        self.t0 = time.perf_counter()  # trace times count from here
 
     @property
     def anchor(self) -> GenState:
@@ -192,9 +195,8 @@ class VanillaSequence:
         i = select_one(pred)
         state.fill(pred.positions[i : i + 1], pred.tokens[i : i + 1], self.end_ids)
         if self.trace is not None:
-            step = trace_step(
-                stats.forwards, [Branch(state, "anchor")], [float(pred.conf[i])], 0, pred.positions[i : i + 1], 0
-            )
+            filled = (pred.positions[i : i + 1], pred.tokens[i : i + 1])
+            step = trace_step(stats.forwards, [Branch(state, "anchor")], [float(pred.conf[i])], 0, filled, 0, self.t0)
             self.trace.append(step)
         stats.timing = dict(runner.timing)
         ids = final_ids(state)
@@ -238,10 +240,25 @@ def finish(
 
 
 def trace_step(
-    iteration: int, branches: list[Branch], scores: list[float], winner: int, filled: torch.Tensor, committed: int
+    iteration: int,
+    branches: list[Branch],
+    scores: list[float],
+    winner: int,
+    filled: tuple[torch.Tensor, torch.Tensor],
+    committed: int,
+    t0: float,
 ) -> TraceStep:
+    """The trace record of one iteration; ``filled`` is (positions, tokens) of the anchor fill, each (n,)."""
     cands = [
-        {"kind": b.kind, "extra_position": b.extra_position, "extra_conf": b.extra_conf, "score": s}
+        {
+            "kind": b.kind,
+            "extra_position": b.extra_position,
+            "extra_token": int(b.state.tokens[b.extra_position]) if b.extra_position >= 0 else -1,
+            "extra_conf": b.extra_conf,
+            "score": s,
+        }
         for b, s in zip(branches, scores, strict=False)
     ]
-    return TraceStep(iteration, cands, winner, filled.tolist(), committed)
+    positions, tokens = filled
+    seconds = time.perf_counter() - t0
+    return TraceStep(iteration, cands, winner, positions.tolist(), committed, tokens.tolist(), seconds)

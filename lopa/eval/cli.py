@@ -59,6 +59,20 @@ def task_config(task: Task, llm: Any, args: argparse.Namespace) -> DecodeConfig:
     return decode_config_from_args(args, getattr(llm, "default_config", DecodeConfig()).replace(**defaults))
 
 
+def check_out_dir(out: Path) -> Path:
+    """Create ``out`` and prove it is writable now, so a long run never ends with results nowhere to go."""
+    from lopa.errors import ConfigError
+
+    probe = out / ".lopa-write-check"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot be written ({e.strerror or e}); choose a writable directory") from e
+    return out
+
+
 def run_meta(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line facts recorded in every summary."""
     keys = ("lora", "data", "limit", "enforce_eager")
@@ -100,9 +114,13 @@ def run(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     docs = load_docs(task, args)
     sandbox = make_sandbox(task, args)
+    if args.out:
+        check_out_dir(Path(args.out))  # before the model loads
     llm = load_llm(args)
     config = task_config(task, llm, args)
-    out = Path(args.out) if args.out else Path("eval-out") / f"{task.name}-{llm.model_name}-{config.decoder}"
+    out = check_out_dir(
+        Path(args.out) if args.out else Path("eval-out") / f"{task.name}-{llm.model_name}-{config.decoder}"
+    )
     result = evaluate_with_args(llm, task, docs, config, sandbox, args, out)
     print(format_summary(result.summary))
     print(f"  wrote {out / 'samples.jsonl'} and {out / 'summary.json'}")

@@ -74,7 +74,8 @@ def evaluate(
                 text = task.completion_text(record["completion"], use_chat)
                 if task.is_code:
                     program, record["extracted"] = task.program(doc, text)
-                    pending[i] = pool.submit(sandbox.run, program)  # type: ignore[union-attr]
+                    # the solution apart from its tests: the verdict comes from a process the solution cannot touch
+                    pending[i] = pool.submit(sandbox.run, program, record["extracted"])  # type: ignore[union-attr]
                 else:
                     score = task.score(doc, text)
                     record.update(correct=score.correct, extracted=score.extracted, **score.extra)
@@ -216,6 +217,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         f" base={d['base']} branches={d['branches']}" if d["decoder"] == "lopa" else ""
     )
     knobs += f" block={d['block_size']} tau_conf={d['threshold']} tau_add={d['tau_add']} tau_act={d['tau_act']}"
+    notes = []
+    sandbox = summary["settings"].get("sandbox") or {}
+    if sandbox.get("unisolated"):
+        notes.append(
+            f"  sandbox: {sandbox.get('isolation')} (unisolated: the OS gave no namespaces or separate user id; "
+            f"see docs/eval.md for what this mode guarantees)"
+        )
+    if summary.get("prompt_too_long"):
+        notes.append(
+            f"  prompt_too_long {summary['prompt_too_long']}/{summary['n']}: not decoded and scored wrong (the prompt "
+            f"plus max_new_tokens={d['max_new_tokens']} exceeds the model's context)"
+        )
     return "\n".join(
         [
             f"task {summary['settings']['task']}  model {summary['model']}  device {summary['device']} "
@@ -225,5 +238,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"(per-sample mean {summary['tok_s_mean']:.2f})  tpf {summary['tpf_mean']:.3f} "
             f"(aggregate {summary['tpf_aggregate']:.3f}, paper-style {summary['tpf_paper_mean']:.3f})  "
             f"latency {summary['latency_mean']:.3f}s",
+            *notes,
         ]
     )

@@ -5,14 +5,19 @@ must therefore import nothing from lopa (the interpreter may be a different one 
 
 Order matters: resource limits first, then the nonce is read from stdin, then the guard is installed, and only
 then is ``program.py`` (in the working directory) executed. The program passes only if it runs to the end:
-the bootstrap then prints the nonce, which the program never saw, and exits 0. Exit codes otherwise:
-3 assertion failed, 4 other exception, 5 MemoryError, 6 the program called exit().
+the bootstrap then prints the nonce and exits 0. Exit codes otherwise: 3 assertion failed, 4 other exception,
+5 MemoryError, 6 the program called exit(). The nonce lives in this process, so it only tells a program that
+ran to the end from one that exited early by accident: a program written to read it (by walking the stack) can
+forge a pass. The evaluation therefore runs a solution and its tests as two processes (the ``solution`` and
+``tests`` roles, ``sandbox_split.py``, appended to this text), where the verdict is the tests' exit status.
 """
 
+import _io
 import _posixsubprocess
 import builtins
 import io
 import os
+import posix
 import resource
 import sys
 
@@ -34,9 +39,10 @@ def _set_limits(limits: dict) -> None:
 def _install_guard(root: str) -> None:
     """Confine destructive file operations to ``root`` and disable process creation and signals.
 
-    A determined program can get around this (ctypes); the process limits and, under root, the separate user
-    id are the outer walls. This layer makes ordinary mistakes (``rm -rf``-style cleanup, ``os.system``)
-    harmless and gives a clear PermissionError instead.
+    A determined program can get around this (ctypes, or the original functions still reachable through
+    objects Python keeps, such as ``type(sys.stdout.buffer.raw)``); the namespaces, the process limits and,
+    under root, the separate user id are the walls (docs/eval.md). This layer makes ordinary mistakes
+    (``rm -rf``-style cleanup, ``os.system``) harmless and gives a clear PermissionError instead.
     """
     real_open, real_os_open, readlink = builtins.open, os.open, os.readlink
     realpath, join, isabs, getcwd = os.path.realpath, os.path.join, os.path.isabs, os.getcwd
@@ -71,15 +77,17 @@ def _install_guard(root: str) -> None:
 
             setattr(module, name, denied)
 
-    for name in ("remove", "unlink", "rmdir", "mkdir", "truncate", "chmod", "chown", "lchown", "utime", "mkfifo"):
-        confine(os, name)
-    for name in ("rename", "replace", "link", "symlink"):
-        confine(os, name, 2)
-    process_calls = ["fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "kill", "killpg"]
-    process_calls += ["setsid", "setpgid", "setuid", "setgid", "chroot", "mknod"]
-    process_calls += [n for n in dir(os) if n.startswith(("exec", "spawn"))]
-    for name in process_calls:
-        deny(os, name)
+    # os re-exports posix's functions (importlib.reload(os) copies them again): guard both modules
+    for module in (posix, os):
+        for name in ("remove", "unlink", "rmdir", "mkdir", "truncate", "chmod", "chown", "lchown", "utime", "mkfifo"):
+            confine(module, name)
+        for name in ("rename", "replace", "link", "symlink"):
+            confine(module, name, 2)
+        process_calls = ["fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "kill", "killpg"]
+        process_calls += ["setsid", "setpgid", "setuid", "setgid", "chroot", "mknod"]
+        process_calls += [n for n in dir(module) if n.startswith(("exec", "spawn"))]
+        for name in process_calls:
+            deny(module, name)
     deny(_posixsubprocess, "fork_exec")  # what subprocess.Popen calls to start a child
 
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -94,8 +102,17 @@ def _install_guard(root: str) -> None:
             raise PermissionError(f"writing outside the sandbox directory is not allowed: {file!r}")
         return real_open(file, mode, *args, **kwargs)
 
-    os.open = guarded_os_open
-    builtins.open = io.open = guarded_open
+    real_file_io = _io.FileIO
+
+    class GuardedFileIO(real_file_io):
+        def __init__(self, file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+") and not inside(file):
+                raise PermissionError(f"writing outside the sandbox directory is not allowed: {file!r}")
+            super().__init__(file, mode, *args, **kwargs)
+
+    os.open = posix.open = guarded_os_open
+    builtins.open = io.open = _io.open = guarded_open
+    io.FileIO = _io.FileIO = GuardedFileIO
 
 
 def _print_exc() -> None:
@@ -104,22 +121,11 @@ def _print_exc() -> None:
     traceback.print_exc()
 
 
-def main() -> None:
-    # argv[1]: "name=int,name=int,..." (json would cost an import on every run)
-    limits = {k: int(v) for k, v in (kv.split("=") for kv in sys.argv[1].split(","))}
-    _set_limits(limits)
-    nonce = sys.stdin.readline().strip()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)  # the program reads an empty stdin, and holds no descriptor but 0, 1 and 2
-    os.close(devnull)
-    exit_now, write = os._exit, os.write  # saved: the program may replace them, or sys.stdout
-    root = os.path.realpath(os.getcwd())
-    with open("program.py", encoding="utf-8") as f:
-        source = f.read()
-    _install_guard(root)
+def _run(source: str, filename: str, namespace: dict) -> int:
+    """Execute ``source``; the exit code its outcome maps to (0 when it ran to the end)."""
     code = 0
     try:
-        exec(compile(source, "program.py", "exec"), {"__name__": "__lopa_sandbox__", "__builtins__": builtins})
+        exec(compile(source, filename, "exec"), namespace)
     except AssertionError:
         _print_exc()
         code = EXIT_FAIL
@@ -132,14 +138,43 @@ def main() -> None:
     except BaseException:  # noqa: BLE001 - every failure of the program is a result, not a harness crash
         _print_exc()
         code = EXIT_ERROR
+    return code
+
+
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:  # noqa: SIM105 - contextlib would be one more import on every run
             stream.flush()
         except Exception:  # noqa: BLE001 - a stream the program broke must not turn a pass into a crash
             pass
+
+
+def _quiet_stdin() -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # the program reads an empty stdin, and holds no descriptor but 0, 1 and 2
+    os.close(devnull)
+
+
+def _read(name: str) -> str:
+    with open(name, encoding="utf-8") as f:
+        return f.read()
+
+
+def main() -> None:
+    # argv[1]: "name=int,name=int,..." (json would cost an import on every run); argv[2]: the role
+    limits = {k: int(v) for k, v in (kv.split("=") for kv in sys.argv[1].split(","))}
+    _set_limits(limits)
+    role = sys.argv[2] if len(sys.argv) > 2 else "program"
+    if role != "program":  # solution / tests: the split verdict, defined in sandbox_split.py (appended)
+        _split_main(role, int(sys.argv[3]), int(sys.argv[4]))  # noqa: F821
+        return
+    nonce = sys.stdin.readline().strip()
+    _quiet_stdin()
+    exit_now, write = os._exit, os.write  # saved: the program may replace them, or sys.stdout
+    source = _read("program.py")
+    _install_guard(os.path.realpath(os.getcwd()))
+    code = _run(source, "program.py", {"__name__": "__lopa_sandbox__", "__builtins__": builtins})
+    _flush()
     if code == 0:
         write(1, f"\n{nonce}\n".encode())
     exit_now(code)
-
-
-main()

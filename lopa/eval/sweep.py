@@ -19,7 +19,15 @@ from lopa.cli import add_decode_arguments
 from lopa.config import DECODERS, DecodeConfig
 from lopa.errors import ConfigError
 from lopa.eval import plots
-from lopa.eval.cli import add_task_arguments, evaluate_with_args, load_docs, load_llm, make_sandbox, task_config
+from lopa.eval.cli import (
+    add_task_arguments,
+    check_out_dir,
+    evaluate_with_args,
+    load_docs,
+    load_llm,
+    make_sandbox,
+    task_config,
+)
 from lopa.eval.tasks import get_task
 
 COLUMNS = (
@@ -117,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     sandbox = make_sandbox(task, args)
     llm = load_llm(args)
     configs = grid(task_config(task, llm, args), decoders, branch_grid, thresholds)
-    out = Path(args.out) if args.out else Path("sweep-out") / f"{task.name}-{llm.model_name}"
+    out = check_out_dir(Path(args.out) if args.out else Path("sweep-out") / f"{task.name}-{llm.model_name}")
     rows = []
     for i, c in enumerate(configs):
         name = run_name(c)

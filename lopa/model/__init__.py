@@ -1,1 +1,1 @@
-"""The Dream-architecture model: config, layers, pure forward, checkpoint loading."""
+"""The model: families (Dream, LLaDA) on one shared transformer: config, layers, pure forward, checkpoint loading."""

@@ -1,8 +1,10 @@
-"""ModelConfig: the architecture numbers of a Dream-family checkpoint, read from its ``config.json``.
+"""ModelConfig: the architecture numbers of a checkpoint, read from its ``config.json``.
 
-Accepts Dream's field names and Qwen2's (they are the same for everything the forward needs), plus the
-newer ``rope_parameters`` spelling of RoPE settings. Special token ids are part of the config because the
-decoders need them; they come from the checkpoint (config / generation_config / tokenizer), never from code.
+:meth:`ModelConfig.from_hf_dict` hands the parsing to the checkpoint's family (:mod:`lopa.model.family`), found by
+``model_type``. The Dream family's parser lives here: it accepts Dream's field names and Qwen2's (they are the same
+for everything the forward needs), plus the newer ``rope_parameters`` spelling of RoPE settings. Special token ids
+are part of the config because the decoders need them; they come from the checkpoint (config / generation_config /
+tokenizer), never from code. ``logit_shift`` is the family's prediction offset, the one property the engine reads.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lopa.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedModelError
 
-SUPPORTED_MODEL_TYPES = ("Dream", "dream", "qwen2", "Qwen2")
+if TYPE_CHECKING:
+    from lopa.model.family import Family
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -46,65 +50,83 @@ class ModelConfig:
     def kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def family(self) -> Family:
+        """The model family this checkpoint belongs to (by ``model_type``)."""
+        from lopa.model.family import family_for_model_type
+
+        return family_for_model_type(self.model_type)
+
+    @property
+    def logit_shift(self) -> int:
+        """The raw output at window index ``j`` predicts the token at ``j + logit_shift`` (Dream 1, LLaDA 0)."""
+        return self.family.logit_shift
+
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json a Dream checkpoint of this shape carries."""
-        d = asdict(self)
-        d.pop("extra")
-        d["model_type"] = "Dream"
-        d["architectures"] = ["DreamModel"]
-        d["hidden_act"] = "silu"
-        return {k: v for k, v in d.items() if v is not None}
+        """The config.json a checkpoint of this shape and family carries."""
+        return self.family.export(self)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from a parsed config.json; raises a named error on anything unsupported or missing."""
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"{source}: model_type {model_type!r} is not supported; lopa loads Dream-family checkpoints "
-                f"(model_type 'Dream', or 'qwen2' weights used bidirectionally)."
-            )
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (only 'silu').")
-        if d.get("use_sliding_window"):
-            raise UnsupportedModelError(f"{source}: use_sliding_window=true is not supported.")
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise CorruptCheckpointError(f"{source}: missing required field(s) {missing}.")
-        heads = int(d["num_attention_heads"])
-        kv_heads = int(d.get("num_key_value_heads") or heads)
-        hidden = int(d["hidden_size"])
-        head_dim = int(d.get("head_dim") or hidden // heads)
-        if heads % kv_heads:
-            raise CorruptCheckpointError(
-                f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}."
-            )
-        rope_theta, rope_scaling = _rope_fields(d, source)
-        return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", True)),
-            mask_token_id=_int_or_none(d.get("mask_token_id")),
-            eos_token_id=_first_int(d.get("eos_token_id")),
-            pad_token_id=_int_or_none(d.get("pad_token_id")),
-            bos_token_id=_int_or_none(d.get("bos_token_id")),
-            model_type=str(model_type),
+        from lopa.model.family import family_for_model_type
+
+        return family_for_model_type(d.get("model_type"), source).parse(d, source)
+
+
+def dream_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json of a Dream checkpoint of this shape."""
+    d = asdict(cfg)
+    d.pop("extra")
+    d["model_type"] = "Dream"
+    d["architectures"] = ["DreamModel"]
+    d["hidden_act"] = "silu"
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def dream_config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """A Dream / Qwen2 config.json as a ModelConfig."""
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (only 'silu').")
+    if d.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{source}: use_sliding_window=true is not supported.")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise CorruptCheckpointError(f"{source}: missing required field(s) {missing}.")
+    heads = int(d["num_attention_heads"])
+    kv_heads = int(d.get("num_key_value_heads") or heads)
+    hidden = int(d["hidden_size"])
+    head_dim = int(d.get("head_dim") or hidden // heads)
+    if heads % kv_heads:
+        raise CorruptCheckpointError(
+            f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}."
         )
+    rope_theta, rope_scaling = rope_fields(d, source)
+    return ModelConfig(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(d["intermediate_size"]),
+        num_hidden_layers=int(d["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", True)),
+        mask_token_id=int_or_none(d.get("mask_token_id")),
+        eos_token_id=first_int(d.get("eos_token_id")),
+        pad_token_id=int_or_none(d.get("pad_token_id")),
+        bos_token_id=int_or_none(d.get("bos_token_id")),
+        model_type=str(d.get("model_type")),
+    )
 
 
-def _rope_fields(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+def rope_fields(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from either the classic fields or ``rope_parameters``."""
     params = d.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
@@ -127,14 +149,14 @@ def _rope_fields(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] 
     return theta, scaling
 
 
-def _int_or_none(v: Any) -> int | None:
+def int_or_none(v: Any) -> int | None:
     return None if v is None else int(v)
 
 
-def _first_int(v: Any) -> int | None:
+def first_int(v: Any) -> int | None:
     if isinstance(v, list):
         return int(v[0]) if v else None
-    return _int_or_none(v)
+    return int_or_none(v)
 
 
 def read_json(path: Path, required: bool = False) -> dict[str, Any]:

@@ -1,13 +1,16 @@
-"""The Dream model: a Qwen2 backbone run without a causal mask, as a pure forward.
+"""The shared transformer of every model family: a Qwen2/LLaMA block stack run without a causal mask, as a pure
+forward. Dream checkpoints load into it as they are; other families (LLaDA) map their tensor names onto it
+(:mod:`lopa.model.family`), so the fused fast path applies to all of them.
 
 ``forward(ids, positions, cache, valid, logits_idx)`` runs a batch of branch *rows*. Every row sees the
 committed prefix held in ``cache`` (if any) and attends fully inside its own window; keys of padded window
 positions (``valid == False``) are masked out. An optional boolean ``attn_mask`` narrows attention further
 (training uses it for the block-causal layout). Logits are computed only at ``logits_idx``.
 
-Dream's shifted-logits convention: the raw logit at window index ``j`` predicts the token at ``j + 1``.
-:func:`predicting_index` states that once; the engine never sees an unshifted index elsewhere.
-Parameter names are exactly Qwen2's, so a state dict from a Dream or Qwen2 checkpoint loads as is.
+The forward returns raw logits; which token a raw logit predicts is the family's ``logit_shift`` (Dream: the
+logit at window index ``j`` predicts the token at ``j + 1``; LLaDA: at ``j``), applied once, by
+:func:`lopa.model.family.predicting_index` in the runner. Parameter names are exactly Qwen2's, so a state dict from
+a Dream or Qwen2 checkpoint loads as is.
 """
 
 from __future__ import annotations
@@ -19,11 +22,6 @@ from torch import Tensor, nn
 from lopa.cache import StaticKVCache
 from lopa.model.config import ModelConfig
 from lopa.model.layers import MLP, RMSNorm, Rotary, apply_rotary
-
-
-def predicting_index(position: int | Tensor) -> int | Tensor:
-    """Dream's shift: the hidden state at ``position - 1`` predicts the token at ``position``."""
-    return position - 1
 
 
 class Attention(nn.Module):
@@ -84,7 +82,7 @@ class Backbone(nn.Module):
 
 
 class DreamModel(nn.Module):
-    """Bidirectional Qwen2 with an LM head; see the module docstring for the forward contract."""
+    """Bidirectional Qwen2/LLaMA with an LM head, for every family; see the module docstring for the contract."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -1,15 +1,20 @@
-"""Loading and saving Dream-format checkpoint directories.
+"""Loading and saving checkpoint directories of every supported family (:mod:`lopa.model.family`).
 
-Owns the on-disk contract: ``config.json`` (model_type Dream, or Qwen2 field names), ``model.safetensors`` or
+Owns the on-disk contract: ``config.json`` (its ``model_type`` names the family, which parses it),
+``model.safetensors`` or
 shards listed in ``model.safetensors.index.json``, tokenizer files, ``generation_config.json``, and an optional
 peft LoRA adapter merged at load (:mod:`lopa.model.lora`). Weights are read only with safetensors; pickle-based
-``.bin`` / ``.pt`` files are refused. Every problem a user can cause raises a named :mod:`lopa.errors` exception.
+``.bin`` / ``.pt`` files are refused. Tensor names are translated between the family's checkpoint names and
+the shared module names of :class:`~lopa.model.dream.DreamModel` (the one transformer every family runs on);
+errors name tensors as the checkpoint spells them. Every problem a user can cause raises a named
+:mod:`lopa.errors` exception.
 Called by the LLM facade, the CLI, training and the tests.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,9 +26,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lopa.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    DeviceUnavailableError,
     TensorMismatchError,
     UnsafeWeightsError,
 )
@@ -31,6 +38,7 @@ from lopa.model.config import ModelConfig, read_json
 from lopa.model.dream import DreamModel
 from lopa.model.layers import Rotary
 from lopa.model.lora import linear_weight_shapes, plan_lora
+from lopa.model.tp import TPShard, shard_model
 from lopa.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,13 +90,45 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, config_
     return _DTYPES[str(dtype)]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has; DeviceUnavailableError otherwise (before any file is read)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceUnavailableError(f"--device {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise DeviceUnavailableError(
+            "--device meta holds no data, so weights cannot be loaded onto it; use cpu or cuda"
+        )
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise DeviceUnavailableError(
+            f"--device {device!r}: no {dev.type} device is available on this machine (torch {torch.__version__}); "
+            f"use --device cpu"
+        )
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise DeviceUnavailableError(
+            f"--device {device!r}: this machine has {count} {dev.type} device(s), numbered 0..{count - 1}"
+        )
+    return dev
+
+
 def load_checkpoint(
     path: str | Path,
     lora: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    shard: TPShard | None = None,
 ) -> Checkpoint:
-    """Load a checkpoint directory (and merge an optional LoRA adapter) onto ``device`` in ``dtype``."""
+    """Load a checkpoint directory (and merge an optional LoRA adapter) onto ``device`` in ``dtype``.
+
+    With ``shard`` (tensor parallelism, :mod:`lopa.model.tp`) only that rank's slices are read and the model
+    has the rank's local shapes; ``Checkpoint.config`` stays the full model's."""
+    device = resolve_device(device)
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointNotFoundError(
@@ -112,9 +152,8 @@ def load_checkpoint(
                 f"{path}: {field}={getattr(config, field)} is outside the vocabulary (vocab_size="
                 f"{config.vocab_size}); fix {field} in config.json."
             )
-    device = torch.device(device)
     dt = resolve_dtype(dtype, device, raw.get("torch_dtype", raw.get("dtype")))
-    model = _load_model(path, config, device, dt, lora)
+    model = _load_model(path, config, device, dt, lora, shard)
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, generation_config=generation_config)
 
 
@@ -126,7 +165,14 @@ def weight_files(path: Path) -> list[Path]:
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index} has no 'weight_map'; re-save the checkpoint.")
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        root, names = path.resolve(), sorted({str(v) for v in weight_map.values()})
+        outside = [n for n in names if (path / n).resolve().parent != root or not n.endswith(".safetensors")]
+        if outside:
+            raise CorruptCheckpointError(
+                f"{index} names shard(s) {outside} that are not *.safetensors files inside {path}; a shard index "
+                f"may only list files of its own directory."
+            )
+        files = [path / name for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointNotFoundError(
@@ -146,44 +192,64 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def _load_model(
-    path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype, lora: str | Path | None
+    path: Path,
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    lora: str | Path | None,
+    shard: TPShard | None = None,
 ) -> DreamModel:
     # Build on the meta device so no random weights are allocated, then assign the loaded tensors:
     # only one copy of the weights ever exists, already on the target device and dtype.
     with torch.device("meta"):
         model = DreamModel(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict().items()}  # full shapes, checked before any slicing
+    if shard is not None and shard.size > 1:
+        if lora is not None:
+            raise ConfigError("a LoRA adapter cannot be merged into a tensor-parallel shard; merge it first")
+        shard_model(model, shard)  # local shapes: each rank reads only its slices below
+    else:
+        shard = None
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    family = config.family
     # The adapter is validated before any weight is read, and merged into each weight in fp32 before the cast
     # to ``dtype``, so a bf16 model gets one rounding of W + BA, not two.
-    updates = plan_lora(lora, linear_weight_shapes(model), config.tie_word_embeddings) if lora is not None else {}
+    updates = (
+        plan_lora(lora, linear_weight_shapes(model), config.tie_word_embeddings, family.to_shared)
+        if lora is not None
+        else {}
+    )
     state: dict[str, Tensor] = {}
     for file in weight_files(path):
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
+                    name = family.tensor_to_shared(key)
+                    if key.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                         continue
-                    if key not in expected:
+                    if name not in expected:
                         raise TensorMismatchError(
-                            f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a Dream model "
-                            f"with this config.json (wrong architecture, or an unmerged adapter?)."
+                            f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a "
+                            f"{family.name} model with this config.json (wrong architecture, or an unmerged adapter?)."
                         )
-                    t = f.get_tensor(key)
-                    if t.shape != expected[key]:
+                    sl = f.get_slice(key)
+                    shape = torch.Size(sl.get_shape())
+                    if shape != expected[name]:
                         raise TensorMismatchError(
-                            f"{file.name}: tensor {key!r} has shape {tuple(t.shape)} but config.json implies "
-                            f"{tuple(expected[key])}; config.json and the weights disagree."
+                            f"{file.name}: tensor {key!r} has shape {tuple(shape)} but config.json implies "
+                            f"{tuple(expected[name])}; config.json and the weights disagree."
                         )
-                    state[key] = updates[key].merge_into(t.float()).to(dtype) if key in updates else t.to(dtype)
-        except (TensorMismatchError, CheckpointNotFoundError):
+                    t = sl[:] if shard is None else shard.read(name, config, sl)  # a shard reads only its slice
+                    _check_values(file, key, t)
+                    state[name] = updates[name].merge_into(t.float()).to(dtype) if name in updates else t.to(dtype)
+        except CheckpointError:  # already named (mismatch, bad values, missing file)
             raise
         except Exception as e:  # safetensors raises its own error type for a bad header or truncated data
             raise CorruptCheckpointError(
                 f"{file} is not a valid safetensors file ({e}); re-download or re-save it."
             ) from e
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(family.tensor_to_checkpoint(k) for k in set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise TensorMismatchError(
@@ -202,6 +268,20 @@ def _load_model(
     return model.eval()
 
 
+def _check_values(file: Path, key: str, t: Tensor) -> None:
+    """Weights must be floating point and finite: an integer or NaN tensor would decode garbage silently."""
+    if not t.is_floating_point():
+        raise TensorMismatchError(
+            f"{file.name}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; model weights must be "
+            f"float32, bfloat16 or float16. The file was not written by a model's save."
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise CorruptCheckpointError(
+            f"{file.name}: tensor {key!r} holds NaN or inf values; the weights are corrupt (re-download them, or "
+            f"restore a checkpoint saved before training diverged)."
+        )
+
+
 def save_checkpoint(
     model: DreamModel,
     out_dir: str | Path,
@@ -209,7 +289,10 @@ def save_checkpoint(
     generation_config: dict | None = None,
     max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write ``model`` as a Dream checkpoint directory that :func:`load_checkpoint` (and transformers) can read."""
+    """Write ``model`` as a checkpoint directory of its family that :func:`load_checkpoint` can read.
+
+    Tensor names and config.json are the family's own (a Dream checkpoint is also readable by transformers).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -224,16 +307,19 @@ def save_checkpoint(
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the HF convention: a tied head is not stored
+    state = {cfg.family.tensor_to_checkpoint(k): v for k, v in state.items()}
     for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:
         stale.unlink(missing_ok=True)
     shards = _shard(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        _readable(out / "model.safetensors")
     else:
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(out / name), metadata={"format": "pt"})
+            _readable(out / name)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -244,6 +330,13 @@ def save_checkpoint(
             if src.is_file():
                 shutil.copyfile(src, out / name)
     return out
+
+
+def _readable(file: Path) -> None:
+    """Give a weight file the mode any other file gets (0644 under umask 022); safetensors writes it 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
 
 
 def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:

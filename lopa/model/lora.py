@@ -5,7 +5,9 @@ the base weights and merges each update as its weight streams in (before the dty
 the same for an already-loaded model. An adapter directory holds
 ``adapter_config.json`` (r, lora_alpha, target_modules, use_rslora, fan_in_fan_out, optional rank/alpha patterns)
 and ``adapter_model.safetensors`` with keys such as
-``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. The merge is ``W += scale * B @ A``, done in
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. Module names are the checkpoint family's own
+(``model.transformer.blocks.0.q_proj`` for LLaDA) and ``target_modules`` is matched against them, as peft does;
+the family's name table maps them onto the shared modules. The merge is ``W += scale * B @ A``, done in
 fp32 and cast back, so the merged model costs nothing extra at decode time. Pickled adapters are refused.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,11 +84,18 @@ class LoraUpdate:
         return (w.float() + self.delta(w.device)).to(w.dtype)
 
 
-def plan_lora(path: str | Path, weight_shapes: dict[str, torch.Size], tied_head: bool = False) -> dict[str, LoraUpdate]:
+def plan_lora(
+    path: str | Path,
+    weight_shapes: dict[str, torch.Size],
+    tied_head: bool = False,
+    to_shared: Callable[[str], str | None] | None = None,
+) -> dict[str, LoraUpdate]:
     """Read and validate an adapter against the base's linear weights, before anything is merged.
 
     ``weight_shapes`` maps each linear module name (``model.layers.0.self_attn.q_proj``) to its weight shape.
-    Returns the update per weight name (``...q_proj.weight``). Raises AdapterError naming the first bad tensor.
+    ``to_shared`` maps the adapter's module names (the checkpoint family's) onto those names; identity if None.
+    Returns the update per shared weight name (``...q_proj.weight``). Raises AdapterError naming the first bad
+    tensor as the adapter spells it.
     """
     cfg, tensors = read_adapter(path)
     pairs: dict[str, dict[str, Tensor]] = {}
@@ -102,14 +112,15 @@ def plan_lora(path: str | Path, weight_shapes: dict[str, torch.Size], tied_head:
     for name, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"adapter module {name!r} has lora_{next(iter(ab))} but not its partner; re-save it.")
-        if name not in weight_shapes:
+        shared = to_shared(name) if to_shared is not None else name
+        if shared not in weight_shapes:
             raise AdapterError(
                 f"adapter tensor {name}.lora_A.weight targets {name!r}, which is not a linear layer of this model; "
                 f"is this an adapter for another base?"
             )
-        if targets is not None and not _targeted(name, targets):
+        if targets is not None and not is_targeted(name, targets):
             raise AdapterError(f"adapter module {name!r} is not in target_modules={targets!r}; the adapter is broken.")
-        if tied_head and name == "lm_head":
+        if tied_head and shared == "lm_head":
             raise AdapterError(
                 "the adapter changes lm_head, but this model ties lm_head to the embeddings; unsupported."
             )
@@ -117,12 +128,23 @@ def plan_lora(path: str | Path, weight_shapes: dict[str, torch.Size], tied_head:
         fan = bool(cfg.get("fan_in_fan_out"))
         fits = a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1]
         shape = (a.shape[1], b.shape[0]) if fan else (b.shape[0], a.shape[1])
-        if not fits or tuple(weight_shapes[name]) != shape:
+        if not fits or tuple(weight_shapes[shared]) != shape:
             raise AdapterError(
                 f"adapter tensors {name}.lora_A/B have shapes {tuple(a.shape)} / {tuple(b.shape)}, which do not fit "
-                f"the model's {name}.weight {tuple(weight_shapes[name])}; is this an adapter for another base?"
+                f"the model's {name}.weight {tuple(weight_shapes[shared])}; is this an adapter for another base?"
             )
-        plan[f"{name}.weight"] = LoraUpdate(a, b, _scale(cfg, name, a.shape[0]), fan)
+        declared = _pattern(cfg.get("rank_pattern"), name, cfg.get("r"))
+        if declared is not None and declared != a.shape[0]:
+            raise AdapterError(
+                f"adapter_config.json declares r={declared!r} for {name!r}, but its lora_A/B tensors have rank "
+                f"{a.shape[0]}; peft would scale the update by lora_alpha/{declared!r}: re-save the adapter."
+            )
+        for part, t in (("A", a), ("B", b)):
+            if not t.is_floating_point():
+                raise AdapterError(f"adapter tensor {name}.lora_{part}.weight has dtype {t.dtype}, not a float type.")
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"adapter tensor {name}.lora_{part}.weight holds NaN or inf values; re-train it.")
+        plan[f"{shared}.weight"] = LoraUpdate(a, b, _scale(cfg, name, a.shape[0]), fan)
     return plan
 
 
@@ -136,8 +158,10 @@ def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
 
     The whole adapter is validated first, so a bad adapter never leaves a half-merged model.
     """
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    plan = plan_lora(path, linear_weight_shapes(model), tied_head=tied)
+    config = getattr(model, "config", None)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    to_shared = config.family.to_shared if config is not None else None
+    plan = plan_lora(path, linear_weight_shapes(model), tied_head=tied, to_shared=to_shared)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, update in plan.items():
@@ -145,7 +169,7 @@ def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
     return sorted(plan)
 
 
-def _targeted(name: str, targets: str | list[str]) -> bool:
+def is_targeted(name: str, targets: str | list[str]) -> bool:
     """peft's rule: a regex string must match the full name; a list entry must equal the name or its suffix."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None or targets == "all-linear"

@@ -5,7 +5,8 @@ itself: each request becomes a :class:`~lopa.server.worker.Job` run by the engin
 the route awaits the job's items, so the event loop stays free during forwards. A client that disconnects
 sets the job's cancel flag (a watcher task before the response starts; Starlette's disconnect listener, which
 cancels the SSE generator, afterwards). Errors are raised as exceptions and answered by ``handlers.py``;
-the body size limit is ``middleware.py``; response and chunk bodies are built by ``sse.py``.
+the body size limit is ``middleware.py``; response and chunk bodies are built by ``sse.py``; the trace stream and
+the page at ``/`` are ``trace.py``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from lopa import DecodeConfig, __version__
 from lopa.errors import ConfigError
 from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError, add_error_handlers
-from lopa.server.middleware import BodyLimitMiddleware
+from lopa.server.limits import ServerLimits, cache_rows, check_request, kv_cache_bytes
+from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware
+from lopa.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, MODEL_RESPONSES, install_openapi
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatCompletionRequest, CompletionRequest, sum_usage
+from lopa.server.trace import add_trace_routes
 from lopa.server.worker import Closed, Delta, EngineWorker, Failed, Finished, Job
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ def create_app(
     queue_limit: int = 64,
     max_body_bytes: int = 1 << 20,
     served_model_name: str | None = None,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """An ASGI app serving ``llm``; the engine worker thread runs for the app's lifespan."""
     if not isinstance(queue_limit, int) or queue_limit < 1:
@@ -48,6 +53,9 @@ def create_app(
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
         raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
     default = (default_config or DecodeConfig()).validate()
+    limits = (limits or ServerLimits()).validate()
+    # a cache larger than a request at the server's defaults needs is freed after the request that grew it
+    llm.max_idle_cache_bytes = kv_cache_bytes(llm, max(1, cache_rows(default)), llm.max_context)
     model_name = served_model_name or llm.model_name
     worker = EngineWorker(llm, queue_limit)
     created = int(time.time())
@@ -62,8 +70,11 @@ def create_app(
 
     app = FastAPI(title="lopa", version=__version__, lifespan=lifespan)
     app.state.worker = worker
+    app.add_middleware(InternalErrorMiddleware)  # innermost of the two: sees the routes' unhandled errors
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     add_error_handlers(app)
+    add_trace_routes(app, worker, default, llm, model_name, limits)  # the live view: GET /, POST /v1/trace (trace.py)
+    install_openapi(app, limits.max_branches, llm.max_context)
 
     def model_card() -> dict[str, Any]:
         return {
@@ -74,13 +85,14 @@ def create_app(
             "max_model_len": llm.max_context,
         }
 
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_RESPONSES)
     async def health() -> JSONResponse:
         body = {
             "status": "ok" if worker.alive else "engine worker stopped",
             "running": worker.running,
             "waiting": worker.waiting,
             "completed": worker.completed,
+            "failed": worker.failed,
             "cancelled": worker.cancelled,
             "queue_limit": worker.queue_limit,
         }
@@ -90,20 +102,20 @@ def create_app(
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", responses=MODEL_RESPONSES)
     async def get_model(name: str) -> dict[str, Any]:
         if name != model_name:
             raise ModelNotFoundError(name, model_name)
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prompts = body.prompts()
         if body.stream and len(prompts) > 1:
             raise ConfigError("streaming takes one prompt per request; send the prompts as separate requests")
         return await _serve(request, body, prompts, raw=True, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         messages = [m.as_template_message() for m in body.messages]
         return await _serve(request, body, [messages], raw=False, chat=True)
@@ -112,6 +124,9 @@ def create_app(
         if body.model is not None and body.model != model_name:
             raise ModelNotFoundError(body.model, model_name)
         config, max_tokens = decode_config_for(body, default, llm.max_context)
+        # tokenized off the event loop; a bad prompt (mask token, ids outside the vocabulary) is a 400 here
+        counts = await asyncio.to_thread(lambda: [llm.count_prompt_tokens(p, raw) for p in prompts])
+        check_request(config, max(counts), llm, limits)
         job = Job(prompts, config, raw, max_tokens, body.stream, asyncio.get_running_loop())
         worker.submit(job)
         watcher = asyncio.create_task(_watch_disconnect(request, job))

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import argparse
 
-from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args
+from lopa.cli import (
+    add_decode_arguments,
+    add_model_arguments,
+    add_threads_argument,
+    apply_threads,
+    decode_config_from_args,
+)
+from lopa.dist.launch import add_dist_arguments, add_tp_argument
 from lopa.errors import ConfigError
+from lopa.server.limits import ServerLimits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_threads_argument(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 = all)")
     group.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -26,8 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-body-bytes", type=int, default=1 << 20, help="largest request body; more gets 413 (default: 1 MiB)"
     )
     group.add_argument(
+        "--max-branches",
+        type=int,
+        default=ServerLimits.max_branches,
+        help=f"largest lopa.branches a request may ask for; more gets 400 (default: {ServerLimits.max_branches})",
+    )
+    group.add_argument(
+        "--max-kv-cache-mb",
+        type=int,
+        default=ServerLimits.max_kv_cache_mb,
+        help="largest KV cache one request may need (branch rows x (prompt + max_new_tokens) positions), in MiB; "
+        f"more gets 400 (default: {ServerLimits.max_kv_cache_mb})",
+    )
+    group.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log"
     )
+    dist = parser.add_argument_group("mesh (tensor / branch parallelism, one sequence at a time)")
+    dist.add_argument("--bp", type=int, default=1, metavar="M", help="branch groups (default: 1)")
+    add_tp_argument(dist)
+    add_dist_arguments(dist)
     add_decode_arguments(parser)
 
 
@@ -42,16 +68,27 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     config = decode_config_from_args(args)
-    llm = load_llm(args)
+    apply_threads(args)
+    if args.tp > 1 or args.bp > 1:  # this process becomes rank 0 of a mesh; the other ranks start here
+        from lopa.dist.serving import start_serving_mesh
+
+        llm = start_serving_mesh(
+            args.model, tp=args.tp, bp=args.bp, lora=args.lora, device=args.device, dtype=args.dtype,
+            timeout_s=args.dist_timeout, port=args.dist_port,
+        )  # fmt: skip
+    else:
+        llm = load_llm(args)
     app = create_app(
         llm,
         default_config=config,
         queue_limit=args.queue_limit,
         max_body_bytes=args.max_body_bytes,
         served_model_name=args.served_model_name,
+        limits=ServerLimits(args.max_branches, args.max_kv_cache_mb),
     )
-    print(f"serving {args.served_model_name or llm.model_name} on http://{args.host}:{args.port}/v1 ({config.decoder})")
-    if llm.can_batch:
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {args.served_model_name or llm.model_name} on {url}/v1 ({config.decoder}); live view: {url}/")
+    if getattr(llm, "can_batch", False):  # a tensor- or branch-parallel mesh decodes one sequence at a time
         mib = llm.kv_pool_bytes() / 2**20
         print(
             f"batching up to {llm.max_num_seqs} sequences; "

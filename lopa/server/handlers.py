@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from lopa.errors import DistributedError, LopaError, PromptTooLongError
+from lopa.errors import DistributedError, LimitExceededError, LopaError, MaskTokenInPromptError, PromptTooLongError
 from lopa.server.protocol import error_body
 from lopa.server.worker import QueueFullError
 
@@ -85,7 +85,8 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         where = f"{request.method} {request.url.path}"
         message = {
-            404: f"no such route: {where}; routes: /v1/models, /v1/completions, /v1/chat/completions, /health",
+            404: f"no such route: {where}; routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/trace, "
+            "/health, / (the live view)",
             405: f"method not allowed: {where}",
         }.get(exc.status_code, f"{exc.detail} ({where})")
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -104,7 +105,13 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _lopa(_: Request, exc: LopaError) -> JSONResponse:
         if isinstance(exc, DistributedError):  # the engine's fault, not the client's
             return error_response(500, str(exc), type_="server_error", code="engine_error")
-        code = "context_length_exceeded" if isinstance(exc, PromptTooLongError) else "invalid_parameter"
+        code = "invalid_parameter"
+        if isinstance(exc, PromptTooLongError):
+            code = "context_length_exceeded"
+        elif isinstance(exc, MaskTokenInPromptError):
+            code = "mask_token_in_prompt"
+        elif isinstance(exc, LimitExceededError):
+            code = "limit_exceeded"
         return error_response(400, str(exc), type_="invalid_request_error", code=code)
 
     @app.exception_handler(Exception)

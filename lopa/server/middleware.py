@@ -1,17 +1,52 @@
-"""Request body size limit, as a pure ASGI middleware (installed by ``create_app``).
+"""Request body size limit and the last-resort 500, as pure ASGI middlewares (installed by ``create_app``).
 
 The body is read here, before any route parses it, and counted as it arrives, so a client cannot make the
 server buffer more than ``max_bytes`` whether it sends ``Content-Length`` or chunked data. Over the limit the
 answer is 413 with OpenAI's error body; otherwise the buffered body is replayed to the app and later
 ``receive`` calls (disconnect detection) go to the server as usual.
+
+:class:`InternalErrorMiddleware` answers an unhandled exception (a bug) with OpenAI's 500 body itself. Left to
+Starlette, the 500 is sent and the exception re-raised to uvicorn, which then closes the connection: a client's
+next request on that keep-alive connection would be reset. Here the exception ends with the response.
 """
 
 from __future__ import annotations
+
+import logging
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lopa.server.protocol import error_body
+
+log = logging.getLogger("lopa.server")
+
+
+class InternalErrorMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:  # half a response is out: only closing the connection can tell the client
+                raise
+            log.exception("request failed")
+            message = f"internal error ({type(exc).__name__}); see the server log"
+            body = error_body(message, type_="server_error", code="internal_error")
+            await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -20,7 +20,7 @@ def decode_config_for(req: BaseRequest, default: DecodeConfig, max_context: int)
     """(config, max_tokens cut or None) for one request; raises ConfigError when anything is off."""
     overrides: dict[str, Any] = dict(req.lopa or {})
     if overrides.get("trace"):
-        raise ConfigError("lopa.trace is not returned over HTTP; use `lopa generate --trace` to see a decoding trace")
+        raise ConfigError("lopa.trace is not part of the completions API; stream a decoding trace from POST /v1/trace")
     if req.max_tokens is not None and "max_new_tokens" in overrides:
         raise ConfigError("give either 'max_tokens' or 'lopa.max_new_tokens', not both")
     merged = default.to_dict()

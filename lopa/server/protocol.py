@@ -11,11 +11,22 @@ beside OpenAI's token counts.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    model_validator,
+)
 
 # value each unsupported field may take (its neutral value); any other value is a 400
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -41,6 +52,45 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _neutral(name: str) -> Any:
+    """An unsupported field (checked by ``_reject_unsupported``); its schema lists the only values accepted."""
+    by_type: dict[str, list[Any]] = {}
+    for v in _NEUTRAL[name]:
+        if v is not None:
+            v = int(v) if isinstance(v, float) and v.is_integer() else v
+            kind = _JSON_TYPES[type(v)]
+            if all(json.dumps(v) != json.dumps(seen) for seen in by_type.get(kind, [])):
+                by_type.setdefault(kind, []).append(v)
+    options = [{"type": kind, "enum": values} for kind, values in by_type.items()]
+    return Annotated[Any, WithJsonSchema({"anyOf": [*options, {"type": "null"}]})]
+
+
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", dict: "object", list: "array"}
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """JSON equality: 0 == 0.0, but false is not 0 (Python's ``==`` would say it is)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return type(value) is type(neutral) and value == neutral
+    return value == neutral
+
+
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        _TEXT,
+        _IDS,
+        {"type": "array", "items": _TEXT, "minItems": 1},
+        {"type": "array", "items": _IDS, "minItems": 1},
+    ],
+    "description": "a non-empty text, a non-empty list of token ids, or a non-empty list of either",
+}
+
+
+_STOP_SCHEMA = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "maxItems": 16}, {"type": "null"}]}
+
+
 class InvalidFieldError(ValueError):
     """A field has a value this server does not implement or accept (raised inside validation)."""
 
@@ -60,7 +110,7 @@ class BaseRequest(BaseModel):
     temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
     top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
     seed: StrictInt | None = Field(default=None, ge=0)
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Annotated[StrictStr | list[StrictStr] | None, WithJsonSchema(_STOP_SCHEMA)] = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
@@ -68,16 +118,16 @@ class BaseRequest(BaseModel):
     lopa: dict[str, Any] | None = None
 
     # unsupported OpenAI fields: typed loosely so the check below can name them in its message
-    n: Any = None
-    logprobs: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
+    n: _neutral("n") = None
+    logprobs: _neutral("logprobs") = None
+    logit_bias: _neutral("logit_bias") = None
+    presence_penalty: _neutral("presence_penalty") = None
+    frequency_penalty: _neutral("frequency_penalty") = None
 
     @model_validator(mode="after")
     def _reject_unsupported(self) -> BaseRequest:
         for name in type(self).model_fields:
-            if name in _NEUTRAL and getattr(self, name) not in _NEUTRAL[name]:
+            if name in _NEUTRAL and not any(_same(getattr(self, name), v) for v in _NEUTRAL[name]):
                 raise InvalidFieldError(
                     f"'{name}' = {getattr(self, name)!r} is not supported by lopa; leave it out of the request"
                 )
@@ -96,10 +146,12 @@ class BaseRequest(BaseModel):
 class CompletionRequest(BaseRequest):
     """``POST /v1/completions``: a raw prompt (text or token ids, or a list of them) is continued."""
 
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    best_of: Any = None
-    echo: Any = None
-    suffix: Any = None
+    prompt: Annotated[
+        StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]], WithJsonSchema(_PROMPT_SCHEMA)
+    ]
+    best_of: _neutral("best_of") = None
+    echo: _neutral("echo") = None
+    suffix: _neutral("suffix") = None
 
     @model_validator(mode="after")
     def _check_prompt(self) -> CompletionRequest:
@@ -143,17 +195,17 @@ class ChatCompletionRequest(BaseRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
+    top_logprobs: _neutral("top_logprobs") = None
+    tools: _neutral("tools") = None
+    tool_choice: _neutral("tool_choice") = None
+    functions: _neutral("functions") = None
+    function_call: _neutral("function_call") = None
+    parallel_tool_calls: _neutral("parallel_tool_calls") = None
+    response_format: _neutral("response_format") = None
+    audio: _neutral("audio") = None
+    modalities: _neutral("modalities") = None
+    prediction: _neutral("prediction") = None
+    reasoning_effort: _neutral("reasoning_effort") = None
     metadata: dict[str, StrictStr] | None = None
     store: StrictBool | None = None
 

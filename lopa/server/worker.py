@@ -57,6 +57,14 @@ class Delta:
 
 
 @dataclass
+class Trace:
+    """Trace steps recorded since the previous item (only for jobs whose config has ``trace`` on)."""
+
+    index: int
+    steps: list[Any]  # lopa.outputs.TraceStep, one per forward
+
+
+@dataclass
 class Finished:
     index: int
     text: str  # the whole output of this prompt (after the max_tokens cut)
@@ -161,7 +169,8 @@ class EngineWorker:
         self._lock = threading.Lock()
         self._waiting = 0
         self._mean_seconds = 1.0  # running mean of job durations, for Retry-After
-        self.completed = 0  # jobs that ran to the end (or failed on the way)
+        self.completed = 0  # jobs that ran to the end
+        self.failed = 0  # jobs that ended with an error (the client's, 4xx, or a bug, 5xx)
         self.cancelled = 0  # jobs dropped or stopped early because their client went away
         self._active: dict[int, _Active] = {}  # session sequence id -> its job (worker thread only)
         self._running = 0  # jobs admitted and not yet closed (read by /health from the event loop)
@@ -243,7 +252,7 @@ class EngineWorker:
                 log.exception("generation failed")
                 for active in {id(a.job): a for a in self._active.values()}.values():
                     active.job.push(Failed(e))
-                    self._close(session, active)
+                    self._close(session, active, failed=True)
                 continue
             for rid, event in events:
                 active = self._active.get(rid)
@@ -265,7 +274,7 @@ class EngineWorker:
                 self._active[rid] = active
         except LopaError as e:  # this request's fault (a prompt too long, ...): only it fails
             job.push(Failed(e))
-            self._close(session, active)
+            self._close(session, active, failed=True)
 
     def _deliver(self, session: Any, active: _Active, rid: int, event: Any) -> None:
         """One sequence's event of this iteration, routed to its job."""
@@ -274,7 +283,7 @@ class EngineWorker:
             if not isinstance(event, LopaError):
                 log.error("generation failed", exc_info=event)
             job.push(Failed(event))
-            self._close(session, active)
+            self._close(session, active, failed=True)
             return
         if not active.started:
             active.started = True
@@ -283,6 +292,8 @@ class EngineWorker:
         delta = cutter.feed(event.text, list(event.token_ids))
         if job.stream and delta:
             job.push(Delta(active.prompts[rid], delta))
+        if event.trace:  # the live trace stream (server/trace.py); empty unless config.trace
+            job.push(Trace(active.prompts[rid], list(event.trace)))
         completion = event.completion
         if completion is None:
             return
@@ -298,7 +309,7 @@ class EngineWorker:
         if not active.prompts:
             self._close(session, active)
 
-    def _close(self, session: Any, active: _Active, cancelled: bool = False) -> None:
+    def _close(self, session: Any, active: _Active, cancelled: bool = False, failed: bool = False) -> None:
         """Drop the job's remaining sequences (their slots are free for the next iteration) and close it."""
         for rid in list(active.prompts):
             session.cancel(rid)
@@ -307,6 +318,8 @@ class EngineWorker:
         self._running -= 1
         if cancelled:
             self.cancelled += 1
+        elif failed:
+            self.failed += 1
         else:
             self.completed += 1
         self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - active.start)

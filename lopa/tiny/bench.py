@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from lopa.errors import ConfigError
     from lopa.tiny.task import fixed_set
 
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1 (problems per decoder), got {args.n}")
     torch.set_num_threads(max(1, args.threads))
     llm = load_llm(args)
     gen = llm.checkpoint.generation_config
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": dtype,
         "block_size": block,
         "max_new_tokens": max_new,
+        "bp": args.bp,  # branch-parallel ranks (0: one process)
     }
     if not args.json_only:
         print(format_table(rows, header))

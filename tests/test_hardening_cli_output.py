@@ -1,0 +1,98 @@
+"""What the commands print and write: results as they finish, a readable trace, threads, eval notes, file modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from lopa import LLM
+from lopa.cli import build_parser, main
+from lopa.model.loader import save_checkpoint
+
+SMALL = ["--block-size", "8", "--max-new-tokens", "16"]
+
+
+def test_generate_prints_each_prompt_as_it_finishes(tiny_ckpt, monkeypatch, capsys) -> None:
+    import lopa.generate_cli as generate_cli
+
+    calls, seen = [], []
+    real_generate, real_emit = LLM.generate, generate_cli.emit
+
+    def generate(self, prompts, *a, **kw):
+        calls.append(prompts)
+        return real_generate(self, prompts, *a, **kw)
+
+    def emit(*a, **kw):
+        seen.append(len(calls))  # how many prompts had been decoded when this result was printed
+        return real_emit(*a, **kw)
+
+    monkeypatch.setattr(LLM, "generate", generate)
+    monkeypatch.setattr(generate_cli, "emit", emit)
+    assert main(["generate", "--model", str(tiny_ckpt), *SMALL, "--json", "one", "two", "three"]) == 0
+    assert seen == [1, 2, 3]
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_generate_checks_every_prompt_before_decoding(tiny_ckpt, capsys) -> None:
+    assert main(["generate", "--model", str(tiny_ckpt), *SMALL, "--raw", "fine", "a <|mask|> b"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "mask token" in captured.err
+
+
+def test_trace_without_json_is_printed_readably(tiny_ckpt, capsys) -> None:
+    argv = ["generate", "--model", str(tiny_ckpt), *SMALL, "--decoder", "lopa", "--branches", "2", "--trace", "hi"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "trace (score per candidate, * = winner):" in err
+    lines = [line for line in err.splitlines() if line.strip().startswith("iter")]
+    assert lines and all("*" in line and "filled" in line for line in lines)
+    assert "lookahead@" in err
+
+
+def test_threads_flag_sets_torch_threads(tiny_ckpt) -> None:
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(tiny_ckpt), *SMALL, "--threads", "1", "hi"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["generate", "--model", str(tiny_ckpt), "--threads", "0", "hi"]) == 2
+    finally:
+        torch.set_num_threads(before)
+    args = build_parser(["serve"]).parse_args(["serve", "--threads", "3"])
+    assert args.threads == 3
+
+
+def test_eval_console_shows_prompts_that_were_too_long(tiny_ckpt, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_ckpt), "--task", "tiny", "--limit", "2", "--no-progress"]
+    assert main([*argv, "--block-size", "8", "--max-new-tokens", "2048", "--out", str(out)]) == 0
+    console = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompt_too_long"] == 2
+    assert "prompt_too_long 2/2" in console
+
+
+def test_saved_weights_are_readable_by_others(tiny_checkpoint, tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        single = save_checkpoint(tiny_checkpoint.model, tmp_path / "one")
+        sharded = save_checkpoint(tiny_checkpoint.model, tmp_path / "two", max_shard_bytes=200_000)
+    finally:
+        os.umask(old)
+    files = [*single.glob("*.safetensors"), *sharded.glob("*.safetensors")]
+    assert len(files) > 2
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+@pytest.mark.parametrize("umask", [0o077])
+def test_weight_mode_follows_the_umask(tiny_checkpoint, tmp_path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        out = save_checkpoint(tiny_checkpoint.model, tmp_path / "private")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o600
