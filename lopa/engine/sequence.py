@@ -110,7 +110,7 @@ class BlockSequence:
         self.trace: list[TraceStep] | None = [] if cfg.trace else None
         self.branches = [Branch(GenState.from_prompt(prompt, mask_id), "anchor")]
         self.final: Step | None = None
-        self.t0 = time.perf_counter()  # trace times count from here
+        self.t0 = 0.0  # trace times count from the first plan (a batch may admit the sequence later)
 
     @property
     def anchor(self) -> GenState:
@@ -119,6 +119,8 @@ class BlockSequence:
     def plan(self) -> Plan | None:
         if self.final is not None:
             return None
+        if not self.stats.forwards:
+            self.t0 = time.perf_counter()
         for b in self.branches:
             self.decoder.prepare(b.state)
         anchor = self.anchor
@@ -171,7 +173,7 @@ class VanillaSequence:
         self.stats = Stats(prompt_tokens=len(prompt))
         self.trace: list[TraceStep] | None = [] if cfg.trace else None
         self.final: Step | None = None
-        self.t0 = time.perf_counter()  # trace times count from here
+        self.t0 = 0.0  # trace times count from the first plan (a batch may admit the sequence later)
 
     @property
     def anchor(self) -> GenState:
@@ -180,6 +182,8 @@ class VanillaSequence:
     def plan(self) -> Plan | None:
         if self.final is not None:
             return None
+        if not self.stats.forwards:
+            self.t0 = time.perf_counter()
         state = self.state
         masked = state.masked_positions(state.prompt_len)
         if not masked.numel() or self.stats.forwards >= iteration_cap(self.cfg):
