@@ -10,7 +10,11 @@ Times, on random weights of a chosen model shape (nothing is downloaded), for ev
 - ``yardstick``: the minimal forward of ``bench/gpu_floor.py`` (static KV, fused qkv / gate-up, SDPA), captured
   in a CUDA graph on CUDA, eager on CPU, run in-process for the same shape;
 
-and the floor: weight bytes / device copy bandwidth (read + write) measured in the same run. Prints a table,
+and the floor: weight bytes / device copy bandwidth (read + write) measured in the same run. The batch axis
+(``--seqs``, default 1 4 16) times ONE batched verification of that many sequences, each with k + 1 branches
+(``--batch-branches``, default k = 4) of ``--batch-window`` tokens (default 32) over its own ``--cache``-token
+prefix: lopa's FastBatchRunner (CUDA-graph replay per (rows, window, prefix) bucket on CUDA) and the eager
+BatchRunner, so GPU throughput with continuous batching can be projected. Prints a table,
 a tokens/s projection at the paper's TPF values, then one JSON line. ``--floor-script bench/gpu_floor.py``
 also runs the verbatim yardstick script in a subprocess (CUDA, 7B shape) and adds its rows to the JSON.
 
@@ -34,8 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from lopa.decoding.confidence import Sampler
+from lopa.engine.batch import BatchRunner, _stack
 from lopa.engine.fast import FastRunner
-from lopa.engine.runner import Candidate, Runner
+from lopa.engine.fast_batch import FastBatchRunner
+from lopa.engine.runner import Candidate, Runner, build_batch
+from lopa.engine.sequence import Plan
 from lopa.model.config import ModelConfig
 from lopa.model.dream import DreamModel
 
@@ -137,6 +144,27 @@ def time_runner(runner: Runner, cfg: ModelConfig, grid: list[tuple[int, int]], c
             clock(lambda: runner.raw_logits(cache, 0, cands)),  # noqa: B023 (timed before the loop moves on)
             clock(lambda: runner.verify(cache, 0, cands, sampler, 0)),  # noqa: B023
         )
+    return out
+
+
+def time_batched(runner: BatchRunner, cfg: ModelConfig, seqs: list[int], k: int, w: int, cache: int, clock) -> dict:
+    """ms of one batched forward and of a whole batched verify, per number of sequences (k + 1 rows each)."""
+    sampler, out = Sampler(cfg.mask_token_id), {}
+    for s in seqs:
+        slots = [runner.alloc() for _ in range(s)]
+        for slot in slots:
+            runner.pool.committed[slot] = cache  # the prefix's values do not change the cost
+        items = [(slot, Plan(cache, 0, candidates(cfg, k + 1, w, cache), 0), sampler) for slot in slots]
+        batches = [build_batch(cache, 0, p.cands, runner.pad_id, runner.shift) for _, p, _ in items]
+        ids, positions, valid, idx = _stack(batches, 0)
+        row_slot = torch.tensor([slot for slot in slots for _ in range(k + 1)])  # (rows,)
+        prefix = torch.full_like(row_slot, cache)  # (rows,)
+        out[s] = (
+            clock(lambda: runner._forward(ids, positions, valid, idx, row_slot, prefix)),  # noqa: B023
+            clock(lambda: runner.verify(items)),  # noqa: B023
+        )
+        for slot in slots:
+            runner.release(slot)
     return out
 
 
@@ -246,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--branches", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--windows", type=int, nargs="+", default=[32, 64])
     p.add_argument("--cache", type=int, default=512, help="cached prefix tokens")
+    p.add_argument("--seqs", type=int, nargs="+", default=[1, 4, 16], help="batch axis: sequences per forward")
+    p.add_argument("--batch-branches", type=int, default=4, help="batch axis: lookahead branches k per sequence")
+    p.add_argument("--batch-window", type=int, default=32, help="batch axis: window tokens per branch")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=None, help="default: 20 on CUDA, 3 on CPU")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers forward")
@@ -268,9 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     floor_ms = weight_bytes / bandwidth * 1e3
     eager = time_runner(Runner(model, torch.device(a.device)), cfg, grid, a.cache, clock)
+    k, bw, pool_len = a.batch_branches, a.batch_window, a.cache + a.batch_window + 256
+    eager_batch = time_batched(
+        BatchRunner(model, max(a.seqs), pool_len, torch.device(a.device)), cfg, a.seqs, k, bw, a.cache, clock
+    )
     fast_runner = FastRunner(model, torch.device(a.device))  # fuses the same weights in place
     fast = time_runner(fast_runner, cfg, grid, a.cache, clock)
-    del model, fast_runner
+    fast_batch = FastBatchRunner(model, max(a.seqs), pool_len, torch.device(a.device))
+    batched = time_batched(fast_batch, cfg, a.seqs, k, bw, a.cache, clock)
+    del model, fast_runner, fast_batch
     hf = {} if a.no_hf else time_hf(cfg, grid, a.cache, a.device, dtype, clock, a.family)
     yard = time_yardstick(cfg, grid, a.cache, a.device, dtype, clock)
 
@@ -299,12 +336,26 @@ def main(argv: list[str] | None = None) -> int:
     print("branches x window | " + " | ".join(PAPER_TPF))
     for key, vals in projection.items():
         print(f"{key} | " + " | ".join(str(x) for x in vals.values()))
+    batch_rows = []
+    for n in a.seqs:
+        f, v = batched[n]
+        r = dict(seqs=n, rows=n * (k + 1), window=bw, fast_ms=f, fast_score_ms=v, eager_ms=eager_batch[n][0])
+        r.update(ms_per_seq=v / n, vs_one_seq=v / batched[a.seqs[0]][1] if a.seqs else None)
+        batch_rows.append({key: round(x, 3) if isinstance(x, float) else x for key, x in r.items()})
+    print(f"# BATCH AXIS: ONE verification of seqs x (k + 1 = {k + 1}) branch rows x {bw} tokens, each sequence over")
+    print(f"# its own {a.cache}-token prefix (FastBatchRunner; eager = BatchRunner); ms_per_seq = fast+score / seqs")
+    bcols = ["seqs", "rows", "window", "fast_ms", "fast_score_ms", "eager_ms", "ms_per_seq", "vs_one_seq"]
+    print(" | ".join(bcols))
+    for r in batch_rows:
+        print(" | ".join(str(r[c]) for c in bcols))
     summary = dict(
         bench="gpu_step", device=name, family=a.family, shape=shape, dtype=str(dtype)[6:], cache=a.cache,
         graphs=dev == "cuda",
     )  # fmt: skip
     summary.update(weight_bytes=weight_bytes, copy_bandwidth_gbs=round(bandwidth / 1e9, 1), floor_ms=round(floor_ms, 3))
-    summary.update(rows=rows, projection_tok_s=projection, paper_tpf=PAPER_TPF, floor_script_rows=ref)
+    summary.update(
+        rows=rows, batch_rows=batch_rows, projection_tok_s=projection, paper_tpf=PAPER_TPF, floor_script_rows=ref
+    )
     print(json.dumps(summary))
     return 0
 

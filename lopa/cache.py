@@ -92,3 +92,73 @@ class StaticKVCache:
     def memory_bytes(self) -> int:
         """Bytes held by the K and V buffers."""
         return 2 * self.k.numel() * self.k.element_size()
+
+
+class KVPool:
+    """Committed K/V of up to ``slots`` sequences decoded together, one slot per sequence.
+
+    Layout per layer: ``(slots, kv_heads, max_len, head_dim)``, keys after RoPE. A slot holds only its
+    sequence's committed prefix ``[0, committed[slot])`` (branch windows are never written here: the batched
+    forward returns them and the engine commits the winner's span with :meth:`commit`). Slots are allocated
+    up front, so the pool never grows: when none is free, new sequences wait.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if slots < 1 or max_len < 1:
+            raise ConfigError(f"the KV pool needs slots >= 1 and max_len >= 1, got slots={slots}, max_len={max_len}")
+        shape = (num_layers, slots, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, slots, kv_heads, max_len, head_dim)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots, self.max_len = slots, max_len
+        self.committed = [0] * slots
+        self._free = list(range(slots))
+
+    @staticmethod
+    def bytes_needed(
+        num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        """What a pool of this shape holds, before allocating it."""
+        return 2 * num_layers * slots * max_len * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int | None:
+        """The lowest free slot, emptied; None when every slot is taken."""
+        if not self._free:
+            return None
+        slot = self._free.pop(0)
+        self.committed[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._free or not 0 <= slot < self.slots:
+            raise ConfigError(f"slot {slot} is not in use")
+        self._free.append(slot)
+        self._free.sort()
+
+    def commit(self, slot: int, k: Tensor, v: Tensor) -> None:
+        """Append ``n`` positions (layers, kv_heads, n, head_dim) each to ``slot``'s committed prefix."""
+        start, n = self.committed[slot], k.shape[2]
+        if start + n > self.max_len:
+            raise ConfigError(f"KV pool overflow: slot needs {start + n} positions, capacity is {self.max_len}")
+        self.k[:, slot, :, start : start + n] = k
+        self.v[:, slot, :, start : start + n] = v
+        self.committed[slot] = start + n
+
+    def span(self, slot: int, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """K and V of ``slot`` over ``[start, end)``: each (layers, kv_heads, end - start, head_dim)."""
+        return self.k[:, slot, :, start:end], self.v[:, slot, :, start:end]
+
+    def memory_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

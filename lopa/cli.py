@@ -113,6 +113,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="eager forward only: no fused weights, padded buckets or CUDA graphs (default: fast path on CUDA)",
     )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="sequences decoded together in one forward per iteration (default: 16 on CPU, 32 on CUDA)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + max_new_tokens served; sizes the KV pool (default: the model's context, <= 8192)",
+    )
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -141,9 +153,23 @@ def load_llm(args: argparse.Namespace, **extra: object):
     """The LLM named by the model flags of ``add_model_arguments``."""
     from lopa import LLM
 
+    extra.setdefault("max_num_seqs", getattr(args, "max_num_seqs", None))
+    extra.setdefault("max_model_len", getattr(args, "max_model_len", None))
     return LLM(
         args.model, lora=args.lora, device=args.device, dtype=args.dtype, enforce_eager=args.enforce_eager, **extra
     )
+
+
+def check_branch_parallel_batch(args: argparse.Namespace) -> None:
+    """Branch-parallel decoding runs one sequence at a time: refuse a batch size with it, by name."""
+    from lopa.errors import BatchingError
+
+    bp = getattr(args, "bp", 0) or getattr(args, "branch_parallel", False)
+    if bp and (getattr(args, "max_num_seqs", None) or 1) > 1:
+        raise BatchingError(
+            "--bp / --branch-parallel decodes one sequence at a time (its ranks split one sequence's branches); "
+            "drop --max-num-seqs or set it to 1"
+        )
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:

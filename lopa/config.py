@@ -38,6 +38,16 @@ RECOMMENDABLE: tuple[str, ...] = (
     "confidence",
 )
 
+# engine sizing (LLM(max_num_seqs=..., max_model_len=...), --max-num-seqs / --max-model-len)
+DEFAULT_MAX_NUM_SEQS = {"cpu": 16, "cuda": 32}  # sequences decoded together; the KV pool has one slot each
+DEFAULT_MAX_MODEL_LEN = 8192  # prompt + max_new_tokens at most (capped by the model's context)
+
+
+def default_max_num_seqs(device_type: str) -> int:
+    """Sequences decoded together by default on a device type."""
+    return DEFAULT_MAX_NUM_SEQS.get(device_type, DEFAULT_MAX_NUM_SEQS["cpu"])
+
+
 HELP: dict[str, str] = {
     "decoder": "decoding algorithm: vanilla | threshold | d2f | lopa",
     "base": "decoder that lopa wraps: threshold | d2f",

@@ -20,6 +20,10 @@ class PromptTooLongError(ConfigError):
     """The prompt plus max_new_tokens does not fit the model's context."""
 
 
+class BatchingError(ConfigError):
+    """A setting cannot be combined with decoding several sequences together (e.g. branch parallelism)."""
+
+
 class MaskTokenInPromptError(ConfigError):
     """The prompt contains the mask token: lopa continues prompts, it does not infill them (docs/algorithm.md)."""
 

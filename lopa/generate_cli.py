@@ -26,6 +26,7 @@ from lopa.cli import (
 )
 from lopa.dist.launch import add_dist_arguments, add_tp_argument
 from lopa.errors import ConfigError
+from lopa.outputs import Completion
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,20 +81,28 @@ def run(args: argparse.Namespace) -> int:
     if args.bp or args.branch_parallel or args.tp != 1:
         if pictures:
             raise ConfigError("--trace-plot / --trace-gif are not available with --bp / --tp / --branch-parallel")
+        from lopa.cli import check_branch_parallel_batch
         from lopa.dist.launch import run_generate
+
+        check_branch_parallel_batch(args)
 
         return run_generate(args, cfg, prompts)
     if pictures:
         cfg = cfg.replace(trace=True)
         _check_plotting()
     llm = load_llm(args)
-    for prompt in prompts:  # every prompt is checked before the first one is decoded
-        llm.check_fits(llm.encode_prompt(prompt, args.raw), cfg)
-    for i, prompt in enumerate(prompts):  # each result is printed as soon as its prompt finishes
-        completion = llm.generate([prompt], cfg, raw=args.raw)[0]
-        emit(completion, cfg, args.json, llm)
-        for kind, path in pictures:
-            save_pictures(kind, numbered(path, i, len(prompts)), completion, cfg, llm)
+    # every prompt is checked before the first one is decoded; the prompts decode together, and each result
+    # is printed, in input order, as soon as it and every one before it have finished
+    ready: dict[int, Completion] = {}
+    shown = 0
+    for index, completion in llm.generate_each(prompts, cfg, raw=args.raw):
+        ready[index] = completion
+        while shown in ready:
+            done = ready.pop(shown)
+            emit(done, cfg, args.json, llm)
+            for kind, path in pictures:
+                save_pictures(kind, numbered(path, shown, len(prompts)), done, cfg, llm)
+            shown += 1
     return 0
 
 

@@ -1,8 +1,11 @@
 """LLM: the public facade. Loads a checkpoint once, turns prompts into Completions.
 
-``generate`` handles prompts one after another (each prompt's branches are one batch); ``stream`` yields the
-text that became final after every forward, so a server can send it at once and cancel between forwards by
-closing the iterator. Text is never revised: decoded positions are final, and only the contiguous decoded
+``generate`` decodes its prompts together: every iteration ONE forward verifies the candidates of all running
+sequences (continuous batching, ``max_num_seqs`` at a time, see ``engine/scheduler.py``); a single prompt, or
+a branch-parallel runner, decodes one sequence at a time. ``stream`` yields the text that became final after
+every forward, so a caller can send it at once and cancel between forwards by closing the iterator;
+``open_session`` gives the same per-sequence events for many prompts at once (the server's engine worker).
+Text is never revised: decoded positions are final, and only the contiguous decoded
 prefix of the answer is ever shown. Parameters are validated by :meth:`DecodeConfig.validate`; prompt length
 is checked here against the model's context, and a prompt holding the mask token is refused here
 (:class:`~lopa.errors.MaskTokenInPromptError`): every decoder continues a prompt, none infills one.
@@ -10,39 +13,33 @@ is checked here against the model's context, and a prompt holding the mask token
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from lopa.config import DecodeConfig
+from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seqs
 from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
+from lopa.engine.runner import Runner
 from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 from lopa.model.loader import load_checkpoint
 from lopa.model.tp import TPShard
-from lopa.outputs import Completion, Stats, TraceStep
+from lopa.outputs import Completion, Stats
+from lopa.session import BatchSession, IteratorSession, StreamEvent, TextStream
+
+if TYPE_CHECKING:
+    from lopa.engine.scheduler import Scheduler
 
 Prompt = str | Sequence[int]
 BUNDLED_MODEL_NAME = "lopa-tiny"  # model id of the checkpoint shipped in lopa/tiny/checkpoint
 Messages = list[dict[str, str]]
-
-
-@dataclass
-class StreamEvent:
-    """Text that became final since the previous event ('' if none); ``completion`` on the last event.
-
-    With ``DecodeConfig.trace`` on, ``trace`` holds the trace steps recorded since the previous event (one per
-    forward), so a client can show the decoding live; it is empty otherwise.
-    """
-
-    text: str
-    token_ids: list[int]
-    completion: Completion | None = None
-    trace: list[TraceStep] = field(default_factory=list)
+log = logging.getLogger("lopa")
+__all__ = ["LLM", "StreamEvent", "default_model_dir"]
 
 
 def default_model_dir() -> Path:
@@ -61,8 +58,13 @@ class LLM:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         enforce_eager: bool | None = None,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
         shard: TPShard | None = None,
     ) -> None:
+        """``max_num_seqs``: sequences decoded together (default: config.default_max_num_seqs for the device);
+        ``max_model_len``: the longest prompt + max_new_tokens served (default: the model's context, at most
+        config.DEFAULT_MAX_MODEL_LEN). Together they size the KV pool, allocated on first batched use."""
         path = Path(model_dir) if model_dir is not None else default_model_dir()
         self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype, shard=shard)
         if shard is not None and shard.size > 1:
@@ -72,13 +74,21 @@ class LLM:
         self.config = self.checkpoint.config
         self.device = next(self.model.parameters()).device
         self.model_name = path.resolve().name if model_dir is not None else BUNDLED_MODEL_NAME
-        self.max_context = self.config.max_position_embeddings
+        context = self.config.max_position_embeddings
+        self.max_context = min(context, DEFAULT_MAX_MODEL_LEN) if max_model_len is None else max_model_len
+        if not isinstance(self.max_context, int) or not 1 <= self.max_context <= context:
+            raise ConfigError(f"max_model_len must be an integer in [1, {context}], got {max_model_len!r}")
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
         self.default_config = DecodeConfig.recommended(
             {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
         )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
+        self.max_num_seqs = default_max_num_seqs(self.device.type) if max_num_seqs is None else max_num_seqs
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
+        self._scheduler: Scheduler | None = None
+        self.shard = shard
         # after a request, a KV cache larger than this is freed rather than kept for reuse (None: always kept)
         self.max_idle_cache_bytes: int | None = None
 
@@ -141,18 +151,94 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        config: DecodeConfig | None = None,
+        config: DecodeConfig | Sequence[DecodeConfig] | None = None,
         raw: bool = False,
         progress: bool = False,
     ) -> list[Completion]:
-        """Decode each prompt (a string, a list of token ids, or a list of those)."""
-        cfg = (config or self.default_config).validate()
+        """Decode the prompts (a string, a list of token ids, or a list of those) together, ``max_num_seqs`` at a
+        time. ``config`` is one DecodeConfig for all, or one per prompt. Every prompt is validated first."""
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
+        out: list[Completion | None] = [None] * len(batch)
+        bar = tqdm(total=len(batch), desc="generate", unit="prompt", disable=not progress)
+        for index, completion in self.generate_each(batch, config, raw):
+            out[index] = completion
+            bar.update()
+        return [c for c in out if c is not None]
+
+    def generate_each(
+        self, prompts: Sequence[Prompt], config: DecodeConfig | Sequence[DecodeConfig] | None = None, raw: bool = False
+    ) -> Iterator[tuple[int, Completion]]:
+        """As :meth:`generate`, yielding (prompt index, Completion) as each prompt finishes (the order in which
+        they finish). Every prompt is validated before the first one is decoded."""
+        batch = list(prompts)
+        configs = self._configs(config, len(batch))
         encoded = [self.encode_prompt(p, raw) for p in batch]  # validate every prompt before decoding any
-        for ids in encoded:
+        for ids, cfg in zip(encoded, configs, strict=True):
             self.check_fits(ids, cfg)
-        bar = tqdm(encoded, desc="generate", unit="prompt", disable=not progress)
-        return [self._complete(ids, cfg) for ids in bar]
+        if len(encoded) == 1 or not self.can_batch:
+            for index, (ids, cfg) in enumerate(zip(encoded, configs, strict=True)):
+                yield index, self._complete(ids, cfg)
+            return
+        session = self.open_session()
+        rids = [session.add(ids, cfg) for ids, cfg in zip(encoded, configs, strict=True)]
+        index_of = {rid: i for i, rid in enumerate(rids)}
+        done: set[int] = set()
+        try:
+            while session.has_work:
+                for rid, event in session.step():
+                    if isinstance(event, Exception):
+                        raise event
+                    if event.completion is not None:
+                        done.add(rid)
+                        yield index_of[rid], event.completion
+        finally:
+            for rid in rids:
+                if rid not in done:
+                    session.cancel(rid)
+
+    def _configs(self, config: DecodeConfig | Sequence[DecodeConfig] | None, n: int) -> list[DecodeConfig]:
+        if config is None or isinstance(config, DecodeConfig):
+            return [(config or self.default_config).validate()] * n
+        configs = list(config)
+        if len(configs) != n:
+            raise ConfigError(f"got {len(configs)} configs for {n} prompts; give one config, or one per prompt")
+        return [c.validate() for c in configs]
+
+    # ---- batching ------------------------------------------------------------------------------------
+    @property
+    def can_batch(self) -> bool:
+        """Whether prompts decode together: a single-device runner, no tensor parallelism (the pooled forward
+        runs whole attention heads on one device) and max_num_seqs > 1."""
+        sharded = self.shard is not None and self.shard.size > 1
+        return isinstance(self.runner, Runner) and not sharded and self.max_num_seqs > 1
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The continuous-batching scheduler; its KV pool is allocated (and its size logged) on first use."""
+        if self._scheduler is None:
+            from lopa.engine.batch import BatchRunner
+            from lopa.engine.fast import FastRunner
+            from lopa.engine.fast_batch import FastBatchRunner
+            from lopa.engine.scheduler import Scheduler
+
+            kind = FastBatchRunner if isinstance(self.runner, FastRunner) else BatchRunner  # same choice as runner
+            runner = kind(self.model, self.max_num_seqs, self.max_context, self.device)
+            self._scheduler = Scheduler(runner, self.mask_id, self.end_ids)
+        return self._scheduler
+
+    def kv_pool_bytes(self) -> int:
+        """Memory of the batched engine's KV pool (max_num_seqs x max_model_len positions), allocated or not."""
+        from lopa.cache import KVPool
+
+        cfg, p = self.config, next(self.model.parameters())
+        layers, kv, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        return KVPool.bytes_needed(layers, self.max_num_seqs, self.max_context, kv, dim, p.dtype)
+
+    def open_session(self) -> BatchSession | IteratorSession:
+        """Many prompts in flight, stepped together (see lopa.session). One session at a time per LLM."""
+        if self.can_batch:
+            return BatchSession(self, self.scheduler)
+        return IteratorSession(self.stream, max_active=1)
 
     def chat(self, messages: Messages, config: DecodeConfig | None = None) -> Completion:
         """Decode the assistant's reply to OpenAI-style messages."""
@@ -168,22 +254,13 @@ class LLM:
         cfg = (config or self.default_config).validate()
         ids = self.encode_prompt(prompt, raw)
         self.check_fits(ids, cfg)
-        shown_text, shown_ids, shown_steps = "", 0, 0
-        hold = max((len(s) for s in cfg.stop), default=1) - 1
-        for step, completion in self._steps(ids, cfg):
-            if completion is None:
-                out_ids, text, _, _ = self._answer(step, cfg)
-                text = text.rstrip("\ufffd")  # an incomplete multi-byte character may still change
-                text = text[: max(len(text) - hold, len(shown_text))] if cfg.stop else text
-            else:
-                out_ids, text = completion.token_ids, completion.text
-            delta = text[len(shown_text) :] if text.startswith(shown_text) else ""
-            shown_text += delta
-            new_ids = out_ids[shown_ids:]
-            shown_ids = max(shown_ids, len(out_ids))
-            steps = step.trace[shown_steps:] if step.trace is not None else []
-            shown_steps += len(steps)
-            yield StreamEvent(delta, new_ids, completion, steps)
+        text_stream = TextStream(self, ids, cfg)
+        stop = self._stop_check(cfg) if cfg.stop else None
+        try:
+            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
+                yield text_stream.feed(step)
+        finally:
+            self._trim_cache()
 
     def _steps(self, ids: list[int], cfg: DecodeConfig) -> Iterator[tuple[Step, Completion | None]]:
         t0 = time.perf_counter()

@@ -50,6 +50,7 @@ class Stats:
     decoded_positions: int = 0  # every decoded position of every generated block (for tpf_paper)
     seconds: float = 0.0
     prompt_tokens: int = 0
+    batch_size: float = 1.0  # sequences per forward this sequence took part in (mean; 1 when decoded alone)
     timing: dict[str, float] = field(default_factory=dict)  # seconds per phase (forward, scoring, ...)
 
     @property

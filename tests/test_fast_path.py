@@ -266,6 +266,7 @@ def test_gpu_step_bench_runs_on_cpu(capsys, family):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--device", "cpu", "--family", family, "--shape", "tiny", "--branches", "1", "2", "--windows", "8"]
+    argv += ["--seqs", "1", "3", "--batch-branches", "2", "--batch-window", "8"]
     assert bench.main([*argv, "--cache", "16", "--warmup", "0", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
@@ -282,6 +283,11 @@ def test_gpu_step_bench_runs_on_cpu(capsys, family):
         assert r["fast_vs_yardstick"] == pytest.approx(r["fast_ms"] / r["yardstick_ms"], rel=0.01, abs=1e-3)
         tok_s = summary["projection_tok_s"][f"{r['branches']}x{r['window']}"]["GSM8K D2F-Dream (T1)"]
         assert tok_s == pytest.approx(10.1 * 1e3 / r["fast_score_ms"], rel=0.01)
+    assert "BATCH AXIS" in out
+    assert [(r["seqs"], r["rows"], r["window"]) for r in summary["batch_rows"]] == [(1, 3, 8), (3, 9, 8)]
+    for r in summary["batch_rows"]:
+        assert min(r["fast_ms"], r["fast_score_ms"], r["eager_ms"]) > 0
+        assert r["ms_per_seq"] == pytest.approx(r["fast_score_ms"] / r["seqs"], rel=0.01, abs=1e-3)
 
 
 # ---- CUDA graphs (skipped without CUDA) ----------------------------------------------------------------

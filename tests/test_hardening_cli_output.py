@@ -17,24 +17,40 @@ SMALL = ["--block-size", "8", "--max-new-tokens", "16"]
 
 
 def test_generate_prints_each_prompt_as_it_finishes(tiny_ckpt, monkeypatch, capsys) -> None:
+    """The prompts decode together; each result is printed, in input order, as soon as it and every result
+    before it are ready (never held back until the whole batch is done)."""
     import lopa.generate_cli as generate_cli
 
-    calls, seen = [], []
-    real_generate, real_emit = LLM.generate, generate_cli.emit
+    log: list[tuple[str, int]] = []
+    real_each, real_emit = LLM.generate_each, generate_cli.emit
 
-    def generate(self, prompts, *a, **kw):
-        calls.append(prompts)
-        return real_generate(self, prompts, *a, **kw)
+    def generate_each(self, prompts, *a, **kw):
+        for index, completion in real_each(self, prompts, *a, **kw):
+            log.append(("done", index))
+            yield index, completion
 
-    def emit(*a, **kw):
-        seen.append(len(calls))  # how many prompts had been decoded when this result was printed
-        return real_emit(*a, **kw)
+    def emit(completion, *a, **kw):
+        log.append(("print", len(completion.prompt_token_ids)))
+        return real_emit(completion, *a, **kw)
 
-    monkeypatch.setattr(LLM, "generate", generate)
+    monkeypatch.setattr(LLM, "generate_each", generate_each)
     monkeypatch.setattr(generate_cli, "emit", emit)
-    assert main(["generate", "--model", str(tiny_ckpt), *SMALL, "--json", "one", "two", "three"]) == 0
-    assert seen == [1, 2, 3]
-    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    prompts = ["one", "two two", "three three three"]
+    args = ["generate", "--model", str(tiny_ckpt), "--raw", "--max-num-seqs", "3", *SMALL, "--json", *prompts]
+    assert main(args) == 0
+    lengths = [len(LLM(tiny_ckpt).encode_prompt(p, raw=True)) for p in prompts]
+    assert [n for kind, n in log if kind == "print"] == lengths  # input order
+    replay, ready, shown = [], set(), 0
+    for kind, index in log:  # after each finished prompt, everything printable is printed before the next finishes
+        if kind == "done":
+            replay.append((kind, index))
+            ready.add(index)
+            while shown in ready:
+                replay.append(("print", lengths[shown]))
+                shown += 1
+    assert log == replay
+    out = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(out) == 3 and max(o["stats"]["batch_size"] for o in out) > 1
 
 
 def test_generate_checks_every_prompt_before_decoding(tiny_ckpt, capsys) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lopa.decoding.confidence import Prediction, rank
-from lopa.engine.state import Block, GenState
+from lopa.state import Block, GenState
 
 
 class BlockDecoder(Protocol):

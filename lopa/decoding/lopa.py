@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lopa.decoding.confidence import Prediction, rank
-from lopa.engine.state import GenState
+from lopa.state import GenState
 
 
 @dataclass

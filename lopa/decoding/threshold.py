@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lopa.decoding.base import add_extra, fill_block
 from lopa.decoding.confidence import Prediction
-from lopa.engine.state import GenState
+from lopa.state import GenState
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The FastAPI application: OpenAI routes, the engine worker's lifespan, and streaming responses.
 
 ``create_app`` is called by ``lopa serve`` (``server/cli.py``) and by the tests. The app never calls the LLM
-itself: each request becomes a :class:`~lopa.server.worker.Job` run by the single engine worker thread, and
+itself: each request becomes a :class:`~lopa.server.worker.Job` run by the engine worker thread, and
 the route awaits the job's items, so the event loop stays free during forwards. A client that disconnects
 sets the job's cancel flag (a watcher task before the response starts; Starlette's disconnect listener, which
 cancels the SSE generator, afterwards). Errors are raised as exceptions and answered by ``handlers.py``;
@@ -151,6 +151,7 @@ def create_app(
                     raise item.error
                 if isinstance(item, Finished):
                     finished.append(item)
+            finished.sort(key=lambda f: f.index)  # a job's prompts run together and may finish in any order
             usage = sum_usage([f.usage for f in finished])
             build = sse.chat_response if chat else sse.completion_response
             return JSONResponse(build(finished, model_name, usage))

@@ -88,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
     )
     url = f"http://{args.host}:{args.port}"
     print(f"serving {args.served_model_name or llm.model_name} on {url}/v1 ({config.decoder}); live view: {url}/")
+    if getattr(llm, "can_batch", False):  # a tensor- or branch-parallel mesh decodes one sequence at a time
+        mib = llm.kv_pool_bytes() / 2**20
+        print(
+            f"batching up to {llm.max_num_seqs} sequences; "
+            f"KV pool {llm.max_num_seqs} x {llm.max_context} positions = {mib:.1f} MiB"
+        )
     # on Ctrl+C, give running requests 5 s, then cancel them (their generations stop within one forward)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

@@ -5,6 +5,9 @@ length and ``max_new_tokens`` (cache positions). ``lopa serve --max-branches`` a
 them; :func:`check_request` computes the KV cache a request needs from its settings alone (rows x positions x
 the model's per-position K/V bytes, however the engine later batches it) and raises
 :class:`~lopa.errors.LimitExceededError`, a 400 naming the limit, when it does not fit. Called by ``app.py``.
+When the engine batches (``LLM.can_batch``) the committed prefixes live in one KV pool of
+``LLM.kv_pool_bytes()`` (max_num_seqs x max_model_len positions), allocated once and printed by ``lopa serve``;
+what a request adds on top of its pool slot is its branch rows' window K/V, which this bound covers.
 """
 
 from __future__ import annotations

@@ -1,14 +1,19 @@
-"""The engine worker: the one thread that calls the LLM, its bounded job queue, and cancellation.
+"""The engine worker: the one thread that calls the LLM, its bounded job queue, continuous batching, cancellation.
 
 ``LLM`` is not thread-safe and a forward takes from milliseconds to seconds, so the HTTP event loop never
 calls it: ``app.py`` wraps each request in a :class:`Job`, :meth:`EngineWorker.submit` queues it (or raises
-:class:`QueueFullError` when ``queue_limit`` requests already wait), and the worker thread runs jobs one at a
-time through ``llm.stream``. Results travel back as :class:`Started` / :class:`Delta` / :class:`Finished` /
-:class:`Failed` items on the job's asyncio queue (``loop.call_soon_threadsafe``), always ending with
-:class:`Closed`. Setting ``job.cancel`` (client gone) stops the job between two decoding iterations and closes
-the LLM's iterator, so the worker is free again within one forward; a job cancelled while still queued is
-dropped without touching the engine. Every request, streamed or not, goes through ``llm.stream`` so both
-paths cancel alike and see the same engine output.
+:class:`QueueFullError` when ``queue_limit`` requests already wait), and the worker thread runs an engine
+session (``llm.open_session()``, see ``lopa/session.py``): between two iterations it admits queued jobs while
+the engine has room (every prompt of a job becomes one sequence of the running batch), then runs ONE
+iteration for all running sequences and routes each sequence's event to its job. Results travel back as
+:class:`Started` / :class:`Delta` / :class:`Finished` / :class:`Failed` items on the job's asyncio queue
+(``loop.call_soon_threadsafe``), always ending with :class:`Closed`. Setting ``job.cancel`` (client gone)
+drops the job's sequences before the next iteration, so its KV slots are free within one forward; a job
+cancelled while still queued is dropped without touching the engine. Every request, streamed or not, goes
+through the same session events, so both paths cancel alike and see the same engine output.
+
+Per-request hooks: :class:`_Active` is the one place a job's per-sequence events arrive (``_deliver``), so
+per-step extras (traces, timings) can be routed to a job from there.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ class Closed:
 
 @dataclass
 class Job:
-    """One HTTP request's work: its prompts run one after another with one config."""
+    """One HTTP request's work: its prompts join the running batch together, with one config."""
 
     prompts: list[Any]  # each: text, token ids, or a list of chat messages
     config: DecodeConfig
@@ -143,8 +148,19 @@ class OutputCutter:
         return text, reason, n_tokens
 
 
+@dataclass
+class _Active:
+    """A job inside the engine: which session sequence is which of its prompts, and their output cutters."""
+
+    job: Job
+    prompts: dict[int, int]  # session sequence id -> prompt index
+    cutters: dict[int, OutputCutter]
+    start: float = field(default_factory=time.perf_counter)
+    started: bool = False
+
+
 class EngineWorker:
-    """Owns the LLM: one daemon thread runs queued jobs in arrival order."""
+    """Owns the LLM: one daemon thread admits queued jobs in arrival order into the running batch."""
 
     def __init__(self, llm: LLM, queue_limit: int) -> None:
         self.llm = llm
@@ -152,25 +168,26 @@ class EngineWorker:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
-        self._running = 0
         self._mean_seconds = 1.0  # running mean of job durations, for Retry-After
         self.completed = 0  # jobs that ran to the end
         self.failed = 0  # jobs that ended with an error (the client's, 4xx, or a bug, 5xx)
         self.cancelled = 0  # jobs dropped or stopped early because their client went away
-        self._current: Job | None = None
+        self._active: dict[int, _Active] = {}  # session sequence id -> its job (worker thread only)
+        self._running = 0  # jobs admitted and not yet closed (read by /health from the event loop)
+        self._stopping = threading.Event()  # set by stop(): the worker cancels its running jobs
         self._thread: threading.Thread | None = None
+        self._session: Any = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            self._session = self._open_session()  # allocates the KV pool now, so its size is logged at start
             self._thread = threading.Thread(target=self._loop, name="lopa-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job, drop queued ones, and join the thread."""
-        current = self._current
-        if current is not None:
-            current.cancel.set()
+        """Cancel the running jobs, drop queued ones, and join the thread."""
+        self._stopping.set()
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -186,11 +203,13 @@ class EngineWorker:
 
     @property
     def running(self) -> int:
+        """Jobs whose sequences are in the engine."""
         return self._running
 
     def retry_after(self) -> int:
         """Seconds a rejected client should wait: the queue's expected drain time, 1 to 60."""
-        return max(1, min(60, math.ceil(self._mean_seconds * (self._waiting + 1))))
+        slots = max(1, int(getattr(self.llm, "max_num_seqs", 1)))
+        return max(1, min(60, math.ceil(self._mean_seconds * (self._waiting + 1) / slots)))
 
     # ---- submission (event-loop thread) -------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -201,40 +220,114 @@ class EngineWorker:
         self._jobs.put(job)
 
     # ---- the worker thread --------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                self._drain()
-                return
-            with self._lock:
-                self._waiting -= 1
-            if job.cancel.is_set():
-                self.cancelled += 1
-                job.push(Closed())
-                continue
-            self._running, self._current = 1, job
-            start, stopped_early, failed = time.perf_counter(), False, True
-            try:
-                stopped_early = not self._run(job)
-                failed = False
-            except LopaError as e:
-                job.push(Failed(e))
-            except Exception as e:  # a bug: report it as a 500 and keep serving
-                log.exception("generation failed")
-                job.push(Failed(e))
-            finally:
-                self._running, self._current = 0, None
-                if stopped_early:
-                    self.cancelled += 1
-                elif failed:
-                    self.failed += 1
-                else:
-                    self.completed += 1
-                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - start)
-                job.push(Closed())
+    def _open_session(self) -> Any:
+        """The LLM's session; an engine with only ``stream`` (one sequence at a time) gets a round-robin one."""
+        from lopa.session import IteratorSession
 
-    def _drain(self) -> None:
+        open_session = getattr(self.llm, "open_session", None)
+        return open_session() if open_session is not None else IteratorSession(self.llm.stream, max_active=1)
+
+    def _loop(self) -> None:
+        session = self._session
+        while True:
+            while session.capacity > 0 or not session.has_work:  # admit while the engine has room
+                try:
+                    job = self._jobs.get(block=not session.has_work)
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._shutdown(session)
+                    return
+                with self._lock:
+                    self._waiting -= 1
+                self._admit(session, job)
+            for active in {id(a.job): a for a in self._active.values()}.values():
+                if active.job.cancel.is_set() or self._stopping.is_set():
+                    self._close(session, active, cancelled=True)
+            if not session.has_work:
+                continue
+            try:
+                events = session.step()
+            except Exception as e:  # a bug: every running job gets a 500, the server keeps serving
+                log.exception("generation failed")
+                for active in {id(a.job): a for a in self._active.values()}.values():
+                    active.job.push(Failed(e))
+                    self._close(session, active, failed=True)
+                continue
+            for rid, event in events:
+                active = self._active.get(rid)
+                if active is not None:
+                    self._deliver(session, active, rid, event)
+
+    def _admit(self, session: Any, job: Job) -> None:
+        if job.cancel.is_set():
+            self.cancelled += 1
+            job.push(Closed())
+            return
+        active = _Active(job, {}, {})
+        self._running += 1
+        try:
+            for index, prompt in enumerate(job.prompts):
+                rid = session.add(prompt, job.config, raw=job.raw)
+                active.prompts[rid] = index
+                active.cutters[rid] = OutputCutter(self.llm.tokenizer, job.max_tokens)
+                self._active[rid] = active
+        except LopaError as e:  # this request's fault (a prompt too long, ...): only it fails
+            job.push(Failed(e))
+            self._close(session, active, failed=True)
+
+    def _deliver(self, session: Any, active: _Active, rid: int, event: Any) -> None:
+        """One sequence's event of this iteration, routed to its job."""
+        job = active.job
+        if isinstance(event, Exception):
+            if not isinstance(event, LopaError):
+                log.error("generation failed", exc_info=event)
+            job.push(Failed(event))
+            self._close(session, active, failed=True)
+            return
+        if not active.started:
+            active.started = True
+            job.push(Started())
+        cutter = active.cutters[rid]
+        delta = cutter.feed(event.text, list(event.token_ids))
+        if job.stream and delta:
+            job.push(Delta(active.prompts[rid], delta))
+        if event.trace:  # the live trace stream (server/trace.py); empty unless config.trace
+            job.push(Trace(active.prompts[rid], list(event.trace)))
+        completion = event.completion
+        if completion is None:
+            return
+        text, reason, n_tokens = cutter.finish(completion)
+        if job.stream:
+            text = cutter.emitted  # what the client was actually sent
+        stats = completion.stats
+        prompt_tokens = stats.prompt_tokens or len(completion.prompt_token_ids)
+        usage = usage_dict(prompt_tokens, n_tokens, stats.forwards, stats.tpf)
+        job.push(Finished(active.prompts[rid], text, reason, usage))
+        del self._active[rid]
+        del active.prompts[rid]
+        if not active.prompts:
+            self._close(session, active)
+
+    def _close(self, session: Any, active: _Active, cancelled: bool = False, failed: bool = False) -> None:
+        """Drop the job's remaining sequences (their slots are free for the next iteration) and close it."""
+        for rid in list(active.prompts):
+            session.cancel(rid)
+            self._active.pop(rid, None)
+        active.prompts.clear()
+        self._running -= 1
+        if cancelled:
+            self.cancelled += 1
+        elif failed:
+            self.failed += 1
+        else:
+            self.completed += 1
+        self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - active.start)
+        active.job.push(Closed())
+
+    def _shutdown(self, session: Any) -> None:
+        for active in {id(a.job): a for a in self._active.values()}.values():
+            self._close(session, active, cancelled=True)
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -243,39 +336,3 @@ class EngineWorker:
             if job is not None:
                 job.push(Failed(QueueFullError(1)))
                 job.push(Closed())
-
-    def _run(self, job: Job) -> bool:
-        """Run every prompt of ``job``; False when it stopped early because it was cancelled."""
-        started = False
-        for index, prompt in enumerate(job.prompts):
-            cutter = OutputCutter(self.llm.tokenizer, job.max_tokens)
-            events = self.llm.stream(prompt, job.config, raw=job.raw)
-            completion: Completion | None = None
-            try:
-                for event in events:
-                    if job.cancel.is_set():
-                        return False
-                    if not started:
-                        started = True
-                        job.push(Started())
-                    delta = cutter.feed(event.text, list(event.token_ids))
-                    if job.stream and delta:
-                        job.push(Delta(index, delta))
-                    if event.trace:  # the live trace stream (server/trace.py); empty unless config.trace
-                        job.push(Trace(index, list(event.trace)))
-                    if event.completion is not None:
-                        completion = event.completion
-            finally:
-                close = getattr(events, "close", None)
-                if close is not None:
-                    close()  # stops the engine within one forward when we leave early
-            if completion is None:
-                raise RuntimeError("llm.stream ended without a final completion")
-            text, reason, n_tokens = cutter.finish(completion)
-            if job.stream:
-                text = cutter.emitted  # what the client was actually sent
-            stats = completion.stats
-            prompt_tokens = stats.prompt_tokens or len(completion.prompt_token_ids)
-            usage = usage_dict(prompt_tokens, n_tokens, stats.forwards, stats.tpf)
-            job.push(Finished(index, text, reason, usage))
-        return True
