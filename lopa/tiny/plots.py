@@ -23,22 +23,30 @@ def plot_bench(rows: list[Any], families: dict[str, dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     by_name = {r.name: r for r in rows}
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    fig, ax = plt.subplots(figsize=(10, 5.6))
+    points = [(r.tpf, 100 * r.accuracy) for r in rows]
+    xspan = (max(x for x, _ in points) - min(x for x, _ in points)) or 1.0
+    yspan = (max(y for _, y in points) - min(y for _, y in points)) or 1.0
+    placed: list[tuple[float, float]] = []
+
+    def label(text: str, x: float, y: float, color: str) -> None:
+        """Annotate unless another label is already close by (so none overlap)."""
+        if any(abs(x - px) / xspan < 0.06 and abs(y - py) / yspan < 0.05 for px, py in placed):
+            return
+        placed.append((x, y))
+        ax.annotate(text, (x, y), fontsize=7, color=color, xytext=(4, -10), textcoords="offset points")
+
     for family, f in families.items():
-        members = [by_name[m] for m in f["members"]]
-        members.sort(key=lambda r: r.tpf)
+        members = sorted((by_name[m] for m in f["members"]), key=lambda r: r.tpf)
         color, marker, line = _STYLE.get(family, ("black", "o", "-"))
         xs, ys = [r.tpf for r in members], [100 * r.accuracy for r in members]
         ax.plot(xs, ys, linestyle=line, marker=marker, color=color, label=f"{family}: AUP {f['aup']:.0f}")
         if "shared" in family:
-            continue  # same k labels as the mean-score curve; labelling both would overlap
+            continue  # same k labels as the mean-score curve
         for r in members:
-            tag = f"k={r.branches}" if r.name.startswith("lopa") else f"τ={r.threshold:g}"
-            if r.name in ("threshold", "d2f") and "lopa" in family:
-                tag = "k=0"
-            ax.annotate(
-                tag, (r.tpf, 100 * r.accuracy), fontsize=7, color=color, xytext=(4, -10), textcoords="offset points"
-            )
+            is_base = r.name in ("threshold", "d2f") and "lopa" in family
+            tag = "k=0" if is_base else f"k={r.branches}" if r.name.startswith("lopa") else f"τ={r.threshold:g}"
+            label(tag, r.tpf, 100 * r.accuracy, color)
     for name, marker in (("threshold+1", "X"), ("vanilla", "D")):
         if name in by_name:
             r = by_name[name]
@@ -55,7 +63,7 @@ def plot_bench(rows: list[Any], families: dict[str, dict], out: Path) -> None:
     ax.set_ylabel("exact-answer accuracy (%)")
     ax.set_title("lopa bench: accuracy vs parallelism on the bundled model")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
