@@ -16,6 +16,20 @@ from torch import Tensor
 from lopa.errors import ConfigError
 
 
+def _zeros_kv(
+    num_layers: int,
+    rows: int,
+    kv_heads: int,
+    max_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> tuple[Tensor, Tensor]:
+    """Zeroed K and V buffers, each (layers, rows, kv_heads, max_len, head_dim): a cache's rows or a pool's slots."""
+    shape = (num_layers, rows, kv_heads, max_len, head_dim)
+    return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+
 class StaticKVCache:
     """Preallocated K/V for ``rows`` branch rows of up to ``max_len`` positions."""
 
@@ -31,9 +45,7 @@ class StaticKVCache:
     ) -> None:
         if rows < 1 or max_len < 1:
             raise ConfigError(f"cache needs rows >= 1 and max_len >= 1, got rows={rows}, max_len={max_len}")
-        shape = (num_layers, rows, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, rows, kv_heads, max_len, head_dim)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = _zeros_kv(num_layers, rows, kv_heads, max_len, head_dim, dtype, device)
         self.rows, self.max_len = rows, max_len
         self.committed = 0  # committed prefix length, identical in all rows
         self.written = 0  # end of the last pre-write (>= committed)
@@ -115,9 +127,7 @@ class KVPool:
     ) -> None:
         if slots < 1 or max_len < 1:
             raise ConfigError(f"the KV pool needs slots >= 1 and max_len >= 1, got slots={slots}, max_len={max_len}")
-        shape = (num_layers, slots, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, slots, kv_heads, max_len, head_dim)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = _zeros_kv(num_layers, slots, kv_heads, max_len, head_dim, dtype, device)
         self.slots, self.max_len = slots, max_len
         self.committed = [0] * slots
         self._free = list(range(slots))

@@ -151,6 +151,19 @@ def _title(completion: Completion, cfg: DecodeConfig, describe: str) -> str:
     return f"filling order: {describe} | {s.tokens} tokens, {s.forwards} forwards, TPF {s.tpf:.2f}"
 
 
+def _make_map(
+    completion: Completion,
+    cfg: DecodeConfig,
+    end_ids: frozenset[int],
+    describe: str,
+    token_text: Callable[[int], str] | None,
+) -> tuple[FillOrder, _Map]:
+    """The filling order of ``completion`` and its figure, shared by the PNG and the GIF."""
+    order = _prepare(completion, cfg, end_ids)
+    title = _title(completion, cfg, describe or cfg.decoder)
+    return order, _Map(order, _block(cfg), title, _labels(order, end_ids, token_text))
+
+
 def save_trace_plot(
     completion: Completion,
     cfg: DecodeConfig,
@@ -161,10 +174,7 @@ def save_trace_plot(
     dpi: int = 120,
 ) -> Path:
     """Write the filling-order map of ``completion`` (decoded with ``cfg``, trace on) as a PNG."""
-    order = _prepare(completion, cfg, end_ids)
-    fmap = _Map(
-        order, _block(cfg), _title(completion, cfg, describe or cfg.decoder), _labels(order, end_ids, token_text)
-    )
+    order, fmap = _make_map(completion, cfg, end_ids, describe, token_text)
     try:
         fmap.draw(order.forwards)
         out = Path(path)
@@ -187,10 +197,7 @@ def save_trace_gif(
     """Write the map as an animated GIF: one frame per forward, the last held for a while."""
     from PIL import Image
 
-    order = _prepare(completion, cfg, end_ids)
-    fmap = _Map(
-        order, _block(cfg), _title(completion, cfg, describe or cfg.decoder), _labels(order, end_ids, token_text)
-    )
+    order, fmap = _make_map(completion, cfg, end_ids, describe, token_text)
     fmap.fig.set_dpi(dpi)
     frames = []
     try:
