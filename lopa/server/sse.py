@@ -27,15 +27,13 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-class EventStreamResponse(StreamingResponse):
-    """``text/event-stream`` of OpenAI chunks; cancels the job however the response ends (done, error, client
-    gone: Starlette cancels the response on disconnect, possibly before the first chunk was even pulled)."""
+class JobStreamResponse(StreamingResponse):
+    """``text/event-stream`` of already framed events; cancels the job however the response ends (done, error,
+    client gone: Starlette cancels the response on disconnect, possibly before the first event was even pulled)."""
 
-    def __init__(self, chunks: AsyncIterator[dict], job: Job) -> None:
+    def __init__(self, body: AsyncIterator[str], job: Job) -> None:
         super().__init__(
-            _frame(chunks),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
         self._job = job
 
@@ -44,6 +42,13 @@ class EventStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._job.cancel.set()
+
+
+class EventStreamResponse(JobStreamResponse):
+    """``text/event-stream`` of OpenAI chunks, ending in ``data: [DONE]``."""
+
+    def __init__(self, chunks: AsyncIterator[dict], job: Job) -> None:
+        super().__init__(_frame(chunks), job)
 
 
 async def _frame(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:

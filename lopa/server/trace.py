@@ -26,8 +26,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from lopa import DecodeConfig
 from lopa.config import BASES, CONFIDENCES, DECODERS
@@ -38,6 +36,7 @@ from lopa.server.limits import ServerLimits, check_request
 from lopa.server.openapi import TRACE_RESPONSES
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatMessage, InvalidFieldError, error_body, new_id
+from lopa.server.sse import JobStreamResponse
 from lopa.server.worker import Closed, EngineWorker, Failed, Finished, Job, Trace
 
 if TYPE_CHECKING:
@@ -81,22 +80,11 @@ class TraceRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class TraceStreamResponse(StreamingResponse):
-    """``text/event-stream`` of named events; cancels the job however the response ends."""
+class TraceStreamResponse(JobStreamResponse):
+    """``text/event-stream`` of named events (start, step, done / error)."""
 
     def __init__(self, events: AsyncIterator[tuple[str, dict]], job: Job) -> None:
-        super().__init__(
-            _frame(events),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._job = job
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._job.cancel.set()
+        super().__init__(_frame(events), job)
 
 
 async def _frame(events: AsyncIterator[tuple[str, dict]]) -> AsyncIterator[str]:
