@@ -101,3 +101,18 @@ def test_bench_branch_parallel_matches_single_process(tiny_ckpt, capsys):
     for other in (parallel_run["rows"][0], tensor_run["rows"][0]):
         for key in ("accuracy", "wellformed", "tpf", "tpf_paper", "forwards"):
             assert other[key] == single[key], key
+
+
+def test_bench_workers_equal_one_process(tiny_ckpt, capsys):
+    common = ["bench", "--model", str(tiny_ckpt), "--n", "3", "--block-size", "8", "--max-new-tokens", "16"]
+    common += ["--decoders", "lopa-threshold-k2", "threshold", "d2f", "threshold+1", "--json-only"]
+    assert main([*common, "--workers", "1"]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*common, "--workers", "2"]) == 0
+    two = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert [r["name"] for r in two["rows"]] == ["lopa-threshold-k2", "threshold", "d2f", "threshold+1"]
+    keys = ("accuracy", "wellformed", "tpf", "forwards", "agreement", "settings")
+    assert [{k: r[k] for k in keys} for r in two["rows"]] == [{k: r[k] for k in keys} for r in one["rows"]]
+    assert all("answers" not in r for r in one["rows"] + two["rows"])
+    assert two["rows"][1]["agreement"] == 1.0  # threshold against itself, computed after the workers merged

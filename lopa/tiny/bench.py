@@ -5,7 +5,9 @@ tok/s, mean latency, agreement of final answers with threshold τ=0.9), then the
 its sweep (τ for threshold and d2f, k for lopa, k = 0 being the base decoder itself), then one JSON line with the
 same numbers plus device, dtype and versions. ``--plot`` draws accuracy vs TPF, one curve per family. The
 problems are the test split's fixed set, so every run and every decoder sees the same ones. Each decoder's prompts
-go to ``LLM.generate`` together, which batches them.
+go to ``LLM.generate`` together, which batches them. On CPU the decoders are spread over ``--workers`` processes
+(default: one per core, one torch thread each): the tiny model's forwards are too small for intra-op threads to
+pay, while separate processes scale with the cores.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -47,9 +51,13 @@ class Row:
     base: str
     score: str
     threshold: float
+    answers: list[int | None] | None = None  # final answers, for the agreement column (kept out of the JSON)
 
-    def as_dict(self) -> dict:
-        return self.__dict__.copy()
+    def as_dict(self, answers: bool = False) -> dict:
+        d = self.__dict__.copy()
+        if not answers:
+            d.pop("answers")
+        return d
 
 
 def _tau_name(decoder: str, tau: float) -> str:
@@ -99,6 +107,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: the tiny model gains nothing from more)"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="processes the decoders are spread over (default 0: one per CPU core on CPU, 1 on CUDA or with --bp/--tp)",
+    )
+    p.add_argument("--emit-answers", action="store_true", help=argparse.SUPPRESS)  # a worker's rows carry answers
     p.add_argument("--bp", type=int, default=0, metavar="N", help="decode with N branch-parallel ranks")
     add_tp_argument(p)
     add_dist_arguments(p)
@@ -131,22 +147,29 @@ def run(args: argparse.Namespace) -> int:
     problems = fixed_set("test", args.n)
     prompts = [p.prompt for p in problems]
     t_start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if args.bp or args.tp != 1:
-            group = BranchParallelGroup(
-                max(args.bp, 1),
-                args.model,
-                tp=args.tp,
-                lora=args.lora,
-                device=args.device,
-                dtype=args.dtype,
-                timeout_s=resolve_timeout(args.dist_timeout),
-                port=args.dist_port,
-            )
-            generate = stack.enter_context(group).generate
-        else:
-            generate = functools.partial(llm.generate, progress=not args.json_only)
-        rows = _measure(generate, names, table, problems, prompts, args)
+    workers = _worker_count(args, llm.device, len(names))
+    if workers > 1:
+        rows = _run_workers(args, names, table, block, max_new, workers)
+        _set_agreement(rows)
+    else:
+        with contextlib.ExitStack() as stack:
+            if args.bp or args.tp != 1:
+                group = BranchParallelGroup(
+                    max(args.bp, 1),
+                    args.model,
+                    tp=args.tp,
+                    lora=args.lora,
+                    device=args.device,
+                    dtype=args.dtype,
+                    timeout_s=resolve_timeout(args.dist_timeout),
+                    port=args.dist_port,
+                )
+                generate = stack.enter_context(group).generate
+            else:
+                generate = functools.partial(llm.generate, progress=not (args.json_only or args.emit_answers))
+            rows = _measure(generate, names, table, problems, prompts, args)
+        if not args.emit_answers:
+            _set_agreement(rows)
     order = {n: i for i, n in enumerate(names)}
     rows.sort(key=lambda r: order[r.name])
     dtype = str(next(llm.model.parameters()).dtype).replace("torch.", "")
@@ -156,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(llm.device),
         "dtype": dtype,
         "threads": torch.get_num_threads(),
+        "workers": workers,  # processes the decoders were spread over, each with `threads` torch threads
         "block_size": block,
         "max_new_tokens": max_new,
         "bp": args.bp,  # branch-parallel ranks (0: one process)
@@ -179,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 "bench": "tiny",
                 **header,
                 "versions": versions,
-                "rows": [r.as_dict() for r in rows],
+                "rows": [r.as_dict(answers=args.emit_answers) for r in rows],
                 "aup": families,
             }
         )
@@ -188,20 +212,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(generate, names: list[str], table: dict[str, DecodeConfig], problems, prompts, args) -> list[Row]:
-    """Run every named decoder on the prompts; threshold first, as the agreement baseline."""
+    """Run every named decoder on the prompts; each row keeps its final answers for the agreement column."""
     from lopa.tiny.grammar import parse
     from lopa.tiny.task import extract_answer
 
-    reference: list[int | None] | None = None
     rows: list[Row] = []
-    for name in sorted(names, key=lambda n: n != "threshold"):  # threshold first: it is the agreement baseline
+    for name in names:
         cfg = table[name]
         t0 = time.perf_counter()
         outs = generate(prompts, cfg, raw=True)
         wall = time.perf_counter() - t0
         answers = [extract_answer(o.text) for o in outs]
-        if name == "threshold":
-            reference = answers
         tokens = sum(o.stats.tokens for o in outs)
         forwards = sum(o.stats.forwards for o in outs)
         n = len(outs)
@@ -216,15 +237,85 @@ def _measure(generate, names: list[str], table: dict[str, DecodeConfig], problem
                 forwards=forwards / n,
                 tok_s=tokens / wall if wall > 0 else 0.0,
                 latency=sum(o.stats.seconds for o in outs) / n,
-                agreement=(sum(a == b for a, b in zip(answers, reference, strict=True)) / n if reference else None),
+                agreement=None,
                 branches=cfg.num_branches,
                 base=cfg.base_decoder,
                 score=cfg.branch_score if cfg.decoder == "lopa" else "",
                 threshold=cfg.threshold,
+                answers=answers,
             )
         )
-        if not args.json_only:
-            print(f"  {name}: {wall:.1f}s", file=sys.stderr)
+        if not args.json_only or args.emit_answers:
+            print(f"  {name}: {wall:.1f}s", file=sys.stderr, flush=True)
+    return rows
+
+
+def _set_agreement(rows: list[Row]) -> None:
+    """Agreement of each row's final answers with threshold τ=0.9's (None when threshold was not run)."""
+    reference = next((r.answers for r in rows if r.name == "threshold"), None)
+    for r in rows:
+        if reference is not None and r.answers is not None:
+            r.agreement = sum(a == b for a, b in zip(r.answers, reference, strict=True)) / len(reference)
+
+
+def _cost(name: str, cfg: DecodeConfig) -> float:
+    """Rough relative cost of a decoder's run: forwards per answer x rows per forward (for splitting the work)."""
+    tpf = {"vanilla": 1.0}.get(cfg.decoder, 2.4 if cfg.extra_fill else 1.3)
+    if cfg.decoder == "lopa":
+        tpf = 1.3 + 0.3 * cfg.num_branches
+    return cfg.max_new_tokens / tpf * (cfg.num_branches + 1 if cfg.decoder == "lopa" else 1)
+
+
+def _worker_count(args: argparse.Namespace, device: torch.device, n_decoders: int) -> int:
+    if args.emit_answers or args.bp or args.tp != 1:
+        return 1
+    if args.workers:
+        return max(1, min(args.workers, n_decoders))
+    if device.type != "cpu":
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), n_decoders))
+
+
+def _run_workers(
+    args: argparse.Namespace, names: list[str], table: dict[str, DecodeConfig], block: int, max_new: int, workers: int
+) -> list[Row]:
+    """Spread the decoders over ``workers`` processes (longest first onto the least loaded); merge their rows."""
+    from lopa.errors import LopaError
+
+    groups: list[list[str]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for name in sorted(names, key=lambda n: -_cost(n, table[n])):
+        i = load.index(min(load))
+        groups[i].append(name)
+        load[i] += _cost(name, table[name])
+    base = [sys.executable, "-m", "lopa", "bench", "--n", str(args.n), "--json-only", "--emit-answers"]
+    base += ["--threads", str(max(1, args.threads)), "--block-size", str(block), "--max-new-tokens", str(max_new)]
+    for flag in ("model", "lora", "device", "dtype", "max_num_seqs", "max_model_len"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            base += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.enforce_eager:
+        base.append("--enforce-eager")
+    if not args.json_only:
+        print(f"  {len(names)} decoders over {workers} worker processes", file=sys.stderr, flush=True)
+    procs = [
+        subprocess.Popen([*base, "--decoders", *group], stdout=subprocess.PIPE, stderr=None, text=True)
+        for group in groups
+        if group
+    ]
+    rows: list[Row] = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise LopaError(f"a bench worker process failed (exit {proc.returncode}); see its error above")
+            record = json.loads(out.strip().splitlines()[-1])
+            rows += [Row(**r) for r in record["rows"]]
+    finally:  # a failure or Ctrl-C leaves no worker behind
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return rows
 
 
