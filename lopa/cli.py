@@ -161,14 +161,15 @@ def load_llm(args: argparse.Namespace, **extra: object):
 
 
 def check_branch_parallel_batch(args: argparse.Namespace) -> None:
-    """Branch-parallel decoding runs one sequence at a time: refuse a batch size with it, by name."""
+    """Branch- and tensor-parallel decoding run one sequence at a time: refuse a batch size with them, by name."""
     from lopa.errors import BatchingError
 
     bp = getattr(args, "bp", 0) or getattr(args, "branch_parallel", False)
-    if bp and (getattr(args, "max_num_seqs", None) or 1) > 1:
+    tp = getattr(args, "tp", 1) or 1
+    if (bp or tp > 1) and (getattr(args, "max_num_seqs", None) or 1) > 1:
         raise BatchingError(
-            "--bp / --branch-parallel decodes one sequence at a time (its ranks split one sequence's branches); "
-            "drop --max-num-seqs or set it to 1"
+            "--bp / --tp / --branch-parallel decode one sequence at a time (the ranks split one sequence's branches "
+            "or weights); drop --max-num-seqs or set it to 1"
         )
 
 

@@ -133,8 +133,9 @@ def test_tensor_parallel_shard_does_not_batch(tiny_ckpt) -> None:
     assert not isinstance(sharded.open_session(), BatchSession)
 
 
-def test_branch_parallel_refuses_a_batch(capsys) -> None:
-    assert main(["generate", "--bp", "2", "--max-num-seqs", "4", "hi"]) == 2
+@pytest.mark.parametrize("flag", ["--bp", "--tp"])
+def test_branch_and_tensor_parallel_refuse_a_batch(capsys, flag) -> None:
+    assert main(["generate", flag, "2", "--max-num-seqs", "4", "hi"]) == 2
     err = capsys.readouterr().err
     assert "one sequence at a time" in err and "--max-num-seqs" in err
     assert issubclass(BatchingError, ConfigError)
