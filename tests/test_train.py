@@ -106,3 +106,30 @@ def test_resume_refuses_a_different_architecture(tmp_path: Path) -> None:
     changed = [*MICRO]
     changed[changed.index("--hidden") + 1] = "64"
     assert main(["train", "--steps", "4", "--out", out, *changed]) == 2  # ConfigError -> exit code 2
+
+
+def test_average_from_exports_the_mean_of_the_saves_and_resumes_exactly(tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["train", "--steps", "40", "--save-every", "10", "--average-from", "20", "--test-n", "0", *MICRO]
+    assert main([*common, "--out", str(straight)]) == 0
+    saved = []
+    for until in ("20", "25", "30"):  # stops at 20 and 30 are saves of the average; 25 is only a pause
+        assert main([*common, "--out", str(resumed), "--until", until]) == 0
+        if until != "25":
+            saved.append(load_file(str(resumed / "train_state" / "weights.safetensors")))
+    assert main([*common, "--out", str(resumed)]) == 0
+    saved.append(load_file(str(resumed / "train_state" / "weights.safetensors")))  # step 40: the last step
+    exported = load_file(str(straight / "model.safetensors"))
+    again = load_file(str(resumed / "model.safetensors"))
+    for k in exported:
+        mean = sum(w[k].double() for w in saved) / 3
+        torch.testing.assert_close(exported[k], mean.float(), rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(again[k], exported[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(exported["lm_head.weight"], saved[-1]["lm_head.weight"])  # not just the last step
+    state = json.loads((straight / "train_state" / "state.json").read_text())
+    assert state["averaged_saves"] == 3
+
+
+def test_average_from_past_the_end_is_refused(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--steps", "10", "--average-from", "11", "--out", str(tmp_path / "x"), *MICRO]) == 2
+    assert "--average-from" in capsys.readouterr().err

@@ -14,6 +14,7 @@ never pickle) and a JSON-lines log. Rerunning the same command resumes. Called b
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -21,8 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
+from torch import Tensor
 from tqdm import tqdm
 
 from lopa.errors import ConfigError
@@ -36,6 +39,7 @@ from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
 
 ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_size", "num_blocks", "max_prompt")
 STATE_DIR = "train_state"
+AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +62,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--save-every", type=int, default=250, help="write checkpoint + state every N steps")
+    p.add_argument(
+        "--average-from",
+        type=int,
+        default=0,
+        metavar="STEP",
+        help="export the mean of the weights saved every --save-every steps from STEP to the end (0 = the last "
+        "step's weights)",
+    )
     p.add_argument("--eval-every", type=int, default=500, help="validation accuracy every N steps (0 = off)")
     p.add_argument("--eval-n", type=int, default=200, help="validation problems per evaluation (default: 200)")
     p.add_argument("--test-n", type=int, default=600, help="test problems scored at the end (0 = skip)")
@@ -123,6 +135,31 @@ def load_state(model: DreamModel, opt: torch.optim.Optimizer, out: Path, args: a
     return meta
 
 
+def add_to_average(weights: dict[str, Tensor], step: int, out: Path) -> None:
+    """Add ``weights`` (saved at ``step``) to the run's float64 running sum, once: a resumed run that redoes steps
+    already summed skips them (batches are a pure function of (seed, step), so the redone weights are the same)."""
+    path = out / STATE_DIR / AVERAGE_FILE
+    total, count = {}, 0
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            info = f.metadata()
+        if int(info["step"]) >= step:
+            return
+        total, count = load_file(str(path)), int(info["count"])
+    summed = {k: v.detach().cpu().double() + total.get(k, 0.0) for k, v in weights.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(summed, str(path.with_suffix(".tmp")), metadata={"count": str(count + 1), "step": str(step)})
+    path.with_suffix(".tmp").replace(path)
+
+
+def averaged_weights(out: Path) -> tuple[dict[str, Tensor], int]:
+    """The mean of the summed saves (float32) and how many there were."""
+    path = out / STATE_DIR / AVERAGE_FILE
+    with safe_open(str(path), framework="pt") as f:
+        count = int(f.metadata()["count"])
+    return {k: (v / count).float() for k, v in load_file(str(path)).items()}, count
+
+
 def write_checkpoint(model: DreamModel, tok: Tokenizer, layout: Layout, out: Path) -> None:
     """The Dream-format checkpoint directory (what users and ``--model`` load)."""
     gen = {
@@ -139,6 +176,8 @@ def write_checkpoint(model: DreamModel, tok: Tokenizer, layout: Layout, out: Pat
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch < 1:
         raise ConfigError("--steps and --batch must be >= 1.")
+    if not 0 <= args.average_from <= args.steps:
+        raise ConfigError(f"--average-from must be between 0 and --steps ({args.steps}), got {args.average_from}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
@@ -209,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
             record["validation"] = score(model, validation, encode, decode, layout)
             bar.write(f"step {meta['step']}: validation {record['validation']}")
         if meta["step"] % args.save_every == 0 or meta["step"] == stop:
+            regular = meta["step"] % args.save_every == 0 or meta["step"] == args.steps  # not an --until stop
+            if args.average_from and meta["step"] >= args.average_from and regular:
+                add_to_average(model.state_dict(), meta["step"], out)
             save_state(model, opt, meta, out)
             write_checkpoint(model, tok, layout, out)
         if meta["step"] % 20 == 0 or "validation" in record:
@@ -219,8 +261,20 @@ def run(args: argparse.Namespace) -> int:
     if meta["step"] < args.steps:
         print(f"stopped at step {meta['step']}/{args.steps}; rerun the same command to resume")
         return 0
+    final = model
+    if args.average_from:
+        weights, count = averaged_weights(out)
+        final = copy.deepcopy(model)  # the run's state keeps the last step's weights; the export is the mean
+        final.load_state_dict(weights)
+        write_checkpoint(final, tok, layout, out)
+        meta["averaged_saves"] = count
+        print(f"exported the mean of {count} saves from step {args.average_from} to {args.steps}")
+        if validation:
+            meta["validation_averaged"] = score(final, validation, encode, decode, layout)
+            print(f"validation of the mean: {meta['validation_averaged']}")
+        save_state(model, opt, meta, out)
     if args.test_n:
-        result = score(model, task.fixed_set("test", args.test_n), encode, decode, layout)
+        result = score(final, task.fixed_set("test", args.test_n), encode, decode, layout)
         meta["test"] = result
         save_state(model, opt, meta, out)
         print(f"test ({args.test_n} problems, greedy, threshold 0.9): {result}")
