@@ -18,13 +18,16 @@ import functools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from lopa.cli import add_model_arguments, load_llm
 from lopa.config import DecodeConfig
@@ -296,18 +299,32 @@ def _run_workers(
             base += [f"--{flag.replace('_', '-')}", str(value)]
     if args.enforce_eager:
         base.append("--enforce-eager")
-    if not args.json_only:
-        print(f"  {len(names)} decoders over {workers} worker processes", file=sys.stderr, flush=True)
     procs = [
-        subprocess.Popen([*base, "--decoders", *group], stdout=subprocess.PIPE, stderr=None, text=True)
+        subprocess.Popen([*base, "--decoders", *group], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for group in groups
         if group
     ]
+    bar = tqdm(total=len(names), desc=f"bench ({len(procs)} workers)", unit="decoder", disable=args.json_only)
+    lock = threading.Lock()
+
+    def relay(stream) -> None:  # a worker's "  name: 12.3s" lines advance the bar; anything else is passed on
+        for line in stream:
+            done = re.fullmatch(r"  (\S+): [0-9.]+s", line.rstrip("\n"))
+            with lock:
+                if done and done.group(1) in table:
+                    bar.update(1)
+                    bar.set_postfix_str(done.group(1))
+                else:
+                    bar.write(line.rstrip("\n"), file=sys.stderr)
+
+    relays = [threading.Thread(target=relay, args=(proc.stderr,), daemon=True) for proc in procs]
+    for t in relays:
+        t.start()
     rows: list[Row] = []
     try:
         for proc in procs:
-            out, _ = proc.communicate()
-            if proc.returncode != 0:
+            out = proc.stdout.read()  # stderr belongs to the relay thread
+            if proc.wait() != 0:
                 raise LopaError(f"a bench worker process failed (exit {proc.returncode}); see its error above")
             record = json.loads(out.strip().splitlines()[-1])
             rows += [Row(**r) for r in record["rows"]]
@@ -316,6 +333,9 @@ def _run_workers(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        for t in relays:
+            t.join(timeout=5)
+        bar.close()
     return rows
 
 
