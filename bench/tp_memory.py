@@ -2,7 +2,8 @@
 
 For TP = 1, 2 and 4, a fresh process loads rank 0's shard of a random checkpoint (weights read slice by slice
 from safetensors), allocates the static cache (``--rows`` x ``--max-len``) and reports the bytes of its
-parameters + cache, its peak RSS minus the RSS it had before loading (interpreter and torch excluded), and the
+parameters + cache, its peak RSS minus the RSS it had before loading (interpreter and torch excluded, torch's
+meta-device code warmed first), and the
 growth of its anonymous memory (RssAnon: what the rank owns; the peak RSS also counts pages of the mapped safetensors
 file, and a column slice of a row-major tensor touches every page of it, so the peak of a shard includes
 file pages the kernel can drop at any time). The
@@ -41,6 +42,8 @@ def measure(model: str, tp: int, rows: int, max_len: int) -> dict[str, float]:
     """Run in a child process: rank 0's shard of ``model`` plus its cache; bytes and peak RSS growth."""
     from lopa import LLM
 
+    with torch.device("meta"):  # the first meta-device init loads ~70 MB of torch code: not the model's memory
+        DreamModel(ModelConfig(8, 8, 8, 1, 1, 1, 8))
     before = psutil.Process().memory_info().rss
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     before_anon = int(status["RssAnon"].split()[0]) * 1024

@@ -3,7 +3,8 @@
 Owns the on-disk contract: ``config.json`` (its ``model_type`` names the family, which parses it),
 ``model.safetensors`` or
 shards listed in ``model.safetensors.index.json``, tokenizer files, ``generation_config.json``, and an optional
-peft LoRA adapter merged at load (:mod:`lopa.model.lora`). Weights are read only with safetensors; pickle-based
+peft LoRA adapter merged at load (:mod:`lopa.model.lora`). Weights are read only from safetensors files (header
+checked by safetensors, bytes read by :mod:`lopa.model.st_read` without a memory map); pickle-based
 ``.bin`` / ``.pt`` files are refused. Tensor names are translated between the family's checkpoint names and
 the shared module names of :class:`~lopa.model.dream.DreamModel` (the one transformer every family runs on);
 errors name tensors as the checkpoint spells them. Every problem a user can cause raises a named
@@ -38,6 +39,7 @@ from lopa.model.config import ModelConfig, read_json
 from lopa.model.dream import DreamModel
 from lopa.model.layers import Rotary
 from lopa.model.lora import linear_weight_shapes, plan_lora
+from lopa.model.st_read import TensorFile
 from lopa.model.tp import TPShard, shard_model
 from lopa.tokenizer import Tokenizer
 
@@ -223,7 +225,9 @@ def _load_model(
     state: dict[str, Tensor] = {}
     for file in weight_files(path):
         try:
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
+            # safe_open validates the header; the bytes are then read with positioned reads (no memory map), so
+            # a tensor-parallel shard never has the file's other slices resident.
+            with safe_open(str(file), framework="pt", device="cpu") as f, TensorFile(file) as data:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     name = family.tensor_to_shared(key)
                     if key.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
@@ -233,7 +237,7 @@ def _load_model(
                             f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a "
                             f"{family.name} model with this config.json (wrong architecture, or an unmerged adapter?)."
                         )
-                    sl = f.get_slice(key)
+                    sl = data.get_slice(key)
                     shape = torch.Size(sl.get_shape())
                     if shape != expected[name]:
                         raise TensorMismatchError(
@@ -242,6 +246,7 @@ def _load_model(
                         )
                     t = sl[:] if shard is None else shard.read(name, config, sl)  # a shard reads only its slice
                     _check_values(file, key, t)
+                    t = t.to(device)
                     state[name] = updates[name].merge_into(t.float()).to(dtype) if name in updates else t.to(dtype)
         except CheckpointError:  # already named (mismatch, bad values, missing file)
             raise
@@ -275,7 +280,8 @@ def _check_values(file: Path, key: str, t: Tensor) -> None:
             f"{file.name}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; model weights must be "
             f"float32, bfloat16 or float16. The file was not written by a model's save."
         )
-    if not bool(torch.isfinite(t).all()):
+    # In chunks of 1M elements: one whole-tensor mask per weight would fragment the heap by a quarter of the model.
+    if not all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(1 << 20)):
         raise CorruptCheckpointError(
             f"{file.name}: tensor {key!r} holds NaN or inf values; the weights are corrupt (re-download them, or "
             f"restore a checkpoint saved before training diverged)."
