@@ -2,6 +2,7 @@
 
 ``tiny_ckpt`` is a checkpoint directory (GQA, untied head, ChatML template); ``tiny_lora`` a peft adapter for it;
 ``tiny_checkpoint`` the loaded :class:`lopa.model.loader.Checkpoint` (fp32, CPU). Tests must not modify them.
+``single_thread`` runs a module with one torch thread, like each rank of a mesh.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module: these models are tiny, and intra-op threads only add sync cost (10x slower on
+    a busy 2-core machine); each rank of a mesh runs one thread too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -44,13 +44,7 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(0, 60) for _ in range(rng.randrange(3, 20))] for _ in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add sync cost (10x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for the module
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

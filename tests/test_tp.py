@@ -66,14 +66,6 @@ def checkpoint(root: Path, heads: int, kv: int, family: str = "dream") -> Path:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like each rank
-    yield
-    torch.set_num_threads(threads)
-
-
 def dumped_kv(group: BranchParallelGroup) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every rank's committed K/V shard after the group's latest request, in global rank order."""
     out_dir = Path(group.spec["kv_dump_dir"])

@@ -14,21 +14,11 @@ import time
 
 import httpx
 import psutil
-import pytest
-import torch
 from test_tp import TIMEOUT_S, checkpoint
 
 from lopa import LLM, DecodeConfig
 from lopa.cli import main
 from lopa.dist.init import free_port
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like each rank
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cli_generate_tp2_prints_the_single_process_answer(tmp_path, capsys, monkeypatch, single_thread):

@@ -82,8 +82,7 @@ class BatchRunner:
 
     @property
     def pad_id(self) -> int:
-        cfg = self.model.config
-        return int(cfg.pad_token_id if cfg.pad_token_id is not None else cfg.mask_token_id or 0)
+        return self.model.config.padding_id
 
     # ---- slots ---------------------------------------------------------------------------------------
     def alloc(self) -> int | None:

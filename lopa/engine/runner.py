@@ -95,8 +95,7 @@ class Runner:
 
     @property
     def pad_id(self) -> int:
-        cfg = self.model.config
-        return int(cfg.pad_token_id if cfg.pad_token_id is not None else cfg.mask_token_id or 0)
+        return self.model.config.padding_id
 
     def begin(self, max_len: int, rows: int, use_cache: bool = True) -> None:
         """Start a request: a cache for ``rows`` branch rows of ``max_len`` positions (reused when it fits)."""

@@ -62,6 +62,11 @@ class ModelConfig:
         """The raw output at window index ``j`` predicts the token at ``j + logit_shift`` (Dream 1, LLaDA 0)."""
         return self.family.logit_shift
 
+    @property
+    def padding_id(self) -> int:
+        """The token that fills padded positions of a batch: the pad token, else the mask token, else 0."""
+        return int(self.pad_token_id if self.pad_token_id is not None else self.mask_token_id or 0)
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json a checkpoint of this shape and family carries."""
         return self.family.export(self)
