@@ -1,12 +1,10 @@
 """Memory of one tensor-parallel rank against one process: tensor bytes and peak resident memory.
 
 For TP = 1, 2 and 4, a fresh process loads rank 0's shard of a random checkpoint (weights read slice by slice
-from safetensors), allocates the static cache (``--rows`` x ``--max-len``) and reports the bytes of its
-parameters + cache, its peak RSS minus the RSS it had before loading (interpreter and torch excluded, torch's
-meta-device code warmed first), and the
-growth of its anonymous memory (RssAnon: what the rank owns; the peak RSS also counts pages of the mapped safetensors
-file, and a column slice of a row-major tensor touches every page of it, so the peak of a shard includes
-file pages the kernel can drop at any time). The
+with positioned reads, never memory-mapped: ``lopa.model.st_read``), allocates the static cache (``--rows`` x
+``--max-len``) and reports the bytes of its parameters + cache, its peak RSS minus the RSS it had before loading
+(interpreter and torch excluded, torch's meta-device code warmed first), and the growth of its anonymous memory
+(RssAnon: what the rank owns, without the few file-backed pages the RSS also counts). The
 same ratio is then computed from the shapes alone for Dream-7B (no weights needed).
 
     python bench/tp_memory.py                  # random checkpoint of about 0.3 GB in a temp dir
@@ -51,12 +49,12 @@ def measure(model: str, tp: int, rows: int, max_len: int) -> dict[str, float]:
     llm.runner.begin(max_len, rows=rows)
     weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     for p in llm.model.parameters():
-        p.sum()  # weights read lazily from a mapped file count once their pages are touched
+        p.sum()  # every weight page resident, however the loader read it (a mapped page counts only once touched)
     llm.runner.cache.k.fill_(1.0)  # zero-filled pages become resident only when written
     llm.runner.cache.v.fill_(1.0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    anon = int(status["RssAnon"].split()[0]) * 1024  # memory the rank owns (mapped file pages excluded)
+    anon = int(status["RssAnon"].split()[0]) * 1024  # memory the rank owns (file-backed pages excluded)
     return {
         "weights": weights, "cache": llm.runner.cache.memory_bytes(), "rss_growth": peak - before,
         "anon_growth": anon - before_anon,

@@ -263,10 +263,13 @@ def _set_agreement(rows: list[Row]) -> None:
 
 def _cost(name: str, cfg: DecodeConfig) -> float:
     """Rough relative cost of a decoder's run: forwards per answer x rows per forward (for splitting the work)."""
-    tpf = {"vanilla": 1.0}.get(cfg.decoder, 2.4 if cfg.extra_fill else 1.3)
-    if cfg.decoder == "lopa":
+    if cfg.decoder == "vanilla":
+        tpf = 1.0
+    elif cfg.decoder == "lopa":
         tpf = 1.3 + 0.3 * cfg.num_branches
-    return cfg.max_new_tokens / tpf * (cfg.num_branches + 1 if cfg.decoder == "lopa" else 1)
+    else:
+        tpf = 2.4 if cfg.extra_fill else 1.3
+    return cfg.max_new_tokens / tpf * (cfg.num_branches + 1)  # k lookahead rows + the anchor (k = 0 without lopa)
 
 
 def _worker_count(args: argparse.Namespace, device: torch.device, n_decoders: int) -> int:

@@ -272,12 +272,11 @@ def run(args: argparse.Namespace) -> int:
         if validation:
             meta["validation_averaged"] = score(final, validation, encode, decode, layout)
             print(f"validation of the mean: {meta['validation_averaged']}")
-        save_state(model, opt, meta, out)
     if args.test_n:
-        result = score(final, task.fixed_set("test", args.test_n), encode, decode, layout)
-        meta["test"] = result
-        save_state(model, opt, meta, out)
-        print(f"test ({args.test_n} problems, greedy, threshold 0.9): {result}")
+        meta["test"] = score(final, task.fixed_set("test", args.test_n), encode, decode, layout)
+        print(f"test ({args.test_n} problems, greedy, threshold 0.9): {meta['test']}")
+    if args.average_from or args.test_n:
+        save_state(model, opt, meta, out)  # the last step's weights, with the export's scores in its meta
     tokens_per_s = meta["tokens"] / max(meta["seconds"], 1e-9)
     print(f"done: {meta['step']} steps, {meta['seconds'] / 60:.1f} min training, {tokens_per_s:,.0f} tok/s -> {out}")
     return 0
