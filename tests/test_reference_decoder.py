@@ -12,21 +12,14 @@ lookahead branches won, and (shared score) tied candidates were decided by the t
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from engine_utils import END, EOS, FAMILIES, peaky_model
-from reference_decoder import ReferenceTransformer, RefResult, reference_decode
+from engine_utils import END, FAMILIES
+from reference_checks import assert_same_decode, engine_decode, graded_model, prompt_for
+from reference_decoder import ReferenceTransformer, reference_decode
 
 from lopa.config import DecodeConfig
-from lopa.engine.engine import decode, run
-from lopa.engine.runner import Runner
-from lopa.engine.sequence import Step
 from lopa.testing import transformers_bidirectional_logits, transformers_twin
-
-MASK = 63
-SCORE_TOL = 1e-4  # scores are means of fp32 confidences from two independent fp32 forwards
 
 # (k, block_size, threshold, confidence): every k, block size and confidence kind, spread over thresholds
 GRID = [
@@ -38,41 +31,6 @@ GRID = [
     (4, 32, 0.95, "neg_entropy"),
     (8, 4, 0.7, "margin"),
 ]
-
-
-def graded_model(seed: int, family: str) -> torch.nn.Module:
-    """A random checkpoint with graded confidences; the end token is damped so decoding runs past a block or two."""
-    model = peaky_model(seed, sharpness=5.0, family=family)
-    with torch.no_grad():
-        model.lm_head.weight[EOS] *= 0.3
-    return model
-
-
-def prompt_for(seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(0, 60) for _ in range(rng.randrange(3, 10))]
-
-
-def engine_decode(model: torch.nn.Module, prompt: list[int], cfg: DecodeConfig) -> tuple[Step, Runner]:
-    runner = Runner(model)
-    return run(decode(runner, prompt, cfg.replace(trace=True).validate(), MASK, END)), runner
-
-
-def assert_same_decode(step: Step, ref: RefResult, what: object) -> None:
-    """Tokens, forwards and every step's spawned positions, scores, winner, fill and committed length agree."""
-    assert step.state.tokens.tolist() == ref.tokens, what
-    assert step.stats.forwards == ref.forwards, what
-    assert step.trace is not None and len(step.trace) == len(ref.steps), what
-    for i, (got, want) in enumerate(zip(step.trace, ref.steps, strict=True)):
-        at = (what, "step", i + 1)
-        spawned = [c["extra_position"] for c in got.candidates if c["kind"] == "lookahead"]
-        assert spawned == want.spawned, at
-        assert [c["kind"] for c in got.candidates] == ["lookahead"] * len(want.spawned) + ["anchor"], at
-        scores = [c["score"] for c in got.candidates]
-        assert scores == pytest.approx(want.scores, abs=SCORE_TOL, rel=0), at
-        assert got.winner == want.winner, at
-        assert got.filled == want.filled, at
-        assert got.committed == want.committed, at
 
 
 @pytest.fixture(scope="module", autouse=True)
