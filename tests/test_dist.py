@@ -4,6 +4,8 @@ For 1, 2 and 3 ranks and k + 1 candidates below, equal to and above the number o
 decoding gives the single-process tokens, forward count and winners, and every rank ends with the same
 committed K/V as the single-process cache; for both model families (Dream freezes a last logit and sends it
 with the committed K/V, LLaDA has no shift and sends none).
+Over 2 ranks the committed K/V also equals what the winners' windows produce, recomputed by the independent
+reference decoder (tests/reference_decoder.py).
 A killed rank, and a live rank that never joins a collective, make
 rank 0 raise DistributedError naming that rank within the timeout, and no rank process is left behind.
 Ranks are started once per world size and shared by the tests of this module (starting torch dominates).
@@ -23,6 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from reference_checks import lookahead_commits, replayed_kv
+from reference_decoder import ReferenceTransformer, reference_decode
 from safetensors.torch import load_file
 
 from lopa import LLM, DecodeConfig
@@ -134,6 +138,33 @@ def test_branch_parallel_equals_single_process(world, family, groups, references
     assert owners == set(range(world))  # every rank won at least once: its K/V broadcast was exercised
     if family != "dream":
         group.close()  # only the Dream groups serve the fault tests below; idle ranks would slow their timing
+
+
+def test_branch_parallel_cache_is_the_winners_windows(groups, reference):
+    """Over gloo, every rank's committed K/V is what the winners' windows produce, recomputed by the independent
+    reference decoder (tests/reference_decoder.py): k + 1 = 4 candidates on 2 ranks, lookahead winners committing."""
+    cfg = DecodeConfig(
+        decoder="lopa",
+        base="d2f",
+        branches=3,
+        block_size=4,
+        max_new_tokens=16,
+        threshold=0.5,
+        tau_add=0.25,
+        tau_act=0.5,
+    )
+    model = ReferenceTransformer(reference.model, "dream")
+    ref = reference_decode(model, PROMPTS[1], cfg, reference.end_ids)
+    assert lookahead_commits(ref) > 0  # committing the anchor's row instead of the winner's would show
+    group = groups(2)
+    got = group.generate(PROMPTS[1], cfg.replace(trace=True))[0]
+    assert got.token_ids == ref.tokens[len(PROMPTS[1]) :][: len(got.token_ids)]
+    assert got.stats.forwards == ref.forwards
+    assert [t.winner for t in got.trace] == [s.winner for s in ref.steps]
+    want_k, want_v = replayed_kv(model, ref.commits)
+    for k, v in dumped_kv(group):
+        torch.testing.assert_close(k, want_k, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v, want_v, atol=1e-5, rtol=0)
 
 
 def test_user_error_leaves_the_group_usable(groups):
