@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_utils import END, FAMILIES
+from engine_utils import END, FAMILIES, MASK
 from reference_checks import assert_same_decode, engine_decode, graded_model, prompt_for
-from reference_decoder import ReferenceTransformer, reference_decode
+from reference_decoder import ReferenceTransformer, guess, reference_decode
 
 from lopa.config import DecodeConfig
 from lopa.testing import transformers_bidirectional_logits, transformers_twin
@@ -47,6 +47,18 @@ def test_reference_forward_equals_transformers() -> None:
     theirs = transformers_bidirectional_logits(transformers_twin(model), ids)[0]
     assert ours.std() > 1.0
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_graded_checkpoints_have_no_tied_confidences(family: str) -> None:
+    """Over a masked answer, every confidence kind is spread out and no two positions are within 1e-5 of each other,
+    so the comparisons below are decided by the decoders, not by fp32 rounding or the tie rule."""
+    model = ReferenceTransformer(graded_model(0, family), family)
+    logits, _ = model.forward(prompt_for(0) + [MASK] * 16, 0)  # (L, vocab)
+    for kind in ("maxprob", "margin", "neg_entropy"):
+        conf = sorted(guess(row, MASK, kind).conf for row in logits)
+        assert min(b - a for a, b in zip(conf, conf[1:], strict=False)) > 1e-5, kind
+        assert conf[-1] - conf[0] > 0.5, kind
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
