@@ -51,10 +51,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lopa.config import DecodeConfig  # read as plain data: which decoder, k, thresholds, confidence kind
 
 SHIFT = {"dream": 1, "llada": 0}  # docs/algorithm.md §1: Dream's logits are shifted, LLaDA's are not
 KV = list[tuple[Tensor, Tensor]]  # per layer: K (after RoPE) and V, each (kv_heads, n, head_dim)
@@ -211,7 +215,9 @@ class RefResult:
 
 
 # ---- the decoders (§3) ------------------------------------------------------------------------------------------
-def reference_decode(model: ReferenceTransformer, prompt: list[int], cfg, end_ids: frozenset[int]) -> RefResult:
+def reference_decode(
+    model: ReferenceTransformer, prompt: list[int], cfg: DecodeConfig, end_ids: frozenset[int]
+) -> RefResult:
     """Decode ``prompt`` as ``cfg`` (a lopa DecodeConfig, read as plain data) says, greedily."""
     if cfg.temperature != 0 or cfg.extra_fill or cfg.force_anchor:
         raise NotImplementedError("the reference decodes greedily, without extra_fill or force_anchor")
@@ -220,7 +226,7 @@ def reference_decode(model: ReferenceTransformer, prompt: list[int], cfg, end_id
     return _blocks(model, prompt, cfg, end_ids)
 
 
-def _vanilla(model: ReferenceTransformer, prompt: list[int], cfg, end_ids: frozenset[int]) -> RefResult:
+def _vanilla(model: ReferenceTransformer, prompt: list[int], cfg: DecodeConfig, end_ids: frozenset[int]) -> RefResult:
     kind = {"maskgit_plus": "maxprob", "topk_margin": "margin", "entropy": "neg_entropy"}[cfg.order]
     mask, n = model.mask_id, len(prompt)
     tokens, steps = list(prompt) + [mask] * cfg.max_new_tokens, []
@@ -237,7 +243,7 @@ def _vanilla(model: ReferenceTransformer, prompt: list[int], cfg, end_ids: froze
     return RefResult(tokens, len(steps), steps)
 
 
-def _prepare(c: Cand, cfg, mask: int) -> None:
+def _prepare(c: Cand, cfg: DecodeConfig, mask: int) -> None:
     size, limit = cfg.block_size, cfg.max_new_tokens // cfg.block_size
     may_add = not c.end_seen and len(c.blocks) - 1 < limit
     base = cfg.base if cfg.decoder == "lopa" else cfg.decoder
@@ -254,7 +260,7 @@ def _prepare(c: Cand, cfg, mask: int) -> None:
             b.full = True
 
 
-def _fill(c: Cand, guesses: dict[int, Guess], cfg) -> list[int]:
+def _fill(c: Cand, guesses: dict[int, Guess], cfg: DecodeConfig) -> list[int]:
     """The base decoder's fill of ``c`` from its own predictions; returns the filled positions, ascending."""
     active = [b for b in c.blocks if b.state == "active"]
     base = cfg.base if cfg.decoder == "lopa" else cfg.decoder
@@ -282,7 +288,7 @@ def _promote(c: Cand, mask: int) -> None:
             b.state = "ready"
 
 
-def _blocks(model: ReferenceTransformer, prompt: list[int], cfg, end_ids: frozenset[int]) -> RefResult:
+def _blocks(model: ReferenceTransformer, prompt: list[int], cfg: DecodeConfig, end_ids: frozenset[int]) -> RefResult:
     mask, shift = model.mask_id, model.shift
     k = cfg.branches if cfg.decoder == "lopa" else 0
     cap = cfg.max_iterations or cfg.max_new_tokens + cfg.max_new_tokens // cfg.block_size + 8
