@@ -134,7 +134,8 @@ def layer(case: Case, c: ModelConfig, path: str) -> list[Kernel]:
     if path.startswith("fast batch"):
         rows, window = 1 << (rows - 1).bit_length(), round_up(window, WINDOW_GRANULARITY)
     t = rows * window
-    norm = Kernel("rmsnorm x2 (lopa: fp32 composite)", 2 * (36 if path != "yardstick" else 4) * t * h)
+    kind = "fused F.rms_norm" if path == "yardstick" else "lopa: fp32 composite"
+    norm = Kernel(f"rmsnorm x2 ({kind})", 2 * (36 if path != "yardstick" else 4) * t * h)
     out = [norm, matmul("qkv_proj (+bias)", t, h, qd + 2 * kvd, c.attention_bias)]
     if path != "yardstick":
         out.append(Kernel("rope on q and k (composite)", 16 * BF16 * t * (qd + kvd)))
@@ -148,7 +149,7 @@ def layer(case: Case, c: ModelConfig, path: str) -> list[Kernel]:
     else:
         prefix = round_up(case.prefix, KV_GRANULARITY) if path.startswith("fast batch") else case.prefix
         keys, kv = prefix + window, rows * c.num_key_value_heads * prefix * d
-        out.append(Kernel(f"K/V prefix gather from the pool ({rows} rows)", 2 * 2 * BF16 * kv))
+        out.append(Kernel("K/V prefix gather from the pool (index_select)", 2 * 2 * BF16 * kv))
         out.append(Kernel("K/V cat(prefix, window)", 2 * BF16 * (2 * kv + 2 * rows * c.num_key_value_heads * keys * d)))
         if path == "eager batch":
             out.append(fused_attention(f"attention (flash, no mask, {keys} keys)", rows, c, window, keys, False))
@@ -199,7 +200,12 @@ VIEWS = {
     "aten::_local_scalar_dense", "aten::contiguous", "aten::to", "aten::type_as", "aten::numpy_T", "aten::flatten",
     "aten::view_as", "aten::expand_as", "aten::new_empty", "aten::set_", "aten::_has_compatible_shallow_copy_type",
 }  # fmt: skip
-FUSED = {"aten::rms_norm", "aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::embedding"}
+# ops that are ONE kernel on CUDA whatever the CPU profile shows beneath them (a reduction, a matmul, a gather)
+FUSED = {
+    "aten::rms_norm", "aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "aten::bmm", "aten::embedding",
+    "aten::mean", "aten::sum", "aten::pow", "aten::rsqrt", "aten::cat", "aten::index_copy_", "aten::gather",
+    "aten::index_select", "aten::softmax", "aten::argmax", "aten::copy_", "aten::_to_copy", "aten::clone",
+}  # fmt: skip
 
 
 def _kernels(event) -> Counter:
@@ -212,11 +218,13 @@ def _kernels(event) -> Counter:
             if not ch.name.startswith("aten::_scaled_dot_product") and ch.name not in VIEWS:
                 prep[f"sdpa mask prep: {ch.name}"] += 1
         return prep + Counter({"sdpa": 1})
-    if name in FUSED or (not children and name not in VIEWS):
+    if name in FUSED:
         return Counter({name: 1})
     out = Counter()
     for ch in children:
         out += _kernels(ch)
+    if not out and name not in VIEWS and name != "aten::to":  # an op whose children are all views does the work
+        out[name] = 1
     return out
 
 
@@ -375,22 +383,25 @@ def main(argv: list[str] | None = None) -> int:
     for case in CASES:
         results = [account(case, c, path, bw, rate) for path in paths[case.batched]]
         part1 += results
-        print(f"## {case.name}: per layer, MB moved / GFLOP ({' | '.join(r['path'] for r in results)})")
-        for r in results:
-            for k in r["layer"]:
-                print(f"{r['path']:<12} | {k['name']:<48} | {k['bytes'] / 1e6:9.2f} MB | {k['flops'] / 1e9:8.2f} GFLOP")
-            hd = r["head"]
-            print(f"{r['path']:<12} | {hd['name'] + ', once':<48} | {hd['bytes'] / 1e6:9.2f} MB | "
-                  f"{hd['flops'] / 1e9:8.2f} GFLOP")  # fmt: skip
+        print(f"## {case.name}: per layer (x {c.num_hidden_layers}), MB moved | GFLOP of each kernel group")
+        print(" | ".join(["kernel group", *(f"{r['path']} MB | GFLOP" for r in results)]))
+        for name in dict.fromkeys(k["name"] for r in results for k in r["layer"]):
+            cells = []
+            for r in results:
+                k = next((k for k in r["layer"] if k["name"] == name), None)
+                cells.append("- | -" if k is None else f"{k['bytes'] / 1e6:.2f} | {k['flops'] / 1e9:.2f}")
+            print(" | ".join([name, *cells]))
+        heads = [f"{r['head']['bytes'] / 1e6:.2f} | {r['head']['flops'] / 1e9:.2f}" for r in results]
+        rows = ", ".join(r["head"]["name"][9:-1] for r in results)
+        print(" | ".join([f"LM head, once per forward ({rows})", *heads]))
         for r in results:
             print(
                 f"{case.name} {r['path']}: {r['gb']:.2f} GB, {r['tflop']:.3f} TFLOP, roofline {r['roofline_ms']:.2f} ms"
             )
-
     shape = a.profile_shape or ("7b" if dev == "cuda" else "small")
     pcfg = dataclasses.replace(gpu_step.model_config(shape), num_hidden_layers=a.profile_layers)
     pcfg1 = dataclasses.replace(pcfg, num_hidden_layers=a.profile_layers - 1) if a.profile_layers > 1 else None
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    dtype = torch.bfloat16  # on CPU too: the fp32 casts of lopa's RMSNorm and RoPE only exist in half precision
     counts = profile_paths(pcfg, a.device, dtype, 32, 512)
     fewer = profile_paths(pcfg1, a.device, dtype, 32, 512) if pcfg1 else None
     kind = "CUDA kernels (profiler)" if dev == "cuda" else "kernels of the Python-level ops (CPU profiler)"
@@ -408,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path:<12} | {total:4d} per forward | {per_layer} per layer | {fixed} outside the layers | "
               f"{per_7b} at 28 layers" + (f" | {dev_us:.0f} µs of kernels" if dev_us else ""))  # fmt: skip
         part2[path]["at_28_layers"] = per_7b
-        print("    " + ", ".join(f"{k.replace('aten::', '')} {v}" for k, v in cnt.most_common(12)))
+        layer_ops = cnt - fewer[path][0] if fewer else cnt
+        part2[path]["per_layer_by_op"] = dict(layer_ops.most_common())
+        print("    per layer: " + ", ".join(f"{k.replace('aten::', '')} {v}" for k, v in layer_ops.most_common()))
 
     print("# PART 3, measured on this host: ms to build one forward's inputs (inside gpu_step's fast column)")
     part3 = host_packing_ms(c)
