@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqs", type=int, nargs="+", default=[1, 16], help="sequences decoded together")
     p.add_argument("--branches", type=int, nargs="+", default=[4, 8], help="LoPA k values (threshold base)")
     p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="per sequence (one 32-token block by default)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default: 512 on CUDA, 32 on CPU)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell after the warm-up; the fastest counts")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")

@@ -243,7 +243,7 @@ def count_kernels(fn, device: str) -> tuple[Counter, dict[str, float]]:
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 counts[e.name[:60]] += 1
-                micros[e.name[:60]] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+                micros[e.name[:60]] += e.time_range.elapsed_us()
         return counts, dict(micros)
     counts = Counter()
     for e in prof.events():
@@ -252,38 +252,57 @@ def count_kernels(fn, device: str) -> tuple[Counter, dict[str, float]]:
     return counts, {}
 
 
-def profile_paths(cfg: ModelConfig, device: str, dtype, window: int, prefix: int) -> dict[str, Counter]:
-    """Kernel counts of one forward of each path for a model of ``cfg`` (its layers) on ``device``."""
+def profile_paths(cfg: ModelConfig, device: str, dtype, window: int, prefix: int) -> dict[str, tuple | str]:
+    """Kernel counts of one forward of each path for a model of ``cfg`` (its layers) on ``device``: (counts by
+    op, device µs by kernel) per path, or the error that path raised (the other paths are still counted)."""
     model = gpu_step.build(lambda: DreamModel(cfg), device, dtype)
-    yard = gpu_step.yardstick(cfg, device, dtype)
-    dev, out = torch.device(device), {}
-    rows = 8
-    kc = [torch.zeros(rows, cfg.num_key_value_heads, prefix + window, cfg.head_dim, device=device, dtype=dtype)]
-    kc = kc * cfg.num_hidden_layers
-    ids = torch.randint(0, cfg.vocab_size, (rows, window), device=device)
-    with torch.no_grad():
-        out["yardstick"] = count_kernels(lambda: yard(ids, kc, kc, prefix), device)
-    eager_batch = BatchRunner(model, 16, prefix + 2 * window + KV_GRANULARITY, dev)
-    slots, _, args = gpu_step.batch_inputs(eager_batch, cfg, 16, 4, window, prefix)
-    out["eager batch"] = count_kernels(lambda: eager_batch._forward(*args), device)
-    fast = FastRunner(model, dev, use_graphs=False, window_granularity=WINDOW_GRANULARITY,
-                      kv_granularity=KV_GRANULARITY)  # fmt: skip  # the padded forward a graph would capture
-    fast.begin(prefix + window, rows=rows)
-    fast.cache.committed = fast.cache.written = prefix
-    cands = gpu_step.candidates(cfg, rows, window, prefix)
-    out["fast"] = count_kernels(lambda: fast.raw_logits(prefix, 0, cands), device)
-    if device != "cuda":  # on CPU the host-side input building shows up as ops too: take it out
-        pad, shift = cfg.padding_id, cfg.logit_shift
-        host = count_kernels(lambda: pack_inputs(build_batch(prefix, 0, cands, pad, shift), rows, window, pad), device)
-        out["fast"] = (out["fast"][0] - host[0], {})
-    batch = FastBatchRunner(model, 16, prefix + 2 * window + KV_GRANULARITY, dev, use_graphs=False,
-                            window_granularity=WINDOW_GRANULARITY, kv_granularity=KV_GRANULARITY)  # fmt: skip
-    slots, _, args = gpu_step.batch_inputs(batch, cfg, 16, 4, window, prefix)
-    out["fast batch"] = count_kernels(lambda: batch._forward(*args), device)
-    if device != "cuda":
-        key = batch.bucket(args[0].shape[0], args[0].shape[1], prefix)
-        host = count_kernels(lambda: _pack(*args, key[0], key[1], batch.pad_id), device)
-        out["fast batch"] = (out["fast batch"][0] - host[0], {})
+    dev, rows, pad, shift = torch.device(device), 8, cfg.padding_id, cfg.logit_shift
+    pool_len = prefix + 2 * window + KV_GRANULARITY
+
+    def yardstick() -> tuple:
+        yard = gpu_step.yardstick(cfg, device, dtype)
+        kc = [torch.zeros(rows, cfg.num_key_value_heads, prefix + window, cfg.head_dim, device=device, dtype=dtype)]
+        ids = torch.randint(0, cfg.vocab_size, (rows, window), device=device)
+        with torch.no_grad():
+            return count_kernels(lambda: yard(ids, kc * cfg.num_hidden_layers, kc * cfg.num_hidden_layers, prefix),
+                                 device)  # fmt: skip
+
+    def eager_batch() -> tuple:  # before the fast runners fuse the model's weights in place
+        runner = BatchRunner(model, 16, pool_len, dev)
+        _, _, args = gpu_step.batch_inputs(runner, cfg, 16, 4, window, prefix)
+        return count_kernels(lambda: runner._forward(*args), device)
+
+    def fast() -> tuple:  # the padded forward a graph would capture, run eagerly so the profiler sees its kernels
+        runner = FastRunner(model, dev, use_graphs=False, window_granularity=WINDOW_GRANULARITY,
+                            kv_granularity=KV_GRANULARITY)  # fmt: skip
+        runner.begin(prefix + window, rows=rows)
+        runner.cache.committed = runner.cache.written = prefix
+        cands = gpu_step.candidates(cfg, rows, window, prefix)
+        counts, micros = count_kernels(lambda: runner.raw_logits(prefix, 0, cands), device)
+        if device != "cuda":  # on CPU the host-side input building shows up as ops too: take it out
+            host, _ = count_kernels(lambda: pack_inputs(build_batch(prefix, 0, cands, pad, shift), rows, window, pad),
+                                    device)  # fmt: skip
+            counts -= host
+        return counts, micros
+
+    def fast_batch() -> tuple:
+        runner = FastBatchRunner(model, 16, pool_len, dev, use_graphs=False, window_granularity=WINDOW_GRANULARITY,
+                                 kv_granularity=KV_GRANULARITY)  # fmt: skip
+        _, _, args = gpu_step.batch_inputs(runner, cfg, 16, 4, window, prefix)
+        counts, micros = count_kernels(lambda: runner._forward(*args), device)
+        if device != "cuda":
+            key = runner.bucket(args[0].shape[0], args[0].shape[1], prefix)
+            host, _ = count_kernels(lambda: _pack(*args, key[0], key[1], runner.pad_id), device)
+            counts -= host
+        return counts, micros
+
+    out: dict[str, tuple | str] = {}
+    for name, fn in (("yardstick", yardstick), ("eager batch", eager_batch), ("fast", fast),
+                     ("fast batch", fast_batch)):  # fmt: skip
+        try:
+            out[name] = fn()
+        except Exception as e:  # noqa: BLE001 (reported in the table and the JSON; the other paths still run)
+            out[name] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -398,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{case.name} {r['path']}: {r['gb']:.2f} GB, {r['tflop']:.3f} TFLOP, roofline {r['roofline_ms']:.2f} ms"
             )
+    part4 = attention_backends(c, a.device, torch.bfloat16) if dev == "cuda" else None
+    if part4:
+        print("# PART 4, measured: which SDPA backends run each attention call (each backend tried alone)")
+        for call, ok in part4.items():
+            print(f"{call:<48} | " + ", ".join(f"{b}: {'yes' if v else 'no'}" for b, v in ok.items()))
+
     shape = a.profile_shape or ("7b" if dev == "cuda" else "small")
     pcfg = dataclasses.replace(gpu_step.model_config(shape), num_hidden_layers=a.profile_layers)
     pcfg1 = dataclasses.replace(pcfg, num_hidden_layers=a.profile_layers - 1) if a.profile_layers > 1 else None
@@ -408,7 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# PART 2, measured: {kind} per forward, shape {shape} with {a.profile_layers} layers; per layer =")
     print("# the difference to one layer fewer. 8x32 for fast / yardstick, 16 seqs x 5 x 32 for the batch paths.")
     part2 = {}
-    for path, (cnt, micros) in counts.items():
+    for path, result in counts.items():
+        if isinstance(result, str) or isinstance(fewer and fewer[path], str):
+            error = result if isinstance(result, str) else fewer[path]
+            part2[path] = dict(error=error)
+            print(f"{path:<12} | FAILED: {error}")
+            continue
+        cnt, micros = result
         total = sum(cnt.values())
         per_layer = total - sum(fewer[path][0].values()) if fewer else None
         fixed = total - a.profile_layers * per_layer if per_layer is not None else None
@@ -428,11 +459,6 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in part3.items():
         print(f"{k:<48} | {v:.3f} ms")
 
-    part4 = attention_backends(c, a.device, torch.bfloat16) if dev == "cuda" else None
-    if part4:
-        print("# PART 4, measured: which SDPA backends run each attention call (each backend tried alone)")
-        for call, ok in part4.items():
-            print(f"{call:<48} | " + ", ".join(f"{b}: {'yes' if v else 'no'}" for b, v in ok.items()))
     summary = dict(
         bench="gpu_account", device=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", torch=torch.__version__,
         ceilings=dict(bandwidth=bw, tflops=a.tflops),

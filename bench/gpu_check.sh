@@ -2,7 +2,7 @@
 # The device check (issue 20): every GPU-facing test and benchmark of the repo in one call, each step under its
 # own time limit, so one run on a GPU machine takes all the figures and a broken step cannot hide the others.
 #
-#   bench/gpu_check.sh OUTDIR             # on one GPU: at most ~8 minutes (the step limits add up to 460 s)
+#   bench/gpu_check.sh OUTDIR             # on one GPU: at most 8 minutes (the step limits add up to 470 s)
 #   bench/gpu_check.sh --dry-run OUTDIR   # the same steps on CPU with tiny shapes (CI runs this)
 #   bench/gpu_check.sh --only "e2e account" OUTDIR   # a subset of the steps, by name
 #
@@ -130,11 +130,11 @@ else
     step gpu_tests 60 bash -c pytest_gpu
     step step_dream 120 "$PY" bench/gpu_step.py --floor-script bench/gpu_floor.py $HF
     step step_llada 60 "$PY" bench/gpu_step.py --family llada --no-hf
-    step e2e 90 "$PY" bench/e2e.py
+    step e2e 100 "$PY" bench/e2e.py
     step throughput 50 "$PY" bench/throughput.py --device cuda --n 64 --batch 1 16 64 --repeats 1
-    step lopa_bench 40 "$PY" -m lopa bench --device cuda --n 200 --json-only \
+    step lopa_bench 30 "$PY" -m lopa bench --device cuda --n 200 --json-only \
         --decoders threshold lopa-threshold-k4 lopa-threshold-k8
-    step account 20 "$PY" bench/gpu_account.py
+    step account 30 "$PY" bench/gpu_account.py
 fi
 
 {
