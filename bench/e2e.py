@@ -153,6 +153,23 @@ def measure(llm: LLM, cfg: DecodeConfig, prompts: list[list[int]], clock: Forwar
     )
 
 
+def host_profile(llm: LLM, cfg: DecodeConfig, prompts: list[list[int]], top: int) -> list[tuple]:
+    """The ``top`` functions by self time of one ``generate`` under cProfile: (function, calls, self ms, cum ms)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(llm.generate, prompts, cfg)
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, self s, cumulative s, callers)}
+    ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    root = str(Path(__file__).resolve().parents[1])
+    return [
+        (f"{Path(f).name if not f.startswith(root) else f[len(root) + 1 :]}:{line}({name})", calls,
+         round(self_s * 1e3, 2), round(cum_s * 1e3, 2))
+        for (f, line, name), (_, calls, self_s, cum_s, _) in ranked
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -166,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32, help="per sequence (one 32-token block by default)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default: 512 on CUDA, 32 on CPU)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell after the warm-up; the fastest counts")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one run of the target decoder at each --seqs with cProfile: top N functions",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     p.add_argument("--enforce-eager", action="store_true", help="time the eager runners instead of the fast path")
     a = p.parse_args(argv)
@@ -209,10 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         mark = "-" if r["meets_target"] is None else ("PASS" if r["meets_target"] else "FAIL")
         print(" | ".join(str(r[c]) for c in cols) + f" | {mark}")
+    profiles = {}
+    for n in a.seqs if a.profile else []:
+        dcfg = decoders(a.block_size, a.max_new_tokens, a.branches)[TARGET_ROW[0]]
+        profiles[n] = host_profile(llm, dcfg, prompts[:n], a.profile)
+        print(f"# HOST PROFILE (cProfile, one generate of {TARGET_ROW[0]} x {n} seqs; the forward is one of the")
+        print("# functions listed): function | calls | self ms | cumulative ms")
+        for row in profiles[n]:
+            print(" | ".join(str(x) for x in row))
     summary = dict(
         bench="e2e", device=name, family=a.family, shape=shape, dtype=str(dtype)[6:], params=params,
         prompt=prompt_len, block_size=a.block_size, max_new_tokens=a.max_new_tokens, runners=list(fast),
         torch=torch.__version__, target=dict(row=list(TARGET_ROW), host_share_max=TARGET_HOST_SHARE), rows=rows,
+        host_profile={str(n): rows for n, rows in profiles.items()} or None,
     )  # fmt: skip
     print(json.dumps(summary))
     return 0

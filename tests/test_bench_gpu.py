@@ -62,7 +62,7 @@ def test_forward_clock_counts_every_forward_of_the_runner():
 def test_e2e_bench_runs_on_cpu(capsys):
     e2e = _bench("e2e")
     argv = ["--device", "cpu", "--shape", "tiny", "--seqs", "1", "3", "--branches", "2", "8"]
-    assert e2e.main([*argv, "--block-size", "8", "--max-new-tokens", "16", "--prompt", "8"]) == 0
+    assert e2e.main([*argv, "--block-size", "8", "--max-new-tokens", "16", "--prompt", "8", "--profile", "5"]) == 0
     out = capsys.readouterr().out
     summary = _last_json(out)
     assert summary["bench"] == "e2e" and summary["runners"] == ["Runner", "BatchRunner"]
@@ -80,6 +80,9 @@ def test_e2e_bench_runs_on_cpu(capsys):
     assert [(r["decoder"], r["seqs"]) for r in target] == [("lopa-k8", 1)]
     assert target[0]["meets_target"] == (target[0]["host_share"] <= 0.10)
     assert ("PASS" in out) != ("FAIL" in out)
+    profiled = summary["host_profile"]
+    assert set(profiled) == {"1", "3"} and all(len(rows) == 5 for rows in profiled.values())
+    assert all(self_ms <= cum_ms + 1e-6 for rows in profiled.values() for _, _, self_ms, cum_ms in rows)
 
 
 # ---- bench/gpu_step.py: targets --------------------------------------------------------------------------------
