@@ -91,7 +91,13 @@ class Case:
     batched: bool  # many sequences (pool) vs one (static cache)
 
 
-CASES = [Case("1x32", 1, 32, 512, False), Case("8x32", 8, 32, 512, False), Case("16 seqs x 5x32", 80, 32, 512, True)]
+def cases(prefix: int = 512) -> list[Case]:
+    """1 x 32 and 8 x 32 on one sequence, and 16 sequences x 5 rows x 32 tokens, over ``prefix`` cached tokens."""
+    return [Case("1x32", 1, 32, prefix, False), Case("8x32", 8, 32, prefix, False),
+            Case("16 seqs x 5x32", 80, 32, prefix, True)]  # fmt: skip
+
+
+CASES = cases()
 
 
 def matmul(name: str, tokens: int, n_in: int, n_out: int, bias: bool = False) -> Kernel:
@@ -388,18 +394,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tflops", type=float, default=751.0, help="bf16 TFLOP/s for the roofline (H100 8192^3 mm)")
     p.add_argument("--profile-shape", default=None, help="gpu_step shape for part 2 (default: 7b on CUDA, small)")
     p.add_argument("--profile-layers", type=int, default=2)
+    p.add_argument("--prefix", type=int, default=512, help="cached tokens of every sequence in part 1")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     dev = torch.device(a.device).type
     c = gpu_step.model_config("7b")
     bw, rate = a.bandwidth, a.tflops * 1e12
 
-    print(f"# PART 1, computed from the shapes: Dream-7B ({c.num_hidden_layers} layers), bf16, 512-token prefix.")
+    print(
+        f"# PART 1, computed from the shapes: Dream-7B ({c.num_hidden_layers} layers), bf16, {a.prefix}-token prefix."
+    )
     print(f"# Roofline: sum over kernels of max(bytes / {bw / 1e12:.2f} TB/s, FLOPs / {a.tflops:.0f} TFLOP/s): an")
     print("# ESTIMATE from ceilings measured on an H100 (../shared/docs/gpu.md), not a measurement of lopa.")
     part1 = []
     paths = {False: ["fast", "yardstick"], True: ["fast batch (cuDNN)", "fast batch (math)", "eager batch"]}
-    for case in CASES:
+    for case in cases(a.prefix):
         results = [account(case, c, path, bw, rate) for path in paths[case.batched]]
         part1 += results
         print(f"## {case.name}: per layer (x {c.num_hidden_layers}), MB moved | GFLOP of each kernel group")
