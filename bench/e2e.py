@@ -14,13 +14,14 @@ extra host sync; the event pair spans the input copy and the graph replay or eag
 
 The model is built directly on the device in the model dtype (7.6 B parameters, ~15 GB in bf16, nothing
 written to disk) and handed to the real ``LLM`` constructor in place of a loaded checkpoint, with a byte-level
-tokenizer (ids it does not know decode to nothing). Random weights never reach the threshold, so every
-iteration commits one token per winner; end tokens are ignored, so every sequence decodes
-``--max-new-tokens``. Target (issue 20): host work <= 10 % of the iteration for LoPA k = 8 (8 lookahead
-branches, 32-token blocks) on one sequence. Prints a table, then one JSON line.
+tokenizer (ids it does not know decode to nothing). Random weights seldom reach the threshold, so iterations
+commit few tokens each; end tokens are ignored, so every sequence decodes ``--max-new-tokens``. Target (issue
+20): host work <= 10 % of the iteration for LoPA k = 8 (8 lookahead branches, 32-token blocks) on one sequence.
+Prints a table, then one JSON line.
 
     python bench/e2e.py                          # CUDA: --shape 7b, bf16
-    python bench/e2e.py --device cpu --shape tiny --max-new-tokens 16 --prompt 16   # seconds, on CPU
+    python bench/e2e.py --device cpu --shape tiny --prompt 16 --block-size 8 --max-new-tokens 16  # seconds, CPU
+    python bench/e2e.py ... --profile 25         # + the top host functions of one generate (cProfile)
 """
 
 from __future__ import annotations
