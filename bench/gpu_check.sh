@@ -112,31 +112,43 @@ pytest_gpu() {
 export -f env_info pytest_gpu
 export PY ROOT GPU_TESTS
 
-if [ "$DRY" = 1 ]; then
-    # Generous limits: the rehearsal proves the steps still run (and fit CI), not how fast a CPU is.
-    echo "gpu_check: DRY RUN on CPU with tiny shapes (no figure here is a GPU figure)"
-    step env 60 bash -c env_info
-    step gpu_tests 120 bash -c pytest_gpu
-    step step_dream 120 "$PY" bench/gpu_step.py --device cpu --shape tiny --branches 1 8 --windows 32 --cache 32 \
-        --seqs 1 16 --batch-window 8 --warmup 0 --reps 1 --floor-script bench/gpu_floor.py $HF
-    step step_llada 120 "$PY" bench/gpu_step.py --device cpu --family llada --shape tiny --branches 1 8 --windows 8 \
-        --cache 32 --seqs 1 16 --batch-window 8 --warmup 0 --reps 1 --no-hf
-    step e2e 120 "$PY" bench/e2e.py --device cpu --shape tiny --prompt 16 --block-size 8 --max-new-tokens 16
-    step throughput 120 "$PY" bench/throughput.py --device cpu --n 4 --batch 1 2 --repeats 1 --threads 1
-    step lopa_bench 120 "$PY" -m lopa bench --device cpu --n 4 --workers 1 --threads 1 --json-only \
-        --decoders threshold lopa-threshold-k4 lopa-threshold-k8
-    step account 120 "$PY" bench/gpu_account.py --profile-shape tiny
-else
-    step env 20 bash -c env_info
-    step gpu_tests 60 bash -c pytest_gpu
-    step step_dream 120 "$PY" bench/gpu_step.py --floor-script bench/gpu_floor.py $HF
-    step step_llada 60 "$PY" bench/gpu_step.py --family llada --no-hf
-    step e2e 100 "$PY" bench/e2e.py
-    step throughput 50 "$PY" bench/throughput.py --device cuda --n 64 --batch 1 16 64 --repeats 1
-    step lopa_bench 30 "$PY" -m lopa bench --device cuda --n 200 --json-only \
-        --decoders threshold lopa-threshold-k4 lopa-threshold-k8
-    step account 30 "$PY" bench/gpu_account.py
-fi
+# check NAME LIMIT GPU-COMMAND... [:: DRY-RUN-EXTRA...]: on a GPU, the command under LIMIT seconds; in the dry run,
+# the SAME command with the extra arguments appended (argparse keeps the last value of an option), so the dry run
+# parses every flag the GPU run uses, under a generous limit: the rehearsal proves the steps run, not their speed.
+check() {
+    local name=$1 limit=$2 cmd=() extra=()
+    shift 2
+    while [ $# -gt 0 ] && [ "$1" != "::" ]; do cmd+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    extra=("$@")
+    if [ "$DRY" = 1 ]; then
+        step "$name" 120 "${cmd[@]}" "${extra[@]}"
+    else
+        step "$name" "$limit" "${cmd[@]}"
+    fi
+}
+
+[ "$DRY" = 1 ] && echo "gpu_check: DRY RUN on CPU with tiny shapes (no figure here is a GPU figure)"
+# shellcheck disable=SC2086  # $HF is empty or one flag
+{
+    check env 20 bash -c env_info
+    check gpu_tests 60 bash -c pytest_gpu
+    check step_dream 120 "$PY" bench/gpu_step.py --floor-script bench/gpu_floor.py $HF \
+        :: --device cpu --shape tiny --branches 1 8 --windows 32 --cache 32 --seqs 1 16 --batch-window 8 \
+        --warmup 0 --reps 1
+    check step_llada 60 "$PY" bench/gpu_step.py --family llada --no-hf \
+        :: --device cpu --shape tiny --branches 1 8 --windows 8 --cache 32 --seqs 1 16 --batch-window 8 \
+        --warmup 0 --reps 1
+    check e2e 100 "$PY" bench/e2e.py \
+        :: --device cpu --shape tiny --prompt 16 --block-size 8 --max-new-tokens 16
+    check throughput 50 "$PY" bench/throughput.py --device cuda --n 64 --batch 1 16 64 --repeats 1 \
+        :: --device cpu --n 4 --batch 1 2 --threads 1
+    check lopa_bench 30 "$PY" -m lopa bench --device cuda --n 200 --json-only \
+        --decoders threshold lopa-threshold-k4 lopa-threshold-k8 \
+        :: --device cpu --n 4 --workers 1 --threads 1
+    check account 30 "$PY" bench/gpu_account.py \
+        :: --device cpu --profile-shape tiny
+}
 
 {
     echo "gpu_check $([ "$DRY" = 1 ] && echo "DRY RUN (CPU)" || echo "on CUDA"): $((SECONDS - T_START))s, $OUT"
