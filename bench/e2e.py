@@ -11,6 +11,9 @@ The forward time is taken by wrapping the runner's forward (``raw_logits`` of th
 ``_forward`` of the batched one): on CUDA with a pair of CUDA events around the call, read after the run (no
 extra host sync; the event pair spans the input copy and the graph replay or eager kernels), on CPU with
 ``perf_counter``. The prompt's prefill is the first forward of each sequence and is counted like any other.
+The wrapped call also builds its own inputs on the host (one sequence: ``build_batch`` and packing; many: the
+packing only, ``build_batch`` runs before it), so that part of the host work counts as forward and the host share
+is a lower bound by it (bench/gpu_account.py part 3 times it: tenths of a millisecond for one sequence).
 
 The model is built directly on the device in the model dtype (7.6 B parameters, ~15 GB in bf16, nothing
 written to disk) and handed to the real ``LLM`` constructor in place of a loaded checkpoint, with a byte-level

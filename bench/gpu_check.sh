@@ -87,7 +87,9 @@ step() {
 env_info() {
     date -u +"date %Y-%m-%dT%H:%M:%SZ"
     git -C "$ROOT" log -1 --format="commit %H %s" 2>/dev/null || echo "commit: not a git checkout"
+    git -C "$ROOT" status --porcelain 2>/dev/null | sed 's/^/local change: /' | head -20
     if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+    "$PY" -m pip freeze 2>/dev/null | grep -iE '^(torch|transformers|pytest|safetensors|tokenizers|nvidia-)' || true
     "$PY" - <<'EOF'
 import json, platform, importlib.util, torch
 cuda = torch.cuda.is_available()
