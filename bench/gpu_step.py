@@ -346,7 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     fast_batch = FastBatchRunner(model, max(a.seqs), pool_len, torch.device(a.device))
     batched = time_batched(fast_batch, cfg, a.seqs, k, bw, a.cache, clock)
     del model, fast_runner, fast_batch
-    hf = {} if a.no_hf else time_hf(cfg, grid, a.cache, a.device, dtype, clock, a.family)
+    hf, hf_error = {}, None
+    if not a.no_hf:
+        try:  # a missing or incompatible transformers costs the hf column, not the run
+            hf = time_hf(cfg, grid, a.cache, a.device, dtype, clock, a.family)
+        except (ImportError, RuntimeError, TypeError, ValueError) as e:
+            hf_error = f"{type(e).__name__}: {e}"
+            print(f"# hf column skipped: {hf_error}")
     yard = time_yardstick(cfg, grid, a.cache, a.device, dtype, clock)
 
     rows, targets = [], []
@@ -415,7 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         graphs=dev == "cuda",
     )  # fmt: skip
     summary.update(weight_bytes=weight_bytes, copy_bandwidth_gbs=round(bandwidth / 1e9, 1), floor_ms=round(floor_ms, 3))
-    summary.update(linear_params=linear_params, matmul_tflops=float(f"{rate / 1e12:.4g}"), torch=torch.__version__)
+    summary.update(
+        hf_error=hf_error,
+        linear_params=linear_params,
+        matmul_tflops=float(f"{rate / 1e12:.4g}"),
+        torch=torch.__version__,
+    )
     summary.update(
         rows=rows, batch_rows=batch_rows, targets=targets, all_targets_met=all(t["passed"] for t in targets),
         projection_tok_s=projection, paper_tpf=PAPER_TPF, floor_script_rows=ref,
