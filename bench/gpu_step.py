@@ -14,9 +14,15 @@ and the floor: weight bytes / device copy bandwidth (read + write) measured in t
 (``--seqs``, default 1 4 16) times ONE batched verification of that many sequences, each with k + 1 branches
 (``--batch-branches``, default k = 4) of ``--batch-window`` tokens (default 32) over its own ``--cache``-token
 prefix: lopa's FastBatchRunner (CUDA-graph replay per (rows, window, prefix) bucket on CUDA) and the eager
-BatchRunner, so GPU throughput with continuous batching can be projected. Prints a table,
-a tokens/s projection at the paper's TPF values, then one JSON line. ``--floor-script bench/gpu_floor.py``
-also runs the verbatim yardstick script in a subprocess (CUDA, 7B shape) and adds its rows to the JSON.
+BatchRunner, next to the compute bound 2 x (linear-layer weights) x tokens / the matmul rate measured in the
+same run (an N x N matmul in the model dtype; the embedding lookup is not a matmul and is not counted).
+``--floor-script bench/gpu_floor.py`` also runs the verbatim yardstick script in a subprocess (CUDA, 7B shape)
+and adds its rows to the JSON.
+
+Targets (issue 20), each printed PASS / FAIL in the table and listed under ``targets`` in the JSON:
+``fast+score <= 1.10 x yardstick`` at branches x window in {1, 4, 8} x {32, 64}; the graph path no slower than
+eager at every number of sequences; 16 sequences within 1.3 x the compute bound. Prints the tables, a tokens/s
+PROJECTION at the paper's TPF values (labelled as such: not a measurement), then one JSON line.
 
     python bench/gpu_step.py                   # CUDA: --shape 7b, bf16; CPU: --shape small, fp32
     python bench/gpu_step.py --family llada    # CUDA: --shape 8b (LLaDA-8B: MHA, no biases, vocab 126464)
@@ -58,6 +64,10 @@ LLADA_SHAPES = {  # the same fields; LLaDA uses multi-head attention and no bias
 }
 FAMILY_SHAPES = {"dream": SHAPES, "llada": LLADA_SHAPES}
 FAMILY_CONFIG = {"dream": dict(model_type="Dream"), "llada": dict(model_type="llada", attention_bias=False)}
+TARGET_STEP = 1.10  # fast+score / yardstick, one sequence ...
+TARGET_STEP_GRID = ({1, 4, 8}, {32, 64})  # ... at these branches x windows
+TARGET_BOUND = 1.3  # batched forward / compute bound ...
+TARGET_BOUND_SEQS = 16  # ... at this many sequences
 # Tokens per forward the paper reports (authors' counting, docs/algorithm.md): the projection's inputs.
 PAPER_TPF = {
     "GSM8K D2F-Dream (T1)": 10.1,
@@ -121,6 +131,17 @@ def copy_bandwidth(device: str, nbytes: int) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
+def matmul_rate(device: str, dtype: torch.dtype, n: int, clock) -> float:
+    """FLOP/s of one n x n x n matmul in ``dtype`` on ``device`` (the compute ceiling, measured in this run)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b, c = torch.randn_like(a), torch.empty_like(a)
+    return 2 * n**3 / (clock(lambda: torch.mm(a, b, out=c)) / 1e3)
+
+
+def verdict(passed: bool | None) -> str:
+    return "-" if passed is None else ("PASS" if passed else "FAIL")
+
+
 def candidates(cfg: ModelConfig, branches: int, window: int, start: int) -> list[Candidate]:
     """Branch windows as LoPA builds them: a decoded first token, the rest masked (all predicted)."""
     gen = torch.Generator().manual_seed(0)
@@ -147,20 +168,28 @@ def time_runner(runner: Runner, cfg: ModelConfig, grid: list[tuple[int, int]], c
     return out
 
 
+def batch_inputs(runner: BatchRunner, cfg: ModelConfig, n: int, k: int, w: int, cache: int) -> tuple[list, list, tuple]:
+    """``n`` sequences in fresh pool slots, each with k + 1 branch windows of ``w`` tokens over a ``cache``-token
+    prefix: (slots, verify items, the batched forward's host inputs). Release the slots when done."""
+    sampler = Sampler(cfg.mask_token_id)
+    slots = [runner.alloc() for _ in range(n)]
+    for slot in slots:
+        runner.pool.committed[slot] = cache  # the prefix's values do not change the cost
+    items = [(slot, Plan(cache, 0, candidates(cfg, k + 1, w, cache), 0), sampler) for slot in slots]
+    batches = [build_batch(cache, 0, p.cands, runner.pad_id, runner.shift) for _, p, _ in items]
+    ids, positions, valid, idx = _stack(batches, 0)
+    row_slot = torch.tensor([slot for slot in slots for _ in range(k + 1)])  # (rows,)
+    prefix = torch.full_like(row_slot, cache)  # (rows,)
+    return slots, items, (ids, positions, valid, idx, row_slot, prefix)
+
+
 def time_batched(runner: BatchRunner, cfg: ModelConfig, seqs: list[int], k: int, w: int, cache: int, clock) -> dict:
     """ms of one batched forward and of a whole batched verify, per number of sequences (k + 1 rows each)."""
-    sampler, out = Sampler(cfg.mask_token_id), {}
+    out = {}
     for s in seqs:
-        slots = [runner.alloc() for _ in range(s)]
-        for slot in slots:
-            runner.pool.committed[slot] = cache  # the prefix's values do not change the cost
-        items = [(slot, Plan(cache, 0, candidates(cfg, k + 1, w, cache), 0), sampler) for slot in slots]
-        batches = [build_batch(cache, 0, p.cands, runner.pad_id, runner.shift) for _, p, _ in items]
-        ids, positions, valid, idx = _stack(batches, 0)
-        row_slot = torch.tensor([slot for slot in slots for _ in range(k + 1)])  # (rows,)
-        prefix = torch.full_like(row_slot, cache)  # (rows,)
+        slots, items, args = batch_inputs(runner, cfg, s, k, w, cache)
         out[s] = (
-            clock(lambda: runner._forward(ids, positions, valid, idx, row_slot, prefix)),  # noqa: B023
+            clock(lambda: runner._forward(*args)),  # noqa: B023
             clock(lambda: runner.verify(items)),  # noqa: B023
         )
         for slot in slots:
@@ -196,8 +225,8 @@ def time_hf(
     return out
 
 
-def time_yardstick(cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, device: str, dtype, clock) -> dict:
-    """bench/gpu_floor.py's forward for this shape: graph replay on CUDA, eager on CPU."""
+def yardstick(cfg: ModelConfig, device: str, dtype) -> Callable:
+    """bench/gpu_floor.py's forward for ``cfg``'s shape, on random weights: ``fwd(ids, kc, vc, P)`` -> logits."""
     H, NKV, D = cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim
     NH, I, eps = cfg.num_attention_heads, cfg.intermediate_size, cfg.rms_norm_eps
 
@@ -230,11 +259,17 @@ def time_yardstick(cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, de
             x = x + ((F.silu(g) * u) @ w["dn"]).view(B, L, H)
         return F.rms_norm(x, (H,), layers[0]["n2"], eps) @ head
 
-    out = {}
+    return fwd
+
+
+def time_yardstick(cfg: ModelConfig, grid: list[tuple[int, int]], cache: int, device: str, dtype, clock) -> dict:
+    """bench/gpu_floor.py's forward for this shape: graph replay on CUDA, eager on CPU."""
+    NKV, D, n = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    fwd, out = yardstick(cfg, device, dtype), {}
     with torch.no_grad():
         for b, w in grid:
-            kc = [torch.zeros(b, NKV, cache + w, D, device=device, dtype=dtype) for _ in layers]
-            vc = [torch.zeros(b, NKV, cache + w, D, device=device, dtype=dtype) for _ in layers]
+            kc = [torch.zeros(b, NKV, cache + w, D, device=device, dtype=dtype) for _ in range(n)]
+            vc = [torch.zeros(b, NKV, cache + w, D, device=device, dtype=dtype) for _ in range(n)]
             ids = torch.randint(0, cfg.vocab_size, (b, w), device=device)
             fn = lambda: fwd(ids, kc, vc, cache)  # noqa: B023, E731
             if device == "cuda":
@@ -281,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="default: 20 on CUDA, 3 on CPU")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers forward")
     p.add_argument("--floor-script", default=None, help="also run this copy of gpu_floor.py (CUDA only)")
+    p.add_argument("--matmul-size", type=int, default=None, help="N of the rate matmul (default 8192 CUDA, 512 CPU)")
     a = p.parse_args(argv)
     dev = a.device.split(":")[0]
     shapes = FAMILY_SHAPES[a.family]
@@ -297,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(a.device, (1 << 30) if dev == "cuda" else (64 << 20))
     model = build(lambda: DreamModel(cfg), a.device, dtype)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    rate = matmul_rate(a.device, dtype, a.matmul_size or (8192 if dev == "cuda" else 512), clock)
     floor_ms = weight_bytes / bandwidth * 1e3
     eager = time_runner(Runner(model, torch.device(a.device)), cfg, grid, a.cache, clock)
     k, bw, pool_len = a.batch_branches, a.batch_window, a.cache + a.batch_window + 256
@@ -308,15 +346,30 @@ def main(argv: list[str] | None = None) -> int:
     fast_batch = FastBatchRunner(model, max(a.seqs), pool_len, torch.device(a.device))
     batched = time_batched(fast_batch, cfg, a.seqs, k, bw, a.cache, clock)
     del model, fast_runner, fast_batch
-    hf = {} if a.no_hf else time_hf(cfg, grid, a.cache, a.device, dtype, clock, a.family)
+    hf, hf_error = {}, None
+    if not a.no_hf:
+        try:  # a missing or incompatible transformers costs the hf column, not the run
+            hf = time_hf(cfg, grid, a.cache, a.device, dtype, clock, a.family)
+        except (ImportError, RuntimeError, TypeError, ValueError) as e:
+            hf_error = f"{type(e).__name__}: {e}"
+            print(f"# hf column skipped: {hf_error}")
     yard = time_yardstick(cfg, grid, a.cache, a.device, dtype, clock)
 
-    rows = []
+    rows, targets = [], []
+    same_shape = a.family == "dream" and shape == "7b"  # the verbatim script times the Dream-7B shape only
+    script = {(r["branches"], r["window"]): r["graph_ms"] for r in ref or []} if same_shape else {}
     for b, w in grid:
         f, v = fast[b, w]
         r = dict(branches=b, window=w, fast_ms=f, fast_score_ms=v, eager_ms=eager[b, w][0], hf_ms=hf.get((b, w)))
         r.update(yardstick_ms=yard[b, w], fast_vs_yardstick=f / yard[b, w], fast_vs_floor=f / floor_ms)
+        r.update(fast_score_vs_yardstick=v / yard[b, w])
+        r.update(fast_score_vs_floor_script=v / script[b, w] if (b, w) in script else None)
         r.update(hf_vs_fast=r["hf_ms"] / f if r["hf_ms"] else None, eager_vs_fast=r["eager_ms"] / f)
+        in_grid = b in TARGET_STEP_GRID[0] and w in TARGET_STEP_GRID[1]
+        r["meets_target"] = r["fast_score_vs_yardstick"] <= TARGET_STEP if in_grid else None
+        if in_grid:
+            targets.append(dict(target=f"fast+score <= {TARGET_STEP} x yardstick", at=f"{b}x{w}",
+                                value=round(r["fast_score_vs_yardstick"], 3), passed=r["meets_target"]))  # fmt: skip
         rows.append({k: round(x, 3) if isinstance(x, float) else x for k, x in r.items()})
     name = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
     kind = "CUDA-graph replay" if dev == "cuda" else "fused weights, no graphs or padding on CPU"
@@ -326,10 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"# fast = lopa FastRunner forward ({kind}); fast+score adds token choice and the host copy")
     cols = ["branches", "window", "fast_ms", "fast_score_ms", "eager_ms", "hf_ms", "yardstick_ms"]
-    cols += ["fast_vs_yardstick", "fast_vs_floor", "hf_vs_fast"]
-    print(" | ".join(cols))
+    cols += ["fast_vs_yardstick", "fast_score_vs_yardstick", "fast_vs_floor", "hf_vs_fast"]
+    print(" | ".join([*cols, f"fast+score <= {TARGET_STEP} x yardstick"]))
     for r in rows:
-        print(" | ".join("-" if r[c] is None else str(r[c]) for c in cols))
+        print(" | ".join("-" if r[c] is None else str(r[c]) for c in cols) + f" | {verdict(r['meets_target'])}")
     projection = {f"{b}x{w}": {k: round(t * 1e3 / fast[b, w][1], 1) for k, t in PAPER_TPF.items()} for b, w in grid}
     print("# PROJECTION (not a measurement): tok/s = paper TPF / measured fast+score step time, one sequence;")
     print("# ignores the engine's host work between steps, prefill and batching; the paper's TPF counts its own way")
@@ -339,23 +392,45 @@ def main(argv: list[str] | None = None) -> int:
     batch_rows = []
     for n in a.seqs:
         f, v = batched[n]
-        r = dict(seqs=n, rows=n * (k + 1), window=bw, fast_ms=f, fast_score_ms=v, eager_ms=eager_batch[n][0])
+        tokens = n * (k + 1) * bw
+        bound = 2 * linear_params * tokens / rate * 1e3
+        r = dict(seqs=n, rows=n * (k + 1), window=bw, tokens=tokens, fast_ms=f, fast_score_ms=v)
+        r.update(eager_ms=eager_batch[n][0], graph_vs_eager=f / eager_batch[n][0], not_slower=f <= eager_batch[n][0])
+        r.update(compute_bound_ms=bound, vs_compute_bound=f / bound)
+        r["meets_bound"] = r["vs_compute_bound"] <= TARGET_BOUND if n == TARGET_BOUND_SEQS else None
         r.update(ms_per_seq=v / n, vs_one_seq=v / batched[a.seqs[0]][1] if a.seqs else None)
+        targets.append(dict(target="graph path not slower than eager", at=f"{n} seqs",
+                            value=round(r["graph_vs_eager"], 3), passed=r["not_slower"]))  # fmt: skip
+        if r["meets_bound"] is not None:
+            targets.append(dict(target=f"batched forward <= {TARGET_BOUND} x compute bound", at=f"{n} seqs",
+                                value=round(r["vs_compute_bound"], 3), passed=r["meets_bound"]))  # fmt: skip
         batch_rows.append({key: round(x, 3) if isinstance(x, float) else x for key, x in r.items()})
     print(f"# BATCH AXIS: ONE verification of seqs x (k + 1 = {k + 1}) branch rows x {bw} tokens, each sequence over")
-    print(f"# its own {a.cache}-token prefix (FastBatchRunner; eager = BatchRunner); ms_per_seq = fast+score / seqs")
-    bcols = ["seqs", "rows", "window", "fast_ms", "fast_score_ms", "eager_ms", "ms_per_seq", "vs_one_seq"]
-    print(" | ".join(bcols))
+    print(f"# its own {a.cache}-token prefix (FastBatchRunner; eager = BatchRunner); ms_per_seq = fast+score / seqs;")
+    print(f"# compute bound = 2 x {linear_params:,} linear weights x tokens / {rate / 1e12:.3g} TFLOP/s")
+    print(f"# ({str(dtype)[6:]} matmul measured in this run)")
+    bcols = ["seqs", "rows", "window", "fast_ms", "fast_score_ms", "eager_ms", "graph_vs_eager"]
+    bcols += ["compute_bound_ms", "vs_compute_bound", "ms_per_seq", "vs_one_seq"]
+    print(" | ".join([*bcols, "graph <= eager", f"<= {TARGET_BOUND} x bound at {TARGET_BOUND_SEQS} seqs"]))
     for r in batch_rows:
-        print(" | ".join(str(r[c]) for c in bcols))
+        marks = f" | {verdict(r['not_slower'])} | {verdict(r['meets_bound'])}"
+        print(" | ".join(str(r[c]) for c in bcols) + marks)
+    print("# TARGETS: " + ", ".join(f"{t['target']} at {t['at']}: {verdict(t['passed'])}" for t in targets))
     summary = dict(
         bench="gpu_step", device=name, family=a.family, shape=shape, dtype=str(dtype)[6:], cache=a.cache,
         graphs=dev == "cuda",
     )  # fmt: skip
     summary.update(weight_bytes=weight_bytes, copy_bandwidth_gbs=round(bandwidth / 1e9, 1), floor_ms=round(floor_ms, 3))
     summary.update(
-        rows=rows, batch_rows=batch_rows, projection_tok_s=projection, paper_tpf=PAPER_TPF, floor_script_rows=ref
+        hf_error=hf_error,
+        linear_params=linear_params,
+        matmul_tflops=float(f"{rate / 1e12:.4g}"),
+        torch=torch.__version__,
     )
+    summary.update(
+        rows=rows, batch_rows=batch_rows, targets=targets, all_targets_met=all(t["passed"] for t in targets),
+        projection_tok_s=projection, paper_tpf=PAPER_TPF, floor_script_rows=ref,
+    )  # fmt: skip
     print(json.dumps(summary))
     return 0
 
