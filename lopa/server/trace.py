@@ -35,7 +35,7 @@ from lopa.server.handlers import ModelNotFoundError
 from lopa.server.limits import ServerLimits, check_request
 from lopa.server.openapi import TRACE_RESPONSES
 from lopa.server.params import decode_config_for
-from lopa.server.protocol import ChatMessage, InvalidFieldError, error_body, new_id
+from lopa.server.protocol import ChatMessage, InvalidFieldError, error_body, new_id, reject_invalid_text
 from lopa.server.sse import JobStreamResponse
 from lopa.server.worker import Closed, EngineWorker, Failed, Finished, Job, Trace
 
@@ -59,6 +59,11 @@ class TraceRequest(BaseModel):
     seed: StrictInt | None = Field(default=None, ge=0)
     stop: StrictStr | list[StrictStr] | None = None
     lopa: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        return reject_invalid_text(data)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> TraceRequest:
