@@ -78,6 +78,8 @@ class Tokenizer:
         """Load ``tokenizer.json`` (+ ``tokenizer_config.json``) from a checkpoint directory."""
         path = Path(path)
         tok_file = path / "tokenizer.json"
+        if tok_file.exists() and not tok_file.is_file():  # a FIFO would block the reader
+            raise CorruptCheckpointError(f"{tok_file} is not a regular file; a checkpoint's files must be plain files.")
         if not tok_file.is_file():
             raise CheckpointNotFoundError(
                 f"{tok_file} does not exist; lopa needs the fast-tokenizer file tokenizer.json in the checkpoint "
