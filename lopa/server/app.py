@@ -25,7 +25,7 @@ from lopa.errors import ConfigError
 from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError, add_error_handlers
 from lopa.server.limits import ServerLimits, cache_rows, check_request, kv_cache_bytes
-from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware
+from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, SecurityHeadersMiddleware
 from lopa.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, MODEL_RESPONSES, install_openapi
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatCompletionRequest, CompletionRequest, sum_usage
@@ -46,8 +46,13 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     served_model_name: str | None = None,
     limits: ServerLimits | None = None,
+    api_docs: bool = False,
 ) -> FastAPI:
-    """An ASGI app serving ``llm``; the engine worker thread runs for the app's lifespan."""
+    """An ASGI app serving ``llm``; the engine worker thread runs for the app's lifespan.
+
+    ``api_docs`` turns on FastAPI's ``/docs`` and ``/redoc`` pages, which load their scripts from a CDN (off by
+    default: the server then makes the browser fetch nothing from elsewhere); ``/openapi.json`` is always served.
+    """
     if not isinstance(queue_limit, int) or queue_limit < 1:
         raise ConfigError(f"queue_limit must be an integer >= 1, got {queue_limit!r}")
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
@@ -68,10 +73,12 @@ def create_app(
         finally:
             await asyncio.to_thread(worker.stop)
 
-    app = FastAPI(title="lopa", version=__version__, lifespan=lifespan)
+    docs = ("/docs", "/redoc") if api_docs else (None, None)
+    app = FastAPI(title="lopa", version=__version__, lifespan=lifespan, docs_url=docs[0], redoc_url=docs[1])
     app.state.worker = worker
-    app.add_middleware(InternalErrorMiddleware)  # innermost of the two: sees the routes' unhandled errors
+    app.add_middleware(InternalErrorMiddleware)  # innermost: sees the routes' unhandled errors
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(SecurityHeadersMiddleware, exempt=tuple(d for d in docs if d is not None))
     add_error_handlers(app)
     add_trace_routes(app, worker, default, llm, model_name, limits)  # the live view: GET /, POST /v1/trace (trace.py)
     install_openapi(app, limits.max_branches, llm.max_context)
@@ -123,7 +130,7 @@ def create_app(
     async def _serve(request: Request, body: Any, prompts: list[Any], *, raw: bool, chat: bool) -> Response:
         if body.model is not None and body.model != model_name:
             raise ModelNotFoundError(body.model, model_name)
-        config, max_tokens = decode_config_for(body, default, llm.max_context)
+        config, max_tokens = decode_config_for(body, default, llm.max_context, limits.max_branches)
         # tokenized off the event loop; a bad prompt (mask token, ids outside the vocabulary) is a 400 here
         counts = await asyncio.to_thread(lambda: [llm.count_prompt_tokens(p, raw) for p in prompts])
         check_request(config, max(counts), llm, limits)

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"more gets 400 (default: {ServerLimits.max_kv_cache_mb})",
     )
     group.add_argument(
+        "--api-docs",
+        action="store_true",
+        help="serve FastAPI's /docs and /redoc pages (their scripts load from a CDN; default: off)",
+    )
+    group.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log"
     )
     dist = parser.add_argument_group("mesh (tensor / branch parallelism, one sequence at a time)")
@@ -85,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         served_model_name=args.served_model_name,
         limits=ServerLimits(args.max_branches, args.max_kv_cache_mb),
+        api_docs=args.api_docs,
     )
     url = f"http://{args.host}:{args.port}"
     print(f"serving {args.served_model_name or llm.model_name} on {url}/v1 ({config.decoder}); live view: {url}/")

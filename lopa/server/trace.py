@@ -20,12 +20,21 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    model_validator,
+)
 
 from lopa import DecodeConfig
 from lopa.config import BASES, CONFIDENCES, DECODERS
@@ -45,14 +54,24 @@ if TYPE_CHECKING:
 STATIC_DIR = Path(__file__).parent / "static"
 
 
+_TRACE_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        {"type": "null"},
+    ],
+    "description": "a non-empty text or a non-empty list of token ids",
+}
+
+
 class TraceRequest(BaseModel):
     """``POST /v1/trace``: one prompt or one conversation, with the completions API's decoding fields."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictInt] | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: Annotated[StrictStr | list[StrictInt] | None, WithJsonSchema(_TRACE_PROMPT_SCHEMA)] = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
     top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
@@ -194,7 +213,8 @@ def add_trace_routes(
             raise ModelNotFoundError(body.model, model_name)
         overrides = dict(body.lopa or {})
         overrides.pop("trace", None)  # always on here
-        config, max_tokens = decode_config_for(body.model_copy(update={"lopa": overrides}), default, llm.max_context)
+        request = body.model_copy(update={"lopa": overrides})
+        config, max_tokens = decode_config_for(request, default, llm.max_context, limits.max_branches)
         config = config.replace(trace=True)
         chat = body.messages is not None
         prompt: Any = [m.as_template_message() for m in body.messages] if body.messages is not None else body.prompt
