@@ -24,7 +24,7 @@ from lopa import DecodeConfig, __version__
 from lopa.errors import ConfigError
 from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError, add_error_handlers
-from lopa.server.limits import ServerLimits, cache_rows, check_request, kv_cache_bytes
+from lopa.server.limits import ServerLimits, cache_rows, check_prompt_count, check_request, kv_cache_bytes
 from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, SecurityHeadersMiddleware
 from lopa.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, MODEL_RESPONSES, install_openapi
 from lopa.server.params import decode_config_for
@@ -118,6 +118,7 @@ def create_app(
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prompts = body.prompts()
+        check_prompt_count(len(prompts), limits)  # before tokenizing: a 1 MiB body may hold 170k prompts
         if body.stream and len(prompts) > 1:
             raise ConfigError("streaming takes one prompt per request; send the prompts as separate requests")
         return await _serve(request, body, prompts, raw=True, chat=False)
@@ -133,7 +134,7 @@ def create_app(
         config, max_tokens = decode_config_for(body, default, llm.max_context, limits.max_branches)
         # tokenized off the event loop; a bad prompt (mask token, ids outside the vocabulary) is a 400 here
         counts = await asyncio.to_thread(lambda: [llm.count_prompt_tokens(p, raw) for p in prompts])
-        check_request(config, max(counts), llm, limits)
+        check_request(config, counts, llm, limits)  # the KV budget is charged per prompt
         job = Job(prompts, config, raw, max_tokens, body.stream, asyncio.get_running_loop())
         worker.submit(job)
         watcher = asyncio.create_task(_watch_disconnect(request, job))

@@ -29,7 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     group.add_argument("--served-model-name", default=None, help="model id clients send (default: checkpoint name)")
     group.add_argument(
-        "--queue-limit", type=int, default=64, help="requests that may wait for the engine; more get 503 (default: 64)"
+        "--queue-limit",
+        type=int,
+        default=64,
+        help="prompts that may wait for the engine (a request's prompts count one each); more get 503 (default: 64)",
+    )
+    group.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=ServerLimits.max_prompts_per_request,
+        help="prompts one /v1/completions request may carry; more get 400 "
+        f"(default: {ServerLimits.max_prompts_per_request})",
     )
     group.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="largest request body; more gets 413 (default: 1 MiB)"
@@ -44,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-kv-cache-mb",
         type=int,
         default=ServerLimits.max_kv_cache_mb,
-        help="largest KV cache one request may need (branch rows x (prompt + max_new_tokens) positions), in MiB; "
+        help="largest KV cache one request may need (branch rows x (prompt + max_new_tokens) positions, summed "
+        "over its prompts), in MiB; "
         f"more gets 400 (default: {ServerLimits.max_kv_cache_mb})",
     )
     group.add_argument(
@@ -89,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         queue_limit=args.queue_limit,
         max_body_bytes=args.max_body_bytes,
         served_model_name=args.served_model_name,
-        limits=ServerLimits(args.max_branches, args.max_kv_cache_mb),
+        limits=ServerLimits(args.max_branches, args.max_kv_cache_mb, args.max_prompts_per_request),
         api_docs=args.api_docs,
     )
     url = f"http://{args.host}:{args.port}"
