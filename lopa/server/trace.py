@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -160,31 +160,72 @@ class StepConverter:
             "committed": max(0, s.committed - self.prompt_len),
         }
 
-    def pieces(self) -> list[str]:
-        """The text each answer position adds to the decoded answer, up to the first end token (or a gap).
-
-        ``"".join(pieces)`` equals ``decode(answer ids)``; a position whose token completes a multi-byte
-        character carries the whole character, the ones before it ''.
-        """
+    def answer_ids(self) -> list[int]:
+        """The answer's token ids up to the first end token (or the first position not filled)."""
         ids: list[int] = []
         for pos in range(len(self.tokens)):
             token = self.tokens.get(pos)
             if token is None or token in self._end_ids:
                 break
             ids.append(token)
-        out, shown = [], ""
-        for n in range(1, len(ids) + 1):
-            text = self._decode(ids[:n])
-            if n < len(ids):
-                text = text.rstrip("\ufffd")
-            if text.startswith(shown):
-                out.append(text[len(shown) :])
-                shown = text
-            else:  # the tokenizer rewrote earlier text (rare): give it to this position, keep the sum exact
-                out.append("")
-        if ids and "".join(out) != self._decode(ids):
-            out[-1] += self._decode(ids)[len("".join(out)) :]
+        return ids
+
+    def pieces(self) -> list[str]:
+        """The text each answer position adds to the decoded answer, up to the first end token (or a gap).
+
+        ``"".join(pieces)`` equals ``decode(answer ids)``; a position whose token completes a multi-byte
+        character carries the whole character, the ones before it ''. Linear in the answer length: each
+        position's text is the growth of a short window that starts at an earlier character boundary (the
+        way streaming detokenizers work), not of the whole prefix; when the window's pieces do not add up to
+        the decoded answer (a tokenizer that rewrites earlier text), the exact quadratic rule is used instead.
+        """
+        ids = self.answer_ids()
+        out = windowed_pieces(self._decode, ids)
+        if "".join(out) != self._decode(ids):
+            out = prefix_pieces(self._decode, ids)
         return out
+
+
+def windowed_pieces(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
+    """Pieces from ``decode`` of a window ``ids[start:n]``; the window starts at the previous clean boundary.
+
+    A clean boundary is a position after which the decoded text ends in no partial character (no U+FFFD).
+    The start moves there each time one is reached, so the window holds a few tokens and every decode is
+    short; both the shown text and the new text are decoded from the same start, so a tokenizer that treats
+    the first token of a text specially (a dropped leading space) affects both alike.
+    """
+    out: list[str] = []
+    start = read = 0  # window start; the latest clean boundary
+    shown = ""  # the text shown so far, decoded from ``start``
+    for n in range(1, len(ids) + 1):
+        raw = decode(ids[start:n])
+        text = raw if n == len(ids) else raw.rstrip("\ufffd")
+        if text.startswith(shown):
+            out.append(text[len(shown) :])
+            shown = text
+        else:  # rewritten earlier text: the caller's check falls back to prefix_pieces
+            out.append("")
+        if not raw.endswith("\ufffd"):
+            start, read = read, n
+            shown = decode(ids[start:n]) if start < n else ""
+    return out
+
+
+def prefix_pieces(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
+    """Pieces from decoding every prefix (quadratic in ``len(ids)``): the rule :func:`windowed_pieces` follows."""
+    out, shown = [], ""
+    for n in range(1, len(ids) + 1):
+        text = decode(ids[:n])
+        if n < len(ids):
+            text = text.rstrip("\ufffd")
+        if text.startswith(shown):
+            out.append(text[len(shown) :])
+            shown = text
+        else:  # the tokenizer rewrote earlier text (rare): give it to this position, keep the sum exact
+            out.append("")
+    if ids and "".join(out) != decode(ids):
+        out[-1] += decode(ids)[len("".join(out)) :]
+    return out
 
 
 def add_trace_routes(
@@ -256,7 +297,8 @@ async def _events(job: Job, start: dict, convert: StepConverter) -> AsyncIterato
                 yield "step", convert.step(step)
         elif isinstance(item, Finished):
             done = {"text": item.text, "finish_reason": item.finish_reason, "usage": item.usage}
-            yield "done", {**done, "seconds": round(last_seconds, 6), "pieces": convert.pieces()}
+            pieces = await asyncio.to_thread(convert.pieces)  # off the event loop: /health and other streams go on
+            yield "done", {**done, "seconds": round(last_seconds, 6), "pieces": pieces}
         elif isinstance(item, Failed):
             error = item.error
             if isinstance(error, LopaError) and not isinstance(error, DistributedError):
