@@ -24,7 +24,14 @@ from lopa import DecodeConfig, __version__
 from lopa.errors import ConfigError
 from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError, add_error_handlers
-from lopa.server.limits import ServerLimits, cache_rows, check_prompt_count, check_request, kv_cache_bytes
+from lopa.server.limits import (
+    BODY_TIMEOUT_S,
+    ServerLimits,
+    cache_rows,
+    check_prompt_count,
+    check_request,
+    kv_cache_bytes,
+)
 from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, SecurityHeadersMiddleware
 from lopa.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, MODEL_RESPONSES, install_openapi
 from lopa.server.params import decode_config_for
@@ -47,6 +54,7 @@ def create_app(
     served_model_name: str | None = None,
     limits: ServerLimits | None = None,
     api_docs: bool = False,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """An ASGI app serving ``llm``; the engine worker thread runs for the app's lifespan.
 
@@ -57,6 +65,8 @@ def create_app(
         raise ConfigError(f"queue_limit must be an integer >= 1, got {queue_limit!r}")
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
         raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
+    if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) or not body_timeout_s > 0:
+        raise ConfigError(f"body_timeout_s must be a number > 0, got {body_timeout_s!r}")
     default = (default_config or DecodeConfig()).validate()
     limits = (limits or ServerLimits()).validate()
     # a cache larger than a request at the server's defaults needs is freed after the request that grew it
@@ -77,7 +87,7 @@ def create_app(
     app = FastAPI(title="lopa", version=__version__, lifespan=lifespan, docs_url=docs[0], redoc_url=docs[1])
     app.state.worker = worker
     app.add_middleware(InternalErrorMiddleware)  # innermost: sees the routes' unhandled errors
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(SecurityHeadersMiddleware, exempt=tuple(d for d in docs if d is not None))
     add_error_handlers(app)
     add_trace_routes(app, worker, default, llm, model_name, limits)  # the live view: GET /, POST /v1/trace (trace.py)

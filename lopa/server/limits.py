@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from lopa import LLM, DecodeConfig
 
 MIB = 1 << 20
+HEADER_TIMEOUT_S = 10.0  # a connection's time to deliver a request's headers (guard.py)
+BODY_TIMEOUT_S = 30.0  # a request's time to deliver its whole body (middleware.BodyLimitMiddleware)
 
 
 @dataclass(frozen=True)
