@@ -117,3 +117,11 @@ def test_the_kv_budget_is_charged_per_prompt(client, llm) -> None:
     r = client.post("/v1/completions", json={**body, "prompt": [prompt] * (fits + 1)})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "limit_exceeded" and "--max-kv-cache-mb" in r.json()["error"]["message"]
+
+
+def test_a_too_long_prompt_anywhere_in_the_request_fails_it_before_any_prompt_runs(client, llm) -> None:
+    long = [5] * (llm.max_context - 4)
+    r = client.post("/v1/completions", json={"prompt": [[5, 6], [7, 8], long], "max_tokens": 8})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded" and "prompt 2 " in r.json()["error"]["message"]
+    assert client.get("/health").json()["failed"] == 0  # refused before it was queued

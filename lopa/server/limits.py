@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lopa.errors import ConfigError, LimitExceededError
+from lopa.errors import ConfigError, LimitExceededError, PromptTooLongError
 
 if TYPE_CHECKING:
     from lopa import LLM, DecodeConfig
@@ -72,6 +72,15 @@ def check_request(config: DecodeConfig, prompt_tokens: int | Sequence[int], llm:
     """
     counts = [prompt_tokens] if isinstance(prompt_tokens, int) else list(prompt_tokens)
     check_prompt_count(len(counts), limits)
+    # every prompt is checked here, before the job is queued: the worker admits a request's prompts one turn at
+    # a time, and a prompt found too long at its turn would fail the request after the others had run
+    for i, n in enumerate(counts):
+        if n + config.max_new_tokens > llm.max_context:
+            which = f"prompt {i} " if len(counts) > 1 else "prompt "
+            raise PromptTooLongError(
+                f"{which}({n} tokens) + max_new_tokens ({config.max_new_tokens}) = {n + config.max_new_tokens} "
+                f"exceeds the model's context of {llm.max_context} positions; shorten the prompt or lower max_tokens"
+            )
     if config.num_branches > limits.max_branches:
         raise LimitExceededError(
             f"lopa.branches={config.num_branches} exceeds this server's limit of {limits.max_branches} branches "
