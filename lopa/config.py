@@ -137,11 +137,11 @@ class DecodeConfig:
         _int("max_iterations", self.max_iterations, 0)
         for name in ("threshold", "tau_add", "tau_act"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
+            if not _number(value) or not 0.0 < value <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+        if not _number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             raise ConfigError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not _number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.uses_blocks and self.max_new_tokens % self.block_size:
             raise ConfigError(
@@ -191,6 +191,11 @@ class DecodeConfig:
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _number(value: object) -> bool:
+    """An int or float, but not a bool (``True`` would otherwise pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _int(name: str, value: object, low: int) -> None:

@@ -28,6 +28,10 @@ class MaskTokenInPromptError(ConfigError):
     """The prompt contains the mask token: lopa continues prompts, it does not infill them (docs/algorithm.md)."""
 
 
+class InvalidTextError(ConfigError):
+    """Text is not valid Unicode: it holds a lone UTF-16 surrogate, or came from bytes that are not UTF-8."""
+
+
 class DeviceUnavailableError(ConfigError):
     """The requested device is not a torch device, or this machine does not have it."""
 

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 from lopa.cli import (
     add_decode_arguments,
@@ -25,8 +26,9 @@ from lopa.cli import (
     load_llm,
 )
 from lopa.dist.launch import add_dist_arguments, add_tp_argument
-from lopa.errors import ConfigError
+from lopa.errors import ConfigError, InvalidTextError
 from lopa.outputs import Completion
+from lopa.tokenizer import check_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,10 +71,29 @@ def describe(cfg) -> str:
     return " ".join(parts)
 
 
+def read_prompt_lines(stream: BinaryIO) -> list[str]:
+    """The non-blank lines of ``stream`` as prompts; InvalidTextError names the first line that is not UTF-8."""
+    prompts = []
+    for number, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidTextError(
+                f"line {number} of the standard input is not UTF-8: byte 0x{raw[e.start]:02X} at byte {e.start} "
+                f"does not decode; convert the input to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+        line = line.rstrip("\r\n")
+        if line.strip():
+            prompts.append(line)
+    return prompts
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = decode_config_from_args(args)
     worker_rank = args.branch_parallel and os.environ.get("RANK", "0") != "0"  # gets its prompts from rank 0
-    prompts = args.prompts or ([] if worker_rank else [line.rstrip("\n") for line in sys.stdin if line.strip()])
+    prompts = args.prompts or ([] if worker_rank else read_prompt_lines(sys.stdin.buffer))
+    for i, prompt in enumerate(args.prompts):
+        check_text(prompt, f"prompt {i + 1} on the command line")
     if not prompts and not worker_rank:
         print("lopa generate: no prompt given", file=sys.stderr)
         return 2

@@ -25,7 +25,13 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from lopa.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from lopa.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    InvalidTextError,
+)
 from lopa.model.config import ModelConfig, read_json
 
 MASK_TOKEN = "<|mask|>"
@@ -72,6 +78,8 @@ class Tokenizer:
         """Load ``tokenizer.json`` (+ ``tokenizer_config.json``) from a checkpoint directory."""
         path = Path(path)
         tok_file = path / "tokenizer.json"
+        if tok_file.exists() and not tok_file.is_file():  # a FIFO would block the reader
+            raise CorruptCheckpointError(f"{tok_file} is not a regular file; a checkpoint's files must be plain files.")
         if not tok_file.is_file():
             raise CheckpointNotFoundError(
                 f"{tok_file} does not exist; lopa needs the fast-tokenizer file tokenizer.json in the checkpoint "
@@ -135,7 +143,13 @@ class Tokenizer:
         return self.chat_template is not None
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text``; no special tokens are added (Dream prompts carry no BOS)."""
+        """Ids of ``text``; no special tokens are added (Dream prompts carry no BOS).
+
+        Raises :class:`~lopa.errors.InvalidTextError` when ``text`` is not valid Unicode (a lone surrogate).
+        """
+        if not isinstance(text, str):
+            raise ConfigError(f"a prompt must be text (str), got {type(text).__name__}")
+        check_text(text)
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -157,6 +171,11 @@ class Tokenizer:
             )
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ConfigError("messages must be a list of {'role': ..., 'content': ...} dicts.")
+        for i, m in enumerate(messages):
+            for key, value in m.items():
+                if isinstance(value, str):
+                    what = "the prompt" if len(messages) == 1 and key == "content" else f"the {key} of message {i + 1}"
+                    check_text(value, what)
         if self._template is None:
             self._template = _compile(self.chat_template)
         try:
@@ -216,3 +235,24 @@ def _first_int(v: Any) -> int | None:
     if isinstance(v, list):
         v = v[0] if v else None
     return None if v is None else int(v)
+
+
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Raise InvalidTextError when ``text`` holds a lone UTF-16 surrogate (it cannot be encoded as UTF-8).
+
+    Python keeps undecodable input bytes as surrogates U+DC80..U+DCFF (``surrogateescape``: stdin, argv), so
+    one of those is reported as the byte it stands for: the input was not UTF-8.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        if 0xDC80 <= char <= 0xDCFF:
+            raise InvalidTextError(
+                f"{what} is not UTF-8: byte 0x{char - 0xDC00:02X} at character {e.start} does not decode; "
+                f"convert the input to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+        raise InvalidTextError(
+            f"{what} is not valid Unicode: character {e.start} is a lone UTF-16 surrogate U+{char:04X}; "
+            f"send text whose surrogates come in pairs (or unescaped characters)"
+        ) from None

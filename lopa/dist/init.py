@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -54,9 +55,14 @@ class DistContext:
         base = dist.TCPStore(self.host, self.port, self.world_size, False, timeout=timedelta(seconds=self.timeout_s))
         return dist.PrefixStore(_prefix(), base)
 
-    def store_barrier(self, name: str, timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
-        """Wait until every rank reached ``name`` (store-based: no collective timeout applies)."""
-        _store_barrier(self.store, name, self.world_size, timeout_s)
+    def store_barrier(
+        self, name: str, timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S, watch: Callable[[], str | None] | None = None
+    ) -> None:
+        """Wait until every rank reached ``name`` (store-based: no collective timeout applies).
+
+        ``watch`` (optional) is asked while waiting; a message from it (a rank this process started has exited)
+        ends the wait with a DistributedError at once."""
+        _store_barrier(self.store, name, self.world_size, timeout_s, watch)
 
 
 def free_port() -> int:
@@ -108,8 +114,9 @@ def init_distributed(
     device: str | torch.device = "cpu",
     timeout_s: float | None = None,
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+    watch: Callable[[], str | None] | None = None,
 ) -> DistContext:
-    """Join the group described by the environment; returns this rank's context."""
+    """Join the group described by the environment; returns this rank's context (``watch``: see store_barrier)."""
     rank, world, local_rank = env_ranks()
     timeout_s = resolve_timeout(timeout_s)
     dev = device_for(device, local_rank)
@@ -127,7 +134,7 @@ def init_distributed(
     except (RuntimeError, OSError) as e:
         raise DistributedError(f"rank {rank}: cannot reach the rendezvous store at {host}:{port}: {e}") from e
     store = dist.PrefixStore(_prefix(), base)
-    _store_barrier(store, "started", world, startup_timeout_s)
+    _store_barrier(store, "started", world, startup_timeout_s, watch)
     dist.init_process_group(
         backend, store=dist.PrefixStore(_prefix() + "/pg", base), rank=rank, world_size=world,
         timeout=timedelta(seconds=timeout_s),
@@ -146,7 +153,9 @@ def _prefix() -> str:
     return f"lopa/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-def _store_barrier(store: dist.Store, name: str, world: int, timeout_s: float) -> None:
+def _store_barrier(
+    store: dist.Store, name: str, world: int, timeout_s: float, watch: Callable[[], str | None] | None = None
+) -> None:
     arrived = store.add(f"barrier/{name}", 1)
     if arrived == world:
         store.set(f"barrier/{name}/done", "1")
@@ -155,6 +164,9 @@ def _store_barrier(store: dist.Store, name: str, world: int, timeout_s: float) -
         failed = [r for r in range(world) if store.check([f"failed/{r}"])]
         if failed:
             raise DistributedError(f"branch-parallel startup failed: {store.get(f'failed/{failed[0]}').decode()}")
+        why = watch() if watch is not None else None
+        if why:
+            raise DistributedError(f"branch-parallel startup failed: {why}")
         if time.monotonic() > deadline:
             count = int(store.add(f"barrier/{name}", 0))
             raise DistributedError(

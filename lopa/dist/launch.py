@@ -33,6 +33,7 @@ from lopa.llm import Prompt
 from lopa.outputs import Completion
 
 SPEC_ENV, FD_ENV = "LOPA_BP_SPEC", "LOPA_BP_FD"  # read by lopa.dist.rank
+STARTUP_GRACE_S = 2.0  # a worker that exits during start-up is reported this long after, unless rank 0 is faster
 _CLEARED_ENV = ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID")
 
 
@@ -96,7 +97,7 @@ class BranchParallelGroup:
         theirs.close()
         self._conn = Connection(ours.detach())
         try:
-            self._expect(self._wait_reply(self.startup_timeout_s, "starting"), "ready")
+            self._expect(self._wait_reply(self.startup_timeout_s, "starting", STARTUP_GRACE_S), "ready")
         except BaseException:
             self.kill()  # a rank that failed to start (bad checkpoint, ...) takes the others with it
             raise
@@ -158,7 +159,7 @@ class BranchParallelGroup:
         except OSError as e:
             self.kill()
             raise DistributedError(f"rank 0 is gone ({e}); start a new group") from e
-        return self._expect(self._wait_reply(None, kind), "ok")
+        return self._expect(self._wait_reply(None, kind, self.timeout_s + 5), "ok")
 
     def _expect(self, reply: tuple[str, Any], kind: str) -> Any:
         status, value = reply
@@ -171,8 +172,13 @@ class BranchParallelGroup:
             raise DistributedError(f"rank 0 answered {status!r}, expected {kind!r}")
         return value
 
-    def _wait_reply(self, limit_s: float | None, what: str) -> tuple[str, Any]:
-        """Rank 0's answer; rank 0 names a failed worker itself, so a dead worker only gets a grace period."""
+    def _wait_reply(self, limit_s: float | None, what: str, grace_s: float) -> tuple[str, Any]:
+        """Rank 0's answer; rank 0 names a failed worker itself, so a dead worker only gets ``grace_s``.
+
+        Once the group runs, rank 0's monitor names a dead rank within about a second and the grace only guards
+        against rank 0 hanging too. During start-up rank 0 has no monitor yet (it may be loading the model, or
+        waiting at a barrier for the dead rank), so a worker that exits is reported after a short grace, in
+        which rank 0 can still relay the worker's own error."""
         assert self._conn is not None
         start, worker_gone = time.monotonic(), None
         while True:
@@ -190,10 +196,11 @@ class BranchParallelGroup:
             if gone and worker_gone is None:
                 worker_gone = now
             late = limit_s is not None and now - start > limit_s
-            if late or (worker_gone is not None and now - worker_gone > self.timeout_s + 5):
+            if late or (worker_gone is not None and now - worker_gone > grace_s):
                 self.kill()
                 who = ", ".join(f"rank {r} (status {codes[r]})" for r in gone) or "no rank exited"
-                raise DistributedError(f"branch-parallel group stopped answering while {what}: {who}")
+                see = "; see its log above" if gone else ""
+                raise DistributedError(f"branch-parallel group stopped answering while {what}: {who}{see}")
 
 
 def generate_bp(

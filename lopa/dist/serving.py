@@ -66,13 +66,18 @@ def start_serving_mesh(
                 p.kill()
             p.wait()
 
+    def exited() -> str | None:  # a worker killed during start-up never reaches the barrier nor reports
+        gone = [f"rank {r} (pid {p.pid}) exited with status {p.poll()}" for r, p in enumerate(procs, 1)]
+        gone = [g for g in gone if not g.endswith("None")]
+        return "; ".join(gone) + "; see its log above" if gone else None
+
     atexit.register(kill)
     try:
         os.environ.update(mesh_env, RANK="0", LOCAL_RANK="0")
-        ctx = init_distributed(device, timeout, startup_timeout_s)
+        ctx = init_distributed(device, timeout, startup_timeout_s, watch=exited)
         mesh = build_mesh(ctx, tp)
         llm = LLM(model, lora=lora, device=ctx.device, dtype=dtype, shard=mesh.shard if tp > 1 else None)
-        ctx.store_barrier("loaded", startup_timeout_s)
+        ctx.store_barrier("loaded", startup_timeout_s, watch=exited)
         return BranchParallelLLM(llm, ctx, mesh=mesh)
     except BaseException:
         kill()

@@ -10,6 +10,7 @@ tokenizer), never from code. ``logit_shift`` is the family's prediction offset, 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,53 @@ class ModelConfig:
         """Build from a parsed config.json; raises a named error on anything unsupported or missing."""
         from lopa.model.family import family_for_model_type
 
-        return family_for_model_type(d.get("model_type"), source).parse(d, source)
+        family = family_for_model_type(d.get("model_type"), source)
+        try:
+            config = family.parse(d, source)
+        except (TypeError, ValueError, ArithmeticError) as e:  # int("abc"), int(inf), float([1]), heads=0
+            raise CorruptCheckpointError(f"{source}: a field has an invalid value ({e}); fix config.json.") from e
+        return check_config(config, source)
+
+
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+
+
+def check_config(config: ModelConfig, source: str = "config.json") -> ModelConfig:
+    """``config`` itself when its numbers can describe a model; CorruptCheckpointError naming the field otherwise.
+
+    Sizes must be positive integers; ``rope_theta`` must be a finite positive number and ``rms_norm_eps`` a finite
+    one >= 0, and every number in ``rope_scaling`` must be finite: a NaN there loads and decodes garbage.
+    Whether the sizes match the weights is checked by the loader, against the tensor headers.
+    """
+    for name in _POSITIVE_INTS:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CorruptCheckpointError(f"{source}: {name} must be a positive integer, got {value!r}.")
+    if not math.isfinite(config.rope_theta) or config.rope_theta <= 0:
+        raise CorruptCheckpointError(f"{source}: rope_theta must be a finite number > 0, got {config.rope_theta!r}.")
+    if not math.isfinite(config.rms_norm_eps) or config.rms_norm_eps < 0:
+        raise CorruptCheckpointError(
+            f"{source}: rms_norm_eps must be a finite number >= 0, got {config.rms_norm_eps!r}."
+        )
+    for key, value in (config.rope_scaling or {}).items():
+        numbers = value if isinstance(value, list) else [value]
+        for v in numbers:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v) or (key == "factor" and v <= 0):
+                raise CorruptCheckpointError(
+                    f"{source}: rope_scaling.{key}={value!r} must be finite (and a factor > 0)."
+                )
+    return config
 
 
 def dream_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -165,7 +212,13 @@ def first_int(v: Any) -> int | None:
 
 
 def read_json(path: Path, required: bool = False) -> dict[str, Any]:
-    """A checkpoint's JSON object file; {} when an optional file is absent; named errors otherwise."""
+    """A checkpoint's JSON object file; {} when an optional file is absent; named errors otherwise.
+
+    A path that exists but is not a regular file (a FIFO, a device, a directory) is refused without opening it:
+    reading a FIFO would block until something writes to it.
+    """
+    if path.exists() and not path.is_file():
+        raise CorruptCheckpointError(f"{path} is not a regular file; a checkpoint's files must be plain files.")
     if not path.is_file():
         if required:
             raise CheckpointNotFoundError(f"{path} does not exist; a checkpoint directory needs it.")

@@ -15,7 +15,9 @@ Called by the LLM facade, the CLI, training and the tests.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -175,6 +177,11 @@ def weight_files(path: Path) -> list[Path]:
                 f"may only list files of its own directory."
             )
         files = [path / name for name in names]
+        odd = [f.name for f in files if f.exists() and not f.is_file()]
+        if odd:
+            raise CorruptCheckpointError(
+                f"{index} lists {odd}, which are not regular files; shards must be plain files."
+            )
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointNotFoundError(
@@ -182,6 +189,9 @@ def weight_files(path: Path) -> list[Path]:
             )
         return files
     files = sorted(path.glob("*.safetensors"))
+    odd = [f.name for f in files if not f.is_file()]
+    if odd:  # a FIFO would block the reader forever, a directory fails deep inside safetensors
+        raise CorruptCheckpointError(f"{path}: {odd} are not regular files; weights must be plain *.safetensors files.")
     if files:
         return files
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -201,6 +211,8 @@ def _load_model(
     lora: str | Path | None,
     shard: TPShard | None = None,
 ) -> DreamModel:
+    files = weight_files(path)
+    _check_layer_count(path, files, config)  # before the module is built: its size comes from config.json
     # Build on the meta device so no random weights are allocated, then assign the loaded tensors:
     # only one copy of the weights ever exists, already on the target device and dtype.
     with torch.device("meta"):
@@ -223,7 +235,7 @@ def _load_model(
         else {}
     )
     state: dict[str, Tensor] = {}
-    for file in weight_files(path):
+    for file in files:
         try:
             # safe_open validates the header; the bytes are then read with positioned reads (no memory map), so
             # a tensor-parallel shard never has the file's other slices resident.
@@ -269,8 +281,56 @@ def _load_model(
     # The RoPE table is not a checkpoint tensor: rebuild it on the device, kept in fp32 for precision.
     with torch.device(device):
         model.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
+    if not (bool(torch.isfinite(model.rotary.inv_freq).all()) and math.isfinite(float(model.rotary.scale))):
+        raise CorruptCheckpointError(
+            f"{path}/config.json: rope_theta={config.rope_theta!r} with rope_scaling={config.rope_scaling!r} gives "
+            f"non-finite RoPE frequencies; the model would decode garbage. Fix the RoPE settings in config.json."
+        )
     model.requires_grad_(False)
     return model.eval()
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(path: Path, files: list[Path], config: ModelConfig) -> None:
+    """TensorMismatchError unless the weights hold exactly layers 0..num_hidden_layers-1 (read from the headers).
+
+    The module is built from config.json, so a config claiming a million layers would allocate a million layer
+    objects before any tensor is compared: the count is checked against the tensor names first.
+    """
+    family = config.family
+    layers: set[int] = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own error type for a bad header
+            raise CorruptCheckpointError(
+                f"{file} is not a valid safetensors file ({e}); re-download or re-save it."
+            ) from e
+        for key in keys:
+            m = _LAYER.match(family.tensor_to_shared(key) or "")
+            if m is not None:
+                layers.add(int(m[1]))
+    n = config.num_hidden_layers
+    if layers != set(range(n)):
+        have = f"layers 0..{max(layers)} ({len(layers)} distinct)" if layers else "no layers"
+        missing = sorted(set(range(n)) - layers)
+        extra = sorted(layers - set(range(n)))
+        parts = [
+            f"missing layer(s) {_few(missing)}" if missing else "",
+            f"extra layer(s) {_few(extra)}" if extra else "",
+        ]
+        raise TensorMismatchError(
+            f"{path}/config.json says num_hidden_layers={n}, but the weights hold {have}: "
+            f"{'; '.join(p for p in parts if p)}. config.json and the weights disagree."
+        )
+
+
+def _few(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:3]))
+    return shown + (f" and {len(numbers) - 3} more" if len(numbers) > 3 else "")
 
 
 def _check_values(file: Path, key: str, t: Tensor) -> None:

@@ -178,8 +178,16 @@ def is_targeted(name: str, targets: str | list[str]) -> bool:
 
 def _scale(cfg: dict[str, Any], name: str, rank: int) -> float:
     """lora_alpha / r (or / sqrt(r) with rsLoRA), honouring peft's per-module rank/alpha patterns."""
-    alpha = float(_pattern(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8)))
-    r = float(_pattern(cfg.get("rank_pattern"), name, rank))
+    alpha_value = _pattern(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8))
+    r_value = _pattern(cfg.get("rank_pattern"), name, rank)
+    for field, value in (("lora_alpha", alpha_value), ("r", r_value)):
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        if not math.isfinite(number) or (field == "r" and number <= 0):
+            raise AdapterError(
+                f"adapter_config.json: {field}={value!r} for {name!r} is not a finite number"
+                f"{' > 0' if field == 'r' else ''}; the merged weights would be garbage. Fix adapter_config.json."
+            )
+    alpha, r = float(alpha_value), float(r_value)
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 

@@ -24,8 +24,15 @@ from lopa import DecodeConfig, __version__
 from lopa.errors import ConfigError
 from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError, add_error_handlers
-from lopa.server.limits import ServerLimits, cache_rows, check_request, kv_cache_bytes
-from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware
+from lopa.server.limits import (
+    BODY_TIMEOUT_S,
+    ServerLimits,
+    cache_rows,
+    check_prompt_count,
+    check_request,
+    kv_cache_bytes,
+)
+from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, SecurityHeadersMiddleware
 from lopa.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, MODEL_RESPONSES, install_openapi
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatCompletionRequest, CompletionRequest, sum_usage
@@ -46,12 +53,20 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     served_model_name: str | None = None,
     limits: ServerLimits | None = None,
+    api_docs: bool = False,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
-    """An ASGI app serving ``llm``; the engine worker thread runs for the app's lifespan."""
+    """An ASGI app serving ``llm``; the engine worker thread runs for the app's lifespan.
+
+    ``api_docs`` turns on FastAPI's ``/docs`` and ``/redoc`` pages, which load their scripts from a CDN (off by
+    default: the server then makes the browser fetch nothing from elsewhere); ``/openapi.json`` is always served.
+    """
     if not isinstance(queue_limit, int) or queue_limit < 1:
         raise ConfigError(f"queue_limit must be an integer >= 1, got {queue_limit!r}")
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
         raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
+    if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) or not body_timeout_s > 0:
+        raise ConfigError(f"body_timeout_s must be a number > 0, got {body_timeout_s!r}")
     default = (default_config or DecodeConfig()).validate()
     limits = (limits or ServerLimits()).validate()
     # a cache larger than a request at the server's defaults needs is freed after the request that grew it
@@ -68,10 +83,12 @@ def create_app(
         finally:
             await asyncio.to_thread(worker.stop)
 
-    app = FastAPI(title="lopa", version=__version__, lifespan=lifespan)
+    docs = ("/docs", "/redoc") if api_docs else (None, None)
+    app = FastAPI(title="lopa", version=__version__, lifespan=lifespan, docs_url=docs[0], redoc_url=docs[1])
     app.state.worker = worker
-    app.add_middleware(InternalErrorMiddleware)  # innermost of the two: sees the routes' unhandled errors
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(InternalErrorMiddleware)  # innermost: sees the routes' unhandled errors
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    app.add_middleware(SecurityHeadersMiddleware, exempt=tuple(d for d in docs if d is not None))
     add_error_handlers(app)
     add_trace_routes(app, worker, default, llm, model_name, limits)  # the live view: GET /, POST /v1/trace (trace.py)
     install_openapi(app, limits.max_branches, llm.max_context)
@@ -111,6 +128,7 @@ def create_app(
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prompts = body.prompts()
+        check_prompt_count(len(prompts), limits)  # before tokenizing: a 1 MiB body may hold 170k prompts
         if body.stream and len(prompts) > 1:
             raise ConfigError("streaming takes one prompt per request; send the prompts as separate requests")
         return await _serve(request, body, prompts, raw=True, chat=False)
@@ -123,10 +141,10 @@ def create_app(
     async def _serve(request: Request, body: Any, prompts: list[Any], *, raw: bool, chat: bool) -> Response:
         if body.model is not None and body.model != model_name:
             raise ModelNotFoundError(body.model, model_name)
-        config, max_tokens = decode_config_for(body, default, llm.max_context)
+        config, max_tokens = decode_config_for(body, default, llm.max_context, limits.max_branches)
         # tokenized off the event loop; a bad prompt (mask token, ids outside the vocabulary) is a 400 here
         counts = await asyncio.to_thread(lambda: [llm.count_prompt_tokens(p, raw) for p in prompts])
-        check_request(config, max(counts), llm, limits)
+        check_request(config, counts, llm, limits)  # the KV budget is charged per prompt
         job = Job(prompts, config, raw, max_tokens, body.stream, asyncio.get_running_loop())
         worker.submit(job)
         watcher = asyncio.create_task(_watch_disconnect(request, job))

@@ -18,6 +18,8 @@ from typing import Any
 
 import uvicorn
 
+from lopa.server.guard import uvicorn_options
+
 
 @contextlib.contextmanager
 def serve_in_background(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
@@ -26,7 +28,7 @@ def serve_in_background(app: Any, host: str = "127.0.0.1", port: int = 0, timeou
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))  # bound before uvicorn starts, so the port is known and cannot be taken meanwhile
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **uvicorn_options()))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lopa-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

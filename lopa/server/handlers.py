@@ -16,7 +16,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from lopa.errors import DistributedError, LimitExceededError, LopaError, MaskTokenInPromptError, PromptTooLongError
+from lopa.errors import (
+    DistributedError,
+    InvalidTextError,
+    LimitExceededError,
+    LopaError,
+    MaskTokenInPromptError,
+    PromptTooLongError,
+)
 from lopa.server.protocol import error_body
 from lopa.server.worker import QueueFullError
 
@@ -78,8 +85,11 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(list(exc.errors()))
-        return error_response(400, message, type_="invalid_request_error", code="invalid_request", param=param)
+        errors = list(exc.errors())
+        message, param = validation_message(errors)
+        text = any(isinstance(e.get("ctx", {}).get("error"), InvalidTextError) for e in errors)
+        code = "invalid_text" if text else "invalid_request"
+        return error_response(400, message, type_="invalid_request_error", code=code, param=param)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -112,6 +122,8 @@ def add_error_handlers(app: FastAPI) -> None:
             code = "mask_token_in_prompt"
         elif isinstance(exc, LimitExceededError):
             code = "limit_exceeded"
+        elif isinstance(exc, InvalidTextError):
+            code = "invalid_text"
         return error_response(400, str(exc), type_="invalid_request_error", code=code)
 
     @app.exception_handler(Exception)

@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from lopa.errors import InvalidTextError
+
 # value each unsupported field may take (its neutral value); any other value is a 400
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
@@ -95,6 +97,40 @@ class InvalidFieldError(ValueError):
     """A field has a value this server does not implement or accept (raised inside validation)."""
 
 
+def reject_invalid_text(data: Any) -> Any:
+    """Raise InvalidTextError when a string (or key) anywhere in a request body holds a lone UTF-16 surrogate.
+
+    JSON may escape one (``"\\ud800"``), but it is no Unicode character: it cannot be tokenized, nor written
+    back as UTF-8 in a response, so the request is refused before anything reads it (a pydantic "before"
+    validator of every request model).
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str) and not _encodes(value):
+            bad = next(i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff")
+            raise InvalidTextError(
+                f"'{where or 'the body'}' is not valid Unicode: character {bad} is a lone UTF-16 surrogate "
+                f"U+{ord(value[bad]):04X}; send text whose surrogates come in pairs"
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodes(key):
+                    raise InvalidTextError(f"a key in '{where or 'the body'}' is not valid Unicode (a lone surrogate)")
+                stack.append((f"{where}.{key}" if where else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}.{i}", item) for i, item in enumerate(value))
+    return data
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
@@ -123,6 +159,11 @@ class BaseRequest(BaseModel):
     logit_bias: _neutral("logit_bias") = None
     presence_penalty: _neutral("presence_penalty") = None
     frequency_penalty: _neutral("frequency_penalty") = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        return reject_invalid_text(data)
 
     @model_validator(mode="after")
     def _reject_unsupported(self) -> BaseRequest:
@@ -247,5 +288,6 @@ def sum_usage(usages: list[dict]) -> dict:
 
 
 def error_body(message: str, *, type_: str, code: str | None = None, param: str | None = None) -> dict:
-    """OpenAI's error envelope."""
+    """OpenAI's error envelope; a lone surrogate echoed from the request is escaped, so the body encodes as UTF-8."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

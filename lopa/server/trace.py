@@ -18,14 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    model_validator,
+)
 
 from lopa import DecodeConfig
 from lopa.config import BASES, CONFIDENCES, DECODERS
@@ -35,7 +44,7 @@ from lopa.server.handlers import ModelNotFoundError
 from lopa.server.limits import ServerLimits, check_request
 from lopa.server.openapi import TRACE_RESPONSES
 from lopa.server.params import decode_config_for
-from lopa.server.protocol import ChatMessage, InvalidFieldError, error_body, new_id
+from lopa.server.protocol import ChatMessage, InvalidFieldError, error_body, new_id, reject_invalid_text
 from lopa.server.sse import JobStreamResponse
 from lopa.server.worker import Closed, EngineWorker, Failed, Finished, Job, Trace
 
@@ -45,20 +54,35 @@ if TYPE_CHECKING:
 STATIC_DIR = Path(__file__).parent / "static"
 
 
+_TRACE_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        {"type": "null"},
+    ],
+    "description": "a non-empty text or a non-empty list of token ids",
+}
+
+
 class TraceRequest(BaseModel):
     """``POST /v1/trace``: one prompt or one conversation, with the completions API's decoding fields."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictInt] | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: Annotated[StrictStr | list[StrictInt] | None, WithJsonSchema(_TRACE_PROMPT_SCHEMA)] = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
     top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
     seed: StrictInt | None = Field(default=None, ge=0)
     stop: StrictStr | list[StrictStr] | None = None
     lopa: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        return reject_invalid_text(data)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> TraceRequest:
@@ -136,31 +160,72 @@ class StepConverter:
             "committed": max(0, s.committed - self.prompt_len),
         }
 
-    def pieces(self) -> list[str]:
-        """The text each answer position adds to the decoded answer, up to the first end token (or a gap).
-
-        ``"".join(pieces)`` equals ``decode(answer ids)``; a position whose token completes a multi-byte
-        character carries the whole character, the ones before it ''.
-        """
+    def answer_ids(self) -> list[int]:
+        """The answer's token ids up to the first end token (or the first position not filled)."""
         ids: list[int] = []
         for pos in range(len(self.tokens)):
             token = self.tokens.get(pos)
             if token is None or token in self._end_ids:
                 break
             ids.append(token)
-        out, shown = [], ""
-        for n in range(1, len(ids) + 1):
-            text = self._decode(ids[:n])
-            if n < len(ids):
-                text = text.rstrip("\ufffd")
-            if text.startswith(shown):
-                out.append(text[len(shown) :])
-                shown = text
-            else:  # the tokenizer rewrote earlier text (rare): give it to this position, keep the sum exact
-                out.append("")
-        if ids and "".join(out) != self._decode(ids):
-            out[-1] += self._decode(ids)[len("".join(out)) :]
+        return ids
+
+    def pieces(self) -> list[str]:
+        """The text each answer position adds to the decoded answer, up to the first end token (or a gap).
+
+        ``"".join(pieces)`` equals ``decode(answer ids)``; a position whose token completes a multi-byte
+        character carries the whole character, the ones before it ''. Linear in the answer length: each
+        position's text is the growth of a short window that starts at an earlier character boundary (the
+        way streaming detokenizers work), not of the whole prefix; when the window's pieces do not add up to
+        the decoded answer (a tokenizer that rewrites earlier text), the exact quadratic rule is used instead.
+        """
+        ids = self.answer_ids()
+        out = windowed_pieces(self._decode, ids)
+        if "".join(out) != self._decode(ids):
+            out = prefix_pieces(self._decode, ids)
         return out
+
+
+def windowed_pieces(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
+    """Pieces from ``decode`` of a window ``ids[start:n]``; the window starts at the previous clean boundary.
+
+    A clean boundary is a position after which the decoded text ends in no partial character (no U+FFFD).
+    The start moves there each time one is reached, so the window holds a few tokens and every decode is
+    short; both the shown text and the new text are decoded from the same start, so a tokenizer that treats
+    the first token of a text specially (a dropped leading space) affects both alike.
+    """
+    out: list[str] = []
+    start = read = 0  # window start; the latest clean boundary
+    shown = ""  # the text shown so far, decoded from ``start``
+    for n in range(1, len(ids) + 1):
+        raw = decode(ids[start:n])
+        text = raw if n == len(ids) else raw.rstrip("\ufffd")
+        if text.startswith(shown):
+            out.append(text[len(shown) :])
+            shown = text
+        else:  # rewritten earlier text: the caller's check falls back to prefix_pieces
+            out.append("")
+        if not raw.endswith("\ufffd"):
+            start, read = read, n
+            shown = decode(ids[start:n]) if start < n else ""
+    return out
+
+
+def prefix_pieces(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
+    """Pieces from decoding every prefix (quadratic in ``len(ids)``): the rule :func:`windowed_pieces` follows."""
+    out, shown = [], ""
+    for n in range(1, len(ids) + 1):
+        text = decode(ids[:n])
+        if n < len(ids):
+            text = text.rstrip("\ufffd")
+        if text.startswith(shown):
+            out.append(text[len(shown) :])
+            shown = text
+        else:  # the tokenizer rewrote earlier text (rare): give it to this position, keep the sum exact
+            out.append("")
+    if ids and "".join(out) != decode(ids):
+        out[-1] += decode(ids)[len("".join(out)) :]
+    return out
 
 
 def add_trace_routes(
@@ -189,7 +254,8 @@ def add_trace_routes(
             raise ModelNotFoundError(body.model, model_name)
         overrides = dict(body.lopa or {})
         overrides.pop("trace", None)  # always on here
-        config, max_tokens = decode_config_for(body.model_copy(update={"lopa": overrides}), default, llm.max_context)
+        request = body.model_copy(update={"lopa": overrides})
+        config, max_tokens = decode_config_for(request, default, llm.max_context, limits.max_branches)
         config = config.replace(trace=True)
         chat = body.messages is not None
         prompt: Any = [m.as_template_message() for m in body.messages] if body.messages is not None else body.prompt
@@ -231,7 +297,8 @@ async def _events(job: Job, start: dict, convert: StepConverter) -> AsyncIterato
                 yield "step", convert.step(step)
         elif isinstance(item, Finished):
             done = {"text": item.text, "finish_reason": item.finish_reason, "usage": item.usage}
-            yield "done", {**done, "seconds": round(last_seconds, 6), "pieces": convert.pieces()}
+            pieces = await asyncio.to_thread(convert.pieces)  # off the event loop: /health and other streams go on
+            yield "done", {**done, "seconds": round(last_seconds, 6), "pieces": pieces}
         elif isinstance(item, Failed):
             error = item.error
             if isinstance(error, LopaError) and not isinstance(error, DistributedError):

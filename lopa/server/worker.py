@@ -2,14 +2,16 @@
 
 ``LLM`` is not thread-safe and a forward takes from milliseconds to seconds, so the HTTP event loop never
 calls it: ``app.py`` wraps each request in a :class:`Job`, :meth:`EngineWorker.submit` queues it (or raises
-:class:`QueueFullError` when ``queue_limit`` requests already wait), and the worker thread runs an engine
-session (``llm.open_session()``, see ``lopa/session.py``): between two iterations it admits queued jobs while
-the engine has room (every prompt of a job becomes one sequence of the running batch), then runs ONE
-iteration for all running sequences and routes each sequence's event to its job. Results travel back as
-:class:`Started` / :class:`Delta` / :class:`Finished` / :class:`Failed` items on the job's asyncio queue
-(``loop.call_soon_threadsafe``), always ending with :class:`Closed`. Setting ``job.cancel`` (client gone)
-drops the job's sequences before the next iteration, so its KV slots are free within one forward; a job
-cancelled while still queued is dropped without touching the engine. Every request, streamed or not, goes
+:class:`QueueFullError` when its prompts would take the waiting prompts over ``queue_limit``), and the worker
+thread runs an engine session (``llm.open_session()``, see ``lopa/session.py``): between two iterations it admits
+waiting prompts while the engine has room, then runs ONE iteration for all running sequences and routes each
+sequence's event to its job. Admission is fair by prompt, not by request: the jobs with prompts still waiting take
+turns (round-robin), one prompt each per turn, so a request carrying many prompts gets one slot per round and a
+one-prompt request that arrives behind it waits for at most one of its prompts per free slot, not for all of them.
+Results travel back as :class:`Started` / :class:`Delta` / :class:`Finished` / :class:`Failed` items on the job's
+asyncio queue (``loop.call_soon_threadsafe``), always ending with :class:`Closed`. Setting ``job.cancel``
+(client gone) drops the job's sequences before the next iteration, so its KV slots are free within one forward;
+its prompts still waiting are dropped without touching the engine. Every request, streamed or not, goes
 through the same session events, so both paths cancel alike and see the same engine output.
 
 Per-request hooks: :class:`_Active` is the one place a job's per-sequence events arrive (``_deliver``), so
@@ -19,15 +21,17 @@ per-step extras (traces, timings) can be routed to a job from there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lopa.errors import LopaError
+from lopa.errors import LimitExceededError, LopaError
 from lopa.outputs import Completion
 from lopa.server.protocol import usage_dict
 
@@ -38,7 +42,7 @@ log = logging.getLogger("lopa.server")
 
 
 class QueueFullError(Exception):
-    """The job queue holds ``queue_limit`` waiting requests; the client should retry later."""
+    """The waiting prompts would exceed ``queue_limit``; the client should retry later."""
 
     def __init__(self, retry_after: int) -> None:
         super().__init__(f"the server is busy ({retry_after}s estimated wait); retry later")
@@ -150,30 +154,38 @@ class OutputCutter:
 
 @dataclass
 class _Active:
-    """A job inside the engine: which session sequence is which of its prompts, and their output cutters."""
+    """A job the worker has taken: which session sequence is which of its prompts, their output cutters, and
+    how many of its prompts are in the engine so far (the rest wait for their turn)."""
 
     job: Job
-    prompts: dict[int, int]  # session sequence id -> prompt index
+    prompts: dict[int, int]  # session sequence id -> prompt index, for the prompts in the engine
     cutters: dict[int, OutputCutter]
     start: float = field(default_factory=time.perf_counter)
     started: bool = False
+    admitted: int = 0  # prompts handed to the engine (job.prompts[:admitted])
+
+    @property
+    def unadmitted(self) -> int:
+        return len(self.job.prompts) - self.admitted
 
 
 class EngineWorker:
-    """Owns the LLM: one daemon thread admits queued jobs in arrival order into the running batch."""
+    """Owns the LLM: one daemon thread admits waiting prompts into the running batch, round-robin over jobs."""
 
     def __init__(self, llm: LLM, queue_limit: int) -> None:
         self.llm = llm
-        self.queue_limit = queue_limit
+        self.queue_limit = queue_limit  # prompts that may wait for the engine
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._waiting = 0  # prompts submitted and not yet in the engine
         self._mean_seconds = 1.0  # running mean of job durations, for Retry-After
         self.completed = 0  # jobs that ran to the end
         self.failed = 0  # jobs that ended with an error (the client's, 4xx, or a bug, 5xx)
         self.cancelled = 0  # jobs dropped or stopped early because their client went away
         self._active: dict[int, _Active] = {}  # session sequence id -> its job (worker thread only)
-        self._running = 0  # jobs admitted and not yet closed (read by /health from the event loop)
+        self._live: dict[int, _Active] = {}  # id(job) -> every job taken and not yet closed (worker thread only)
+        self._turns: deque[_Active] = deque()  # jobs with prompts still waiting, in turn order (worker thread only)
+        self._running = 0  # jobs with a prompt in the engine, not yet closed (read by /health from the event loop)
         self._stopping = threading.Event()  # set by stop(): the worker cancels its running jobs
         self._thread: threading.Thread | None = None
         self._session: Any = None
@@ -199,6 +211,7 @@ class EngineWorker:
 
     @property
     def waiting(self) -> int:
+        """Prompts submitted and not yet in the engine."""
         return self._waiting
 
     @property
@@ -213,10 +226,17 @@ class EngineWorker:
 
     # ---- submission (event-loop thread) -------------------------------------------------------------------
     def submit(self, job: Job) -> None:
+        """Queue ``job``; QueueFullError when its prompts would take the waiting prompts over ``queue_limit``."""
+        n = len(job.prompts)
+        if n > self.queue_limit:
+            raise LimitExceededError(
+                f"this request carries {n} prompts, more than this server's queue holds ({self.queue_limit}, "
+                f"lopa serve --queue-limit); send fewer prompts per request"
+            )
         with self._lock:
-            if self._waiting >= self.queue_limit:
+            if self._waiting + n > self.queue_limit:
                 raise QueueFullError(self.retry_after())
-            self._waiting += 1
+            self._waiting += n
         self._jobs.put(job)
 
     # ---- the worker thread --------------------------------------------------------------------------------
@@ -230,18 +250,11 @@ class EngineWorker:
     def _loop(self) -> None:
         session = self._session
         while True:
-            while session.capacity > 0 or not session.has_work:  # admit while the engine has room
-                try:
-                    job = self._jobs.get(block=not session.has_work)
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._shutdown(session)
-                    return
-                with self._lock:
-                    self._waiting -= 1
-                self._admit(session, job)
-            for active in {id(a.job): a for a in self._active.values()}.values():
+            if not self._take_jobs(block=not session.has_work and not self._turns):
+                self._shutdown(session)
+                return
+            self._admit_turns(session)
+            for active in list(self._live.values()):
                 if active.job.cancel.is_set() or self._stopping.is_set():
                     self._close(session, active, cancelled=True)
             if not session.has_work:
@@ -259,22 +272,48 @@ class EngineWorker:
                 if active is not None:
                     self._deliver(session, active, rid, event)
 
-    def _admit(self, session: Any, job: Job) -> None:
-        if job.cancel.is_set():
-            self.cancelled += 1
-            job.push(Closed())
-            return
-        active = _Active(job, {}, {})
-        self._running += 1
+    def _take_jobs(self, block: bool) -> bool:
+        """Move submitted jobs to the back of the turn order (waiting for one if ``block``); False on shutdown."""
+        while True:
+            try:
+                job = self._jobs.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if job is None:
+                return False
+            active = _Active(job, {}, {})
+            self._live[id(job)] = active
+            self._turns.append(active)
+
+    def _admit_turns(self, session: Any) -> None:
+        """While the engine has room, give the next job in turn one prompt's slot (round-robin by prompt)."""
+        while self._turns and (session.capacity > 0 or not session.has_work):
+            active = self._turns.popleft()
+            if active.job.cancel.is_set() or self._stopping.is_set():
+                self._close(session, active, cancelled=True)
+                continue
+            if self._admit_one(session, active) and active.unadmitted:
+                self._turns.append(active)
+
+    def _admit_one(self, session: Any, active: _Active) -> bool:
+        """Hand the job's next prompt to the engine; False when that failed the job."""
+        job, index = active.job, active.admitted
+        with self._lock:
+            self._waiting -= 1
+        active.admitted += 1
+        if index == 0:
+            self._running += 1
         try:
-            for index, prompt in enumerate(job.prompts):
-                rid = session.add(prompt, job.config, raw=job.raw)
-                active.prompts[rid] = index
-                active.cutters[rid] = OutputCutter(self.llm.tokenizer, job.max_tokens)
-                self._active[rid] = active
+            rid = session.add(job.prompts[index], job.config, raw=job.raw)
         except LopaError as e:  # this request's fault (a prompt too long, ...): only it fails
             job.push(Failed(e))
             self._close(session, active, failed=True)
+            return False
+        active.prompts[rid] = index
+        active.cutters[rid] = OutputCutter(self.llm.tokenizer, job.max_tokens)
+        self._active[rid] = active
+        return True
 
     def _deliver(self, session: Any, active: _Active, rid: int, event: Any) -> None:
         """One sequence's event of this iteration, routed to its job."""
@@ -306,16 +345,25 @@ class EngineWorker:
         job.push(Finished(active.prompts[rid], text, reason, usage))
         del self._active[rid]
         del active.prompts[rid]
-        if not active.prompts:
+        if not active.prompts and not active.unadmitted:
             self._close(session, active)
 
     def _close(self, session: Any, active: _Active, cancelled: bool = False, failed: bool = False) -> None:
-        """Drop the job's remaining sequences (their slots are free for the next iteration) and close it."""
+        """Drop the job's sequences (their slots are free for the next iteration) and waiting prompts; close it."""
+        if self._live.pop(id(active.job), None) is None:
+            return  # already closed
+        if active.admitted:  # it counted as running from its first prompt's admission
+            self._running -= 1
         for rid in list(active.prompts):
             session.cancel(rid)
             self._active.pop(rid, None)
         active.prompts.clear()
-        self._running -= 1
+        if active.unadmitted:
+            with self._lock:
+                self._waiting -= active.unadmitted
+            active.admitted = len(active.job.prompts)
+        with contextlib.suppress(ValueError):
+            self._turns.remove(active)
         if cancelled:
             self.cancelled += 1
         elif failed:
@@ -326,7 +374,7 @@ class EngineWorker:
         active.job.push(Closed())
 
     def _shutdown(self, session: Any) -> None:
-        for active in {id(a.job): a for a in self._active.values()}.values():
+        for active in list(self._live.values()):
             self._close(session, active, cancelled=True)
         while True:
             try:
