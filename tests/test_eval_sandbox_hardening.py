@@ -63,33 +63,25 @@ def test_a_solution_cannot_end_its_tests_with_a_pass(sandbox: Sandbox, attack: s
     assert sandbox.run(adds(WRONG + attack)).status in ("fail", "error")
 
 
-# names a solution rebinds to empty or fake the tests' checks; none of them may reach the tests process
+# a name a solution rebinds, and the test line that rebinding made pass for a wrong answer (f returns 0, not 4)
 SHADOWS = {
-    "abs": "abs = lambda *a, **k: 0\n",
-    "enumerate": "enumerate = lambda *a, **k: []\n",
-    "all": "all = lambda *a, **k: True\n",
-    "AssertionError": "class AssertionError(Exception):\n    pass\n",
-    "isinstance": "isinstance = lambda *a: True\n",
-    "math": "class math:\n    isclose = staticmethod(lambda *a, **k: True)\n",
-    "print": "def print(*a):\n    raise SystemExit(0)\n",
+    "abs": ("abs = lambda *a, **k: 0\n", "assert abs(f(2) - 4) < 1e-9\n"),
+    "enumerate": ("enumerate = lambda *a, **k: []\n", "for i, x in enumerate([4]):\n    assert f(2) == x\n"),
+    "all": ("all = lambda *a, **k: True\n", "assert all(f(2) == 4 for _ in range(3))\n"),
+    "isinstance": ("isinstance = lambda *a: True\n", "assert isinstance(f(2), str)\n"),
+    "len": ("len = lambda *a: 3\n", "assert len(f(2)) == 3\n"),
+    "math": ("class math:\n    isclose = staticmethod(lambda *a, **k: True)\n", "assert math.isclose(f(2), 4)\n"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SHADOWS))
 def test_names_the_solution_binds_do_not_reach_the_tests(sandbox: Sandbox, name: str) -> None:
-    """The issue's forgery (``abs``), and any other rebinding: the tests see builtins and the entry points only."""
-    solution = "def f(x):\n    return 0\n" + SHADOWS[name]
-    tests = (
-        "import math\n"
-        "assert abs(f(2) - 4) < 1e-9\n"
-        "for i, x in enumerate([4]):\n    assert f(2) == x\n"
-        "assert all(f(2) == 4 for _ in range(3))\n"
-        "assert isinstance(f(2), str)\n"
-        "assert math.isclose(f(2), 4)\n"
-    )
-    result = sandbox.run(Program(solution, tests, ("f",)))
-    assert result.status == "fail", result
-    right = "def f(x):\n    return 4\n" + SHADOWS[name]
+    """The issue's forgery (``abs``), and others like it: the tests see builtins, the standard-library modules
+    they name, and the entry points; nothing else the solution binds."""
+    shadow, tests = SHADOWS[name]
+    result = sandbox.run(Program("def f(x):\n    return 0\n" + shadow, tests, ("f",)))
+    assert result.status in ("fail", "error"), result
+    right = "def f(x):\n    return 4\n" + shadow
     assert sandbox.run(Program(right, "assert abs(f(2) - 4) < 1e-9\n", ("f",))).passed
 
 

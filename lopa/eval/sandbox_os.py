@@ -92,9 +92,13 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def kill_user(uid: int) -> None:
-    """Kill every process running as ``uid`` (a fresh id only this program used), until none is left."""
-    for _ in range(200):
+def kill_user(uid: int, patience_s: float = 60.0) -> None:
+    """Kill every process running as ``uid`` (a fresh id only this program used), until none is left.
+
+    Bounded by time, not by a count of rounds: on a loaded machine a killed process can take long to exit.
+    """
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
         pids = pids_of_user(uid)
         if not pids:
             return
