@@ -258,6 +258,29 @@ def test_nothing_a_sample_makes_outlives_it(mode: str) -> None:
     assert [n for n in names if os.path.exists(n)] == []
 
 
+def test_every_other_mount_is_read_only_inside_the_namespaces() -> None:
+    """Even a program running as root inside the namespaces (no separate user id) cannot write outside the
+    private temporary directories: here, next to this test file."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: otherwise the file permissions alone forbid the write")
+    sandbox = Sandbox(LIMITS, isolate_user=False)
+    if not sandbox.namespaces:
+        pytest.skip("needs namespaces (unshare)")
+    target = Path(__file__).with_name(f"lopa-ro-probe-{secrets.token_hex(4)}")
+    solution = (
+        "import sys\nraw_file = type(sys.stdout.buffer.raw)\n"
+        "def write(path):\n    try:\n        raw_file(path, 'w').write(b'x')\n        return 'written'\n"
+        "    except OSError as e:\n        return e.errno\n"
+    )
+    tests = f"import errno\nassert write({str(target)!r}) == errno.EROFS\nassert write('/tmp/scratch') == 'written'\n"
+    try:
+        result = sandbox.run(Program(solution, tests, ("write",)))
+        assert result.passed, result.detail
+        assert not target.exists()
+    finally:
+        target.unlink(missing_ok=True)
+
+
 def test_the_sample_memory_is_bounded_as_a_whole() -> None:
     """4 forked children of 150 MB under memory_mb=256: per-process limits let all four hold theirs at once."""
     sandbox = Sandbox(SandboxLimits(timeout_s=30.0, memory_mb=256))
