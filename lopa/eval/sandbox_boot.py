@@ -1,4 +1,4 @@
-"""Bootstrap run inside every sandbox process, before the untrusted program (passed to ``python -I -S -c``).
+"""Bootstrap run inside every sandbox process, before the untrusted program (passed to ``python -s -S -c``).
 
 Owned by :mod:`lopa.eval.sandbox`, which reads this file as text and runs it with the sandbox interpreter; it
 must therefore import nothing from lopa (the interpreter may be a different one that cannot see the package).
