@@ -1,11 +1,13 @@
 """Program extraction and sanitizing, MBPP entry points, and HumanEval scored end to end in the sandbox."""
 
+import json
+
 import pytest
 
 from lopa.eval.code import cut_at_stops, extract_code, longest_valid_span, sanitize
 from lopa.eval.sandbox import Sandbox
 from lopa.eval.tasks import get_task
-from lopa.eval.tasks.code import MBPP, mbpp_entry_point
+from lopa.eval.tasks.code import MBPP, HumanEvalPlus, mbpp_entry_point
 
 
 def test_extract_code_prefers_the_block_defining_the_entry_point() -> None:
@@ -90,12 +92,11 @@ def test_mbpp_program_scores_reference_code_and_rejects_wrong_code() -> None:
         "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
         "test_setup_code": "",
     }
-    good, good_code = task.program(doc, "def add(a, b):\n    return a + b\n[DONE]")
-    bad, bad_code = task.program(doc, "def add(a, b):\n    return a - b\n[DONE]")
+    good = task.program(doc, "def add(a, b):\n    return a + b\n[DONE]")
+    bad = task.program(doc, "def add(a, b):\n    return a - b\n[DONE]")
+    assert good.entry_points == ("add",) and good.solution.startswith("def add")
     results = Sandbox().run_many([good, bad])
     assert [r.status for r in results] == ["pass", "fail"]
-    split = Sandbox().run_many([good, bad], solutions=[good_code, bad_code])
-    assert [r.status for r in split] == ["pass", "fail"]
 
 
 def test_humaneval_canonical_solutions_pass_and_empty_completions_fail() -> None:
@@ -104,12 +105,44 @@ def test_humaneval_canonical_solutions_pass_and_empty_completions_fail() -> None
     docs = task.load_docs(None)
     assert len(docs) == 164
     sandbox = Sandbox()
-    programs = [task.program(d, d["canonical_solution"]) for d in docs]
     # as the eval runs them: the solution and its tests in separate processes
-    canonical = sandbox.run_many([p for p, _ in programs], workers=2, solutions=[s for _, s in programs])
+    canonical = sandbox.run_many([task.program(d, d["canonical_solution"]) for d in docs], workers=2)
     failed = [(d["task_id"], r.status, r.detail[-200:]) for d, r in zip(docs, canonical, strict=True) if not r.passed]
     assert not failed
-    empty_programs = [task.program(d, "") for d in docs]
-    empty = sandbox.run_many([p for p, _ in empty_programs], workers=2, solutions=[s for _, s in empty_programs])
+    empty = sandbox.run_many([task.program(d, "") for d in docs], workers=2)
     assert sum(r.passed for r in empty) == 0
     assert all(r.status in ("fail", "error") for r in empty)
+
+
+def _inputs_of_humaneval_tests(doc: dict) -> list[list]:
+    """The arguments HumanEval's own ``check`` calls the entry point with (the canonical solution answers)."""
+    namespace: dict = {}
+    exec(doc["prompt"] + doc["canonical_solution"], namespace)  # the package's reference code
+    reference, calls = namespace[doc["entry_point"]], []
+
+    def recorder(*args: object) -> object:
+        calls.append(json.loads(json.dumps(list(args))))  # as a _plus file stores them (tuples become lists)
+        return reference(*args)
+
+    exec(doc["test"], namespace)
+    namespace["check"](recorder)
+    return calls
+
+
+def test_humaneval_plus_compare_passes_canonical_solutions_on_a_sample() -> None:
+    """The ``_plus`` path (the reference in the tests process, the candidate behind a proxy) on every 4th HumanEval
+    problem, with the inputs of HumanEval's own tests (the EvalPlus files are not shipped by any package)."""
+    task = HumanEvalPlus()
+    docs = []
+    for d in get_task("humaneval").load_docs(None)[::4]:
+        try:
+            inputs = _inputs_of_humaneval_tests(d)
+        except TypeError:  # an input that JSON cannot hold
+            continue
+        docs.append({**d, "base_input": inputs, "plus_input": [], "atol": 1e-6})
+    assert len(docs) >= 35
+    results = Sandbox().run_many([task.program(d, d["canonical_solution"]) for d in docs], workers=2)
+    failed = [(d["task_id"], r.status, r.detail[-200:]) for d, r in zip(docs, results, strict=True) if not r.passed]
+    assert not failed
+    wrong = Sandbox().run_many([task.program(d, "    return None\n") for d in docs[:8]], workers=2)
+    assert not any(r.passed for r in wrong)

@@ -73,9 +73,10 @@ def evaluate(
             if "error" not in record:
                 text = task.completion_text(record["completion"], use_chat)
                 if task.is_code:
-                    program, record["extracted"] = task.program(doc, text)
+                    program = task.program(doc, text)
+                    record["extracted"] = program.solution
                     # the solution apart from its tests: the verdict comes from a process the solution cannot touch
-                    pending[i] = pool.submit(sandbox.run, program, record["extracted"])  # type: ignore[union-attr]
+                    pending[i] = pool.submit(sandbox.run, program)  # type: ignore[union-attr]
                 else:
                     score = task.score(doc, text)
                     record.update(correct=score.correct, extracted=score.extracted, **score.extra)

@@ -1,31 +1,42 @@
-"""Run model-written programs in a separate, limited process: pass / fail / timeout / error, never a crash.
+"""Run model-written code against a task's tests in separate, limited processes: pass / fail / timeout / error.
 
-Called by the eval loop (:mod:`lopa.eval.runner`) with the programs the code tasks build; each program runs in
-its own process (``python -I -S``: isolated, standard library only; bootstrap :mod:`lopa.eval.sandbox_boot`) with:
+Called by the eval loop (:mod:`lopa.eval.runner`) with the :class:`Program` a code task builds. The model's code
+(the *solution*) and the task's tests run as two processes (:mod:`lopa.eval.sandbox_split`): the tests see only
+the entry points the task names, as proxies that call into the solution process, and the verdict is the tests
+process's exit status, which nothing the solution does can set. Each process is ``python -s -S`` (standard
+library only, in an environment built from nothing; bootstrap :mod:`lopa.eval.sandbox_boot`) with:
 
-- when ``unshare`` works (root, or unprivileged user namespaces): new network, mount and PID namespaces with
-  private ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (:mod:`lopa.eval.sandbox_os`);
+- when ``unshare`` works (root, or unprivileged user namespaces): new network, mount, PID and IPC namespaces with
+  private ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock``, every other mount read-only
+  (:mod:`lopa.eval.sandbox_os`);
 - a fresh temporary working directory, removed afterwards, and ``TMPDIR`` pointing into it;
 - no inherited file descriptors (``close_fds``), a stripped environment, a new session (process group);
 - ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_NPROC``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE`` and a wall-time
-  limit after which the whole process group is killed;
+  limit after which every process of the sample is killed. The wall clock starts when both processes say they
+  have started, so the sandbox's own set-up (namespaces, interpreter start) never counts against the program,
+  however loaded the machine is;
+- under root, a cgroup per sample (:mod:`lopa.eval.sandbox_cgroup`) that bounds the memory and the number of
+  processes of the sample as a whole;
 - a guard that keeps destructive ``os``/``shutil`` calls inside the working directory and disables process
   creation (the normal-case protection);
-- when the harness runs as root: a fresh unprivileged user id per program. Root ignores ``RLIMIT_NPROC`` and
+- when the harness runs as root: a fresh unprivileged user id per process. Root ignores ``RLIMIT_NPROC`` and
   every file permission, so without this a fork bomb or ``rm`` would only be stopped by the guard. The fresh
-  id makes the process limit count only that program's processes and lets the harness kill every process
-  it left behind (all processes of that id) and remove the files it left in the shared temporary directories.
+  id lets the harness kill every process it left behind (all processes of that id) and remove the files and IPC
+  objects it left in the shared temporary directories.
 
-Given the split of a program into its solution and its tests (``run(program, solution=...)``), the two run in
-separate processes (:mod:`lopa.eval.sandbox_split`) and the verdict is the tests process's exit status, which
-the solution cannot forge; under root they also run as different user ids. What each mode guarantees is listed
-in docs/eval.md and recorded by :meth:`Sandbox.describe` (``unisolated`` when the OS gave no isolation).
+What each mode guarantees is listed in docs/eval.md and recorded by :meth:`Sandbox.describe` (``unisolated``
+when the OS gave no isolation).
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import json
 import os
 import secrets
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +49,7 @@ from pathlib import Path
 from typing import Literal
 
 from lopa.errors import ConfigError
+from lopa.eval.sandbox_cgroup import SampleCgroup, cgroup_kind
 from lopa.eval.sandbox_os import (
     kill_group,
     kill_user,
@@ -46,6 +58,7 @@ from lopa.eval.sandbox_os import (
     pids_of_user,
     python_for_other_users,
     remove_files_of,
+    remove_ipc_of,
     remove_tree,
 )
 
@@ -60,11 +73,19 @@ _pids_of_user = pids_of_user  # the tests' name for it
 _EXIT_DETAIL = {3: "assertion failed", 4: "exception", 5: "memory limit exceeded", 6: "exit() called"}
 _UID_RANGE = (1_000_000, 1_900_000_000)  # far above any real account's id
 _TAIL = 2000  # characters of stderr kept as the detail of a failure
+_NOT_MODULES = {"this", "antigravity"}  # standard-library modules that act when imported
+_SETUP_TASKS = 4  # per process: the joining shell / unshare, and the namespace's setup commands
+_SETUP_TIMEOUT_S = 120.0  # how long the two processes may take to start before the wall clock starts anyway
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Per-program limits. ``timeout_s`` is wall time; the CPU limit is the same number, rounded up."""
+    """Per-sample limits. ``timeout_s`` is wall time; the CPU limit is the same number, rounded up.
+
+    ``memory_mb`` bounds each process's address space and, where a cgroup is available, the memory of all the
+    sample's processes together; ``max_processes`` bounds each process's user id (root: a fresh id per process)
+    and, with a cgroup, the sample's processes and threads together (plus the few the sandbox's setup needs).
+    """
 
     timeout_s: float = 10.0
     memory_mb: int = 2048
@@ -81,11 +102,32 @@ class SandboxLimits:
 
 
 @dataclass(frozen=True)
+class Program:
+    """One sample: the model's code and the task's tests, which run in two processes.
+
+    ``solution`` is untrusted and runs alone in its process. ``tests`` (and ``context``, task code run before them,
+    such as a HumanEval prompt's helper functions) run in the other, in a namespace that holds builtins, the
+    standard-library modules they use, and one proxy per name in ``entry_points``: the only names of the solution
+    the tests can reach.
+    """
+
+    solution: str
+    tests: str
+    entry_points: tuple[str, ...] = ()
+    context: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.entry_points if not (isinstance(n, str) and n.isidentifier())]
+        if bad:
+            raise ValueError(f"entry points must be Python identifiers, got {bad!r}")
+
+
+@dataclass(frozen=True)
 class SandboxResult:
     status: Status
     detail: str
     seconds: float
-    uid: int | None = None  # the user id the program ran as (None: the harness's own)
+    uid: int | None = None  # the user id the solution ran as (None: the harness's own)
 
     @property
     def passed(self) -> bool:
@@ -93,10 +135,14 @@ class SandboxResult:
 
 
 class Sandbox:
-    """Runs programs under :class:`SandboxLimits`; thread-safe, so :meth:`run_many` uses a thread pool."""
+    """Runs :class:`Program` s under :class:`SandboxLimits`; thread-safe, so :meth:`run_many` uses a thread pool."""
 
     def __init__(
-        self, limits: SandboxLimits | None = None, isolate_user: bool | None = None, namespaces: bool | None = None
+        self,
+        limits: SandboxLimits | None = None,
+        isolate_user: bool | None = None,
+        namespaces: bool | None = None,
+        cgroup: bool | None = None,
     ) -> None:
         self.limits = (limits or SandboxLimits()).validate()
         self.as_root = os.geteuid() == 0
@@ -114,7 +160,15 @@ class Sandbox:
             else:
                 self.python, self.user = python, True
         self.namespaces = namespaces_available(self.as_root) if namespaces is None else namespaces
-        parts = (["namespaces"] if self.namespaces else []) + (["user"] if self.user else []) + ["guard", "rlimits"]
+        self.cgroup = cgroup_kind() if cgroup is None or cgroup else None
+        if self.user and not self.namespaces and not shutil.which("setpriv"):
+            self.cgroup = None  # the user id could not be dropped after joining the cgroup
+        if cgroup and self.cgroup is None:
+            raise ConfigError(
+                "no cgroup can be made for the sandbox here (it needs root and the memory and pids controllers)"
+            )
+        parts = ["namespaces"] if self.namespaces else []
+        parts += (["user"] if self.user else []) + (["cgroup"] if self.cgroup else []) + ["guard", "rlimits"]
         self.isolation = "+".join(parts)
 
     @property
@@ -126,81 +180,72 @@ class Sandbox:
         return {
             "isolation": self.isolation,
             "unisolated": self.unisolated,
+            "memory_bound": "per sample (cgroup)" if self.cgroup else "per process (RLIMIT_AS)",
             "python": self.python,
             **asdict(self.limits),
         }
 
-    def run_many(
-        self, programs: Sequence[str], workers: int = 2, solutions: Sequence[str | None] | None = None
-    ) -> list[SandboxResult]:
-        """Run every program, ``workers`` at a time; results in input order (``solutions``: see :meth:`run`)."""
-        sols = list(solutions) if solutions is not None else [None] * len(programs)
+    def run_many(self, programs: Sequence[Program], workers: int = 2) -> list[SandboxResult]:
+        """Run every program, ``workers`` at a time; results in input order."""
         if workers <= 1 or len(programs) <= 1:
-            return [self.run(p, s) for p, s in zip(programs, sols, strict=True)]
+            return [self.run(p) for p in programs]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(self.run, programs, sols))
+            return list(pool.map(self.run, programs))
 
-    def run(self, program: str, solution: str | None = None) -> SandboxResult:
-        """Run ``program``. With ``solution`` (a prefix of ``program``: the model's code, the rest being the
-        task's tests) the two run as separate processes and the tests process's exit status is the verdict."""
+    def run(self, program: Program) -> SandboxResult:
+        """Run ``program``'s tests against its solution; the verdict is the tests process's exit status."""
+        if not isinstance(program, Program):  # the single-process mode is gone: a program never grades itself
+            raise TypeError(
+                f"Sandbox.run takes a Program (solution, tests, entry points), not a {type(program).__name__}"
+            )
         start = time.perf_counter()
         try:
-            if solution and program.startswith(solution):
-                return self._run_split(solution, program[len(solution) :], start)
             return self._run(program, start)
         except Exception as e:  # noqa: BLE001 - a harness-side failure is this sample's error, not a crash
             return SandboxResult("error", f"sandbox failure: {type(e).__name__}: {e}", time.perf_counter() - start)
 
-    # ---- one process: the program prints the nonce it never saw when it ran to the end -----------------------
-    def _run(self, program: str, start: float) -> SandboxResult:
-        uid = self._fresh_uid()
-        outer = self._workdir({"program.py": program}, uid)
-        try:
-            nonce = secrets.token_hex(16)
-            with open(outer / "stdout", "w+b") as out, open(outer / "stderr", "w+b") as err:
-                proc = self._spawn(outer / "work", uid, [], (), out, err, stdin=subprocess.PIPE)
-                timed_out = False
-                try:
-                    proc.communicate(input=(nonce + "\n").encode(), timeout=self.limits.timeout_s)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                self._end(proc, uid)
-                seconds = time.perf_counter() - start
-                stdout, stderr = _tail(out), _tail(err)
-            return _classify(proc.returncode, timed_out, nonce in stdout, stderr, seconds, uid)
-        finally:
-            remove_tree(outer)
-
-    # ---- two processes: the verdict is the tests process's exit status ------------------------------------------
-    def _run_split(self, solution: str, tests: str, start: float) -> SandboxResult:
+    def _run(self, program: Program, start: float) -> SandboxResult:
+        spec = {
+            "context": program.context,
+            "tests": program.tests,
+            "entry_points": list(program.entry_points),
+            "modules": stdlib_names_used(program.context, program.tests, exclude=program.entry_points),
+        }
         sol_uid, test_uid = self._fresh_uid(), self._fresh_uid()
-        sol_dir = self._workdir({"program.py": solution}, sol_uid)
-        test_dir = self._workdir({"tests.py": tests}, test_uid)
-        to_solution, to_tests = os.pipe(), os.pipe()  # (read, write) each
+        sol_dir = self._workdir({"program.py": program.solution}, sol_uid)
+        test_dir = self._workdir({"tests.json": json.dumps(spec)}, test_uid)
+        group = None
+        to_solution, to_tests, started = os.pipe(), os.pipe(), os.pipe()  # (read, write) each
+        still_open = [*to_solution, *to_tests, *started]  # closed once each: a number may be reused at once
         try:
+            if self.cgroup:
+                tasks = 2 * (self.limits.max_processes + _SETUP_TASKS)
+                group = SampleCgroup(self.cgroup, self.limits.memory_mb, tasks)
             with open(sol_dir / "stderr", "w+b") as sol_err, open(test_dir / "stderr", "w+b") as err:
-                fds = (to_solution[0], to_tests[1])
-                sol = self._spawn(
-                    sol_dir / "work", sol_uid, ["solution", *map(str, fds)], fds, subprocess.DEVNULL, sol_err
-                )
-                fds = (to_tests[0], to_solution[1])
-                test = self._spawn(test_dir / "work", test_uid, ["tests", *map(str, fds)], fds, subprocess.DEVNULL, err)
-                for fd in (*to_solution, *to_tests):
+                fds = (to_solution[0], to_tests[1], started[1])
+                sol = self._spawn(sol_dir / "work", sol_uid, ["solution", *map(str, fds)], fds, sol_err, group)
+                fds = (to_tests[0], to_solution[1], started[1])
+                test = self._spawn(test_dir / "work", test_uid, ["tests", *map(str, fds)], fds, err, group)
+                for fd in (*to_solution, *to_tests, started[1]):  # the processes hold them now
+                    still_open.remove(fd)
                     os.close(fd)
-                to_solution = to_tests = ()
+                _wait_started(started[0], 2)
                 timed_out = False
                 try:
                     test.wait(timeout=self.limits.timeout_s)
                 except subprocess.TimeoutExpired:
                     timed_out = True
-                self._end(test, test_uid)
-                self._end(sol, sol_uid)
+                self._end(test, test_uid, None)
+                self._end(sol, sol_uid, group)
                 seconds = time.perf_counter() - start
                 detail = _tail(err) or _tail(sol_err)
-            return _classify(test.returncode, timed_out, True, detail, seconds, sol_uid)
+            oom = group is not None and group.oom_killed()
+            return _classify(test.returncode, timed_out, oom, detail, seconds, sol_uid)
         finally:
-            for fd in (*to_solution, *to_tests):
+            for fd in still_open:
                 os.close(fd)
+            if group is not None:
+                group.remove()
             remove_tree(sol_dir)
             remove_tree(test_dir)
 
@@ -219,20 +264,32 @@ class Sandbox:
             os.chown(work, uid, uid)
         return outer
 
-    def _spawn(self, work: Path, uid: int | None, role: list[str], fds: tuple[int, ...], out, err, stdin=None):  # noqa: ANN001
+    def _command(self, work: Path, uid: int | None, role: list[str]) -> list[str]:
+        """The command line of one process: the bootstrap in the interpreter, in namespaces when available."""
         limits = {**asdict(self.limits), "cpu_s": int(-(-self.limits.timeout_s // 1))}
         limits_arg = ",".join(f"{k}={int(v)}" for k, v in limits.items() if k != "timeout_s")
-        command = [self.python, "-I", "-S", "-c", _BOOT, limits_arg, *role]
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
-        extra: dict = {}
+        command = [self.python, "-s", "-S", "-c", _BOOT, limits_arg, *role]
         if self.namespaces:
             command = namespace_command(command, work, uid if self.as_root else None, self.as_root)
-        elif uid is not None:
-            extra = {"user": uid, "group": uid, "extra_groups": []}
+        return command
+
+    def _spawn(self, work: Path, uid: int | None, role: list[str], fds: tuple[int, ...], err, group):  # noqa: ANN001
+        command = self._command(work, uid, role)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
+        env["PYTHONHASHSEED"] = "0"  # one set order in both processes (the same code gives the same order)
+        extra: dict = {}
+        if uid is not None and not self.namespaces:
+            if group is None:
+                extra = {"user": uid, "group": uid, "extra_groups": []}
+            else:  # drop to the user id after joining the cgroup, which only root may do
+                drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+                command = [*drop, *command]
+        if group is not None:
+            command = group.wrap(command)  # joins before anything else runs (as root: before the user id drops)
         return subprocess.Popen(
             command,
-            stdin=stdin if stdin is not None else subprocess.DEVNULL,
-            stdout=out,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=err,
             cwd=work,
             env=env,
@@ -242,27 +299,68 @@ class Sandbox:
             **extra,
         )
 
-    def _end(self, proc: subprocess.Popen, uid: int | None) -> None:
-        """Kill what is left of a program: its process group, every process of its user id, its files."""
+    def _end(self, proc: subprocess.Popen, uid: int | None, group: SampleCgroup | None) -> None:
+        """Kill what is left of a process: its group, its user id's processes, the sample's cgroup; its files."""
         kill_group(proc.pid)
+        if group is not None:
+            group.kill()
         if uid is not None:
             kill_user(uid)
         proc.wait()
         if uid is not None:
             remove_files_of(uid)
+            remove_ipc_of(uid)
 
 
-def _classify(rc: int, timed_out: bool, saw_nonce: bool, stderr: str, seconds: float, uid: int | None) -> SandboxResult:
+def _wait_started(fd: int, count: int) -> None:
+    """Wait until ``count`` processes wrote to ``fd`` (or all closed it, or set-up took ``_SETUP_TIMEOUT_S``)."""
+    deadline = time.monotonic() + _SETUP_TIMEOUT_S
+    seen = 0
+    while seen < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return
+        data = os.read(fd, 64)
+        if not data:
+            return
+        seen += len(data)
+
+
+def stdlib_names_used(*sources: str, exclude: Sequence[str] = ()) -> list[str]:
+    """Standard-library module names that ``sources`` read without binding them (``math`` in ``math.pi``)."""
+    loaded: set[str] = set()
+    bound: set[str] = set(exclude) | set(dir(builtins))
+    for source in sources:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue  # the tests process reports it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name):
+                (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bound.add(node.name)
+            elif isinstance(node, ast.alias):
+                bound.add((node.asname or node.name).split(".")[0])
+            elif isinstance(node, ast.arg):
+                bound.add(node.arg)
+    return sorted(n for n in loaded - bound if n in sys.stdlib_module_names and n not in _NOT_MODULES)
+
+
+def _classify(rc: int, timed_out: bool, oom: bool, stderr: str, seconds: float, uid: int | None) -> SandboxResult:
     detail = stderr[-_TAIL:].strip()
+    if rc == 0 and not timed_out:
+        return SandboxResult("pass", "", seconds, uid)
+    if oom:
+        reason = "memory limit exceeded (the sample's processes together)"
+        return SandboxResult("error", f"{reason}: {detail}" if detail else reason, seconds, uid)
     if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL):
         return SandboxResult("timeout", detail or "time limit exceeded", seconds, uid)
-    if rc == 0 and saw_nonce:
-        return SandboxResult("pass", "", seconds, uid)
     if rc == 3:
         return SandboxResult("fail", detail, seconds, uid)
     if rc == -signal.SIGXFSZ:
         detail = "output file size limit exceeded"
-    reason = _EXIT_DETAIL.get(rc, "exited early without finishing its tests" if rc == 0 else f"exit status {rc}")
+    reason = _EXIT_DETAIL.get(rc, f"exit status {rc}")
     return SandboxResult("error", f"{reason}: {detail}" if detail else reason, seconds, uid)
 
 

@@ -1,25 +1,28 @@
-"""Bootstrap run inside every sandbox process, before the untrusted program (passed to ``python -I -S -c``).
+"""Bootstrap run inside every sandbox process, before the untrusted program (passed to ``python -s -S -c``).
 
 Owned by :mod:`lopa.eval.sandbox`, which reads this file as text and runs it with the sandbox interpreter; it
 must therefore import nothing from lopa (the interpreter may be a different one that cannot see the package).
 
-Order matters: resource limits first, then the nonce is read from stdin, then the guard is installed, and only
-then is ``program.py`` (in the working directory) executed. The program passes only if it runs to the end:
-the bootstrap then prints the nonce and exits 0. Exit codes otherwise: 3 assertion failed, 4 other exception,
-5 MemoryError, 6 the program called exit(). The nonce lives in this process, so it only tells a program that
-ran to the end from one that exited early by accident: a program written to read it (by walking the stack) can
-forge a pass. The evaluation therefore runs a solution and its tests as two processes (the ``solution`` and
-``tests`` roles, ``sandbox_split.py``, appended to this text), where the verdict is the tests' exit status.
+Order matters: resource limits first, then the guard is installed, and only then is the code executed. Every
+sample runs as two processes (the ``solution`` and ``tests`` roles, ``sandbox_split.py``, appended to this text);
+the verdict is the tests process's exit status: 0 when its code ran to the end, 3 assertion failed, 4 other
+exception, 5 MemoryError, 6 the code called exit(). A program is never trusted to report its own outcome: a
+single process that printed a secret after its last line could be forged by a program that reads the secret.
 """
 
-import _io
-import _posixsubprocess
-import builtins
-import io
-import os
-import posix
-import resource
 import sys
+
+# run with -s -S but not -E (the harness sets PYTHONHASHSEED, in an environment it builds from nothing, so that
+# both processes iterate sets of strings in the same order): keep the working directory off the import path
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+
+import _io  # noqa: E402
+import _posixsubprocess  # noqa: E402
+import builtins  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import posix  # noqa: E402
+import resource  # noqa: E402
 
 EXIT_FAIL, EXIT_ERROR, EXIT_MEMORY, EXIT_SYSEXIT = 3, 4, 5, 6
 
@@ -161,20 +164,11 @@ def _read(name: str) -> str:
 
 
 def main() -> None:
-    # argv[1]: "name=int,name=int,..." (json would cost an import on every run); argv[2]: the role
+    # argv[1]: "name=int,name=int,..." (json would cost an import on every run); argv[2]: the role; 3, 4: the
+    # channel's read and write ends; 5: where to say "started" (the harness starts the wall clock on it)
     limits = {k: int(v) for k, v in (kv.split("=") for kv in sys.argv[1].split(","))}
     _set_limits(limits)
-    role = sys.argv[2] if len(sys.argv) > 2 else "program"
-    if role != "program":  # solution / tests: the split verdict, defined in sandbox_split.py (appended)
-        _split_main(role, int(sys.argv[3]), int(sys.argv[4]))  # noqa: F821
-        return
-    nonce = sys.stdin.readline().strip()
-    _quiet_stdin()
-    exit_now, write = os._exit, os.write  # saved: the program may replace them, or sys.stdout
-    source = _read("program.py")
-    _install_guard(os.path.realpath(os.getcwd()))
-    code = _run(source, "program.py", {"__name__": "__lopa_sandbox__", "__builtins__": builtins})
-    _flush()
-    if code == 0:
-        write(1, f"\n{nonce}\n".encode())
-    exit_now(code)
+    started = int(sys.argv[5])
+    os.write(started, b"s")
+    os.close(started)
+    _split_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))  # noqa: F821 - defined in sandbox_split.py

@@ -1,12 +1,14 @@
 """What the operating system gives the sandbox: namespaces, a fresh user id, and cleaning up after one.
 
-Owned by :mod:`lopa.eval.sandbox`. :func:`namespace_command` wraps a command so it runs in new network, mount
-and PID namespaces (util-linux ``unshare``): no network but a down loopback (so no server on the host, not even on
-127.0.0.1, can be reached), private empty ``/tmp``, ``/var/tmp`` and ``/dev/shm`` that vanish with the program,
+Owned by :mod:`lopa.eval.sandbox`. :func:`namespace_command` wraps a command so it runs in new network, mount,
+PID and IPC namespaces (util-linux ``unshare``): no network but a down loopback (so no server on the host, not even
+on 127.0.0.1, can be reached), private empty ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` that vanish
+with the program, every other mount read-only, its own SysV IPC objects and POSIX message queues (gone with it),
 its own ``/proc`` showing only its own processes, and every process killed when the program ends. Under root the
 program then drops to its fresh user id (``setpriv``); without root an unprivileged user namespace is used when
 the kernel allows one. :func:`namespaces_available` probes this once. The rest finds and kills a user id's
-processes and removes the files it left in the world-writable temporary directories.
+processes and removes the files and SysV IPC objects it left in the world-writable temporary directories (what is
+left to clean when there are no namespaces).
 """
 
 from __future__ import annotations
@@ -22,14 +24,24 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable: where a program's user id can leave files
-# runs as root inside the new namespaces: private temporary directories, the work dir copied in, then the
+# world-writable: where a program's user id can leave files (each gets a private tmpfs inside the namespaces)
+SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+# runs as root inside the new namespaces: private temporary directories and POSIX message queues, every other
+# mount read-only (so nothing the program writes outlives it, by construction), the work dir copied in, then the
 # program, as its own user id when one is given ($2)
 _INSIDE = r"""
 set -e
 cd "$1"
-for d in /tmp /var/tmp /dev/shm; do
+private="{private}"
+for d in $private; do
   if [ -d "$d" ]; then mount -t tmpfs -o mode=1777,nosuid,nodev,size=256m tmpfs "$d"; fi
+done
+if [ -d /dev/mqueue ]; then mount -t mqueue -o nosuid,nodev,noexec mqueue /dev/mqueue; fi
+sed 's/ - .*//' /proc/self/mountinfo | awk '{{print $5}}' | sort -u | while read -r m; do
+  case "$m" in
+    /proc|/proc/*|/sys|/sys/*|/dev/mqueue) ;;
+    *) case " $private " in *" $m "*) ;; *) mount -o remount,bind,ro "$m" 2>/dev/null || true ;; esac ;;
+  esac
 done
 mkdir /tmp/work
 cp -R . /tmp/work/
@@ -41,12 +53,12 @@ if [ -n "$u" ]; then
   exec setpriv --reuid="$u" --regid="$u" --clear-groups --no-new-privs -- env HOME=/tmp/work TMPDIR=/tmp/work "$@"
 fi
 exec env HOME=/tmp/work TMPDIR=/tmp/work "$@"
-"""
+""".format(private=" ".join(SHARED_TMP))
 
 
 def _unshare_flags(as_root: bool) -> list[str]:
     user = [] if as_root else ["--user", "--map-root-user"]
-    return ["unshare", *user, "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    return ["unshare", *user, "--net", "--mount", "--pid", "--ipc", "--fork", "--kill-child", "--mount-proc"]
 
 
 def namespace_command(command: list[str], work: Path, uid: int | None, as_root: bool) -> list[str]:
@@ -80,9 +92,13 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def kill_user(uid: int) -> None:
-    """Kill every process running as ``uid`` (a fresh id only this program used), until none is left."""
-    for _ in range(200):
+def kill_user(uid: int, patience_s: float = 60.0) -> None:
+    """Kill every process running as ``uid`` (a fresh id only this program used), until none is left.
+
+    Bounded by time, not by a count of rounds: on a loaded machine a killed process can take long to exit.
+    """
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
         pids = pids_of_user(uid)
         if not pids:
             return
@@ -125,6 +141,22 @@ def remove_files_of(uid: int, roots: tuple[str, ...] = SHARED_TMP) -> list[str]:
                 else:
                     os.unlink(entry.path)
                 removed.append(entry.path)
+    return removed
+
+
+def remove_ipc_of(uid: int) -> int:
+    """Remove the SysV shared memory, message queues and semaphores owned by ``uid``; returns how many."""
+    removed = 0
+    for kind, flag in (("shm", "-m"), ("msg", "-q"), ("sem", "-s")):
+        try:
+            header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        except (OSError, ValueError):
+            continue
+        column = header.split().index("uid")  # rows: key, id, perms, ..., uid, ...
+        for row in rows:
+            fields = row.split()
+            if int(fields[column]) == uid:
+                removed += subprocess.run(["ipcrm", flag, fields[1]], capture_output=True).returncode == 0
     return removed
 
 

@@ -3,7 +3,8 @@
 Every task module subclasses :class:`Task`; :mod:`lopa.eval.runner` drives them. A task renders the final
 prompt text itself (so few-shot turns, chat templates and response prefixes live in one place) and the runner
 sends that text verbatim (``raw=True``). Math tasks score in-process with :meth:`Task.score`; code tasks return
-a program from :meth:`Task.program`, which the runner executes in the sandbox.
+a :class:`~lopa.eval.sandbox.Program` (solution, tests, entry points) from :meth:`Task.program`, which the
+runner executes in the sandbox.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lopa.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lopa.eval.sandbox import Program
 
 Doc = dict[str, Any]
 Messages = list[dict[str, str]]
@@ -99,7 +103,7 @@ class Task:
     def score(self, doc: Doc, completion: str) -> Score:  # math-style tasks
         raise NotImplementedError
 
-    def program(self, doc: Doc, completion: str) -> tuple[str, str]:  # code tasks: (program, extracted code)
+    def program(self, doc: Doc, completion: str) -> Program:  # code tasks: the solution and the task's tests
         raise NotImplementedError
 
     def target(self, doc: Doc) -> str | None:

@@ -1,9 +1,10 @@
 """Code tasks: HumanEval (0-shot), MBPP (3-shot), HumanEval+ / MBPP+ (0-shot, EvalPlus files).
 
-Each task turns a completion into one program (solution + tests) that :mod:`lopa.eval.sandbox` runs; the
-program passes when it runs to the end. HumanEval and MBPP use their own asserts. The ``_plus`` tasks compare
-the solution with the canonical solution on every ``base_input`` and ``plus_input`` (floats within ``atol``),
-which is EvalPlus's check without its per-input time limits and custom oracles.
+Each task turns a completion into a :class:`~lopa.eval.sandbox.Program` that :mod:`lopa.eval.sandbox` runs: the
+sanitized solution, the task's tests, and the entry points (the names the tests may call, all taken from the task,
+never from the completion). It passes when the tests run to the end. HumanEval and MBPP use their own asserts.
+The ``_plus`` tasks compare the solution with the canonical solution on every ``base_input`` and ``plus_input``
+(floats within ``atol``), which is EvalPlus's check without its per-input time limits and custom oracles.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from pathlib import Path
 
 from lopa.eval.code import cut_at_stops, extract_code, sanitize
+from lopa.eval.sandbox import Program
 from lopa.eval.tasks.base import Doc, Task, need_path, read_records, require_fields
 
 CHAT_INSTRUCTION = (
@@ -51,9 +53,8 @@ MBPP_SHOTS = [
     ),
 ]
 
-# Appended to a ``_plus`` solution: run the reference and the candidate on every input and compare.
+# A ``_plus`` task's tests: run the reference and the candidate on every input and compare.
 _COMPARE = """
-
 import copy as _copy, json as _json, math as _math
 
 def _lopa_equal(got, exp, atol):
@@ -132,10 +133,11 @@ class HumanEval(_CodeTask):
         require_fields(rows, ("task_id", "prompt", "test", "entry_point"), path, self)
         return rows
 
-    def program(self, doc: Doc, completion: str) -> tuple[str, str]:
+    def program(self, doc: Doc, completion: str) -> Program:
+        """The prompt is the tests' context: its helpers (``poly`` for HumanEval/32) are the task's, not the model's."""
         entry = doc["entry_point"]
         code = self.solution(doc, completion, entry)
-        return f"{code}\n\n{doc['test']}\n\ncheck({entry})\n", code
+        return Program(code, f"{doc['test']}\n\ncheck({entry})\n", (entry,), context=doc["prompt"])
 
 
 class MBPP(_CodeTask):
@@ -178,11 +180,12 @@ class MBPP(_CodeTask):
     def raw_prompt(self, doc: Doc, shots: list[tuple[str, str]]) -> str:
         return Task.raw_prompt(self, doc, shots)
 
-    def program(self, doc: Doc, completion: str) -> tuple[str, str]:
+    def program(self, doc: Doc, completion: str) -> Program:
         entry = mbpp_entry_point(doc)
-        code = sanitize(extract_code(cut_at_stops(completion, ("[DONE]",)), entry), entry)
-        tests = "\n".join(doc["test_list"])
-        return f"{code}\n{doc.get('test_setup_code') or ''}\n{tests}\n", code
+        tests = f"{doc.get('test_setup_code') or ''}\n" + "\n".join(doc["test_list"]) + "\n"
+        entries = mbpp_entry_points(doc, tests)
+        code = sanitize(extract_code(cut_at_stops(completion, ("[DONE]",)), entry), entry, roots=entries)
+        return Program(code, tests, entries)
 
 
 def mbpp_entry_point(doc: Doc) -> str | None:
@@ -195,6 +198,23 @@ def mbpp_entry_point(doc: Doc) -> str | None:
     return m.group(1) if m else None
 
 
+def mbpp_entry_points(doc: Doc, tests: str) -> tuple[str, ...]:
+    """The names of the solution the tests use: the entry point, and what else the reference code defines and the
+    tests (or their setup) name, such as a ``Node`` class they build a tree from."""
+    entry = mbpp_entry_point(doc)
+    used = _names_read(tests)
+    others = sorted(n for n in defined_names(doc.get("code", "").replace("\t", "    ")) if n in used and n != entry)
+    return tuple(([entry] if entry else []) + others)
+
+
+def _names_read(code: str) -> set[str]:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
 class _PlusTask(_CodeTask):
     max_new_tokens = 512
     fields = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input")
@@ -205,14 +225,14 @@ class _PlusTask(_CodeTask):
         require_fields(rows, self.fields, path, self)
         return rows
 
-    def program(self, doc: Doc, completion: str) -> tuple[str, str]:
+    def program(self, doc: Doc, completion: str) -> Program:
         entry = doc["entry_point"]
         code = self.solution(doc, completion, entry)
         canonical = doc["canonical_solution"]
         reference = canonical if entry in defined_names(canonical) else doc["prompt"] + canonical
         inputs = json.dumps(list(doc["base_input"]) + list(doc["plus_input"]))
         check = _COMPARE.format(reference=reference, entry=entry, inputs=inputs, atol=float(doc.get("atol") or 0))
-        return code + check, code
+        return Program(code, check, (entry,))
 
 
 class HumanEvalPlus(_PlusTask):
