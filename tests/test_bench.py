@@ -10,7 +10,7 @@ import pytest
 from lopa.cli import main
 from lopa.eval.aup import aup, weight
 from lopa.tiny import default_checkpoint_dir
-from lopa.tiny.bench import DEFAULT, FAMILIES
+from lopa.tiny.bench import DEFAULT, FAMILIES, Row, _set_agreement
 
 
 def test_bench_on_a_random_checkpoint(tiny_ckpt, tmp_path, capsys):
@@ -115,4 +115,22 @@ def test_bench_workers_equal_one_process(tiny_ckpt, capsys):
     keys = ("accuracy", "wellformed", "tpf", "forwards", "agreement", "settings")
     assert [{k: r[k] for k in keys} for r in two["rows"]] == [{k: r[k] for k in keys} for r in one["rows"]]
     assert all("answers" not in r for r in one["rows"] + two["rows"])
-    assert two["rows"][1]["agreement"] == 1.0  # threshold against itself, computed after the workers merged
+
+
+def _answers_row(name: str, answers: list[int | None]) -> Row:
+    return Row(name, "", 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, None, 0, "", "", 0.9, answers=answers)
+
+
+def test_agreement_by_hand():
+    """Each row's share of final answers equal to threshold τ=0.9's, position by position (None = no answer)."""
+    reference = [12, 7, None, 30]
+    rows = [
+        _answers_row("d2f", [12, 8, None, 30]),
+        _answers_row("threshold", reference),
+        _answers_row("vanilla", [None, 7, 3, 29]),
+    ]
+    _set_agreement(rows)
+    assert [r.agreement for r in rows] == [3 / 4, 1.0, 1 / 4]
+    alone = [_answers_row("d2f", [1])]
+    _set_agreement(alone)
+    assert alone[0].agreement is None  # threshold was not run

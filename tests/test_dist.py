@@ -200,7 +200,9 @@ def test_stuck_rank_is_named_by_rank0_at_the_timeout(groups):
     with pytest.raises(DistributedError, match=r"rank 2 is stuck"):
         group.generate(PROMPTS[1], cfg)
     elapsed = time.monotonic() - t0
-    assert TIMEOUT_S * 0.9 < elapsed < TIMEOUT_S + 3.0
+    # alive and beating, the rank can only be caught by the collective's timeout, so not before it; the upper bound
+    # only guards against a hang (how much later the error comes depends on the machine's load)
+    assert TIMEOUT_S * 0.9 < elapsed < TIMEOUT_S + 60
     _assert_all_gone(group)
 
 

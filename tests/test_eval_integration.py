@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lopa import LLM, DecodeConfig
 from lopa.cli import main
 from lopa.eval.runner import TIMING_FIELDS, read_samples
 
@@ -36,9 +37,17 @@ def test_tiny_task_end_to_end_twice(checkpoint: Path, tmp_path: Path) -> None:
     tokens, seconds = sum(r["tokens"] for r in first), sum(r["latency"] for r in first)
     assert summary["tokens"] == tokens and summary["forwards"] == sum(r["forwards"] for r in first)
     assert summary["tok_s"] == pytest.approx(tokens / seconds)
+    # each record holds what the engine gives for its prompt and the recorded settings, decoded again here
+    llm, config = LLM(checkpoint), DecodeConfig.from_dict(summary["settings"]["decode"])
     for r in first:
         assert 1 <= r["tokens"] <= 8 and r["forwards"] >= 1
-        assert r["tpf"] == pytest.approx(r["tokens"] / r["forwards"])
+        want = llm.generate([r["prompt"]], config, raw=True)[0]
+        assert (r["completion"], r["finish_reason"]) == (want.text, want.finish_reason)
+        assert (r["tokens"], r["forwards"], r["iterations"]) == (
+            want.stats.tokens,
+            want.stats.forwards,
+            want.stats.forwards + 1,
+        )
     assert [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in first] == [
         {k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in second
     ]

@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,7 +73,17 @@ def test_summary_metrics_are_sums_not_means(gsm8k_file: Path) -> None:
     assert summary["tok_s"] == pytest.approx(tokens / seconds)
     assert summary["tpf_aggregate"] == pytest.approx(tokens / sum(r["forwards"] for r in records))
     assert summary["tpf_mean"] == pytest.approx(sum(r["tokens"] / r["forwards"] for r in records) / len(records))
-    assert all(r["tpf"] == pytest.approx(r["tokens"] / r["forwards"]) for r in records)
+    # by hand from the completions, FakeLLM counting one token per character and 4 per forward (rounded up), one
+    # iteration more than forwards and 4 decoded positions per forward: " 3 + 4 = 7\n#### 7\n\n" is 19 characters,
+    # " That makes 24 eggs." 20, " The answer is $1,000." 22, " #### 1" 7
+    assert [(r["tokens"], r["forwards"], r["iterations"]) for r in records] == [
+        (19, 5, 6),
+        (20, 5, 6),
+        (22, 6, 7),
+        (7, 2, 3),
+    ]
+    assert [r["tpf"] for r in records] == pytest.approx([19 / 5, 20 / 5, 22 / 6, 7 / 2])
+    assert [r["tpf_paper"] for r in records] == pytest.approx([20 / 6, 20 / 6, 24 / 7, 8 / 3])
 
 
 def test_two_runs_give_identical_per_sample_results(gsm8k_file: Path, tmp_path: Path) -> None:
@@ -156,6 +168,41 @@ def test_code_task_runs_programs_in_the_sandbox(tmp_path: Path) -> None:
     assert result.summary["status_counts"] == {"fail": 1, "pass": 2}
     assert result.summary["settings"]["sandbox"]["timeout_s"] > 0
     assert "def " in result.records[0]["extracted"]
+
+
+# function bodies that make a HumanEval program pass without solving it, when the tests run in the solution's process
+STACK_WALK = (  # find the harness's secret on the stack, print it, exit 0 before any assert fails
+    "    import os, sys\n"
+    "    frame = sys._getframe()\n"
+    "    while frame is not None:\n"
+    "        if isinstance(frame.f_locals.get('nonce'), str):\n"
+    "            os.write(1, ('\\n' + frame.f_locals['nonce'] + '\\n').encode())\n"
+    "            os._exit(0)\n"
+    "        frame = frame.f_back\n"
+    "    os._exit(0)\n"
+)
+EQUAL_TO_ANYTHING = (  # a result that every `candidate(...) == expected` assert accepts
+    "    return type('Anything', (), {'__eq__': lambda self, other: True, '__hash__': None})()\n"
+)
+
+
+def test_a_forging_completion_scores_zero_through_evaluate(tmp_path: Path) -> None:
+    """The loop runs each solution apart from its tests: a completion that forges a pass still scores 0."""
+    task = get_task("humaneval")
+    docs = task.load_docs(None)[:3]  # 0 and 1 assert `candidate(...) == expected`; 2 is the solved control
+    answers = [STACK_WALK, EQUAL_TO_ANYTHING, docs[2]["canonical_solution"]]
+    by_prompt = {d["prompt"]: a for d, a in zip(docs, answers, strict=True)}
+    config = DecodeConfig(decoder="threshold", max_new_tokens=512)
+    result = evaluate(FakeLLM(by_prompt.__getitem__), task, docs, config, progress=False)
+    assert [r["correct"] for r in result.records] == [False, False, True]
+    assert result.records[0]["status"] in ("fail", "error") and result.records[1]["status"] in ("fail", "error")
+    assert result.summary["correct"] == 1
+    # the forgeries are real: judged by the exit status of the one process that runs solution and tests, both pass
+    for doc, record in zip(docs[:2], result.records[:2], strict=True):
+        program = tmp_path / f"{doc['entry_point']}.py"
+        program.write_text(task.program(doc, record["completion"])[0])
+        assert STACK_WALK in program.read_text() or EQUAL_TO_ANYTHING in program.read_text()
+        assert subprocess.run([sys.executable, str(program)], capture_output=True, timeout=60).returncode == 0
 
 
 def test_tiny_task_needs_no_data_file() -> None:

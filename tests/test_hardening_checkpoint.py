@@ -34,7 +34,24 @@ def _set_tensor(ckpt: Path, key: str, value: torch.Tensor) -> None:
 
 
 def test_the_unmodified_copies_load(ckpt: Path, lora: Path) -> None:
-    assert load_checkpoint(ckpt, lora=lora).model is not None
+    """The control for the refusals below: the copies load to exactly the weights on disk, and the adapter changes
+    exactly the modules it targets, each by (alpha / r) · B @ A read from its own files."""
+    on_disk = load_file(str(ckpt / "model.safetensors"))
+    base = load_checkpoint(ckpt).model.state_dict()
+    merged = load_checkpoint(ckpt, lora=lora).model.state_dict()
+    assert set(base) == set(on_disk) and all(torch.equal(base[k], w) for k, w in on_disk.items())
+    config = json.loads((lora / "adapter_config.json").read_text())
+    adapter = load_file(str(lora / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    targeted = sorted(k.removeprefix(prefix).replace(".lora_A", "") for k in adapter if ".lora_A." in k)
+    assert targeted and all(k.split(".")[-2] in config["target_modules"] for k in targeted)
+    assert sorted(k for k in base if not torch.equal(base[k], merged[k])) == targeted
+    for k in targeted:
+        a, b = (
+            adapter[prefix + k.replace(".weight", ".lora_A.weight")],
+            adapter[prefix + k.replace(".weight", ".lora_B.weight")],
+        )
+        torch.testing.assert_close(merged[k], on_disk[k] + config["lora_alpha"] / config["r"] * b @ a)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

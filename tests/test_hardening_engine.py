@@ -10,6 +10,8 @@ import torch
 from lopa import LLM, DecodeConfig
 from lopa.config import DECODERS
 from lopa.decoding.confidence import Sampler, filtered_probs, predict
+from lopa.engine.engine import answer_ids, decode, run
+from lopa.engine.runner import Runner
 from lopa.errors import ConfigError, MaskTokenInPromptError
 
 
@@ -38,8 +40,15 @@ def test_every_decoder_refuses_a_mask_token_in_the_prompt(llm: LLM, decoder: str
 
 
 def test_a_prompt_without_the_mask_token_still_decodes(llm: LLM) -> None:
-    out = llm.generate([[5, 6, 7]], _cfg("lopa"))[0]
-    assert out.stats.forwards > 0 and llm.mask_id not in out.token_ids
+    """The ids either side of the mask id are ordinary prompt tokens: the output is the engine's own decode of them,
+    run below the facade that refuses the mask token."""
+    m = llm.mask_id
+    ids = [t for t in (m - 1, 5, m + 1) if 0 <= t < llm.config.vocab_size]
+    cfg = _cfg("lopa")
+    out = llm.generate([ids], cfg)[0]
+    want = run(decode(Runner(llm.model), ids, cfg.validate(), m, llm.end_ids))
+    assert out.prompt_token_ids == ids
+    assert out.token_ids == answer_ids(want.state, llm.end_ids)[0] and out.stats.forwards == want.stats.forwards
 
 
 @pytest.mark.parametrize("temperature", [1e-7, 1e-40, 1e-300, 5e-324])
@@ -57,7 +66,34 @@ def test_tiny_temperatures_are_numerically_safe(temperature: float) -> None:
     assert torch.equal(pred.tokens, masked.argmax(-1)) and torch.isfinite(pred.conf).all()
 
 
+def _greedy(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Argmax token per position of ``ids`` from one plain full forward (Dream's shift: output i−1 predicts i),
+    the mask token excluded; entry i is the prediction for position i (entry 0 is unused)."""
+    with torch.no_grad():
+        logits = llm.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]  # (L, vocab)
+    logits[:, llm.mask_id] = -math.inf
+    return torch.cat([torch.tensor([-1]), logits[:-1].argmax(-1)])
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_every_decoder_runs_at_a_tiny_temperature(llm: LLM, decoder: str) -> None:
-    out = llm.generate("hello", _cfg(decoder, temperature=1e-40, confidence="neg_entropy"))[0]
-    assert out.stats.tokens > 0
+    """At T → 0 sampling is greedy and every chosen token has p = 1. So the seed does not matter; a block decoder
+    fills a whole block per forward (p = 1 > τ everywhere): 2 forwards for 16 positions in blocks of 8, the first block
+    being the argmax of one plain forward over prompt + 8 masks; vanilla's ties (all p = 1) go to the lower position,
+    so it fills left to right, each token the argmax of a plain forward over what is decoded so far."""
+    runs = [
+        llm.generate("hello", _cfg(decoder, temperature=1e-40, confidence="neg_entropy", seed=s))[0] for s in (0, 9)
+    ]
+    out = runs[0]
+    assert out.token_ids == runs[1].token_ids and out.token_ids
+    prompt, m = out.prompt_token_ids, llm.mask_id
+    p = len(prompt)
+    if decoder == "vanilla":
+        ids, want = prompt + [m] * 16, []
+        for i in range(len(out.token_ids)):
+            ids[p + i] = int(_greedy(llm, ids)[p + i])
+            want.append(ids[p + i])
+        assert out.token_ids == want and out.stats.forwards == len(want)
+    else:
+        assert out.stats.forwards == 2
+        assert out.token_ids[:8] == _greedy(llm, prompt + [m] * 8)[p:].tolist()

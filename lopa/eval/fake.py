@@ -32,7 +32,8 @@ class FakeTokenizer:
 
 
 class FakeLLM:
-    """``answer(prompt) -> text``; stats: tokens = len(text), forwards = ceil(tokens / chars_per_forward)."""
+    """``answer(prompt) -> text``; stats: tokens = len(text), forwards = ceil(tokens / chars_per_forward),
+    iterations = forwards + 1, decoded_positions = forwards * chars_per_forward (so tpf_paper differs from tpf)."""
 
     def __init__(
         self,
@@ -68,8 +69,8 @@ class FakeLLM:
             stats = Stats(
                 forwards=forwards,
                 tokens=tokens,
-                iterations=forwards,
-                decoded_positions=tokens,
+                iterations=forwards + 1,  # like the engine: the final, forward-less round counts too
+                decoded_positions=forwards * self.chars_per_forward,  # every position of every decoded chunk
                 seconds=tokens * self.seconds_per_token,
                 prompt_tokens=len(prompt),
             )
