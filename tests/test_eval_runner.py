@@ -200,7 +200,8 @@ def test_a_forging_completion_scores_zero_through_evaluate(tmp_path: Path) -> No
     # the forgeries are real: judged by the exit status of the one process that runs solution and tests, both pass
     for doc, record in zip(docs[:2], result.records[:2], strict=True):
         program = tmp_path / f"{doc['entry_point']}.py"
-        program.write_text(task.program(doc, record["completion"])[0])
+        sample = task.program(doc, record["completion"])  # what the old loop ran as one program
+        program.write_text(f"{sample.solution}\n{sample.tests}")
         assert STACK_WALK in program.read_text() or EQUAL_TO_ANYTHING in program.read_text()
         assert subprocess.run([sys.executable, str(program)], capture_output=True, timeout=60).returncode == 0
 
