@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_utils import END, FAMILIES, MASK, answer, peaky_model
+from engine_utils import END, FAMILIES, MASK, FakeGraphPools, answer, peaky_model, strided_attention
 
 from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
@@ -227,6 +227,51 @@ def test_graph_buffers_are_reused_per_bucket_and_match_eager(model, fused):
     assert runner.eager_forwards > 0
 
 
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[2]], ids=["threshold", "lopa"])
+def test_fast_decode_survives_strided_attention_output_with_gqa(model, fused, monkeypatch, setting):
+    cfg = DecodeConfig(**setting).validate()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA: the layout a view cannot fold
+    prompts = _prompts(2, seed=7)
+    refs = [run(decode(Runner(model), p, cfg, MASK, END)) for p in prompts]  # before the patch
+    calls = strided_attention(monkeypatch)
+    fast = FastRunner(fused, window_granularity=16, kv_granularity=32)
+    for prompt, ref in zip(prompts, refs, strict=True):
+        got = run(decode(fast, prompt, cfg, MASK, END))
+        assert answer(got) == answer(ref) and got.stats.forwards == ref.stats.forwards
+    assert calls and fast.eager_forwards > 0  # the padded static forward ran on the strided outputs
+
+
+def test_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, fused, monkeypatch):
+    """The real capture code against a model of the allocator's pool bookkeeping (engine_utils.FakeGraphPools):
+    graphs share one pool while any of them lives, and a capture after every graph was dropped (a larger cache,
+    a grown logits buffer) starts a fresh pool instead of reusing the dead one."""
+    pools = FakeGraphPools().install(monkeypatch)
+    fast = FastRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=128)
+    fast.use_graphs = True  # torch.cuda's graph API is the model above
+    eager = Runner(model)
+
+    def step(cands: list[Candidate]) -> None:
+        a, _ = eager.raw_logits(0, 0, cands)
+        b, _ = fast.raw_logits(0, 0, cands)  # a first use: captured now, so the output holds this step's logits
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+    def cands(rows: int, length: int) -> list[Candidate]:
+        tokens = torch.cat([torch.arange(length - 1) % 60, torch.tensor([MASK])])
+        return [Candidate(tokens, torch.tensor([length - 1]), torch.ones(1, dtype=torch.bool), r) for r in range(rows)]
+
+    for r in (eager, fast):
+        r.begin(40, rows=3)
+    step(cands(1, 13))
+    step(cands(3, 5))  # a second bucket, alive beside the first: it shares the first one's pool
+    assert pools.captures[1] == pools.captures[0] and pools.uses[pools.captures[0]] == 2
+    for r in (eager, fast):
+        r.begin(120, rows=3)  # a larger cache: every graph is dropped
+    step(cands(1, 13))
+    step(cands(3, 70))  # the shared logits buffer grows: every graph is dropped again
+    assert len(fast.captured) == 1 and len(set(pools.captures)) == 3
+    assert [pools.uses[p] for p in dict.fromkeys(pools.captures)] == [0, 0, 1]  # dead pools are never captured into
+
+
 # ---- selection ---------------------------------------------------------------------------------------
 def test_make_runner_picks_eager_on_cpu_unless_asked(model):
     m = copy.deepcopy(model)
@@ -317,3 +362,30 @@ def test_cuda_graph_decode_equals_eager_fp32(model):
     assert fast.replays > captured > 0
     run(decode(fast, _prompts(1, seed=1)[0], DecodeConfig(**SETTINGS[0]).validate(), MASK, END))
     assert len(fast.captured) >= captured  # graphs survive across requests (same cache)
+
+
+@pytest.mark.gpu
+def test_cuda_gqa_static_forward_on_native_attention_layout():
+    """CUDA's attention kernels return the strided layout the CPU test above imitates; with GQA a view of it
+    failed. Padded rows and window, graphs off: the static forward itself, against the eager forward."""
+    base = _cuda_model(torch.bfloat16, "dream")
+    assert base.config.num_key_value_heads < base.config.num_attention_heads
+    fast = FastRunner(fuse(copy.deepcopy(base)), torch.device("cuda"), use_graphs=False, window_granularity=16)
+    for a, b in _two_steps(Runner(base, torch.device("cuda")), fast):
+        assert float((b - a).norm() / a.norm()) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_recapture_after_every_graph_was_dropped():
+    """A request that needs a larger cache drops every graph; the captures after that must not reuse the dead
+    pool (they failed the allocator's use_count assert)."""
+    base = _cuda_model(torch.float32, "dream")
+    dev = torch.device("cuda")
+    fast = FastRunner(fuse(copy.deepcopy(base)), dev)
+    prompt = _prompts(1, seed=3)[0]
+    for tokens in (16, 300):  # 300: the cache grows past its first 256 positions, so the graphs are dropped
+        cfg = DecodeConfig(**{**SETTINGS[2], "max_new_tokens": tokens}).validate()
+        ref = run(decode(Runner(base, dev), prompt, cfg, MASK, END))
+        got = run(decode(fast, prompt, cfg, MASK, END))
+        assert answer(got) == answer(ref) and got.stats.forwards == ref.stats.forwards
+    assert fast.cache.max_len > 256 and len(fast.captured) > 0 and fast.replays > len(fast.captured)

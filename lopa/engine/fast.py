@@ -22,7 +22,9 @@ engine cannot tell them apart; :func:`make_runner` picks one (``LLM(enforce_eage
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +39,20 @@ from lopa.model.fused import fuse, static_forward
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def shared_pool(graphs: Iterable[Any]) -> Any:
+    """The memory pool a new capture shares: a LIVE graph's ``graph.pool()``, or None (a fresh pool) if none lives.
+
+    Graphs never run concurrently, so they can share one pool. But a pool's handle is only valid while a graph
+    captured into it exists: when its last graph is destroyed, the CUDA caching allocator keeps the pool's entry
+    with use count 0 until every block in it is freed (anything allocated during a capture that outlives the
+    graph keeps it), and a capture into that entry fails its ``use_count > 0`` assert. So the handle is never
+    kept across dropped graphs; it is taken from a graph that is alive now.
+    """
+    for g in graphs:
+        return g.graph.pool()
+    return None
 
 
 def pack_inputs(b: Batch, rows: int, width: int, pad_id: int) -> Tensor:
@@ -95,7 +111,6 @@ class FastRunner(Runner):
             raise ConfigError("window_granularity and kv_granularity must be >= 1")
         fuse(self.model)
         self._kept = None  # the static cache survives cache-less (vanilla) requests, and with it the graphs
-        self._pool = None
         self._logits: Tensor | None = None  # flat buffer every graph writes its logits into (see _capture)
 
     def begin(self, max_len: int, rows: int, use_cache: bool = True) -> None:
@@ -186,8 +201,7 @@ class FastRunner(Runner):
         kv_len = key[2]
         out = self._output(key)
         inputs = packed.to(self.device)  # the current step's inputs double as warm-up inputs
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs never run concurrently
+        pool = shared_pool(self.captured.values())  # after _output: growing it may have dropped every graph
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm up off the capture stream (lazy inits, workspace allocation)
@@ -195,7 +209,7 @@ class FastRunner(Runner):
                 self._run(inputs, kv_len, out)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=pool):
             self._run(inputs, kv_len, out)
         return _Graph(graph, inputs, out)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lopa.engine.batch import BatchRunner
-from lopa.engine.fast import round_up
+from lopa.engine.fast import round_up, shared_pool
 from lopa.errors import ConfigError
 from lopa.model.dream import DreamModel
 from lopa.model.fused import fuse
@@ -60,7 +60,6 @@ class FastBatchRunner(BatchRunner):
         self.window_granularity = self.window_granularity or (16 if self.use_graphs else 1)
         self.kv_granularity = self.kv_granularity or (256 if self.use_graphs else 1)
         fuse(self.model)
-        self._pool_handle = None
         self._shared: tuple[Tensor, Tensor, Tensor] | None = None  # flat buffers behind every graph's outputs
 
     def bucket(self, rows: int, width: int, prefix: int) -> tuple[int, int, int]:
@@ -126,15 +125,14 @@ class FastBatchRunner(BatchRunner):
         inputs = packed.to(self.device)
         outputs = self._outputs(key)
         self._run(inputs, key[2], outputs)  # warm-up: lazy inits outside the capture
-        if self._pool_handle is None:
-            self._pool_handle = torch.cuda.graph_pool_handle()
+        pool = shared_pool(self.captured.values())  # after _outputs: growing them may have dropped every graph
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self._run(inputs, key[2], outputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool_handle):
+        with torch.cuda.graph(graph, pool=pool):
             self._run(inputs, key[2], outputs)
         return _BatchGraph(graph, inputs, outputs)
 

@@ -77,7 +77,9 @@ class FusedAttention(nn.Module):
         groups = self.heads // self.kv_heads
         q = q.reshape(rows, self.kv_heads, groups * length, dim)  # (rows, Hkv, G * L, D)
         out = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=key_mask)  # (rows, Hkv, G * L, D)
-        out = out.view(rows, self.heads, length, dim).transpose(1, 2)  # (rows, L, H, D)
+        # Unfold with reshape, never view: CUDA's kernels return this output strided (query axis outermost), and
+        # a view cannot merge (Hkv, G) of such a layout. Head h = kv * G + g, as folded above; one copy at most.
+        out = out.reshape(rows, self.kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)  # (rows, L, Hkv, G, D)
         return self.o_proj(out.reshape(rows, length, self.heads * dim))
 
 
