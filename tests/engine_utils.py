@@ -122,16 +122,19 @@ class ChainMock(nn.Module):
 
 
 class FakeGraphPools:
-    """A CPU model of the CUDA caching allocator's bookkeeping of CUDA-graph memory pools, installed in place of
-    ``torch.cuda``'s graph API so the runners' real capture code runs on CPU.
+    """A CPU model of the CUDA caching allocator's bookkeeping of CUDA-graph memory pools, with stand-in graphs.
 
     As in PyTorch: ``graph_pool_handle()`` is only an id; the first capture into an id creates the pool (use count
     1), each further capture into it adds a use, destroying a graph removes its use. A pool whose last graph is
     gone keeps its entry, with use count 0, while anything allocated during a capture still lives (the allocator
     erases it only in ``empty_cache`` once every block is free); capturing into it then fails the allocator's
     ``use_count > 0`` internal assert. This model never erases an entry: the case where something does outlive
-    the graphs. A fake graph's capture runs the forward once (so its output buffer holds that step's logits) and
-    its replay does nothing: use it for bookkeeping, not for replayed values.
+    the graphs.
+
+    Two ways in: :meth:`stand_in` replaces a runner's capture (``GraphBuckets.capture``) with a graph whose replay
+    reruns the captured function on the static buffers; :meth:`install` replaces ``torch.cuda``'s graph, stream
+    and pool-handle API, so the runners' real capture code runs on CPU (its graphs' replay does nothing: the
+    output holds the capture step's values; use it for bookkeeping, not for replayed values).
     """
 
     def __init__(self) -> None:
@@ -156,40 +159,31 @@ class FakeGraphPools:
         self.captures.append(pool)
         return pool
 
+    def stand_in(self, graphs) -> FakeGraphPools:
+        """Turn a GraphBuckets' capture into the stand-in (and graphs on, on CPU)."""
+
+        def capture(fn, pool):
+            graph = _FakeGraph(self, fn)
+            graph.capture_begin(pool)
+            fn()
+            return graph
+
+        graphs.enabled, graphs.capture = True, capture
+        return self
+
     def install(self, monkeypatch) -> FakeGraphPools:
         """Replace torch.cuda's graph, stream and pool-handle API with this model for one test."""
         pools = self
 
-        class Graph:
-            def __init__(self) -> None:
-                self.id: tuple[int, int] | None = None
-
-            def capture_begin(self, pool=None) -> None:
-                self.id = pools.begin(pool)
-
-            def capture_end(self) -> None:
-                pass
-
-            def replay(self) -> None:
-                pass
-
-            def pool(self) -> tuple[int, int]:
-                assert self.id is not None, "pool() before a capture"
-                return self.id
-
-            def __del__(self) -> None:
-                if self.id is not None:
-                    pools.uses[self.id] -= 1
-
         class GraphContext:
-            def __init__(self, graph: Graph, pool=None, stream=None) -> None:
+            def __init__(self, graph: _FakeGraph, pool=None, stream=None) -> None:
                 self.graph, self.pool = graph, pool
 
             def __enter__(self) -> None:
                 self.graph.capture_begin(self.pool)
 
             def __exit__(self, *exc) -> None:
-                self.graph.capture_end()
+                pass
 
         class Stream:
             def __init__(self, *args, **kwargs) -> None:
@@ -198,13 +192,35 @@ class FakeGraphPools:
             def wait_stream(self, other) -> None:
                 pass
 
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _FakeGraph(pools))
         monkeypatch.setattr(torch.cuda, "graph", GraphContext)
         monkeypatch.setattr(torch.cuda, "graph_pool_handle", self.handle)
         monkeypatch.setattr(torch.cuda, "Stream", Stream)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
         monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
         return self
+
+
+class _FakeGraph:
+    """Stand-in for torch.cuda.CUDAGraph: holds one use of its pool while it lives; replay reruns ``fn``."""
+
+    def __init__(self, pools: FakeGraphPools, fn=None) -> None:
+        self.pools, self.fn, self.id = pools, fn, None
+
+    def capture_begin(self, pool=None) -> None:
+        self.id = self.pools.begin(pool)
+
+    def replay(self) -> None:
+        if self.fn is not None:
+            self.fn()
+
+    def pool(self) -> tuple[int, int]:
+        assert self.id is not None, "pool() before a capture"
+        return self.id
+
+    def __del__(self) -> None:
+        if self.id is not None:
+            self.pools.uses[self.id] -= 1
 
 
 def strided_attention(monkeypatch) -> list[int]:

@@ -13,7 +13,7 @@ from engine_utils import END, EOS, MASK, FakeGraphPools, peaky_model, strided_at
 
 from lopa.config import DecodeConfig
 from lopa.engine.batch import BatchRunner
-from lopa.engine.fast_batch import FastBatchRunner, _BatchGraph
+from lopa.engine.fast_batch import FastBatchRunner
 from lopa.engine.scheduler import Scheduler
 
 CONFIGS = [
@@ -66,24 +66,14 @@ def test_fast_batched_decode_equals_eager(model) -> None:
     assert fast.eager_forwards > 0 and fast.replays == 0
 
 
-class _CPUGraph:
-    def __init__(self, fn) -> None:
-        self.replay = fn
-
-
-class _CPUGraphBatchRunner(FastBatchRunner):
-    def _capture(self, key, packed):
-        inputs, outputs = packed.clone(), self._outputs(key)
-        return _BatchGraph(_CPUGraph(lambda: self._run(inputs, key[2], outputs)), inputs, outputs)
-
-
 def test_graph_buckets_are_reused_and_match_eager(model) -> None:
     jobs = _jobs(6, seed=2)
     ref = _decode_all(BatchRunner(model, 4, 128), jobs)
-    fast = _CPUGraphBatchRunner(copy.deepcopy(model), 4, 128, window_granularity=16, kv_granularity=32)
-    fast.use_graphs = True  # bookkeeping only: the stand-in graph reruns the static forward on its buffers
+    fast = FastBatchRunner(copy.deepcopy(model), 4, 128, window_granularity=16, kv_granularity=32)
+    pools = FakeGraphPools().stand_in(fast.graphs)  # replay reruns the captured forward on the static buffers
     assert _decode_all(fast, jobs) == ref
     assert fast.replays > len(fast.captured) > 0
+    assert all(pools.uses[p] > 0 for p in set(pools.captures[-len(fast.captured) :]))  # live graphs, live pools
 
 
 def test_fast_batched_decode_survives_strided_attention_output(model, monkeypatch) -> None:
@@ -101,7 +91,7 @@ def test_batch_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, mo
     engine_utils.FakeGraphPools), while graphs that live together share one."""
     pools = FakeGraphPools().install(monkeypatch)
     fast = FastBatchRunner(copy.deepcopy(model), 4, 128, window_granularity=16, kv_granularity=32)
-    fast.use_graphs = True
+    fast.graphs.enabled = True  # torch.cuda's graph API is the model above
     slots = [fast.alloc() for _ in range(4)]
 
     def forward(rows: int, width: int) -> None:

@@ -18,12 +18,14 @@ from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Sampler, predict
 from lopa.engine.engine import decode, run
-from lopa.engine.fast import FastRunner, _Graph, choose, make_runner, pack_inputs
+from lopa.engine.fast import FastRunner, make_runner, pack_inputs
 from lopa.engine.runner import Candidate, Runner, build_batch
+from lopa.engine.scoring import greedy_choice
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.dream import DreamModel
-from lopa.model.fused import FusedAttention, FusedMLP, fuse, is_fused, key_mask, static_forward
+from lopa.model.fused import FusedAttention, FusedMLP, fuse, is_fused
+from lopa.model.kv_access import StaticRows, key_mask
 from lopa.testing import random_model
 
 SETTINGS = [
@@ -114,7 +116,7 @@ def test_static_forward_matches_eager_on_real_positions(model, fused):
         pad_idx = torch.zeros(4, 16, dtype=torch.long)
         pad_idx[:3, :3] = idx
         pad_pos = (5 + torch.arange(16)).expand(4, 16)
-        out = static_forward(fused, pad_ids, pad_pos, pad_valid, pad_idx, static_cache, 32)
+        out = fused(pad_ids, pad_pos, StaticRows.build(static_cache, pad_pos, pad_valid, 32), logits_idx=pad_idx)
     torch.testing.assert_close(out[:3, :3], ref, rtol=0, atol=1e-4)
     for row, n in enumerate([10, 7, 4]):  # the window's real K/V landed where cache.write puts them
         torch.testing.assert_close(
@@ -179,10 +181,10 @@ def test_fast_raw_logits_match_eager_across_a_commit(model, fused):
 
 
 @pytest.mark.parametrize("kind", ["maxprob", "margin", "neg_entropy"])
-def test_choose_equals_per_row_predict(kind):
+def test_greedy_choice_equals_per_row_predict(kind):
     logits = torch.randn(7, 64, generator=torch.Generator().manual_seed(4)) * 4  # (m, vocab)
     s = Sampler(MASK, kind, top_k=10, top_p=0.9)
-    tokens, prob, conf = choose(logits, s)
+    tokens, prob, conf = greedy_choice(logits, s)
     ref = predict(logits, torch.arange(7), s)
     assert torch.equal(tokens, ref.tokens) and torch.equal(prob, ref.prob) and torch.equal(conf, ref.conf)
 
@@ -201,22 +203,9 @@ def test_fast_decode_equals_eager(model, fused, setting):
         assert fast.eager_forwards > 0  # the padded static forward really ran (no cache: vanilla stays eager)
 
 
-class _CPUGraph:
-    """Stand-in for torch.cuda.CUDAGraph: replay reruns the captured function on the static buffers."""
-
-    def __init__(self, fn) -> None:
-        self.replay = fn
-
-
-class _CPUGraphRunner(FastRunner):
-    def _capture(self, key, packed):
-        inputs, out = packed.clone(), self._output(key)  # static input; output aliases the shared buffer
-        return _Graph(_CPUGraph(lambda: self._run(inputs, key[2], out)), inputs, out)
-
-
 def test_graph_buffers_are_reused_per_bucket_and_match_eager(model, fused):
-    runner = _CPUGraphRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=16)
-    runner.use_graphs = True  # the capture is the CPU stand-in above
+    runner = FastRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=16)
+    pools = FakeGraphPools().stand_in(runner.graphs)  # replay reruns the captured forward on the static buffers
     cfg = DecodeConfig(decoder="lopa", base="d2f", branches=3, block_size=4, max_new_tokens=16).validate()
     for prompt in _prompts(2, seed=11):
         ref = run(decode(Runner(model), prompt, cfg, MASK, END))
@@ -225,6 +214,7 @@ def test_graph_buffers_are_reused_per_bucket_and_match_eager(model, fused):
     assert runner.replays > len(runner.captured) > 0  # buckets were replayed more often than captured
     assert all(key[1] <= 16 for key in runner.captured)  # wider windows fell back to the eager forward
     assert runner.eager_forwards > 0
+    assert len(set(pools.captures)) < len(pools.captures)  # graphs alive together shared a pool
 
 
 @pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[2]], ids=["threshold", "lopa"])
@@ -247,7 +237,7 @@ def test_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, fused, m
     a grown logits buffer) starts a fresh pool instead of reusing the dead one."""
     pools = FakeGraphPools().install(monkeypatch)
     fast = FastRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=128)
-    fast.use_graphs = True  # torch.cuda's graph API is the model above
+    fast.graphs.enabled = True  # torch.cuda's graph API is the model above
     eager = Runner(model)
 
     def step(cands: list[Candidate]) -> None:
