@@ -17,10 +17,11 @@ from engine_utils import END, FAMILIES, MASK, FakeGraphPools, answer, peaky_mode
 from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Sampler, predict
+from lopa.decoding.lopa import branch_score
 from lopa.engine.engine import decode, run
 from lopa.engine.fast import FastRunner, make_runner, pack_inputs
 from lopa.engine.runner import Candidate, Runner, build_batch
-from lopa.engine.scoring import greedy_choice
+from lopa.engine.scoring import Row, choose_and_score, greedy_choice
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.dream import DreamModel
@@ -187,6 +188,30 @@ def test_greedy_choice_equals_per_row_predict(kind):
     tokens, prob, conf = greedy_choice(logits, s)
     ref = predict(logits, torch.arange(7), s)
     assert torch.equal(tokens, ref.tokens) and torch.equal(prob, ref.prob) and torch.equal(conf, ref.conf)
+
+
+def test_choose_and_score_equals_per_row_predict_with_frozen_logits():
+    """The one scoring path against per-row ``predict``: greedy rows grouped, a sampled row with its own seeded
+    generator, a frozen last logit in place of a row's first prediction, a row predicting nothing."""
+    gen = torch.Generator().manual_seed(5)
+    logits, last = torch.randn(4, 4, 64, generator=gen) * 4, torch.randn(64, generator=gen) * 4  # (rows, n, vocab)
+    greedy, sampled = Sampler(MASK, "margin"), Sampler(MASK, temperature=0.8, top_p=0.9, seed=3)
+    mask = torch.tensor([True, False, True, True])
+    rows = [
+        Row(torch.arange(10, 13), mask[:3], 0, greedy, 2, 0, last),
+        Row(torch.arange(10, 14), mask, 1, sampled, 2, 1, last),
+        Row(torch.arange(11, 13), mask[:2], 2, greedy, 2, 2, None),
+        Row(torch.arange(0), mask[:0], 3, greedy, 2, 3, None),
+    ]
+    preds, scores = choose_and_score(logits, rows)
+    for r, p, score in zip(rows, preds, scores, strict=True):
+        x = logits[r.logits_row, : r.predict.numel()]
+        if r.last is not None:
+            x = torch.cat([r.last[None], x[1:]])
+        ref = predict(x, r.predict, r.sampler, r.sampler.generator(r.iteration, r.stream))
+        assert torch.equal(p.positions, ref.positions) and torch.equal(p.tokens, ref.tokens)
+        assert torch.equal(p.prob, ref.prob) and torch.equal(p.conf, ref.conf)
+        assert score == branch_score(ref.conf, r.score_mask)
 
 
 # ---- whole decodes -----------------------------------------------------------------------------------
