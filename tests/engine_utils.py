@@ -5,7 +5,10 @@ the families differ in the engine only by the prediction offset (Dream 1, LLaDA 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lopa.cache import StaticKVCache
@@ -116,3 +119,119 @@ class ChainMock(nn.Module):
                 before = ids[r, i] if self.shift else (ids[r, i - 1] if i else torch.tensor(0))  # token at pos - 1
                 out[r, j, token] = 10.0 if int(before) != 15 else 1.0
         return out
+
+
+class FakeGraphPools:
+    """A CPU model of the CUDA caching allocator's bookkeeping of CUDA-graph memory pools, with stand-in graphs.
+
+    As in PyTorch: ``graph_pool_handle()`` is only an id; the first capture into an id creates the pool (use count
+    1), each further capture into it adds a use, destroying a graph removes its use. A pool whose last graph is
+    gone keeps its entry, with use count 0, while anything allocated during a capture still lives (the allocator
+    erases it only in ``empty_cache`` once every block is free); capturing into it then fails the allocator's
+    ``use_count > 0`` internal assert. This model never erases an entry: the case where something does outlive
+    the graphs.
+
+    Two ways in: :meth:`stand_in` replaces a runner's capture (``GraphBuckets.capture``) with a graph whose replay
+    reruns the captured function on the static buffers; :meth:`install` replaces ``torch.cuda``'s graph, stream
+    and pool-handle API, so the runners' real capture code runs on CPU (its graphs' replay does nothing: the
+    output holds the capture step's values; use it for bookkeeping, not for replayed values).
+    """
+
+    def __init__(self) -> None:
+        self.uses: dict[tuple[int, int], int] = {}  # pool id -> live graphs captured into it
+        self.captures: list[tuple[int, int]] = []  # the pool of every capture, in order
+        self._ids = 0
+
+    def handle(self) -> tuple[int, int]:
+        self._ids += 1
+        return (0, self._ids)
+
+    def begin(self, pool: tuple[int, int] | None) -> tuple[int, int]:
+        if pool is None:  # no pool given: the capture gets a private one
+            self._ids += 1
+            pool = (self._ids, 0)
+        if pool in self.uses:
+            if self.uses[pool] <= 0:
+                raise RuntimeError("it->second->use_count > 0 INTERNAL ASSERT FAILED (pool whose graphs are all gone)")
+            self.uses[pool] += 1
+        else:
+            self.uses[pool] = 1
+        self.captures.append(pool)
+        return pool
+
+    def stand_in(self, graphs) -> FakeGraphPools:
+        """Turn a GraphBuckets' capture into the stand-in (and graphs on, on CPU)."""
+
+        def capture(fn, pool):
+            graph = _FakeGraph(self, fn)
+            graph.capture_begin(pool)
+            fn()
+            return graph
+
+        graphs.enabled, graphs.capture = True, capture
+        return self
+
+    def install(self, monkeypatch) -> FakeGraphPools:
+        """Replace torch.cuda's graph, stream and pool-handle API with this model for one test."""
+        pools = self
+
+        class GraphContext:
+            def __init__(self, graph: _FakeGraph, pool=None, stream=None) -> None:
+                self.graph, self.pool = graph, pool
+
+            def __enter__(self) -> None:
+                self.graph.capture_begin(self.pool)
+
+            def __exit__(self, *exc) -> None:
+                pass
+
+        class Stream:
+            def __init__(self, *args, **kwargs) -> None:
+                pass
+
+            def wait_stream(self, other) -> None:
+                pass
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _FakeGraph(pools))
+        monkeypatch.setattr(torch.cuda, "graph", GraphContext)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", self.handle)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        return self
+
+
+class _FakeGraph:
+    """Stand-in for torch.cuda.CUDAGraph: holds one use of its pool while it lives; replay reruns ``fn``."""
+
+    def __init__(self, pools: FakeGraphPools, fn=None) -> None:
+        self.pools, self.fn, self.id = pools, fn, None
+
+    def capture_begin(self, pool=None) -> None:
+        self.id = self.pools.begin(pool)
+
+    def replay(self) -> None:
+        if self.fn is not None:
+            self.fn()
+
+    def pool(self) -> tuple[int, int]:
+        assert self.id is not None, "pool() before a capture"
+        return self.id
+
+    def __del__(self) -> None:
+        if self.id is not None:
+            self.pools.uses[self.id] -= 1
+
+
+def strided_attention(monkeypatch) -> list[int]:
+    """Make SDPA return its output laid out the way CUDA's attention kernels do: same values, the query axis
+    outermost in memory (a transposed, non-contiguous tensor). Returns a list that grows by one per call."""
+    real, calls = F.scaled_dot_product_attention, []
+
+    def strided(*args, **kwargs):
+        out = real(*args, **kwargs)  # (B, heads, L, D)
+        calls.append(1)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same shape and values, (B, L, heads, D) in memory
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", strided)
+    return calls

@@ -9,11 +9,11 @@ import random
 
 import pytest
 import torch
-from engine_utils import END, EOS, MASK, peaky_model
+from engine_utils import END, EOS, MASK, FakeGraphPools, peaky_model, strided_attention
 
 from lopa.config import DecodeConfig
 from lopa.engine.batch import BatchRunner
-from lopa.engine.fast_batch import FastBatchRunner, _BatchGraph
+from lopa.engine.fast_batch import FastBatchRunner
 from lopa.engine.scheduler import Scheduler
 
 CONFIGS = [
@@ -66,24 +66,48 @@ def test_fast_batched_decode_equals_eager(model) -> None:
     assert fast.eager_forwards > 0 and fast.replays == 0
 
 
-class _CPUGraph:
-    def __init__(self, fn) -> None:
-        self.replay = fn
-
-
-class _CPUGraphBatchRunner(FastBatchRunner):
-    def _capture(self, key, packed):
-        inputs, outputs = packed.clone(), self._outputs(key)
-        return _BatchGraph(_CPUGraph(lambda: self._run(inputs, key[2], outputs)), inputs, outputs)
-
-
 def test_graph_buckets_are_reused_and_match_eager(model) -> None:
     jobs = _jobs(6, seed=2)
     ref = _decode_all(BatchRunner(model, 4, 128), jobs)
-    fast = _CPUGraphBatchRunner(copy.deepcopy(model), 4, 128, window_granularity=16, kv_granularity=32)
-    fast.use_graphs = True  # bookkeeping only: the stand-in graph reruns the static forward on its buffers
+    fast = FastBatchRunner(copy.deepcopy(model), 4, 128, window_granularity=16, kv_granularity=32)
+    pools = FakeGraphPools().stand_in(fast.graphs)  # replay reruns the captured forward on the static buffers
     assert _decode_all(fast, jobs) == ref
     assert fast.replays > len(fast.captured) > 0
+    assert all(pools.uses[p] > 0 for p in set(pools.captures[-len(fast.captured) :]))  # live graphs, live pools
+
+
+def test_fast_batched_decode_survives_strided_attention_output(model, monkeypatch) -> None:
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
+    jobs = _jobs(5, seed=4)
+    ref = _decode_all(BatchRunner(model, 3, 128), jobs)  # before the patch
+    calls = strided_attention(monkeypatch)
+    fast = FastBatchRunner(copy.deepcopy(model), 3, 128, window_granularity=16, kv_granularity=32)
+    assert _decode_all(fast, jobs) == ref
+    assert calls and fast.eager_forwards > 0
+
+
+def test_batch_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, monkeypatch) -> None:
+    """Growing the shared output buffers drops every graph; the next capture starts a fresh pool (see
+    engine_utils.FakeGraphPools), while graphs that live together share one."""
+    pools = FakeGraphPools().install(monkeypatch)
+    fast = FastBatchRunner(copy.deepcopy(model), 4, 128, window_granularity=16, kv_granularity=32)
+    fast.graphs.enabled = True  # torch.cuda's graph API is the model above
+    slots = [fast.alloc() for _ in range(4)]
+
+    def forward(rows: int, width: int) -> None:
+        ids = torch.randint(0, 60, (rows, width), generator=torch.Generator().manual_seed(rows))
+        positions = torch.arange(width).expand(rows, width)
+        idx = torch.zeros(rows, 1, dtype=torch.long)
+        row_slot, prefix = torch.tensor(slots[:rows]), torch.zeros(rows, dtype=torch.long)
+        fast._forward(ids, positions, None, idx, row_slot, prefix)
+
+    forward(1, 8)
+    forward(1, 4)  # the same bucket: replayed, not captured
+    forward(2, 8)  # more rows: the shared buffers grow, every graph is dropped
+    forward(1, 8)  # captured again, beside the live graph: shares its pool
+    assert len(pools.captures) == 3 and fast.replays == 4
+    assert pools.captures[0] != pools.captures[1] == pools.captures[2]
+    assert [pools.uses[p] for p in dict.fromkeys(pools.captures)] == [0, 2]
 
 
 @pytest.mark.gpu
@@ -96,3 +120,17 @@ def test_cuda_graph_batched_decode_equals_eager() -> None:
     fast = FastBatchRunner(copy.deepcopy(model).cuda(), 4, 128, device=torch.device("cuda"))
     assert _decode_all(fast, jobs) == ref
     assert fast.replays > 0
+
+
+@pytest.mark.gpu
+def test_cuda_batch_graphs_recapture_after_the_buffers_grew() -> None:
+    """Batches of growing size grow the shared output buffers and drop every graph; the captures after that must
+    not reuse the dead pool (it failed the allocator's use_count assert)."""
+    model = peaky_model(seed=3)
+    dev = torch.device("cuda")
+    fast = FastBatchRunner(copy.deepcopy(model).to(dev), 8, 128, device=dev)
+    ref = BatchRunner(copy.deepcopy(model).to(dev), 8, 128, device=dev)
+    for n in (1, 3, 8):
+        jobs = _jobs(n, seed=n)
+        assert _decode_all(fast, jobs) == _decode_all(ref, jobs)
+    assert fast.replays > 0 and len(fast.captured) > 0

@@ -12,18 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_utils import END, FAMILIES, MASK, answer, peaky_model
+from engine_utils import END, FAMILIES, MASK, FakeGraphPools, answer, peaky_model, strided_attention
 
 from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Sampler, predict
+from lopa.decoding.lopa import branch_score
 from lopa.engine.engine import decode, run
-from lopa.engine.fast import FastRunner, _Graph, choose, make_runner, pack_inputs
+from lopa.engine.fast import FastRunner, make_runner, pack_inputs
 from lopa.engine.runner import Candidate, Runner, build_batch
+from lopa.engine.scoring import Row, choose_and_score, greedy_choice
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.dream import DreamModel
-from lopa.model.fused import FusedAttention, FusedMLP, fuse, is_fused, key_mask, static_forward
+from lopa.model.fused import FusedAttention, FusedMLP, fuse, is_fused
+from lopa.model.kv_access import StaticRows, key_mask
 from lopa.testing import random_model
 
 SETTINGS = [
@@ -114,7 +117,7 @@ def test_static_forward_matches_eager_on_real_positions(model, fused):
         pad_idx = torch.zeros(4, 16, dtype=torch.long)
         pad_idx[:3, :3] = idx
         pad_pos = (5 + torch.arange(16)).expand(4, 16)
-        out = static_forward(fused, pad_ids, pad_pos, pad_valid, pad_idx, static_cache, 32)
+        out = fused(pad_ids, pad_pos, StaticRows.build(static_cache, pad_pos, pad_valid, 32), logits_idx=pad_idx)
     torch.testing.assert_close(out[:3, :3], ref, rtol=0, atol=1e-4)
     for row, n in enumerate([10, 7, 4]):  # the window's real K/V landed where cache.write puts them
         torch.testing.assert_close(
@@ -179,12 +182,36 @@ def test_fast_raw_logits_match_eager_across_a_commit(model, fused):
 
 
 @pytest.mark.parametrize("kind", ["maxprob", "margin", "neg_entropy"])
-def test_choose_equals_per_row_predict(kind):
+def test_greedy_choice_equals_per_row_predict(kind):
     logits = torch.randn(7, 64, generator=torch.Generator().manual_seed(4)) * 4  # (m, vocab)
     s = Sampler(MASK, kind, top_k=10, top_p=0.9)
-    tokens, prob, conf = choose(logits, s)
+    tokens, prob, conf = greedy_choice(logits, s)
     ref = predict(logits, torch.arange(7), s)
     assert torch.equal(tokens, ref.tokens) and torch.equal(prob, ref.prob) and torch.equal(conf, ref.conf)
+
+
+def test_choose_and_score_equals_per_row_predict_with_frozen_logits():
+    """The one scoring path against per-row ``predict``: greedy rows grouped, a sampled row with its own seeded
+    generator, a frozen last logit in place of a row's first prediction, a row predicting nothing."""
+    gen = torch.Generator().manual_seed(5)
+    logits, last = torch.randn(4, 4, 64, generator=gen) * 4, torch.randn(64, generator=gen) * 4  # (rows, n, vocab)
+    greedy, sampled = Sampler(MASK, "margin"), Sampler(MASK, temperature=0.8, top_p=0.9, seed=3)
+    mask = torch.tensor([True, False, True, True])
+    rows = [
+        Row(torch.arange(10, 13), mask[:3], 0, greedy, 2, 0, last),
+        Row(torch.arange(10, 14), mask, 1, sampled, 2, 1, last),
+        Row(torch.arange(11, 13), mask[:2], 2, greedy, 2, 2, None),
+        Row(torch.arange(0), mask[:0], 3, greedy, 2, 3, None),
+    ]
+    preds, scores = choose_and_score(logits, rows)
+    for r, p, score in zip(rows, preds, scores, strict=True):
+        x = logits[r.logits_row, : r.predict.numel()]
+        if r.last is not None:
+            x = torch.cat([r.last[None], x[1:]])
+        ref = predict(x, r.predict, r.sampler, r.sampler.generator(r.iteration, r.stream))
+        assert torch.equal(p.positions, ref.positions) and torch.equal(p.tokens, ref.tokens)
+        assert torch.equal(p.prob, ref.prob) and torch.equal(p.conf, ref.conf)
+        assert score == branch_score(ref.conf, r.score_mask)
 
 
 # ---- whole decodes -----------------------------------------------------------------------------------
@@ -201,22 +228,9 @@ def test_fast_decode_equals_eager(model, fused, setting):
         assert fast.eager_forwards > 0  # the padded static forward really ran (no cache: vanilla stays eager)
 
 
-class _CPUGraph:
-    """Stand-in for torch.cuda.CUDAGraph: replay reruns the captured function on the static buffers."""
-
-    def __init__(self, fn) -> None:
-        self.replay = fn
-
-
-class _CPUGraphRunner(FastRunner):
-    def _capture(self, key, packed):
-        inputs, out = packed.clone(), self._output(key)  # static input; output aliases the shared buffer
-        return _Graph(_CPUGraph(lambda: self._run(inputs, key[2], out)), inputs, out)
-
-
 def test_graph_buffers_are_reused_per_bucket_and_match_eager(model, fused):
-    runner = _CPUGraphRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=16)
-    runner.use_graphs = True  # the capture is the CPU stand-in above
+    runner = FastRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=16)
+    pools = FakeGraphPools().stand_in(runner.graphs)  # replay reruns the captured forward on the static buffers
     cfg = DecodeConfig(decoder="lopa", base="d2f", branches=3, block_size=4, max_new_tokens=16).validate()
     for prompt in _prompts(2, seed=11):
         ref = run(decode(Runner(model), prompt, cfg, MASK, END))
@@ -225,6 +239,52 @@ def test_graph_buffers_are_reused_per_bucket_and_match_eager(model, fused):
     assert runner.replays > len(runner.captured) > 0  # buckets were replayed more often than captured
     assert all(key[1] <= 16 for key in runner.captured)  # wider windows fell back to the eager forward
     assert runner.eager_forwards > 0
+    assert len(set(pools.captures)) < len(pools.captures)  # graphs alive together shared a pool
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[2]], ids=["threshold", "lopa"])
+def test_fast_decode_survives_strided_attention_output_with_gqa(model, fused, monkeypatch, setting):
+    cfg = DecodeConfig(**setting).validate()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA: the layout a view cannot fold
+    prompts = _prompts(2, seed=7)
+    refs = [run(decode(Runner(model), p, cfg, MASK, END)) for p in prompts]  # before the patch
+    calls = strided_attention(monkeypatch)
+    fast = FastRunner(fused, window_granularity=16, kv_granularity=32)
+    for prompt, ref in zip(prompts, refs, strict=True):
+        got = run(decode(fast, prompt, cfg, MASK, END))
+        assert answer(got) == answer(ref) and got.stats.forwards == ref.stats.forwards
+    assert calls and fast.eager_forwards > 0  # the padded static forward ran on the strided outputs
+
+
+def test_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, fused, monkeypatch):
+    """The real capture code against a model of the allocator's pool bookkeeping (engine_utils.FakeGraphPools):
+    graphs share one pool while any of them lives, and a capture after every graph was dropped (a larger cache,
+    a grown logits buffer) starts a fresh pool instead of reusing the dead one."""
+    pools = FakeGraphPools().install(monkeypatch)
+    fast = FastRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=128)
+    fast.graphs.enabled = True  # torch.cuda's graph API is the model above
+    eager = Runner(model)
+
+    def step(cands: list[Candidate]) -> None:
+        a, _ = eager.raw_logits(0, 0, cands)
+        b, _ = fast.raw_logits(0, 0, cands)  # a first use: captured now, so the output holds this step's logits
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+    def cands(rows: int, length: int) -> list[Candidate]:
+        tokens = torch.cat([torch.arange(length - 1) % 60, torch.tensor([MASK])])
+        return [Candidate(tokens, torch.tensor([length - 1]), torch.ones(1, dtype=torch.bool), r) for r in range(rows)]
+
+    for r in (eager, fast):
+        r.begin(40, rows=3)
+    step(cands(1, 13))
+    step(cands(3, 5))  # a second bucket, alive beside the first: it shares the first one's pool
+    assert pools.captures[1] == pools.captures[0] and pools.uses[pools.captures[0]] == 2
+    for r in (eager, fast):
+        r.begin(120, rows=3)  # a larger cache: every graph is dropped
+    step(cands(1, 13))
+    step(cands(3, 70))  # the shared logits buffer grows: every graph is dropped again
+    assert len(fast.captured) == 1 and len(set(pools.captures)) == 3
+    assert [pools.uses[p] for p in dict.fromkeys(pools.captures)] == [0, 0, 1]  # dead pools are never captured into
 
 
 # ---- selection ---------------------------------------------------------------------------------------
@@ -317,3 +377,30 @@ def test_cuda_graph_decode_equals_eager_fp32(model):
     assert fast.replays > captured > 0
     run(decode(fast, _prompts(1, seed=1)[0], DecodeConfig(**SETTINGS[0]).validate(), MASK, END))
     assert len(fast.captured) >= captured  # graphs survive across requests (same cache)
+
+
+@pytest.mark.gpu
+def test_cuda_gqa_static_forward_on_native_attention_layout():
+    """CUDA's attention kernels return the strided layout the CPU test above imitates; with GQA a view of it
+    failed. Padded rows and window, graphs off: the static forward itself, against the eager forward."""
+    base = _cuda_model(torch.bfloat16, "dream")
+    assert base.config.num_key_value_heads < base.config.num_attention_heads
+    fast = FastRunner(fuse(copy.deepcopy(base)), torch.device("cuda"), use_graphs=False, window_granularity=16)
+    for a, b in _two_steps(Runner(base, torch.device("cuda")), fast):
+        assert float((b - a).norm() / a.norm()) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_recapture_after_every_graph_was_dropped():
+    """A request that needs a larger cache drops every graph; the captures after that must not reuse the dead
+    pool (they failed the allocator's use_count assert)."""
+    dev = torch.device("cuda")
+    base = peaky_model(seed=2).to(dev)  # fp32, confidences spread: the same tokens as eager, as in the test above
+    fast = FastRunner(fuse(copy.deepcopy(base)), dev)
+    prompt = _prompts(1, seed=3)[0]
+    for tokens in (16, 300):  # 300: the cache grows past its first 256 positions, so the graphs are dropped
+        cfg = DecodeConfig(**{**SETTINGS[2], "max_new_tokens": tokens}).validate()
+        ref = run(decode(Runner(base, dev), prompt, cfg, MASK, END))
+        got = run(decode(fast, prompt, cfg, MASK, END))
+        assert answer(got) == answer(ref) and got.stats.forwards == ref.stats.forwards
+    assert fast.cache.max_len > 256 and len(fast.captured) > 0 and fast.replays > len(fast.captured)

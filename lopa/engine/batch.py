@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from lopa.cache import KVPool
-from lopa.decoding.confidence import Prediction, Sampler, predict
-from lopa.decoding.lopa import branch_score
+from lopa.decoding.confidence import Prediction, Sampler
 from lopa.engine.runner import Batch, build_batch
+from lopa.engine.scoring import Row, choose_and_score
 from lopa.engine.sequence import Plan
 from lopa.model.dream import DreamModel
 from lopa.model.pooled import pooled_forward
@@ -156,50 +156,28 @@ class BatchRunner:
     def _score(
         self, items: list[tuple[int, Plan, Sampler]], batches: list[Batch], logits: Tensor, cached: bool
     ) -> list[SlotView]:
-        """Per candidate: its prediction and branch score. Greedy rows with the same token-choice settings are
-        chosen in one call over all their positions (token choice is row-wise, so this changes no number);
-        sampled rows keep their own seeded generator, one row at a time."""
-        n = logits.shape[1]
-        flat = logits.reshape(-1, logits.shape[-1])  # (R * n, vocab)
-        lasts = [self.last_logit[slot] for slot, _, _ in items if cached and self.last_logit[slot] is not None]
-        extra = torch.stack(lasts).to(flat) if lasts else flat.new_zeros(0, flat.shape[1])  # (seqs, vocab)
-        table = torch.cat([flat, extra])  # the frozen last logits live after the window logits
-        preds: list[list[Prediction | None]] = [[None] * len(p.cands) for _, p, _ in items]
-        groups: dict[Sampler, list[tuple[int, int, Tensor]]] = {}  # greedy sampler -> (item, cand, row indices)
-        row, last_at = 0, flat.shape[0]
-        for it, ((slot, plan, sampler), b) in enumerate(zip(items, batches, strict=True)):
-            has_last = cached and self.last_logit[slot] is not None
+        """Per candidate: its prediction and branch score (:func:`~lopa.engine.scoring.choose_and_score`: greedy
+        rows of one sampler chosen together, sampled rows with their own seeded generator)."""
+        rows, start = [], 0
+        for (slot, plan, sampler), b in zip(items, batches, strict=True):
+            last = self.last_logit[slot] if cached else None
             for i, c in enumerate(plan.cands):
-                m = c.predict.numel()
-                idx = (row + i) * n + torch.arange(m)  # (m,) predictions, already shifted
-                if b.uses_last[i] and m:
-                    assert has_last, "the first prediction needs the frozen last logit of a committed prefix"
-                    idx[0] = last_at
-                if sampler.temperature == 0:
-                    groups.setdefault(sampler, []).append((it, i, idx))
-                else:
-                    gen = sampler.generator(plan.iteration, c.stream)
-                    preds[it][i] = predict(table[idx], c.predict, sampler, gen)
-            row += len(plan.cands)
-            last_at += int(has_last)
-        for sampler, members in groups.items():
-            idx = torch.cat([m[2] for m in members])  # (M,)
-            chosen = predict(table[idx], idx, sampler)
-            start = 0
-            for it, i, ix in members:
-                sl = slice(start, start + ix.numel())
-                c = items[it][1].cands[i]
-                preds[it][i] = Prediction(c.predict, chosen.tokens[sl], chosen.prob[sl], chosen.conf[sl])
-                start += ix.numel()
+                if b.uses_last[i] and c.predict.numel():
+                    assert last is not None, "the first prediction needs the frozen last logit of a committed prefix"
+                used = last if b.uses_last[i] else None
+                rows.append(Row(c.predict, c.score_mask, c.stream, sampler, plan.iteration, start + i, used))
+            start += len(plan.cands)
+        preds, scores = choose_and_score(logits, rows)
         views, row = [], 0
-        for it, (slot, plan, _) in enumerate(items):
-            ps = [p for p in preds[it] if p is not None]
-            scores = [branch_score(p.conf, c.score_mask) for p, c in zip(ps, plan.cands, strict=True)]
+        for slot, plan, _ in items:
+            k = len(plan.cands)
             m = [c.predict.numel() for c in plan.cands]
             freeze = plan.commit_len and self.shift  # shift 0: no logit to freeze at the commit
-            lasts_out = [logits[row + i, m[i]] if freeze else logits.new_zeros(0) for i in range(len(m))]
-            views.append(SlotView(self if cached else None, slot, row, scores, ps, lasts_out))
-            row += len(plan.cands)
+            lasts_out = [logits[row + i, m[i]] if freeze else logits.new_zeros(0) for i in range(k)]
+            views.append(
+                SlotView(self if cached else None, slot, row, scores[row : row + k], preds[row : row + k], lasts_out)
+            )
+            row += k
         return views
 
 

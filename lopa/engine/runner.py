@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from lopa.cache import StaticKVCache
-from lopa.decoding.confidence import Prediction, Sampler, predict
-from lopa.decoding.lopa import branch_score
+from lopa.decoding.confidence import Prediction, Sampler
+from lopa.engine.scoring import Row, choose_and_score
 from lopa.model.dream import DreamModel
 from lopa.model.family import predicting_index
 
@@ -137,18 +137,22 @@ class Runner:
     ) -> list[float]:
         """One forward over all candidates; returns each candidate's branch score."""
         t0 = time.perf_counter()
-        logits, batch = self.raw_logits(window_start, commit_len, cands)
+        logits, batch = self.raw_logits(window_start, commit_len, cands)  # (rows, n, vocab)
         t0 = self._tick("forward", t0)
-        self._preds, self._last, scores = [], [], []
-        for r, c in enumerate(cands):
-            m = c.predict.numel()
-            row = logits[r, :m]  # (m, vocab) predictions, already shifted
-            if batch.uses_last[r]:
-                row = torch.cat([self.last_logit[None].to(row), row[1:]])
-            pred = predict(row, c.predict, sampler, sampler.generator(iteration, c.stream))
-            self._preds.append(pred)
-            self._last.append(self.frozen_logit(logits, r, m, commit_len))
-            scores.append(branch_score(pred.conf, c.score_mask))
+        rows = [
+            Row(
+                c.predict,
+                c.score_mask,
+                c.stream,
+                sampler,
+                iteration,
+                r,
+                self.last_logit if batch.uses_last[r] else None,
+            )
+            for r, c in enumerate(cands)
+        ]
+        self._preds, scores = choose_and_score(logits, rows)
+        self._last = [self.frozen_logit(logits, r, c.predict.numel(), commit_len) for r, c in enumerate(cands)]
         self._tick("scoring", t0)
         return scores
 

@@ -7,6 +7,9 @@ committed prefix held in ``cache`` (if any) and attends fully inside its own win
 positions (``valid == False``) are masked out. An optional boolean ``attn_mask`` narrows attention further
 (training uses it for the block-causal layout). Logits are computed only at ``logits_idx``.
 
+This is the one layer loop of every runner: eager or graph-captured, one sequence or many, they differ only in
+the K/V access strategy the forward is given (:mod:`lopa.model.kv_access`).
+
 The forward returns raw logits; which token a raw logit predicts is the family's ``logit_shift`` (Dream: the
 logit at window index ``j`` predicts the token at ``j + 1``; LLaDA: at ``j``), applied once, by
 :func:`lopa.model.family.predicting_index` in the runner. Parameter names are exactly Qwen2's, so a state dict from
@@ -16,16 +19,16 @@ a Dream or Qwen2 checkpoint loads as is.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lopa.cache import StaticKVCache
 from lopa.model.config import ModelConfig
+from lopa.model.kv_access import CacheWrite, KVAccess
 from lopa.model.layers import MLP, RMSNorm, Rotary, apply_rotary
 
 
 class Attention(nn.Module):
-    """GQA self-attention with q/k/v biases; reads and pre-writes the static cache."""
+    """GQA self-attention with q/k/v biases; the K/V access strategy decides what the window's keys meet."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -41,21 +44,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries (rows, H, L, D) and keys / values (rows, Hkv, L, D), RoPE applied to q and k."""
-        rows, length, _ = x.shape
-        q = self.q_proj(x).view(rows, length, self.heads, self.head_dim).transpose(1, 2)  # (rows, H, L, D)
-        k = self.k_proj(x).view(rows, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (rows, Hkv, L, D)
-        v = self.v_proj(x).view(rows, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, T, H * D) and keys / values (B, T, Hkv * D)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: StaticKVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVAccess) -> Tensor:
         rows, length, _ = x.shape
-        q, k, v = self._qkv(x, cos, sin)
-        if cache is not None:
-            k, v = cache.write(self.layer, k, v)  # (rows, Hkv, committed + L, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(out.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim))
+        q, k, v = self.projections(x)
+        q = q.view(rows, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(rows, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(rows, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        out = kv.attend(self.layer, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)  # (B, T, H * D)
+        return self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
@@ -66,8 +66,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: StaticKVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVAccess) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -97,41 +97,31 @@ class DreamModel(nn.Module):
         self,
         ids: Tensor,
         positions: Tensor,
-        cache: StaticKVCache | None = None,
+        cache: StaticKVCache | KVAccess | None = None,
         valid: Tensor | None = None,
         logits_idx: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        out: Tensor | None = None,
     ) -> Tensor:
-        """Run the window of each row.
+        """Run the window of each row: the one layer loop of every runner.
 
         ids, positions: (rows, L) token ids and absolute positions.
-        cache: committed prefix every row attends to; the window's K/V are pre-written after it.
+        cache: committed prefix every row attends to; the window's K/V are pre-written after it. Or a K/V access
+        strategy (:mod:`lopa.model.kv_access`), which then owns the masking (``valid`` and ``attn_mask`` unused).
         valid: (rows, L) bool, False on padding; padded keys are masked out.
         logits_idx: (rows, n) window indices whose logits to return; None returns all L.
         attn_mask: (rows, L, L) bool, extra restriction among window positions (True = may attend).
+        out: a contiguous (rows, n, vocab) buffer the head writes into (graphs share one); needs a bias-free head.
         Returns raw (unshifted) logits (rows, n, vocab) in the model dtype.
         """
-        x = self.model.embed_tokens(ids)  # (rows, L, hidden)
-        cos, sin = self.rotary(positions, x.dtype)
-        mask = _attention_mask(ids.shape, cache.committed if cache is not None else 0, valid, attn_mask, ids.device)
+        kv = cache if isinstance(cache, KVAccess) else CacheWrite.build(ids, cache, valid, attn_mask)
+        x = self.model.embed_tokens(kv.tokens(ids))  # (B, T, hidden): (rows, L) unless the strategy packs
+        cos, sin = self.rotary(kv.tokens(positions), x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
-        if logits_idx is not None:
-            x = torch.gather(x, 1, logits_idx[..., None].expand(-1, -1, x.shape[-1]))  # (rows, n, hidden)
-        return self.lm_head(self.model.norm(x))
-
-
-def _attention_mask(
-    shape: torch.Size, prefix: int, valid: Tensor | None, window_mask: Tensor | None, device: torch.device
-) -> Tensor | None:
-    """Boolean mask (rows, 1, L, prefix + L) or None when every key is visible to every query."""
-    if valid is None and window_mask is None:
-        return None
-    rows, length = shape
-    inner = torch.ones(rows, length, length, dtype=torch.bool, device=device)  # (rows, L, L)
-    if valid is not None:
-        inner = inner & valid[:, None, :]
-    if window_mask is not None:
-        inner = inner & window_mask
-    outer = torch.ones(rows, length, prefix, dtype=torch.bool, device=device)  # (rows, L, prefix)
-    return torch.cat([outer, inner], dim=-1)[:, None]
+            x = layer(x, cos, sin, kv)
+        h = self.model.norm(kv.gather(x, logits_idx))  # (rows, n, hidden)
+        if out is None:
+            return self.lm_head(h)
+        flat = h.reshape(-1, h.shape[-1])  # (rows * n, hidden)
+        torch.mm(flat, self.lm_head.weight.t(), out=out.view(flat.shape[0], -1))
+        return out
