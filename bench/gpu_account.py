@@ -2,12 +2,12 @@
 
 Four forwards of the Dream-7B shape over a 512-token committed prefix are compared, each as the code runs it:
 
-- ``fast``: lopa's single-sequence fast path (``FastRunner``, ``static_forward``): rows x window padded to the
+- ``fast``: lopa's single-sequence fast path (``FastRunner``, ``StaticRows`` K/V access): rows x window padded to the
   bucket, attention over ``kv_len`` = committed + window rounded up to 256 cache slots (512 + 32 -> 768) with a
   boolean key mask; query groups folded into the query axis, so the memory-efficient kernel can take the mask.
 - ``yardstick``: ``bench/gpu_floor.py``: same matmuls, attention over exactly P + L keys with no mask (flash with
   grouped-query attention), ONE fused ``rms_norm`` per norm, and no RoPE at all.
-- ``fast batch``: the many-sequence graph path (``FastBatchRunner``, ``static_pooled_forward``): 16 sequences x 5
+- ``fast batch``: the many-sequence graph path (``FastBatchRunner``, ``pooled_forward`` over ``PoolSlots``): 16 sequences x 5
   rows = 80 rows padded to the next power of two (128), the head over every (row, window) position, each row's
   prefix gathered from the pool (``index_select``) and concatenated with the window, a boolean mask, and
   ``enable_gqa``: flash is ruled out by the mask and the memory-efficient kernel by GQA, so attention runs in
