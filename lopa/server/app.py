@@ -25,6 +25,7 @@ from lopa.errors import ConfigError
 from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError, add_error_handlers
 from lopa.server.limits import ServerLimits, cache_rows, check_request, kv_cache_bytes
+from lopa.server.metrics import add_metrics_route
 from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware
 from lopa.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, MODEL_RESPONSES, install_openapi
 from lopa.server.params import decode_config_for
@@ -72,6 +73,7 @@ def create_app(
     app.state.worker = worker
     app.add_middleware(InternalErrorMiddleware)  # innermost of the two: sees the routes' unhandled errors
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    add_metrics_route(app, worker)  # GET /metrics and the HTTP counter, outermost (metrics.py)
     add_error_handlers(app)
     add_trace_routes(app, worker, default, llm, model_name, limits)  # the live view: GET /, POST /v1/trace (trace.py)
     install_openapi(app, limits.max_branches, llm.max_context)
