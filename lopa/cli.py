@@ -63,11 +63,9 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=None, choices=_CHOICES.get(f.name), help=help_text)
 
 
-def checkpoint_decode_defaults(model_dir: str | None) -> DecodeConfig:
+def checkpoint_decode_defaults(model_dir: str | None, revision: str | None = None) -> DecodeConfig:
     """The decoding defaults for a checkpoint (the bundled one when None): see DecodeConfig.recommended and
     lopa.model.family.recommended_settings (the family's recommendations under the checkpoint's own)."""
-    from pathlib import Path
-
     from lopa.model.config import read_json
     from lopa.model.family import recommended_settings
 
@@ -76,7 +74,12 @@ def checkpoint_decode_defaults(model_dir: str | None) -> DecodeConfig:
 
         path = default_checkpoint_dir()
     else:
-        path = Path(model_dir)
+        from lopa.model.hub import resolve_model
+
+        try:
+            path = resolve_model(model_dir, revision)
+        except LopaError:  # reported by the loader, which resolves the same name the same way
+            return DecodeConfig()
     try:
         settings = recommended_settings(read_json(path / "config.json"), read_json(path / "generation_config.json"))
         return DecodeConfig.recommended(settings)
@@ -90,7 +93,7 @@ def decode_config_from_args(args: argparse.Namespace, base: DecodeConfig | None 
     Without ``base``: the defaults of the checkpoint named by ``--model`` (engine defaults + its recommendations).
     """
     if base is None:
-        base = checkpoint_decode_defaults(getattr(args, "model", None))
+        base = checkpoint_decode_defaults(getattr(args, "model", None), getattr(args, "revision", None))
     given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(DecodeConfig)
@@ -103,7 +106,12 @@ def decode_config_from_args(args: argparse.Namespace, base: DecodeConfig | None 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model / --lora / --device / --dtype / --enforce-eager, shared by every command that loads a model."""
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the bundled tiny model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory or Hugging Face hub id ORG/NAME (needs lopa[hub]; default: the bundled tiny model)",
+    )
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit of a hub --model (default: main)")
     parser.add_argument("--lora", default=None, help="peft-format LoRA adapter directory merged at load")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype")
@@ -156,8 +164,23 @@ def load_llm(args: argparse.Namespace, **extra: object):
     extra.setdefault("max_num_seqs", getattr(args, "max_num_seqs", None))
     extra.setdefault("max_model_len", getattr(args, "max_model_len", None))
     return LLM(
-        args.model, lora=args.lora, device=args.device, dtype=args.dtype, enforce_eager=args.enforce_eager, **extra
+        args.model,
+        lora=args.lora,
+        device=args.device,
+        dtype=args.dtype,
+        enforce_eager=args.enforce_eager,
+        revision=getattr(args, "revision", None),
+        **extra,
     )
+
+
+def local_model_arg(args: argparse.Namespace) -> str | None:
+    """``--model`` as a local directory (a hub id fetched now, at ``--revision``), for ranks started elsewhere."""
+    if args.model is None:
+        return None
+    from lopa.model.hub import resolve_model
+
+    return str(resolve_model(args.model, getattr(args, "revision", None)))
 
 
 def check_branch_parallel_batch(args: argparse.Namespace) -> None:

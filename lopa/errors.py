@@ -48,6 +48,15 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The directory or a required file in it does not exist."""
 
 
+class HubModelNotFoundError(CheckpointNotFoundError):
+    """A hub model id (``ORG/NAME``) is neither in the local hub cache nor downloadable (offline, no network,
+    unknown repository or revision)."""
+
+
+class HubNotInstalledError(CheckpointError, ImportError):
+    """A hub model id was given but ``huggingface_hub`` is not installed (``pip install 'lopa[hub]'``)."""
+
+
 class UnsupportedModelError(CheckpointError):
     """config.json names a model_type or feature lopa does not implement."""
 

@@ -27,6 +27,7 @@ from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
 from lopa.engine.runner import Runner
 from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
+from lopa.model.hub import model_name_for, resolve_model
 from lopa.model.loader import load_checkpoint
 from lopa.model.tp import TPShard
 from lopa.outputs import Completion, Stats
@@ -61,11 +62,14 @@ class LLM:
         max_num_seqs: int | None = None,
         max_model_len: int | None = None,
         shard: TPShard | None = None,
+        revision: str | None = None,
     ) -> None:
         """``max_num_seqs``: sequences decoded together (default: config.default_max_num_seqs for the device);
         ``max_model_len``: the longest prompt + max_new_tokens served (default: the model's context, at most
-        config.DEFAULT_MAX_MODEL_LEN). Together they size the KV pool, allocated on first batched use."""
-        path = Path(model_dir) if model_dir is not None else default_model_dir()
+        config.DEFAULT_MAX_MODEL_LEN). Together they size the KV pool, allocated on first batched use.
+        ``model_dir``: a checkpoint directory or a Hugging Face hub id (``ORG/NAME``, at ``revision``), see
+        ``lopa/model/hub.py``."""
+        path = resolve_model(model_dir, revision) if model_dir is not None else default_model_dir()
         self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype, shard=shard)
         if shard is not None and shard.size > 1:
             enforce_eager = True  # tensor-parallel all-reduces are timed collectives: no CUDA graph around them
@@ -73,7 +77,7 @@ class LLM:
         self.model = self.checkpoint.model
         self.config = self.checkpoint.config
         self.device = next(self.model.parameters()).device
-        self.model_name = path.resolve().name if model_dir is not None else BUNDLED_MODEL_NAME
+        self.model_name = BUNDLED_MODEL_NAME if model_dir is None else model_name_for(model_dir, path)
         context = self.config.max_position_embeddings
         self.max_context = min(context, DEFAULT_MAX_MODEL_LEN) if max_model_len is None else max_model_len
         if not isinstance(self.max_context, int) or not 1 <= self.max_context <= context:

@@ -10,7 +10,17 @@ import pytest
 from lopa.cli import main
 from lopa.eval.aup import aup, weight
 from lopa.tiny import default_checkpoint_dir
-from lopa.tiny.bench import DEFAULT, FAMILIES, Row, _set_agreement
+from lopa.tiny.bench import (
+    FAMILIES,
+    FULL,
+    QUICK,
+    QUICK_FAMILIES,
+    Row,
+    _set_agreement,
+    add_arguments,
+    selection,
+    variants,
+)
 
 
 def test_bench_on_a_random_checkpoint(tiny_ckpt, tmp_path, capsys):
@@ -55,12 +65,50 @@ def test_bench_n10_on_the_bundled_model(capsys):
     assert main(["bench", "--n", "10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
-    assert [r["name"] for r in result["rows"]] == DEFAULT
+    assert [r["name"] for r in result["rows"]] == QUICK
     assert result["n"] == 10 and result["block_size"] == 32 and result["max_new_tokens"] == 64
-    assert set(result["aup"]) == set(FAMILIES)  # every family's sweep was measured
+    assert set(result["aup"]) == set(QUICK_FAMILIES)  # every family of the default run was measured
+    for r in result["rows"]:  # the ± column: the binomial standard error of the accuracy over 10 problems
+        assert r["accuracy_se"] == pytest.approx(math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / 10))
+    assert any(line.startswith("| decoder | settings | acc | ± |") for line in out)
     for family in result["aup"].values():
         assert family["aup"] > 0 and family["points"] == sorted(family["points"])
     assert any(line.startswith("| lopa over threshold (k sweep) |") for line in out)
+
+
+def _parse(*flags: str):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(flags))
+
+
+def test_default_set_and_full_sweep():
+    """The default run is the issue's set (threshold τ 0.9, threshold+1, d2f, LoPA over threshold at k = 2, 4, 8)
+    on 400 problems; --full is every decoder row (28) on 600 problems, with the τ / k sweeps' families."""
+    names, families, n, min_points = selection(_parse())
+    table = variants(32, 64)
+    cfgs = [table[name] for name in names]
+    assert [(c.decoder, c.base_decoder if c.decoder == "lopa" else "", c.num_branches) for c in cfgs] == [
+        ("threshold", "", 0),
+        ("threshold", "", 0),
+        ("d2f", "", 0),
+        ("lopa", "threshold", 2),
+        ("lopa", "threshold", 4),
+        ("lopa", "threshold", 8),
+    ]
+    assert all(c.threshold == 0.9 and c.branch_score == "mean" for c in cfgs)
+    assert [c.extra_fill for c in cfgs] == [0, 1, 0, 0, 0, 0]  # threshold+1: the no-search control
+    assert n == 400 and families == QUICK_FAMILIES and min_points == 1
+    assert {m for members in families.values() for m in members} == set(names)  # every row is in a family
+    # at 400 problems the standard error of any accuracy is at most 2.5 points
+    assert math.sqrt(0.25 / n) <= 0.025
+
+    names, families, n, _ = selection(_parse("--full"))
+    assert names == FULL == list(table) and len(FULL) == 28 and n == 600 and families == FAMILIES
+    assert selection(_parse("--full", "--n", "50"))[2] == 50
+    assert selection(_parse("--decoders", "threshold", "d2f"))[:3] == (["threshold", "d2f"], FAMILIES, 600)
 
 
 def test_aup_by_hand():

@@ -231,6 +231,7 @@ def add_tp_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]) -> int:
     """``lopa generate --bp M [--tp N]``, ``--tp N`` alone, or ``--branch-parallel`` (under torchrun)."""
+    from lopa.cli import local_model_arg
     from lopa.generate_cli import emit
 
     if args.tp < 1 or args.bp < 0:
@@ -242,7 +243,7 @@ def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]
         return _run_torchrun_rank(args, cfg, prompts, timeout)
     port = getattr(args, "dist_port", None)
     with BranchParallelGroup(
-        max(args.bp, 1), args.model, tp=args.tp, lora=args.lora, device=args.device, dtype=args.dtype,
+        max(args.bp, 1), local_model_arg(args), tp=args.tp, lora=args.lora, device=args.device, dtype=args.dtype,
         timeout_s=timeout, port=port,
     ) as group:  # fmt: skip
         for completion in group.generate(prompts, cfg, raw=args.raw):
@@ -260,7 +261,7 @@ def _run_torchrun_rank(args: argparse.Namespace, cfg: DecodeConfig, prompts: lis
         ctx = init_distributed(args.device, timeout)
         mesh = build_mesh(ctx, args.tp)  # WORLD_SIZE = branch groups x tp
         shard = mesh.shard if mesh.tp > 1 else None
-        llm = LLM(args.model, lora=args.lora, device=ctx.device, dtype=args.dtype, shard=shard)
+        llm = LLM(args.model, lora=args.lora, device=ctx.device, dtype=args.dtype, shard=shard, revision=getattr(args, "revision", None))
         ctx.store_barrier("loaded")
         if not ctx.is_master:
             serve(llm, ctx, mesh=mesh)

@@ -119,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     llm = load_llm(args)
     config = task_config(task, llm, args)
     out = check_out_dir(
-        Path(args.out) if args.out else Path("eval-out") / f"{task.name}-{llm.model_name}-{config.decoder}"
+        Path(args.out)
+        if args.out
+        else Path("eval-out") / f"{task.name}-{llm.model_name.replace('/', '--')}-{config.decoder}"
     )
     result = evaluate_with_args(llm, task, docs, config, sandbox, args, out)
     print(format_summary(result.summary))

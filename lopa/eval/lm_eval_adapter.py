@@ -41,6 +41,7 @@ class LopaLM(LM):
         lora: str | None = None,
         device: str = "cpu",
         dtype: str | None = None,
+        revision: str | None = None,
         escape_until: bool = False,
         llm: Any = None,
         **decode: Any,
@@ -52,7 +53,7 @@ class LopaLM(LM):
         if llm is None:
             from lopa.llm import LLM
 
-            llm = LLM(model or pretrained, lora=lora, device=device or "cpu", dtype=dtype)
+            llm = LLM(model or pretrained, lora=lora, device=device or "cpu", dtype=dtype, revision=revision)
         self.llm = llm
         self.escape_until = bool(escape_until)
 

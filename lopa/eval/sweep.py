@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
     sandbox = make_sandbox(task, args)
     llm = load_llm(args)
     configs = grid(task_config(task, llm, args), decoders, branch_grid, thresholds)
-    out = check_out_dir(Path(args.out) if args.out else Path("sweep-out") / f"{task.name}-{llm.model_name}")
+    out = check_out_dir(
+        Path(args.out) if args.out else Path("sweep-out") / f"{task.name}-{llm.model_name.replace('/', '--')}"
+    )
     rows = []
     for i, c in enumerate(configs):
         name = run_name(c)

@@ -39,6 +39,7 @@ from lopa.errors import (
 )
 from lopa.model.config import ModelConfig, read_json
 from lopa.model.dream import DreamModel
+from lopa.model.hub import resolve_model
 from lopa.model.layers import Rotary
 from lopa.model.lora import linear_weight_shapes, plan_lora
 from lopa.model.st_read import TensorFile
@@ -127,18 +128,15 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     shard: TPShard | None = None,
+    revision: str | None = None,
 ) -> Checkpoint:
-    """Load a checkpoint directory (and merge an optional LoRA adapter) onto ``device`` in ``dtype``.
+    """Load a checkpoint directory, or a hub id at ``revision`` (``model/hub.py``), and merge an optional LoRA
+    adapter, onto ``device`` in ``dtype``.
 
     With ``shard`` (tensor parallelism, :mod:`lopa.model.tp`) only that rank's slices are read and the model
     has the rank's local shapes; ``Checkpoint.config`` stays the full model's."""
     device = resolve_device(device)
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise CheckpointNotFoundError(
-            f"checkpoint directory {path} does not exist; pass a local directory holding config.json and "
-            f"*.safetensors (models cannot be downloaded by name)."
-        )
+    path = resolve_model(path, revision)  # a local directory, else a hub id from the hub cache (model/hub.py)
     raw = read_json(path / "config.json", required=True)
     config = ModelConfig.from_hf_dict(raw, source=str(path / "config.json"))
     generation_config = read_json(path / "generation_config.json", required=False)

@@ -32,6 +32,7 @@ from lopa.server.limits import (
     check_request,
     kv_cache_bytes,
 )
+from lopa.server.metrics import add_metrics_route
 from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, SecurityHeadersMiddleware
 from lopa.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, MODEL_RESPONSES, install_openapi
 from lopa.server.params import decode_config_for
@@ -89,6 +90,7 @@ def create_app(
     app.add_middleware(InternalErrorMiddleware)  # innermost: sees the routes' unhandled errors
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(SecurityHeadersMiddleware, exempt=tuple(d for d in docs if d is not None))
+    add_metrics_route(app, worker)  # GET /metrics and the HTTP counter, outermost (metrics.py)
     add_error_handlers(app)
     add_trace_routes(app, worker, default, llm, model_name, limits)  # the live view: GET /, POST /v1/trace (trace.py)
     install_openapi(app, limits.max_branches, llm.max_context)

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as e:
         raise ConfigError("lopa serve needs the server extras; install them with: pip install 'lopa[serve]'") from e
-    from lopa.cli import load_llm
+    from lopa.cli import load_llm, local_model_arg
     from lopa.server.app import create_app
     from lopa.server.guard import uvicorn_options
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         from lopa.dist.serving import start_serving_mesh
 
         llm = start_serving_mesh(
-            args.model, tp=args.tp, bp=args.bp, lora=args.lora, device=args.device, dtype=args.dtype,
+            local_model_arg(args), tp=args.tp, bp=args.bp, lora=args.lora, device=args.device, dtype=args.dtype,
             timeout_s=args.dist_timeout, port=args.dist_port,
         )  # fmt: skip
     else:

@@ -96,7 +96,7 @@ def add_error_handlers(app: FastAPI) -> None:
         where = f"{request.method} {request.url.path}"
         message = {
             404: f"no such route: {where}; routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/trace, "
-            "/health, / (the live view)",
+            "/health, /metrics, / (the live view)",
             405: f"method not allowed: {where}",
         }.get(exc.status_code, f"{exc.detail} ({where})")
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"

@@ -86,6 +86,19 @@ class Closed:
     """Always the last item of a job."""
 
 
+class MetricsHook:
+    """What the worker thread reports for ``GET /metrics``; no-ops here (``server/metrics.py`` records them)."""
+
+    def iteration_done(self, seconds: float) -> None:
+        """One engine iteration (one batched forward) took ``seconds``."""
+
+    def first_token(self, seconds: float) -> None:
+        """A sequence's first final token came ``seconds`` after its request arrived."""
+
+    def sequence_finished(self, reason: str, usage: dict) -> None:
+        """A sequence finished with ``reason`` ("stop" / "length") and its response's ``usage``."""
+
+
 @dataclass
 class Job:
     """One HTTP request's work: its prompts join the running batch together, with one config."""
@@ -98,6 +111,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)  # for time to first token
 
     def push(self, item: object) -> None:
         """Hand an item to the request's coroutine (called from the worker thread)."""
@@ -163,6 +177,7 @@ class _Active:
     start: float = field(default_factory=time.perf_counter)
     started: bool = False
     admitted: int = 0  # prompts handed to the engine (job.prompts[:admitted])
+    first_token: set[int] = field(default_factory=set)  # sequences that have shown a final token
 
     @property
     def unadmitted(self) -> int:
@@ -189,6 +204,7 @@ class EngineWorker:
         self._stopping = threading.Event()  # set by stop(): the worker cancels its running jobs
         self._thread: threading.Thread | None = None
         self._session: Any = None
+        self.metrics = MetricsHook()  # replaced by server/metrics.py's Prometheus recorder
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -208,6 +224,11 @@ class EngineWorker:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def session(self) -> Any:
+        """The engine session (None before :meth:`start`); read-only outside the worker thread."""
+        return self._session
 
     @property
     def waiting(self) -> int:
@@ -260,7 +281,9 @@ class EngineWorker:
             if not session.has_work:
                 continue
             try:
+                t0 = time.perf_counter()
                 events = session.step()
+                self.metrics.iteration_done(time.perf_counter() - t0)
             except Exception as e:  # a bug: every running job gets a 500, the server keeps serving
                 log.exception("generation failed")
                 for active in {id(a.job): a for a in self._active.values()}.values():
@@ -327,6 +350,9 @@ class EngineWorker:
         if not active.started:
             active.started = True
             job.push(Started())
+        if event.token_ids and rid not in active.first_token:
+            active.first_token.add(rid)
+            self.metrics.first_token(time.perf_counter() - job.arrived)
         cutter = active.cutters[rid]
         delta = cutter.feed(event.text, list(event.token_ids))
         if job.stream and delta:
@@ -342,6 +368,7 @@ class EngineWorker:
         stats = completion.stats
         prompt_tokens = stats.prompt_tokens or len(completion.prompt_token_ids)
         usage = usage_dict(prompt_tokens, n_tokens, stats.forwards, stats.tpf)
+        self.metrics.sequence_finished(reason, usage)
         job.push(Finished(active.prompts[rid], text, reason, usage))
         del self._active[rid]
         del active.prompts[rid]

@@ -1,13 +1,19 @@
-"""``lopa bench``: every decoder side by side on held-out problems of the bundled task.
+"""``lopa bench``: the decoders side by side on held-out problems of the bundled task.
 
-Prints one table (decoder, settings, exact-answer accuracy, well-formedness, TPF, forwards/sample, aggregate
-tok/s, mean latency, agreement of final answers with threshold τ=0.9), then the AUP of each decoder family over
-its sweep (τ for threshold and d2f, k for lopa, k = 0 being the base decoder itself), then one JSON line with the
-same numbers plus device, dtype and versions. ``--plot`` draws accuracy vs TPF, one curve per family. The
-problems are the test split's fixed set, so every run and every decoder sees the same ones. Each decoder's prompts
-go to ``LLM.generate`` together, which batches them. On CPU the decoders are spread over ``--workers`` processes
-(default: one per core, one torch thread each): the tiny model's forwards are too small for intra-op threads to
-pay, while separate processes scale with the cores.
+The default run answers "what does LoPA buy here" in a few minutes (:data:`QUICK`, 400 problems): threshold
+τ = 0.9, the no-search control ``threshold+1``, d2f, and LoPA over threshold at k = 2, 4, 8, with the AUP of each
+family (:data:`QUICK_FAMILIES`). ``--full`` is the complete sweep (:data:`FULL`, 28 rows, 600 problems: every τ of
+threshold and d2f, LoPA over both bases at k = 1, 2, 4, 8, both branch scores) with :data:`FAMILIES`.
+
+Prints one table (decoder, settings, exact-answer accuracy with its binomial standard error, well-formedness, TPF,
+forwards/sample, aggregate tok/s, mean latency, agreement of final answers with threshold τ=0.9), then the AUP of
+each decoder family over its sweep (τ for threshold and d2f, k for lopa, k = 0 being the base decoder itself), then
+one JSON line with the same numbers plus device, dtype and versions. ``--plot`` draws accuracy vs TPF, one curve
+per family. The problems are the test split's fixed set, so every run and every decoder sees the same ones. Each
+decoder's prompts go to ``LLM.generate`` together, which batches them. On CPU the decoders are spread over
+``--workers`` processes (default: one per core, one torch thread each): the tiny model's forwards are too small for
+intra-op threads to pay, while separate processes scale with the cores. The progress bar advances by each finished
+row's estimated cost, so its ETA counts LoPA's rows as the slow ones.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import platform
 import re
@@ -29,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lopa.cli import add_model_arguments, load_llm
+from lopa.cli import add_model_arguments, load_llm, local_model_arg
 from lopa.config import DecodeConfig
 from lopa.dist.launch import BranchParallelGroup, add_dist_arguments, add_tp_argument, resolve_timeout
 from lopa.eval.aup import aup
@@ -55,6 +62,7 @@ class Row:
     score: str
     threshold: float
     answers: list[int | None] | None = None  # final answers, for the agreement column (kept out of the JSON)
+    accuracy_se: float = 0.0  # binomial standard error of accuracy: sqrt(acc (1 - acc) / n)
 
     def as_dict(self, answers: bool = False) -> dict:
         d = self.__dict__.copy()
@@ -86,7 +94,18 @@ def variants(block_size: int, max_new_tokens: int) -> dict[str, DecodeConfig]:
     return out
 
 
-DEFAULT = list(variants(32, 64))
+FULL = list(variants(32, 64))  # --full: every decoder row
+QUICK = ["threshold", "threshold+1", "d2f", "lopa-threshold-k2", "lopa-threshold-k4", "lopa-threshold-k8"]
+DEFAULT = QUICK
+QUICK_N, FULL_N = 400, 600  # problems per decoder; at 400 the standard error of an accuracy is at most 2.5 points
+
+# the default run's families: a single point's AUP is ρ₁·y₁ (docs/algorithm.md §5)
+QUICK_FAMILIES: dict[str, list[str]] = {
+    "threshold (τ = 0.9)": ["threshold"],
+    "threshold+1 (no search)": ["threshold+1"],
+    "d2f (τ = 0.9)": ["d2f"],
+    "lopa over threshold (k sweep)": ["threshold", "lopa-threshold-k2", "lopa-threshold-k4", "lopa-threshold-k8"],
+}
 
 # family → the rows of its sweep (lopa families start at k = 0: the base decoder at τ = 0.9)
 FAMILIES: dict[str, list[str]] = {
@@ -101,8 +120,16 @@ FAMILIES: dict[str, list[str]] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--n", type=int, default=600, help="held-out test problems per decoder (default: 600)")
-    p.add_argument("--decoders", nargs="+", default=None, metavar="NAME", help="subset of: " + " ".join(DEFAULT))
+    p.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help=f"held-out test problems per decoder (default: {QUICK_N}; {FULL_N} with --full)",
+    )
+    p.add_argument(
+        "--full", action="store_true", help=f"the complete sweep: all {len(FULL)} decoder rows (default: {len(QUICK)})"
+    )
+    p.add_argument("--decoders", nargs="+", default=None, metavar="NAME", help="subset of: " + " ".join(FULL))
     p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs TPF, one curve per family")
     p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's generation_config")
@@ -131,10 +158,24 @@ def settings_of(cfg: DecodeConfig) -> str:
     return describe(cfg) + extra + shared
 
 
+def selection(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]], int, int]:
+    """(decoder rows, families, problems, fewest points a family's AUP needs) for the parsed flags."""
+    from lopa.errors import ConfigError
+
+    if args.full and args.decoders:
+        raise ConfigError("--full runs every decoder; leave out --decoders (or --full)")
+    if args.decoders:
+        return list(args.decoders), FAMILIES, args.n or FULL_N, 2
+    if args.full:
+        return list(FULL), FAMILIES, args.n or FULL_N, 2
+    return list(QUICK), QUICK_FAMILIES, args.n or QUICK_N, 1
+
+
 def run(args: argparse.Namespace) -> int:
     from lopa.errors import ConfigError
     from lopa.tiny.task import fixed_set
 
+    names, families_of, args.n, min_points = selection(args)
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1 (problems per decoder), got {args.n}")
     torch.set_num_threads(max(1, args.threads))
@@ -143,7 +184,6 @@ def run(args: argparse.Namespace) -> int:
     block = args.block_size or int(gen.get("block_size", 32))
     max_new = args.max_new_tokens or int(gen.get("max_new_tokens", 2 * block))
     table = variants(block, max_new)
-    names = args.decoders or DEFAULT
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ConfigError(f"unknown bench decoder(s) {unknown}; choose from {list(table)}")
@@ -159,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             if args.bp or args.tp != 1:
                 group = BranchParallelGroup(
                     max(args.bp, 1),
-                    args.model,
+                    local_model_arg(args),
                     tp=args.tp,
                     lora=args.lora,
                     device=args.device,
@@ -188,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         "bp": args.bp,  # branch-parallel ranks (0: one process)
         "tp": args.tp,  # tensor-parallel ranks per branch group
     }
-    families = family_aup(rows)
+    families = family_aup(rows, families_of, min_points)
     if not args.json_only:
         print(format_table(rows, header))
         print(format_aup(families))
@@ -233,7 +273,8 @@ def _measure(generate, names: list[str], table: dict[str, DecodeConfig], problem
             Row(
                 name=name,
                 settings=settings_of(cfg),
-                accuracy=sum(a == p.answer for a, p in zip(answers, problems, strict=True)) / n,
+                accuracy=(acc := sum(a == p.answer for a, p in zip(answers, problems, strict=True)) / n),
+                accuracy_se=math.sqrt(acc * (1 - acc) / n),
                 wellformed=sum(parse(o.text) for o in outs) / n,
                 tpf=tokens / forwards,
                 tpf_paper=sum(o.stats.tpf_paper for o in outs) / n,
@@ -296,7 +337,7 @@ def _run_workers(
         load[i] += _cost(name, table[name])
     base = [sys.executable, "-m", "lopa", "bench", "--n", str(args.n), "--json-only", "--emit-answers"]
     base += ["--threads", str(max(1, args.threads)), "--block-size", str(block), "--max-new-tokens", str(max_new)]
-    for flag in ("model", "lora", "device", "dtype", "max_num_seqs", "max_model_len"):
+    for flag in ("model", "revision", "lora", "device", "dtype", "max_num_seqs", "max_model_len"):
         value = getattr(args, flag, None)
         if value is not None:
             base += [f"--{flag.replace('_', '-')}", str(value)]
@@ -307,7 +348,13 @@ def _run_workers(
         for group in groups
         if group
     ]
-    bar = tqdm(total=len(names), desc=f"bench ({len(procs)} workers)", unit="decoder", disable=args.json_only)
+    # the bar advances by each finished row's estimated cost, so its ETA weighs LoPA's rows as the slow ones
+    bar = tqdm(
+        total=round(sum(_cost(n, table[n]) for n in names)),
+        desc=f"bench: {len(names)} decoders, {len(procs)} workers",
+        bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
+        disable=args.json_only,
+    )
     lock = threading.Lock()
 
     def relay(stream) -> None:  # a worker's "  name: 12.3s" lines advance the bar; anything else is passed on
@@ -315,7 +362,7 @@ def _run_workers(
             done = re.fullmatch(r"  (\S+): [0-9.]+s", line.rstrip("\n"))
             with lock:
                 if done and done.group(1) in table:
-                    bar.update(1)
+                    bar.update(round(_cost(done.group(1), table[done.group(1)])))
                     bar.set_postfix_str(done.group(1))
                 else:
                     bar.write(line.rstrip("\n"), file=sys.stderr)
@@ -342,16 +389,19 @@ def _run_workers(
     return rows
 
 
-def family_aup(rows: list[Row]) -> dict[str, dict]:
-    """AUP of every family whose sweep has at least two measured points (accuracy in %)."""
+def family_aup(rows: list[Row], families: dict[str, list[str]] | None = None, min_points: int = 2) -> dict[str, dict]:
+    """AUP of every family (default :data:`FAMILIES`) with at least ``min_points`` measured points (accuracy in %).
+
+    The default run's families (``min_points`` 1) are measured whole; a partial sweep (``--decoders``) reports a
+    family only from two points on, so one stray row is not reported as a family."""
     by_name = {r.name: r for r in rows}
     if not rows:
         return {}
     y_max = 100 * max(r.accuracy for r in rows)
     out: dict[str, dict] = {}
-    for family, members in FAMILIES.items():
+    for family, members in (FAMILIES if families is None else families).items():
         pts = [(by_name[m].tpf, 100 * by_name[m].accuracy) for m in members if m in by_name]
-        if len(pts) < 2:
+        if len(pts) < max(1, min_points) or (min_points < 2 and len(pts) < len(members)):
             continue
         result = aup(pts, y_max)
         out[family] = {
@@ -364,12 +414,13 @@ def family_aup(rows: list[Row]) -> dict[str, dict]:
 
 def format_table(rows: list[Row], header: dict) -> str:
     head = " ".join(f"{k}={v}" for k, v in header.items())
-    cols = ("decoder", "settings", "acc", "well-formed", "tpf", "fwd/sample", "tok/s", "latency", "agree")
+    cols = ("decoder", "settings", "acc", "±", "well-formed", "tpf", "fwd/sample", "tok/s", "latency", "agree")
     lines = [f"lopa bench: {head}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         agree = "-" if r.agreement is None else f"{100 * r.agreement:.0f}%"
         lines.append(
-            f"| {r.name} | {r.settings} | {100 * r.accuracy:.1f}% | {100 * r.wellformed:.1f}% | {r.tpf:.2f} | "
+            f"| {r.name} | {r.settings} | {100 * r.accuracy:.1f}% | {100 * r.accuracy_se:.1f} | "
+            f"{100 * r.wellformed:.1f}% | {r.tpf:.2f} | "
             f"{r.forwards:.1f} | {r.tok_s:.0f} | {1000 * r.latency:.0f} ms | {agree} |"
         )
     return "\n".join(lines)

@@ -7,6 +7,8 @@ from typing import Any
 
 _STYLE = {
     "threshold (τ sweep)": ("tab:gray", "o", "-"),
+    "threshold (τ = 0.9)": ("tab:gray", "o", "-"),
+    "d2f (τ = 0.9)": ("tab:brown", "s", "-"),
     "d2f (τ sweep)": ("tab:brown", "s", "-"),
     "lopa over threshold (k sweep)": ("tab:blue", "o", "-"),
     "lopa over d2f (k sweep)": ("tab:orange", "s", "-"),
@@ -37,6 +39,8 @@ def plot_bench(rows: list[Any], families: dict[str, dict], out: Path) -> None:
         ax.annotate(text, (x, y), fontsize=7, color=color, xytext=(4, -10), textcoords="offset points")
 
     for family, f in families.items():
+        if f["members"] == ["threshold+1"]:
+            continue  # the control: drawn below as a marker of its own
         members = sorted((by_name[m] for m in f["members"]), key=lambda r: r.tpf)
         color, marker, line = _STYLE.get(family, ("black", "o", "-"))
         xs, ys = [r.tpf for r in members], [100 * r.accuracy for r in members]
@@ -47,18 +51,14 @@ def plot_bench(rows: list[Any], families: dict[str, dict], out: Path) -> None:
             is_base = r.name in ("threshold", "d2f") and "lopa" in family
             tag = "k=0" if is_base else f"k={r.branches}" if r.name.startswith("lopa") else f"τ={r.threshold:g}"
             label(tag, r.tpf, 100 * r.accuracy, color)
+    control = families.get("threshold+1 (no search)")
     for name, marker in (("threshold+1", "X"), ("vanilla", "D")):
         if name in by_name:
             r = by_name[name]
-            ax.scatter(
-                [r.tpf],
-                [100 * r.accuracy],
-                marker=marker,
-                s=60,
-                color="black",
-                zorder=3,
-                label=f"{name} (no search)" if name == "threshold+1" else name,
-            )
+            text = name
+            if name == "threshold+1":
+                text = f"{name} (no search)" + (f": AUP {control['aup']:.0f}" if control is not None else "")
+            ax.scatter([r.tpf], [100 * r.accuracy], marker=marker, s=60, color="black", zorder=3, label=text)
     ax.set_xlabel("tokens per forward (TPF)")
     ax.set_ylabel("exact-answer accuracy (%)")
     ax.set_title("lopa bench: accuracy vs parallelism on the bundled model")
