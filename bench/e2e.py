@@ -79,7 +79,10 @@ def random_llm(
     )
     name = f"random-{cfg.model_type.lower()}-{cfg.num_hidden_layers}l"
     ckpt = Checkpoint(Path(name), cfg, model, tokenizer, {})
-    with mock.patch("lopa.llm.load_checkpoint", lambda *a, **k: ckpt):  # everything else is the real constructor
+    with (  # everything else is the real constructor
+        mock.patch("lopa.llm.resolve_model", lambda *a, **k: ckpt.path),
+        mock.patch("lopa.llm.load_checkpoint", lambda *a, **k: ckpt),
+    ):
         llm = LLM(name, device=device, max_num_seqs=max_num_seqs, max_model_len=max_model_len, **llm_args)
     llm.end_ids = frozenset()  # random weights: ignore end tokens, so every sequence decodes max_new_tokens
     return llm

@@ -7,12 +7,12 @@ Four forwards of the Dream-7B shape over a 512-token committed prefix are compar
   boolean key mask; query groups folded into the query axis, so the memory-efficient kernel can take the mask.
 - ``yardstick``: ``bench/gpu_floor.py``: same matmuls, attention over exactly P + L keys with no mask (flash with
   grouped-query attention), ONE fused ``rms_norm`` per norm, and no RoPE at all.
-- ``fast batch``: the many-sequence graph path (``FastBatchRunner``, ``pooled_forward`` over ``PoolSlots``):
-  16 sequences x 5 rows = 80 rows padded to the next power of two (128), the head over every (row, window) position, each row's
-  prefix gathered from the pool (``index_select``) and concatenated with the window, a boolean mask, and
-  ``enable_gqa``: flash is ruled out by the mask and the memory-efficient kernel by GQA, so attention runs in
-  cuDNN or in the composite math backend (fp32 upcast, K/V repeated to every query head, scores materialized),
-  whichever torch picks; the table models the math backend (``--batch-attention`` switches the model).
+- ``fast batch``: the many-sequence graph path (``FastBatchRunner``, ``pooled_forward`` over ``PoolSlots``): 16
+  sequences x 5 rows = 80 rows padded to the next power of two (128), the head over every (row, window) position,
+  each row's prefix gathered from the pool (``index_select``) and concatenated with the window, a boolean mask, and
+  ``enable_gqa``: flash is ruled out by the mask and the memory-efficient kernel by GQA, so attention runs in cuDNN
+  or in the composite math backend (fp32 upcast, K/V repeated to every query head, scores materialized), whichever
+  torch picks; the table models the math backend (``--batch-attention`` switches the model).
 - ``eager batch``: ``BatchRunner`` (``pooled_forward``) on the same 80 rows: no row padding, and no mask when
   every row has a full window over an equal prefix (the benchmark's case), so flash takes it.
 
