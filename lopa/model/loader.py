@@ -243,10 +243,7 @@ def _load_model(
                     if key.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                         continue
                     if name not in expected:
-                        raise TensorMismatchError(
-                            f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a "
-                            f"{family.name} model with this config.json (wrong architecture, or an unmerged adapter?)."
-                        )
+                        raise _unexpected(file, key, family.name)
                     sl = data.get_slice(key)
                     shape = torch.Size(sl.get_shape())
                     if shape != expected[name]:
@@ -308,7 +305,10 @@ def _check_layer_count(path: Path, files: list[Path], config: ModelConfig) -> No
                 f"{file} is not a valid safetensors file ({e}); re-download or re-save it."
             ) from e
         for key in keys:
-            m = _LAYER.match(family.tensor_to_shared(key) or "")
+            name = family.tensor_to_shared(key)
+            if name is None and not key.endswith(_IGNORED_SUFFIXES):  # another family's names: say so, not "0 layers"
+                raise _unexpected(file, key, family.name)
+            m = _LAYER.match(name or "")
             if m is not None:
                 layers.add(int(m[1]))
     n = config.num_hidden_layers
@@ -324,6 +324,13 @@ def _check_layer_count(path: Path, files: list[Path], config: ModelConfig) -> No
             f"{path}/config.json says num_hidden_layers={n}, but the weights hold {have}: "
             f"{'; '.join(p for p in parts if p)}. config.json and the weights disagree."
         )
+
+
+def _unexpected(file: Path, key: str, family: str) -> TensorMismatchError:
+    return TensorMismatchError(
+        f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a {family} model with this "
+        f"config.json (wrong architecture, or an unmerged adapter?)."
+    )
 
 
 def _few(numbers: list[int]) -> str:
