@@ -84,6 +84,7 @@ def prepare(name: str, area: Area) -> Path:
         f"only_mutate = {toml_list(area.files)}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(area.tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        "timeout_constant = 5.0\n"  # CPU seconds on top of 15x the clean run: a kill is a failed test, not a stall
         "\n[tool.pytest.ini_options]\n"
         'testpaths = ["tests"]\n'
         'markers = ["gpu: needs CUDA", "slow: longer CPU tests"]\n'

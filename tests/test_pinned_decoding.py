@@ -123,15 +123,20 @@ def test_predict_greedy_prob_and_each_confidence() -> None:
 def test_predict_samples_with_the_generator_and_greedy_without() -> None:
     logits = torch.tensor([[0.0, 0.1, -9.0]]).repeat(400, 1)  # nearly 50/50 between ids 0 and 1; mask id 2
     positions = torch.arange(400)
+    # (whole-tensor checks reduced to one bool each: a failure message stays short)
     greedy = predict(logits, positions, Sampler(2))
-    assert greedy.tokens.tolist() == [1] * 400
+    all_one = bool((greedy.tokens == 1).all())
+    assert all_one
     s = Sampler(2, temperature=1.0, seed=5)
     sampled = predict(logits, positions, s, s.generator(0, 0))
-    assert 100 < int((sampled.tokens == 0).sum()) < 300  # both tokens drawn
+    zeros = int((sampled.tokens == 0).sum())
+    assert 100 < zeros < 300  # both tokens drawn
     again = predict(logits, positions, s, s.generator(0, 0))
-    assert torch.equal(sampled.tokens, again.tokens)  # the same seed draws the same tokens
+    same = torch.equal(sampled.tokens, again.tokens)
+    assert same  # the same seed draws the same tokens
     p = torch.softmax(torch.tensor([0.0, 0.1]), 0)
-    assert sampled.prob.tolist() == pytest.approx([float(p[t]) for t in sampled.tokens.tolist()])
+    prob_of_chosen = torch.allclose(sampled.prob, p[sampled.tokens])
+    assert prob_of_chosen and sampled.positions.tolist()[:3] == [0, 1, 2]
 
 
 def test_predict_of_no_positions() -> None:
@@ -141,6 +146,10 @@ def test_predict_of_no_positions() -> None:
 
 def test_rank_is_descending_and_stable() -> None:
     assert rank(torch.tensor([0.2, 0.5, 0.5, 0.1, 0.5])).tolist() == [1, 2, 4, 0, 3]
+    # many ties (an unstable sort reorders them from about 100 elements on): higher first, then lower index
+    conf = torch.tensor([float((i * 7) % 3) for i in range(300)])
+    stable = rank(conf).tolist() == sorted(range(300), key=lambda i: (-float(conf[i]), i))
+    assert stable
 
 
 def test_prediction_subset() -> None:
@@ -224,9 +233,16 @@ def test_threshold_select_fills_only_the_first_active_block() -> None:
     assert dec.select(s, p).tolist() == [True, True, False, False]  # 1 passes, 2 is the extra fill
     no_extra = ThresholdDecoder(block_size=2, max_blocks=4, threshold=0.5)
     assert no_extra.select(s, p).tolist() == [True, False, False, False]
+    # nothing passes in block 1: the fallback fills its most confident position (2), not block 2's 3
+    low = pred([1, 2, 3, 4], [0] * 4, [0.4, 0.2, 0.9, 0.1], [0.3, 0.6, 0.95, 0.94])
+    assert no_extra.select(s, low).tolist() == [False, True, False, False]
+    # the extra fill may take the block's first position: 2 passes, 1 is the most confident left in block 1
+    first = pred([1, 2, 3, 4], [0] * 4, [0.1, 0.6, 0.9, 0.1], [0.5, 0.6, 0.95, 0.94])
+    assert dec.select(s, first).tolist() == [True, True, False, False]
     for b in s.blocks[1:]:
         b.state = BlockState.CACHED
-    assert no_extra.select(s, p).tolist() == [False] * 4  # no active block: nothing
+    none = no_extra.select(s, p)
+    assert none.dtype == torch.bool and none.tolist() == [False] * 4  # no active block: nothing
 
 
 def d2f_state() -> GenState:
@@ -325,6 +341,12 @@ def test_score_masks_mean_and_shared() -> None:
     assert [m.tolist() for m in shared] == [[False, False, True], [False, True], [False, True]]
     one = score_masks(bs[:1], predicted[:1], "shared")
     assert [m.tolist() for m in one] == [[True, True, True]]
+    two = score_masks(bs[:2], predicted[:2], "shared")  # two candidates: 4 and 5 are masked in both
+    assert [m.tolist() for m in two] == [[False, True, True], [True, True]]
+    # the first candidate counts too: 4 is masked in the second and third, not the first
+    later = score_masks(bs, [torch.tensor([5]), torch.tensor([4, 5]), torch.tensor([4, 5])], "shared")
+    assert [m.tolist() for m in later] == [[True], [False, True], [False, True]]
+    assert all(m.dtype == torch.bool for m in [*shared, *score_masks(bs, predicted, "mean")])
 
 
 def test_branch_score_is_the_mean_and_one_when_nothing_is_left() -> None:
