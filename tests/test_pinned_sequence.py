@@ -14,7 +14,7 @@ import torch
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Prediction
 from lopa.decoding.d2f import D2FDecoder
-from lopa.decoding.lopa import branch_score
+from lopa.decoding.lopa import Branch, branch_score
 from lopa.decoding.threshold import ThresholdDecoder
 from lopa.engine.sequence import (
     BlockSequence,
@@ -26,6 +26,7 @@ from lopa.engine.sequence import (
     make_decoder,
     new_sequence,
     sampler_for,
+    trace_step,
 )
 from lopa.state import GenState
 
@@ -105,6 +106,25 @@ def test_threshold_plans_commits_and_stats_by_hand() -> None:
     assert seq.plan() is None and runner.commits == [(0, 2), (0, 0), (0, 2), (0, 0)]  # finished stays finished
 
 
+def test_threshold_trace_has_one_anchor_candidate_per_forward() -> None:
+    seq = new_sequence(PROMPT, cfg(trace=True), MASK, END)
+    _, steps = drive(seq, Scripted({2: 0.6, 3: 0.0, 4: -0.1, 5: 0.6}))
+    trace = seq.final.trace
+    assert [[c["kind"] for c in t.candidates] for t in trace] == [["anchor"]] * 4
+    assert [(t.filled, t.tokens, t.committed) for t in trace] == [
+        ([2], [22], 2),
+        ([3], [23], 2),
+        ([5], [25], 4),
+        ([4], [24], 4),
+    ]
+    assert all(s.trace is trace for s in steps)
+    # each step's state is the anchor its advance left, with the sequence's stats
+    seq2, runner = new_sequence(PROMPT, cfg(), MASK, END), Scripted({2: 0.6, 3: 0.0, 4: -0.1, 5: 0.6})
+    while (plan := seq2.plan()) is not None:
+        step = seq2.advance(plan, runner.load(plan), runner)
+        assert step.state is seq2.anchor and step.stats is seq2.stats and step.trace is None
+
+
 def test_stop_check_ends_early_with_what_is_final() -> None:
     runner = Scripted({2: 0.6, 3: 0.0, 4: -0.1, 5: 0.6})
     seen: list[list[int]] = []
@@ -113,9 +133,10 @@ def test_stop_check_ends_early_with_what_is_final() -> None:
         seen.append(ids)
         return 22 in ids
 
-    seq = new_sequence(PROMPT, cfg(), MASK, END, stop)
+    seq = new_sequence(PROMPT, cfg(trace=True), MASK, END, stop)
     plans, steps = drive(seq, runner)
     assert len(plans) == 1 and seen == [[22]]
+    assert [t.filled for t in seq.final.trace] == [[2]]
     assert steps[-1] is seq.final and steps[-1].done and steps[-1].stopped
     st = steps[-1].stats
     assert (st.forwards, st.tokens, st.iterations, st.decoded_positions) == (1, 1, 2, 2)
@@ -137,6 +158,7 @@ def test_the_iteration_cap_ends_decoding() -> None:
     assert iteration_cap(cfg()) == 4 + 4 // 2 + 8
     assert iteration_cap(cfg(max_iterations=3)) == 3
     assert iteration_cap(DecodeConfig(decoder="vanilla", max_new_tokens=5, block_size=0)) == 5 + 5 + 8
+    assert iteration_cap(DecodeConfig(decoder="vanilla", max_new_tokens=20, block_size=16)) == 20 + 1 + 8
     runner = Scripted({2: 0.6, 3: 0.0, 4: -0.1, 5: 0.6})
     seq = new_sequence(PROMPT, cfg(max_iterations=2), MASK, END)
     plans, _ = drive(seq, runner)
@@ -197,7 +219,7 @@ def test_trace_seconds_count_from_the_first_plan() -> None:
     drive(seq, Scripted(LOPA_BASE))
     elapsed = time.perf_counter() - before
     seconds = [t.seconds for t in seq.final.trace]
-    assert all(0 <= s <= elapsed for s in seconds) and seconds == sorted(seconds)
+    assert all(0 < s <= elapsed for s in seconds) and seconds == sorted(seconds)
 
 
 def test_no_trace_unless_asked() -> None:
@@ -236,6 +258,7 @@ def test_sequence_parts_follow_the_config() -> None:
     assert (s.mask_id, s.confidence, s.temperature, s.top_p, s.top_k, s.seed) == (MASK, "margin", 0.5, 0.9, 3, 7)
     assert sampler_for(c, MASK, "neg_entropy").confidence == "neg_entropy"
     assert make_decoder(c) == ThresholdDecoder(4, 1, 0.8, 0)
+    assert make_decoder(c.replace(extra_fill=2)) == ThresholdDecoder(4, 1, 0.8, 2)
     d = DecodeConfig(block_size=8, max_new_tokens=32, threshold=0.7, tau_add=0.2, tau_act=0.6, extra_fill=1)
     assert make_decoder(d) == D2FDecoder(8, 4, 0.7, 0.2, 0.6, 1)
     assert seq.anchor is seq.branches[-1].state and seq.stats.prompt_tokens == 2
@@ -252,12 +275,26 @@ def test_vanilla_fills_one_most_confident_position_per_forward() -> None:
     seq = new_sequence(PROMPT, vanilla_cfg(trace=True), MASK, END)
     assert isinstance(seq, VanillaSequence) and not seq.uses_cache and seq.rows == 1 and seq.max_len == 5
     assert seq.sampler.confidence == "maxprob" and seq.anchor is seq.state
+    assert seq.sampler.mask_id == MASK
+    before = time.perf_counter()
     plans, steps = drive(seq, runner)
+    elapsed = time.perf_counter() - before
     # 1: p3 0.9 > p2 0.8 > p4 0.7; 2: p4 1.0; 3: p2
     assert [(p.window_start, p.commit_len, p.iteration) for p in plans] == [(0, 0, 0), (0, 0, 1), (0, 0, 2)]
     assert [p.cands[0].predict.tolist() for p in plans] == [[2, 3, 4], [2, 4], [2]]
     assert runner.windows[1] == [[1, 2, MASK, 23, MASK]]  # the whole sequence, no cache
-    assert [t.filled for t in seq.final.trace] == [[3], [4], [2]]
+    trace = seq.final.trace
+    assert [(t.iteration, t.filled, t.tokens, t.winner, t.committed) for t in trace] == [
+        (1, [3], [23], 0, 0),
+        (2, [4], [24], 0, 0),
+        (3, [2], [22], 0, 0),
+    ]
+    assert [[(c["kind"], c["extra_position"], c["extra_token"]) for c in t.candidates] for t in trace] == [
+        [("anchor", -1, -1)]
+    ] * 3
+    assert all(0 < t.seconds <= elapsed for t in trace)
+    assert [(s.state, s.stats, s.trace) for s in steps[:2]] == [(seq.state, seq.stats, trace)] * 2
+    assert seq.stats.prompt_tokens == 2
     assert sum([[c["score"] for c in t.candidates] for t in seq.final.trace], []) == pytest.approx([0.9, 1.0, 0.8])
     st = seq.final.stats
     assert (st.forwards, st.tokens, st.iterations, st.decoded_positions) == (3, 3, 4, 3)
@@ -273,9 +310,10 @@ def test_vanilla_order_picks_the_confidence() -> None:
 def test_vanilla_stops_at_an_end_token_once_the_prefix_is_decoded() -> None:
     # p2 0.8, p3 (end token) 0.7 + 0.3 after p2, p4 0.1: forward 1 fills p2, forward 2 the end token -> done
     runner = Scripted({2: 0.5, 3: 0.7, 4: 0.1}, tokens={3: END_ID})
-    seq = new_sequence(PROMPT, vanilla_cfg(), MASK, END)
+    seq = new_sequence(PROMPT, vanilla_cfg(trace=True), MASK, END)
     plans, steps = drive(seq, runner)
     assert len(plans) == 2 and steps[-1] is seq.final and seq.final.done and not seq.final.stopped
+    assert [t.filled for t in seq.final.trace] == [[2], [3]]
     st = seq.final.stats
     assert (st.forwards, st.tokens, st.iterations, st.decoded_positions) == (2, 2, 3, 2)
 
@@ -290,10 +328,11 @@ def test_vanilla_end_token_after_a_gap_does_not_stop() -> None:
 
 def test_vanilla_stop_check_and_cap() -> None:
     runner = Scripted({2: 0.5, 3: 0.9, 4: 0.7})
-    seq = new_sequence(PROMPT, vanilla_cfg(), MASK, END, lambda ids: len(ids) >= 1)
+    seq = new_sequence(PROMPT, vanilla_cfg(trace=True), MASK, END, lambda ids: len(ids) >= 1)
     plans, steps = drive(seq, runner)
     # forward 1 fills p3: the final prefix is still empty; forward 2 fills p4; forward 3 p2: [22, 23, 24]
     assert len(plans) == 3 and steps[-1].stopped and steps[-1] is seq.final
+    assert [t.filled for t in seq.final.trace] == [[3], [4], [2]]
     capped = new_sequence(PROMPT, vanilla_cfg(max_iterations=1), MASK, END)
     plans, _ = drive(capped, Scripted({2: 0.5, 3: 0.9, 4: 0.7}))
     assert len(plans) == 1 and capped.final.stats.tokens == 0 and capped.final.stats.decoded_positions == 1
@@ -307,3 +346,21 @@ def test_final_and_answer_ids() -> None:
     s.tokens[4] = 6
     assert final_ids(s) == [5, END_ID, 6, 7]
     assert answer_ids(s, frozenset()) == ([5, END_ID, 6, 7], False)
+
+
+def test_vanilla_records_no_trace_unless_asked() -> None:
+    seq = new_sequence(PROMPT, vanilla_cfg(), MASK, END)
+    _, steps = drive(seq, Scripted({2: 0.5, 3: 0.9, 4: 0.7}))
+    assert seq.final.trace is None and all(s.trace is None for s in steps)
+
+
+def test_trace_step_records_a_lookahead_at_position_zero() -> None:
+    s = GenState.from_prompt([], MASK)
+    s.add_block(2)
+    s.tokens[0] = 7
+    b = Branch(s, "lookahead", extra_position=0, extra_conf=0.25, stream=1)
+    step = trace_step(4, [b], [0.5], 0, (torch.tensor([1]), torch.tensor([6])), 3, time.perf_counter())
+    assert step.candidates == [
+        {"kind": "lookahead", "extra_position": 0, "extra_token": 7, "extra_conf": 0.25, "score": 0.5}
+    ]
+    assert (step.iteration, step.winner, step.filled, step.tokens, step.committed) == (4, 0, [1], [6], 3)
