@@ -96,6 +96,9 @@ def run_area(name: str, area: Area, max_children: int) -> float:
     """Run mutmut on one area; returns the wall seconds it took."""
     work = prepare(name, area)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # import the mutated copy, not the tree
+    # one torch thread: mutmut forks a child per mutant, and a child forked from a process whose OpenMP pool is
+    # running can hang in its first parallel op (a stall that would be scored as a timeout, not a kill)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *area.mutants]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=work, env=env, check=False, stdout=subprocess.DEVNULL)
