@@ -101,6 +101,8 @@ def test_confidence_kinds_by_hand() -> None:
     ent = [0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2), 0.1 * math.log(0.1) + 0.6 * math.log(0.6)]
     ent[1] += 0.3 * math.log(0.3)
     assert confidence_of(probs, chosen, "neg_entropy").tolist() == pytest.approx(ent)  # zeros add 0, not nan
+    two = torch.tensor([[0.7, 0.3]])  # a two-token vocabulary still has a margin
+    assert confidence_of(two, torch.tensor([0]), "margin").tolist() == pytest.approx([0.4])
     with pytest.raises(ValueError, match=r"^unknown confidence kind 'top1'$"):
         confidence_of(probs, chosen, "top1")
 
@@ -116,8 +118,9 @@ def test_predict_greedy_prob_and_each_confidence() -> None:
     e = predict(logits, positions, Sampler(3, confidence="neg_entropy"))
     h0 = 0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2)
     assert e.conf.tolist() == pytest.approx([h0, 0.5 * math.log(0.25) + 0.5 * math.log(0.5)])
-    ties = predict(torch.tensor([[1.0, 1.0, 0.0, 5.0]]), torch.tensor([0]), Sampler(3))
-    assert ties.tokens.tolist() == [0]  # a tie goes to the lower id
+    ties = predict(torch.tensor([[1.0, 1.0, 0.0, 5.0]]), torch.tensor([6]), Sampler(3))
+    assert ties.positions.tolist() == [6] and ties.tokens.tolist() == [0]  # one row; a tie goes to the lower id
+    assert ties.prob.tolist() == pytest.approx([math.e / (2 * math.e + 1)])
 
 
 def test_predict_samples_with_the_generator_and_greedy_without() -> None:
@@ -134,6 +137,10 @@ def test_predict_samples_with_the_generator_and_greedy_without() -> None:
     again = predict(logits, positions, s, s.generator(0, 0))
     same = torch.equal(sampled.tokens, again.tokens)
     assert same  # the same seed draws the same tokens
+    # the draw is torch.multinomial's single draw with the Sampler's generator
+    expected = torch.multinomial(filtered_probs(logits, s), 1, generator=s.generator(0, 0))[:, 0]
+    same_draw = torch.equal(sampled.tokens, expected)
+    assert same_draw
     p = torch.softmax(torch.tensor([0.0, 0.1]), 0)
     prob_of_chosen = torch.allclose(sampled.prob, p[sampled.tokens])
     assert prob_of_chosen and sampled.positions.tolist()[:3] == [0, 1, 2]
