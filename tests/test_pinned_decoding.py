@@ -141,6 +141,10 @@ def test_predict_samples_with_the_generator_and_greedy_without() -> None:
     expected = torch.multinomial(filtered_probs(logits, s), 1, generator=s.generator(0, 0))[:, 0]
     same_draw = torch.equal(sampled.tokens, expected)
     assert same_draw
+    # sampling from a single allowed token (top_k = 1) draws it every time
+    one = Sampler(2, temperature=1.0, top_k=1, seed=3)
+    only_best = bool((predict(logits, positions, one, one.generator(0, 0)).tokens == 1).all())
+    assert only_best
     p = torch.softmax(torch.tensor([0.0, 0.1]), 0)
     prob_of_chosen = torch.allclose(sampled.prob, p[sampled.tokens])
     assert prob_of_chosen and sampled.positions.tolist()[:3] == [0, 1, 2]
