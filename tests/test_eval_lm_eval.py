@@ -1,7 +1,6 @@
 """The lm-eval adapter (skipped when lm-eval is not installed): registration, generate_until, refusals."""
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,20 +50,19 @@ def test_chat_template_goes_through_the_tokenizer() -> None:
     assert text == "<|user|>hi\n<|assistant|>" and lm.chat_template() == "lopa"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("LOPA_SLOW_TESTS"), reason="about a minute (imports datasets); LOPA_SLOW_TESTS=1"
-)
 def test_simple_evaluate_on_an_offline_local_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The docs' example: a local JSONL file and a task YAML, no network."""
+    """The docs' example: a local JSONL file and a task YAML, no network; the three requests in one generate."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")  # read when datasets is first imported, which is below
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(3)))
     yaml = (Path(__file__).resolve().parents[1] / "docs" / "eval.md").read_text().split("```yaml\n")[1].split("```")[0]
     (tmp_path / "gsm8k_local.yaml").write_text(yaml.replace("/data/gsm8k/test.jsonl", str(data)))
-    lm = LopaLM(llm=FakeLLM(lambda p: f" so #### {int(p.rsplit('Question: ', 1)[1].split('+')[0]) + 1}"))
+    llm = FakeLLM(lambda p: f" so #### {int(p.rsplit('Question: ', 1)[1].split('+')[0]) + 1}")
+    lm = LopaLM(llm=llm)
     res = lm_eval.simple_evaluate(model=lm, tasks=["gsm8k_local"], task_manager=TaskManager(include_path=str(tmp_path)))
     assert res["results"]["gsm8k_local"]["exact_match,strict-match"] == pytest.approx(1.0)
+    assert llm.generate_calls == 1 and len(llm.calls) == 3

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lopa.config import DecodeConfig
-from lopa.errors import PromptTooLongError
+from lopa.errors import ConfigError, PromptTooLongError
 from lopa.outputs import Completion, Stats
 
 
@@ -50,14 +50,26 @@ class FakeLLM:
         self.chars_per_forward = chars_per_forward
         self.seconds_per_token = seconds_per_token
         self.calls: list[tuple[str, DecodeConfig]] = []
+        self.generate_calls = 0
 
     def generate(
-        self, prompts: Any, config: DecodeConfig | None = None, raw: bool = False, progress: bool = False
+        self,
+        prompts: Any,
+        config: DecodeConfig | Sequence[DecodeConfig] | None = None,
+        raw: bool = False,
+        progress: bool = False,
     ) -> list[Completion]:
-        cfg = (config or DecodeConfig()).validate()
+        """As :meth:`lopa.LLM.generate`: one config for all prompts, or one per prompt; counts its calls."""
+        self.generate_calls += 1
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        if config is None or isinstance(config, DecodeConfig):
+            configs = [(config or DecodeConfig()).validate()] * len(batch)
+        else:
+            configs = [c.validate() for c in config]
+            if len(configs) != len(batch):
+                raise ConfigError(f"got {len(configs)} configs for {len(batch)} prompts")
         out = []
-        for prompt in batch:
+        for prompt, cfg in zip(batch, configs, strict=True):
             if len(prompt) + cfg.max_new_tokens > self.max_context:
                 raise PromptTooLongError(f"prompt of {len(prompt)} characters does not fit {self.max_context}")
             self.calls.append((prompt, cfg))
