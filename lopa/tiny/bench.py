@@ -165,10 +165,10 @@ def selection(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]]
     if args.full and args.decoders:
         raise ConfigError("--full runs every decoder; leave out --decoders (or --full)")
     if args.decoders:
-        return list(args.decoders), FAMILIES, args.n or FULL_N, 2
+        return list(args.decoders), FAMILIES, FULL_N if args.n is None else args.n, 2
     if args.full:
-        return list(FULL), FAMILIES, args.n or FULL_N, 2
-    return list(QUICK), QUICK_FAMILIES, args.n or QUICK_N, 1
+        return list(FULL), FAMILIES, FULL_N if args.n is None else args.n, 2
+    return list(QUICK), QUICK_FAMILIES, QUICK_N if args.n is None else args.n, 1
 
 
 def run(args: argparse.Namespace) -> int:
