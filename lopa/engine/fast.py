@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lopa.engine.graphs import Graph, GraphBuckets, Key
+from lopa.engine.graphs import GraphBuckets, GraphCounters, Key
 from lopa.engine.runner import Batch, Candidate, Runner, build_batch
 from lopa.errors import ConfigError
 from lopa.model.dream import DreamModel
@@ -57,7 +57,7 @@ def pack_inputs(b: Batch, rows: int, width: int, pad_id: int) -> Tensor:
 
 
 @dataclass
-class FastRunner(Runner):
+class FastRunner(GraphCounters, Runner):
     """Runner with fused weights, bucketed padding and per-bucket CUDA graphs (see the module docstring)."""
 
     use_graphs: bool | None = None  # None: on when the device is CUDA
@@ -82,18 +82,6 @@ class FastRunner(Runner):
             self.device, self._run, self._shapes, dtype, self.use_graphs, self.max_graph_rows,
             self.max_graph_window, self.max_graphs, reserve=self._reserve,
         )  # fmt: skip
-
-    @property
-    def captured(self) -> dict[Key, Graph]:
-        return self.graphs.captured
-
-    @property
-    def replays(self) -> int:
-        return self.graphs.replays
-
-    @property
-    def eager_forwards(self) -> int:
-        return self.graphs.eager_forwards
 
     def begin(self, max_len: int, rows: int, use_cache: bool = True) -> None:
         """As Runner.begin; the cache gets slack so any padded window and kv bucket fits inside it."""

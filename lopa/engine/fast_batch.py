@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lopa.engine.batch import BatchRunner
 from lopa.engine.fast import graph_settings, round_up
-from lopa.engine.graphs import Graph, GraphBuckets, Key
+from lopa.engine.graphs import GraphBuckets, GraphCounters, Key
 from lopa.errors import ConfigError
 from lopa.model.dream import DreamModel
 from lopa.model.fused import fuse
@@ -30,7 +30,7 @@ from lopa.model.pooled import pooled_forward
 
 
 @dataclass
-class FastBatchRunner(BatchRunner):
+class FastBatchRunner(GraphCounters, BatchRunner):
     """BatchRunner with fused weights, bucketed padding and per-bucket CUDA graphs (see the module docstring)."""
 
     use_graphs: bool | None = None  # None: on when the device is CUDA
@@ -53,18 +53,6 @@ class FastBatchRunner(BatchRunner):
             self.device, self._run, self._shapes, self.pool.k.dtype, self.use_graphs, self.max_graph_rows,
             self.max_graph_window, self.max_graphs,
         )  # fmt: skip
-
-    @property
-    def captured(self) -> dict[Key, Graph]:
-        return self.graphs.captured
-
-    @property
-    def replays(self) -> int:
-        return self.graphs.replays
-
-    @property
-    def eager_forwards(self) -> int:
-        return self.graphs.eager_forwards
 
     def bucket(self, rows: int, width: int, prefix: int) -> Key:
         """(rows, window, prefix) a forward of ``rows x width`` window tokens over prefixes <= ``prefix`` runs at."""

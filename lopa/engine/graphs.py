@@ -130,3 +130,21 @@ class GraphBuckets:
         with torch.cuda.graph(graph, pool=pool):
             fn()
         return graph
+
+
+class GraphCounters:
+    """The graph bookkeeping a fast runner shows (tests and benchmarks read it), from its ``graphs`` helper."""
+
+    graphs: GraphBuckets
+
+    @property
+    def captured(self) -> dict[Key, Graph]:
+        return self.graphs.captured
+
+    @property
+    def replays(self) -> int:
+        return self.graphs.replays
+
+    @property
+    def eager_forwards(self) -> int:
+        return self.graphs.eager_forwards
