@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             target = (name, n) == TARGET_ROW
             best.update(decoder=name, seqs=n, target_host_share=TARGET_HOST_SHARE if target else None)
             best.update(meets_target=best["host_share"] <= TARGET_HOST_SHARE if target else None)
-            rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()})
+            rows.append({k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in best.items()})  # 6 digits
     fast = type(llm.runner).__name__, type(llm.scheduler.runner).__name__ if batched else "-"
     name = torch.cuda.get_device_name(0) if dev == "cuda" else platform.processor() or "cpu"
     print(f"# {name}, {a.family} shape {shape} ({params / 1e6:,.1f} M params, {str(dtype)[6:]}), prompt {prompt_len}")

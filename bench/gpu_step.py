@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         if in_grid:
             targets.append(dict(target=f"fast+score <= {TARGET_STEP} x yardstick", at=f"{b}x{w}",
                                 value=round(r["fast_score_vs_yardstick"], 3), passed=r["meets_target"]))  # fmt: skip
-        rows.append({k: round(x, 3) if isinstance(x, float) else x for k, x in r.items()})
+        rows.append({k: float(f"{x:.6g}") if isinstance(x, float) else x for k, x in r.items()})  # 6 digits
     name = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
     kind = "CUDA-graph replay" if dev == "cuda" else "fused weights, no graphs or padding on CPU"
     print(f"# {name}, {a.family} shape {shape} ({weight_bytes / 1e9:.2f} GB {str(dtype)[6:]}), cache {a.cache} tokens")
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["meets_bound"] is not None:
             targets.append(dict(target=f"batched forward <= {TARGET_BOUND} x compute bound", at=f"{n} seqs",
                                 value=round(r["vs_compute_bound"], 3), passed=r["meets_bound"]))  # fmt: skip
-        batch_rows.append({key: round(x, 3) if isinstance(x, float) else x for key, x in r.items()})
+        batch_rows.append({key: float(f"{x:.6g}") if isinstance(x, float) else x for key, x in r.items()})
     print(f"# BATCH AXIS: ONE verification of seqs x (k + 1 = {k + 1}) branch rows x {bw} tokens, each sequence over")
     print(f"# its own {a.cache}-token prefix (FastBatchRunner; eager = BatchRunner); ms_per_seq = fast+score / seqs;")
     print(f"# compute bound = 2 x {linear_params:,} linear weights x tokens / {rate / 1e12:.3g} TFLOP/s")
