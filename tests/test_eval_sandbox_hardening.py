@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -375,3 +378,16 @@ def test_the_eval_console_marks_unisolated_results() -> None:
     assert "unisolated" in format_summary(summary)
     summary["settings"]["sandbox"] = {**unisolated, "unisolated": False}
     assert "unisolated" not in format_summary(summary)
+
+
+def test_an_interpreter_under_a_private_tmp_is_replaced_by_its_real_file(tmp_path: Path, monkeypatch) -> None:
+    """A virtual environment made with ``mktemp -d`` lives under /tmp, which the namespaces hide behind a private
+    tmpfs: the sandbox starts the interpreter's real file instead, and a program still runs there."""
+    link = Path(tempfile.mkdtemp(dir="/tmp")) / "python"
+    link.symlink_to(os.path.realpath(sys.executable))
+    monkeypatch.setattr(sys, "executable", str(link))
+    sandbox = Sandbox(LIMITS, isolate_user=False)
+    assert not sandbox.python.startswith("/tmp/") and Path(sandbox.python).samefile(link)
+    result = sandbox.run(Program("def f():\n    return 1\n", "assert f() == 1\n", ("f",)))
+    assert result.passed, result.detail
+    shutil.rmtree(link.parent)

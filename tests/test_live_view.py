@@ -87,8 +87,8 @@ def set_settings(page, run: str, settings: dict) -> None:
 
 
 def wait_done(page, runs: str = "a") -> None:
-    sel = " && ".join(f"document.querySelector('#run-{r}').dataset.state === 'done'" for r in runs)
-    page.wait_for_function(sel, timeout=WAIT_MS)
+    for r in runs:  # CSS selectors, not a JavaScript predicate: the page's CSP forbids evaluating strings
+        page.wait_for_selector(f"#run-{r}[data-state='done']", state="attached", timeout=WAIT_MS)
 
 
 def api(base_url: str, settings: dict) -> dict:
@@ -264,6 +264,6 @@ def test_keyboard_only(page, base_url: str) -> None:
     runs = page.get_attribute("#run-b", "data-runs")
     focus(page, "prompt", key="Shift+Tab", limit=80)
     page.keyboard.press("Control+Enter")
-    page.wait_for_function(f"document.querySelector('#run-b').dataset.runs === '{int(runs) + 1}'", timeout=WAIT_MS)
+    page.wait_for_selector(f"#run-b[data-runs='{int(runs) + 1}']", state="attached", timeout=WAIT_MS)
     wait_done(page, "ab")
     check_run(page, base_url, "b", LOPA)

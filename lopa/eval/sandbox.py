@@ -60,6 +60,7 @@ from lopa.eval.sandbox_os import (
     remove_files_of,
     remove_ipc_of,
     remove_tree,
+    sandbox_python,
 )
 
 Status = Literal["pass", "fail", "timeout", "error"]
@@ -147,7 +148,7 @@ class Sandbox:
         self.limits = (limits or SandboxLimits()).validate()
         self.as_root = os.geteuid() == 0
         want_user = self.as_root if isolate_user is None else isolate_user
-        self.python = sys.executable
+        self.python = sandbox_python()
         self.user = False
         if want_user:
             python = python_for_other_users()

@@ -174,12 +174,29 @@ def remove_tree(path: Path) -> None:
 _OTHER_USERS_PYTHON: dict[str, str | None] = {}
 
 
+def _interpreters() -> list[str]:
+    """This interpreter's real file first (a virtual environment's ``python`` links to it; programs run with ``-s -S``
+    so the environment adds nothing), then the system's. One under a directory that gets a private tmpfs inside the
+    namespaces (a venv made with ``mktemp -d``, say) would vanish there, so it is never a candidate."""
+    found = []
+    for path in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        real = os.path.realpath(path) if path else ""
+        if real and os.path.exists(real) and not any(real.startswith(d.rstrip("/") + "/") for d in SHARED_TMP):
+            found.append(real)
+    return found
+
+
+def sandbox_python() -> str:
+    """The interpreter the sandbox starts as the harness's own user: see :func:`_interpreters`."""
+    return next(iter(_interpreters()), sys.executable)
+
+
 def python_for_other_users() -> str | None:
     """An interpreter (this one if possible) that an unprivileged user can start; probed once per process."""
     if "python" not in _OTHER_USERS_PYTHON:
         found = None
-        for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-            if candidate and _other_users_can_run(candidate):
+        for candidate in _interpreters():
+            if _other_users_can_run(candidate):
                 found = candidate
                 break
         _OTHER_USERS_PYTHON["python"] = found
