@@ -26,6 +26,23 @@ FAMILIES = {
 }
 
 
+def scripted_config(family: str, mask: int, eos: int) -> ModelConfig:
+    """The config of a scripted model (16-token vocabulary, one tiny layer nobody runs) of ``family``."""
+    return ModelConfig(
+        vocab_size=16,
+        hidden_size=4,
+        intermediate_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=4,
+        mask_token_id=mask,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        **FAMILIES[family],
+    )
+
+
 def peaky_model(seed: int = 0, sharpness: float = 8.0, layers: int = 2, family: str = "dream") -> nn.Module:
     """A random model of ``family`` whose head is scaled up, so confidences spread over (0, 1) and thresholds bite."""
     cfg = ModelConfig(
@@ -81,19 +98,7 @@ class ChainMock(nn.Module):
     def __init__(self, target: list[int], prompt_len: int, family: str = "dream") -> None:
         super().__init__()
         self.target, self.prompt_len = target, prompt_len
-        self.config = ModelConfig(
-            vocab_size=16,
-            hidden_size=4,
-            intermediate_size=4,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=4,
-            mask_token_id=15,
-            eos_token_id=14,
-            pad_token_id=14,
-            **FAMILIES[family],
-        )
+        self.config = scripted_config(family, mask=15, eos=14)
         self.shift = self.config.logit_shift
         self.dummy = nn.Parameter(torch.zeros(1))
 

@@ -21,7 +21,7 @@ import math
 
 import pytest
 import torch
-from engine_utils import FAMILIES
+from engine_utils import FAMILIES, scripted_config
 from reference_checks import graded_model, prompt_for
 from torch import Tensor, nn
 
@@ -30,7 +30,6 @@ from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Prediction
 from lopa.engine.engine import decode, run
 from lopa.engine.runner import Runner
-from lopa.model.config import ModelConfig
 
 H = [0.95, 0.93, 0.96, 0.92, 0.85, 0.94, 0.97, 0.91]  # p when the previous position is decoded
 L = [0.50, 0.30, 0.60, 0.40, 0.20, 0.45, 0.88, 0.86]  # p when it is masked
@@ -48,19 +47,7 @@ class GradedMock(nn.Module):
 
     def __init__(self, family: str) -> None:
         super().__init__()
-        self.config = ModelConfig(
-            vocab_size=16,
-            hidden_size=4,
-            intermediate_size=4,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=4,
-            mask_token_id=MOCK_MASK,
-            eos_token_id=MOCK_EOS,
-            pad_token_id=MOCK_EOS,
-            **FAMILIES[family],
-        )
+        self.config = scripted_config(family, mask=MOCK_MASK, eos=MOCK_EOS)
         self.shift = self.config.logit_shift
         self.dummy = nn.Parameter(torch.zeros(1))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_utils import FAMILIES, answer
+from engine_utils import FAMILIES, answer, scripted_config
 from torch import Tensor, nn
 
 from lopa.cache import StaticKVCache
@@ -15,7 +15,6 @@ from lopa.decoding.base import fill_block
 from lopa.decoding.confidence import Prediction
 from lopa.engine.engine import decode, run
 from lopa.engine.runner import Runner
-from lopa.model.config import ModelConfig
 from lopa.state import GenState
 
 MASK, EOS = 15, 14
@@ -29,19 +28,7 @@ class ScriptedModel(nn.Module):
 
     def __init__(self, family: str) -> None:
         super().__init__()
-        self.config = ModelConfig(
-            vocab_size=16,
-            hidden_size=4,
-            intermediate_size=4,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=4,
-            mask_token_id=MASK,
-            eos_token_id=EOS,
-            pad_token_id=EOS,
-            **FAMILIES[family],
-        )
+        self.config = scripted_config(family, mask=MASK, eos=EOS)
         self.shift = self.config.logit_shift
         self.dummy = nn.Parameter(torch.zeros(1))
 
