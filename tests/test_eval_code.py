@@ -7,7 +7,7 @@ import pytest
 from lopa.eval.code import cut_at_stops, extract_code, longest_valid_span, sanitize
 from lopa.eval.sandbox import Sandbox
 from lopa.eval.tasks import get_task
-from lopa.eval.tasks.code import MBPP, HumanEvalPlus, mbpp_entry_point
+from lopa.eval.tasks.code import MBPP, HumanEvalPlus, MBPPPlus, mbpp_entry_point, mbpp_plus_restore
 
 
 def test_extract_code_prefers_the_block_defining_the_entry_point() -> None:
@@ -146,3 +146,44 @@ def test_humaneval_plus_compare_passes_canonical_solutions_on_a_sample() -> None
     assert not failed
     wrong = Sandbox().run_many([task.program(d, "    return None\n") for d in docs[:8]], workers=2)
     assert not any(r.passed for r in wrong)
+
+
+def _mbpp_plus_doc(number: int, entry: str, canonical: str, inputs: list) -> dict:
+    return {"task_id": f"Mbpp/{number}", "prompt": "", "entry_point": entry, "canonical_solution": canonical,
+            "base_input": inputs, "plus_input": [], "atol": 0}  # fmt: skip
+
+
+def test_mbpp_plus_inputs_get_back_the_types_json_lost() -> None:
+    """MBPP+ stores tuples as lists and complex numbers as strings: the reference and the candidate get the types
+    EvalPlus restores. Without them these reference solutions raise (tuple + list, complex of a str)."""
+    add = "def add_lists(test_list, test_tup):\n    return test_tup + tuple(test_list)\n"  # Mbpp/106's shape
+    angle = "import cmath\ndef angle_complex(a, b):\n    return cmath.phase(a + b)\n"  # Mbpp/124's shape
+    nested = "def f(t):\n    return [x for x in t if isinstance(x, tuple)]\n"  # Mbpp/580-style: tuples all the way
+    docs = [
+        _mbpp_plus_doc(106, "add_lists", add, [[[5, 6, 7], [9, 10]]]),
+        _mbpp_plus_doc(124, "angle_complex", angle, [[0, "1j"], [2.0, "(3+4j)"]]),
+        _mbpp_plus_doc(580, "f", nested, [[[1, [2, 3], [4, [5]]]]]),
+    ]
+    task = MBPPPlus()
+    results = Sandbox().run_many([task.program(d, d["canonical_solution"]) for d in docs], workers=2)
+    assert [r.status for r in results] == ["pass"] * 3, [r.detail for r in results]
+    wrong = task.program(docs[0], "def add_lists(test_list, test_tup):\n    return test_tup\n")
+    assert Sandbox().run(wrong).status == "fail"
+    # the restore rules themselves, checked by hand
+    scope: dict = {}
+    exec(mbpp_plus_restore("Mbpp/580"), scope)  # noqa: S102 (a rule this module wrote)
+    assert scope["_lopa_restore"]([[1, [2, [3]]], 4]) == ((1, (2, (3,))), 4)
+    exec(mbpp_plus_restore("Mbpp/11"), scope)  # noqa: S102
+    assert scope["_lopa_restore"]([[1, 2], "x"]) == [[1, 2], "x"]  # plain JSON inputs are left alone
+
+
+def test_mbpp_plus_match_tasks_compare_only_whether_a_result_came_back() -> None:
+    """EvalPlus's oracle for check_str / text_match_three / text_starta_endb: a match object or None, compared by
+    whether it is None (a match object cannot be compared across the two processes by value)."""
+    ref = "import re\ndef text_match_three(text):\n    return re.search('ab{3}?', text)\n"
+    doc = _mbpp_plus_doc(787, "text_match_three", ref, [["ac"], ["dc"], ["abbbba"]])
+    task = MBPPPlus()
+    other = "import re\ndef text_match_three(text):\n    return re.search('abbb', text)\n"  # another match object
+    never = "def text_match_three(text):\n    return None\n"
+    results = Sandbox().run_many([task.program(doc, c) for c in (ref, other, never)], workers=2)
+    assert [r.status for r in results] == ["pass", "pass", "fail"], [r.detail for r in results]
