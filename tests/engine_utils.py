@@ -86,7 +86,44 @@ class CountingModel(nn.Module):
         return self.inner(*args, **kwargs)
 
 
-class ChainMock(nn.Module):
+class ScriptedModel(nn.Module):
+    """A model whose raw outputs a subclass writes by hand (:meth:`logits`), one 16-token row per output position.
+
+    It writes zero K/V, so it pins the engine's decisions, not attention. The raw output at window index i speaks
+    for position ``positions[i] + shift``, as the family's ``logit_shift`` says.
+    """
+
+    def __init__(self, family: str, mask: int, eos: int) -> None:
+        super().__init__()
+        self.config = scripted_config(family, mask=mask, eos=eos)
+        self.shift = self.config.logit_shift
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def logits(self, ids: Tensor, positions: Tensor, i: int, pos: int) -> Tensor:
+        """(16,) raw output at window index ``i`` of one row (``ids``, ``positions``: (L,)), predicting ``pos``."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        cache: StaticKVCache | None = None,
+        valid: Tensor | None = None,
+        logits_idx: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        rows, length = ids.shape
+        if cache is not None:
+            cache.write(0, torch.zeros(rows, 1, length, 4), torch.zeros(rows, 1, length, 4))
+        idx = logits_idx if logits_idx is not None else torch.arange(length).expand(rows, length)
+        out = torch.zeros(rows, idx.shape[1], 16)
+        for r in range(rows):
+            for j, i in enumerate(idx[r].tolist()):
+                out[r, j] = self.logits(ids[r], positions[r], i, int(positions[r, i]) + self.shift)
+        return out
+
+
+class ChainMock(ScriptedModel):
     """The token at position p is known (``target``); the model is sure of it only when p - 1 is decoded.
 
     The raw output at window index j speaks for position j + shift, as the family's ``logit_shift`` says.
@@ -96,33 +133,15 @@ class ChainMock(nn.Module):
     """
 
     def __init__(self, target: list[int], prompt_len: int, family: str = "dream") -> None:
-        super().__init__()
+        super().__init__(family, mask=15, eos=14)
         self.target, self.prompt_len = target, prompt_len
-        self.config = scripted_config(family, mask=15, eos=14)
-        self.shift = self.config.logit_shift
-        self.dummy = nn.Parameter(torch.zeros(1))
 
-    def forward(
-        self,
-        ids: Tensor,
-        positions: Tensor,
-        cache: StaticKVCache | None = None,
-        valid=None,
-        logits_idx: Tensor | None = None,
-        attn_mask=None,
-    ) -> Tensor:
-        rows, length = ids.shape
-        if cache is not None:
-            cache.write(0, torch.zeros(rows, 1, length, 4), torch.zeros(rows, 1, length, 4))
-        idx = logits_idx if logits_idx is not None else torch.arange(length).expand(rows, length)
-        out = torch.zeros(rows, idx.shape[1], 16)
-        for r in range(rows):
-            for j, i in enumerate(idx[r].tolist()):
-                pos = int(positions[r, i]) + self.shift  # the position this output predicts
-                k = pos - self.prompt_len
-                token = self.target[k] if 0 <= k < len(self.target) else 14
-                before = ids[r, i] if self.shift else (ids[r, i - 1] if i else torch.tensor(0))  # token at pos - 1
-                out[r, j, token] = 10.0 if int(before) != 15 else 1.0
+    def logits(self, ids: Tensor, positions: Tensor, i: int, pos: int) -> Tensor:
+        k = pos - self.prompt_len
+        token = self.target[k] if 0 <= k < len(self.target) else 14
+        before = ids[i] if self.shift else (ids[i - 1] if i else torch.tensor(0))  # the token at pos - 1
+        out = torch.zeros(16)
+        out[token] = 10.0 if int(before) != 15 else 1.0
         return out
 
 

@@ -21,11 +21,10 @@ import math
 
 import pytest
 import torch
-from engine_utils import FAMILIES, scripted_config
+from engine_utils import FAMILIES, ScriptedModel
 from reference_checks import graded_model, prompt_for
-from torch import Tensor, nn
+from torch import Tensor
 
-from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Prediction
 from lopa.engine.engine import decode, run
@@ -42,39 +41,20 @@ def _one_thread(single_thread):
     yield
 
 
-class GradedMock(nn.Module):
+class GradedMock(ScriptedModel):
     """The scripted model of the module docstring; the raw output at window index i speaks for i + shift."""
 
     def __init__(self, family: str) -> None:
-        super().__init__()
-        self.config = scripted_config(family, mask=MOCK_MASK, eos=MOCK_EOS)
-        self.shift = self.config.logit_shift
-        self.dummy = nn.Parameter(torch.zeros(1))
+        super().__init__(family, mask=MOCK_MASK, eos=MOCK_EOS)
 
-    def forward(
-        self,
-        ids: Tensor,
-        positions: Tensor,
-        cache: StaticKVCache | None = None,
-        valid: Tensor | None = None,
-        logits_idx: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-    ) -> Tensor:
-        rows, length = ids.shape
-        if cache is not None:
-            cache.write(0, torch.zeros(rows, 1, length, 4), torch.zeros(rows, 1, length, 4))
-        idx = logits_idx if logits_idx is not None else torch.arange(length).expand(rows, length)
-        out = torch.zeros(rows, idx.shape[1], 16)
-        for r in range(rows):
-            start = int(positions[r, 0])
-            for n, i in enumerate(idx[r].tolist()):
-                pos = int(positions[r, i]) + self.shift  # the position this output predicts
-                j = pos - len(PROMPT)
-                if not 0 <= j < len(H):
-                    continue
-                decoded = pos - 1 < start or int(ids[r, pos - 1 - start]) != MOCK_MASK
-                p = H[j] if decoded else L[j]
-                out[r, n, j + 1] = math.log(14 * p / (1 - p))
+    def logits(self, ids: Tensor, positions: Tensor, i: int, pos: int) -> Tensor:
+        out = torch.zeros(16)
+        j = pos - len(PROMPT)
+        if 0 <= j < len(H):
+            start = int(positions[0])
+            decoded = pos - 1 < start or int(ids[pos - 1 - start]) != MOCK_MASK
+            p = H[j] if decoded else L[j]
+            out[j + 1] = math.log(14 * p / (1 - p))
         return out
 
 

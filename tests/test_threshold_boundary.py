@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_utils import FAMILIES, answer, scripted_config
-from torch import Tensor, nn
+from engine_utils import FAMILIES, ScriptedModel, answer
+from torch import Tensor
 
-from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.decoding.base import fill_block
 from lopa.decoding.confidence import Prediction
@@ -21,18 +20,15 @@ MASK, EOS = 15, 14
 PROMPT = [8, 9, 10]
 
 
-class ScriptedModel(nn.Module):
+class HalfTieModel(ScriptedModel):
     """Its prediction for absolute position p depends on p alone: positions P and P+1 (P = prompt length) are token 3
     at p ≈ 1; P+2 and P+3 are a tie of tokens 5 and 6, p = 1/2 each exactly (every other logit is −10⁴, whose
     exponential is 0 in float32). The raw output at window index j speaks for position j + the family's shift."""
 
     def __init__(self, family: str) -> None:
-        super().__init__()
-        self.config = scripted_config(family, mask=MASK, eos=EOS)
-        self.shift = self.config.logit_shift
-        self.dummy = nn.Parameter(torch.zeros(1))
+        super().__init__(family, mask=MASK, eos=EOS)
 
-    def row(self, pos: int) -> Tensor:
+    def logits(self, ids: Tensor, positions: Tensor, i: int, pos: int) -> Tensor:
         logits = torch.full((16,), -1e4)
         k = pos - len(PROMPT)
         if k in (0, 1):
@@ -43,25 +39,6 @@ class ScriptedModel(nn.Module):
             logits[EOS] = 20.0
         return logits
 
-    def forward(
-        self,
-        ids: Tensor,
-        positions: Tensor,
-        cache: StaticKVCache | None = None,
-        valid=None,
-        logits_idx: Tensor | None = None,
-        attn_mask=None,
-    ) -> Tensor:
-        rows, length = ids.shape
-        if cache is not None:
-            cache.write(0, torch.zeros(rows, 1, length, 4), torch.zeros(rows, 1, length, 4))
-        idx = logits_idx if logits_idx is not None else torch.arange(length).expand(rows, length)
-        out = torch.zeros(rows, idx.shape[1], 16)
-        for r in range(rows):
-            for j, i in enumerate(idx[r].tolist()):
-                out[r, j] = self.row(int(positions[r, i]) + self.shift)
-        return out
-
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("decoder", ["threshold", "d2f"])
@@ -70,7 +47,7 @@ def test_a_position_exactly_at_tau_is_not_filled(family: str, decoder: str) -> N
     not. Forward 2: nothing left is above τ, so the fallback fills the most confident position, the tie going to the
     lower one: P+2 (token 5, the lower id of the tied pair). Forward 3: P+3. Three forwards; with `>=` it is one."""
     cfg = DecodeConfig(decoder=decoder, block_size=4, max_new_tokens=4, threshold=0.5, trace=True)
-    step = run(decode(Runner(ScriptedModel(family)), PROMPT, cfg, MASK, frozenset({EOS})))
+    step = run(decode(Runner(HalfTieModel(family)), PROMPT, cfg, MASK, frozenset({EOS})))
     p = len(PROMPT)
     assert [t.filled for t in step.trace] == [[p, p + 1], [p + 2], [p + 3]]
     assert answer(step) == [3, 3, 5, 5]
