@@ -96,7 +96,6 @@ def variants(block_size: int, max_new_tokens: int) -> dict[str, DecodeConfig]:
 
 FULL = list(variants(32, 64))  # --full: every decoder row
 QUICK = ["threshold", "threshold+1", "d2f", "lopa-threshold-k2", "lopa-threshold-k4", "lopa-threshold-k8"]
-DEFAULT = QUICK
 QUICK_N, FULL_N = 400, 600  # problems per decoder; at 400 the standard error of an accuracy is at most 2.5 points
 
 # the default run's families: a single point's AUP is ρ₁·y₁ (docs/algorithm.md §5)
@@ -164,11 +163,11 @@ def selection(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]]
 
     if args.full and args.decoders:
         raise ConfigError("--full runs every decoder; leave out --decoders (or --full)")
-    if args.decoders:
-        return list(args.decoders), FAMILIES, FULL_N if args.n is None else args.n, 2
-    if args.full:
-        return list(FULL), FAMILIES, FULL_N if args.n is None else args.n, 2
-    return list(QUICK), QUICK_FAMILIES, QUICK_N if args.n is None else args.n, 1
+    quick = not (args.decoders or args.full)
+    n = (QUICK_N if quick else FULL_N) if args.n is None else args.n  # 0 is a value (refused later), not "unset"
+    if quick:
+        return list(QUICK), QUICK_FAMILIES, n, 1
+    return list(args.decoders or FULL), FAMILIES, n, 2
 
 
 def run(args: argparse.Namespace) -> int:
