@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from lopa.model.family import Family
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ATTENTION_PATTERNS = ("bidirectional", "block_causal")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     model_type: str = "Dream"
+    # Attention pattern among positions: "bidirectional" (every position sees every other: Dream, LLaDA) or
+    # "block_causal" (block-diffusion models such as SDAR: query i sees key j iff j // block_size <= i //
+    # block_size, blocks aligned to absolute position 0). ``block_size`` is that attention block (None when
+    # bidirectional).
+    attention: str = "bidirectional"
+    block_size: int | None = None
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -108,6 +116,14 @@ def check_config(config: ModelConfig, source: str = "config.json") -> ModelConfi
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise CorruptCheckpointError(f"{source}: {name} must be a positive integer, got {value!r}.")
+    if config.attention not in ATTENTION_PATTERNS:
+        raise CorruptCheckpointError(
+            f"{source}: attention must be one of {ATTENTION_PATTERNS}, got {config.attention!r}."
+        )
+    if config.attention == "block_causal":
+        size = config.block_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise CorruptCheckpointError(f"{source}: block_size must be a positive integer, got {size!r}.")
     if not math.isfinite(config.rope_theta) or config.rope_theta <= 0:
         raise CorruptCheckpointError(f"{source}: rope_theta must be a finite number > 0, got {config.rope_theta!r}.")
     if not math.isfinite(config.rms_norm_eps) or config.rms_norm_eps < 0:
@@ -129,7 +145,8 @@ def check_config(config: ModelConfig, source: str = "config.json") -> ModelConfi
 def dream_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json of a Dream checkpoint of this shape."""
     d = asdict(cfg)
-    d.pop("extra")
+    for name in ("extra", "attention", "block_size", "qk_norm"):  # Dream: bidirectional, no q/k norm
+        d.pop(name)
     d["model_type"] = "Dream"
     d["architectures"] = ["DreamModel"]
     d["hidden_act"] = "silu"

@@ -28,7 +28,8 @@ from lopa.model.layers import MLP, RMSNorm, Rotary, apply_rotary
 
 
 class Attention(nn.Module):
-    """GQA self-attention with q/k/v biases; the K/V access strategy decides what the window's keys meet."""
+    """GQA self-attention (q/k/v biases or not, optional per-head q/k RMSNorm); the K/V access strategy decides
+    what the window's keys meet."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -43,6 +44,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        # Qwen3: RMSNorm over each head's queries and keys, before RoPE
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (B, T, H * D) and keys / values (B, T, Hkv * D)."""
@@ -51,8 +55,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVAccess) -> Tensor:
         rows, length, _ = x.shape
         q, k, v = self.projections(x)
-        q = q.view(rows, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(rows, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = q.view(rows, length, self.heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(rows, length, self.kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = v.view(rows, length, self.kv_heads, self.head_dim).transpose(1, 2)
         out = kv.attend(self.layer, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)  # (B, T, H * D)
         return self.o_proj(out)

@@ -100,6 +100,7 @@ def predicting_index(position: int | Tensor, shift: int) -> int | Tensor:
 def _registry() -> dict[str, Family]:
     from lopa.model.config import dream_config_from_hf, dream_config_to_hf
     from lopa.model.llada import LLADA_NAMES, llada_config_from_hf, llada_config_to_hf
+    from lopa.model.sdar import sdar_config_from_hf, sdar_config_to_hf
 
     dream = Family(
         name="dream",
@@ -122,7 +123,17 @@ def _registry() -> dict[str, Family]:
         end_tokens=("<|eot_id|>", "<|endoftext|>"),
         decode_defaults={"block_size": 32},
     )
-    return {f.name: f for f in (dream, llada)}
+    sdar = Family(
+        name="sdar",
+        model_types=("sdar", "SDAR"),
+        checkpoints=("SDAR-1.7B-Chat", "SDAR-4B-Chat", "SDAR-8B-Chat"),
+        logit_shift=0,
+        parse=sdar_config_from_hf,
+        export=sdar_config_to_hf,
+        mask_token="<|MASK|>",
+        end_tokens=("<|im_end|>", "<|endoftext|>"),
+    )
+    return {f.name: f for f in (dream, llada, sdar)}
 
 
 _FAMILIES: dict[str, Family] = {}

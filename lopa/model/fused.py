@@ -37,6 +37,7 @@ class FusedAttention(Attention):
         self.layer, self.heads, self.kv_heads, self.head_dim = attn.layer, attn.heads, attn.kv_heads, attn.head_dim
         self.qkv_proj = _concat_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = attn.o_proj
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.split = (q, kv, kv)
 
