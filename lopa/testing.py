@@ -78,8 +78,10 @@ def make_tiny_checkpoint(
     shards: int = 1,
     rope_scaling: dict[str, Any] | None = None,
     family: str = "dream",
+    block_size: int = 4,
 ) -> Path:
-    """Write a random-weight checkpoint directory of ``family`` ("dream" or "llada") at ``path`` and return it."""
+    """Write a random-weight checkpoint directory of ``family`` ("dream", "llada" or "sdar") at ``path`` and
+    return it. ``block_size`` is the attention block of an "sdar" checkpoint (ignored by the others)."""
     if family not in FAMILY_FILES:
         raise ConfigError(f"unknown family {family!r}; choose from {sorted(FAMILY_FILES)}.")
     specials, template, names, model_type = FAMILY_FILES[family]
@@ -113,12 +115,15 @@ def make_tiny_checkpoint(
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         tie_word_embeddings=tie_word_embeddings,
-        attention_bias=family == "dream",  # LLaDA has no biases
+        attention_bias=family == "dream",  # LLaDA and SDAR (Qwen3) have no biases
         mask_token_id=mask,
         eos_token_id=eos,
         pad_token_id=eos,
         bos_token_id=bos,
         model_type=model_type,
+        attention="block_causal" if family == "sdar" else "bidirectional",
+        block_size=block_size if family == "sdar" else None,
+        qk_norm=family == "sdar",
     )
     model = random_model(config, seed)
     shard_bytes = _shard_limit(model, shards) if shards > 1 else None

@@ -9,6 +9,7 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
+SDAR_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>")
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -40,6 +41,12 @@ FAMILY_FILES: dict[str, tuple[tuple[str, ...], str, dict[str, Any], str]] = {
         CHATML_TEMPLATE,
         {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "bos_token": None},
         "Dream",
+    ),
+    "sdar": (
+        SDAR_SPECIAL_TOKENS,
+        CHATML_TEMPLATE,
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>", "bos_token": None},
+        "sdar",
     ),
     "llada": (
         LLADA_SPECIAL_TOKENS,
