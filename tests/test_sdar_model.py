@@ -8,6 +8,8 @@
   mask changes the logits, a perturbed router or q-norm weight breaks the equality, tokens use several experts.
 - The expert compute: the dense (graph-safe) form equals the sparse one; ``fuse`` equals unfused; the pooled
   forward (packed rows of different widths) equals one forward per row.
+- Tensor parallelism (2 gloo ranks): expert shards put together are the full experts, the router and q/k norms
+  are replicated, an expert width that does not split is refused by name; logits equal one process.
 - Save -> load round-trips the tensors under SDAR's names and the config (``sdar_moe`` fields exported back).
 """
 
@@ -22,11 +24,16 @@ import torch
 from safetensors import safe_open
 from sdar_checkpoints import release_config, transformers_twin_dir, write_release_checkpoint
 
+from lopa import LLM
+from lopa.dist.launch import BranchParallelGroup
+from lopa.dist.worker import plain_forward
+from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.fused import fuse, is_fused
 from lopa.model.loader import load_checkpoint, save_checkpoint
 from lopa.model.moe import SparseMoeBlock, combine, route
 from lopa.model.pooled import pooled_forward
+from lopa.model.tp import TPShard
 from lopa.testing import transformers_bidirectional_logits
 
 transformers = pytest.importorskip("transformers")
@@ -216,3 +223,35 @@ def test_save_load_round_trips_sdar_names(tmp_path, moe_ckpts, kind):
     assert second.config == first.config
     for key, value in first.model.state_dict().items():
         assert torch.equal(second.model.state_dict()[key], value), key
+
+
+# ---- tensor parallelism (world 2, gloo, each rank its own process) -----------------------------------------
+def test_tp_shards_of_the_experts_put_together_are_the_full_weights(moe_ckpts):
+    ckpt = moe_ckpts["only-layer-1-norm"]
+    full = load_checkpoint(ckpt).model.state_dict()
+    parts = [load_checkpoint(ckpt, shard=TPShard(r, 2)).model.state_dict() for r in range(2)]
+    expert = "model.layers.0.mlp.experts.3."
+    assert parts[0][expert + "gate_proj.weight"].shape == (16, 64)  # moe_intermediate_size 32 split in 2
+    for key, want in full.items():
+        got = [p[key] for p in parts]
+        if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")):
+            assert torch.equal(torch.cat(got), want), key
+        elif key.endswith(("o_proj.weight", "down_proj.weight")):
+            assert torch.equal(torch.cat(got, 1), want), key
+        else:  # router, norms (q/k norms included), embeddings, head
+            assert all(torch.equal(g, want) for g in got), key
+
+
+def test_tp_refuses_an_expert_width_it_cannot_split(tmp_path):
+    ckpt = write_release_checkpoint(tmp_path / "odd", moe={**EXPERTS, "moe_intermediate_size": 33})
+    with pytest.raises(ConfigError, match="moe_intermediate_size=33"):
+        load_checkpoint(ckpt, shard=TPShard(0, 2))
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_tensor_parallel_equals_single_process(tmp_path, moe_ckpts, single_thread, kind):
+    ckpt = moe_ckpts["only-layer-1-norm"] if kind == "moe" else write_release_checkpoint(tmp_path / "d", seed=3)
+    ids = [5, 17, 3, 99, 42, 7, 260, 11, 12, 4]
+    with BranchParallelGroup(1, ckpt, tp=2, timeout_s=8.0, startup_timeout_s=240) as group:
+        got = group.forward(ids)
+    torch.testing.assert_close(got, plain_forward(LLM(ckpt), ids), atol=1e-4, rtol=0)
