@@ -7,7 +7,8 @@
   ``decoder_sparse_step`` 2, ``norm_topk_prob`` true and false. The comparisons are shown not to be vacuous: the
   mask changes the logits, a perturbed router or q-norm weight breaks the equality, tokens use several experts.
 - The expert compute: the dense (graph-safe) form equals the sparse one; ``fuse`` equals unfused; the pooled
-  forward (packed rows of different widths) equals one forward per row.
+  forward (packed rows of different widths) equals one forward per row; the fast runner (static cache rows, and
+  CUDA graphs on a GPU) equals the eager runner.
 - Tensor parallelism (2 gloo ranks): expert shards put together are the full experts, the router and q/k norms
   are replicated, an expert width that does not split is refused by name; logits equal one process.
 - Save -> load round-trips the tensors under SDAR's names and the config (``sdar_moe`` fields exported back).
@@ -27,6 +28,8 @@ from sdar_checkpoints import release_config, transformers_twin_dir, write_releas
 from lopa import LLM
 from lopa.dist.launch import BranchParallelGroup
 from lopa.dist.worker import plain_forward
+from lopa.engine.fast import FastRunner
+from lopa.engine.runner import Candidate, Runner
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.fused import fuse, is_fused
@@ -255,3 +258,35 @@ def test_tensor_parallel_equals_single_process(tmp_path, moe_ckpts, single_threa
     with BranchParallelGroup(1, ckpt, tp=2, timeout_s=8.0, startup_timeout_s=240) as group:
         got = group.forward(ids)
     torch.testing.assert_close(got, plain_forward(LLM(ckpt), ids), atol=1e-4, rtol=0)
+
+
+# ---- the runners: eager vs the fast path (static cache rows; CUDA graphs on CUDA) ------------------------------
+def runner_logits(runner: Runner, mask_id: int) -> list[torch.Tensor]:
+    """Raw logits of a committed prompt window, then of three branch windows of different widths, twice."""
+    prompt = Candidate(torch.tensor([*range(3, 12), *[mask_id] * 4]), torch.arange(9, 13), torch.ones(4, dtype=bool))
+    branches = [
+        Candidate(torch.tensor([4, 9, mask_id, mask_id]), torch.arange(11, 13), torch.ones(2, dtype=bool), 1),
+        Candidate(torch.tensor([4, mask_id, mask_id]), torch.arange(10, 12), torch.ones(2, dtype=bool), 2),
+        Candidate(torch.tensor([4, mask_id, mask_id, mask_id]), torch.arange(10, 13), torch.ones(3, dtype=bool), 0),
+    ]
+    runner.begin(40, rows=3)
+    out = []
+    for start, commit, cands in [(0, 9, [prompt]), (9, 0, branches), (9, 0, branches)]:
+        with torch.no_grad():
+            out.append(runner.raw_logits(start, commit, cands)[0].float().cpu().clone())  # a graph reuses its buffer
+        if commit:
+            runner.cache.commit(commit)
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fast_runner_equals_eager_on_the_moe_model(moe_ckpts, device):
+    """On CUDA the fast runner captures graphs, where every expert runs on every token: still the same logits."""
+    loaded = load_checkpoint(moe_ckpts["step-2-no-norm"], device=device)
+    dev, mask_id = torch.device(device), loaded.config.mask_token_id
+    fast = FastRunner(fuse(copy.deepcopy(loaded.model)), dev)
+    assert fast.use_graphs == (device == "cuda")
+    eager = Runner(loaded.model, dev)
+    for want, got in zip(runner_logits(eager, mask_id), runner_logits(fast, mask_id), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.committed_kv()[0], eager.committed_kv()[0], atol=1e-5, rtol=0)
