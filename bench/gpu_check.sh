@@ -2,14 +2,14 @@
 # The device check (issue 20): every GPU-facing test and benchmark of the repo in one call, each step under its
 # own time limit, so one run on a GPU machine takes all the figures and a broken step cannot hide the others.
 #
-#   bench/gpu_check.sh OUTDIR             # on one GPU: at most 8 minutes (the step limits add up to 470 s)
+#   bench/gpu_check.sh OUTDIR             # on one GPU: at most 9 minutes (the step limits add up to 530 s)
 #   bench/gpu_check.sh --dry-run OUTDIR   # the same steps on CPU with tiny shapes (CI runs this)
 #   bench/gpu_check.sh --only "e2e account" OUTDIR   # a subset of the steps, by name
 #
 # Steps: env (nvidia-smi, torch / CUDA / transformers versions), gpu_tests (pytest -m gpu over the test files
 # that hold gpu tests), step_dream (bench/gpu_step.py with the verbatim yardstick bench/gpu_floor.py), step_llada
-# (the same for the LLaDA-8B shape), e2e (bench/e2e.py, the engine loop), throughput (bench/throughput.py on the
-# bundled model), lopa_bench (a `lopa bench` subset), account (bench/gpu_account.py: bytes, FLOPs and kernels per
+# (the same for the LLaDA-8B shape), step_sdar (the SDAR-4B shape), e2e (bench/e2e.py, the engine loop),
+# throughput (bench/throughput.py on the bundled model), lopa_bench (a `lopa bench` subset), account (bench/gpu_account.py: bytes, FLOPs and kernels per
 # forward; on CUDA also which attention kernel each call gets).
 # Each step's output goes to OUTDIR/<step>.log, its JSON lines to OUTDIR/<step>.json; OUTDIR/summary.txt and
 # summary.json say which steps passed, failed or timed out. Exit status: 0 if every step passed, 1 otherwise,
@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ -n "$OUT" ] || { echo "gpu_check: OUTDIR is missing" >&2; usage >&2; exit 2; }
-STEPS="env gpu_tests step_dream step_llada e2e throughput lopa_bench account"
+STEPS="env gpu_tests step_dream step_llada step_sdar e2e throughput lopa_bench account"
 for name in $ONLY; do
     [[ " $STEPS " == *" $name "* ]] || { echo "gpu_check: unknown step '$name' (steps: $STEPS)" >&2; exit 2; }
 done
@@ -139,6 +139,9 @@ check() {
         :: --device cpu --shape tiny --branches 1 8 --windows 32 --cache 32 --seqs 1 16 --batch-window 8 \
         --warmup 0 --reps 1
     check step_llada 60 "$PY" bench/gpu_step.py --family llada --no-hf \
+        :: --device cpu --shape tiny --branches 1 8 --windows 8 --cache 32 --seqs 1 16 --batch-window 8 \
+        --warmup 0 --reps 1
+    check step_sdar 60 "$PY" bench/gpu_step.py --family sdar --no-hf \
         :: --device cpu --shape tiny --branches 1 8 --windows 8 --cache 32 --seqs 1 16 --batch-window 8 \
         --warmup 0 --reps 1
     check e2e 100 "$PY" bench/e2e.py \

@@ -6,11 +6,15 @@ Times, on random weights of a chosen model shape (nothing is downloaded), for ev
 - ``fast+score``: the same plus on-device token choice and the one host copy (a whole ``verify`` call),
 - ``eager``: lopa's eager Runner forward (``--enforce-eager``),
 - ``hf``: transformers' eager forward of the same shape over a DynamicCache (Qwen2 for ``--family dream``, Llama
-  for ``--family llada``; causal mask: the diffusion models differ only in the mask), unless ``--no-hf``,
+  for ``--family llada``, Qwen3 / Qwen3-MoE for ``sdar`` / ``sdar-moe``; causal mask: the diffusion models differ
+  only in the mask), unless ``--no-hf``,
 - ``yardstick``: the minimal forward of ``bench/gpu_floor.py`` (static KV, fused qkv / gate-up, SDPA), captured
   in a CUDA graph on CUDA, eager on CPU, run in-process for the same shape;
 
-and the floor: weight bytes / device copy bandwidth (read + write) measured in the same run. The batch axis
+and the floor: weight bytes / device copy bandwidth (read + write) measured in the same run. For ``sdar-moe`` the
+yardstick and the bounds are the dense shape's (they count no router and every expert's weights), and a
+CUDA-graph replay runs every expert on every token (lopa/model/moe.py): read its rows as the graph path's cost,
+not as a sparse-kernel figure. The batch axis
 (``--seqs``, default 1 4 16) times ONE batched verification of that many sequences, each with k + 1 branches
 (``--batch-branches``, default k = 4) of ``--batch-window`` tokens (default 32) over its own ``--cache``-token
 prefix: lopa's FastBatchRunner (CUDA-graph replay per (rows, window, prefix) bucket on CUDA) and the eager
@@ -26,6 +30,8 @@ PROJECTION at the paper's TPF values (labelled as such: not a measurement), then
 
     python bench/gpu_step.py                   # CUDA: --shape 7b, bf16; CPU: --shape small, fp32
     python bench/gpu_step.py --family llada    # CUDA: --shape 8b (LLaDA-8B: MHA, no biases, vocab 126464)
+    python bench/gpu_step.py --family sdar     # CUDA: --shape 4b (SDAR-4B: Qwen3, 32/8 heads, q/k norm, block 4)
+    python bench/gpu_step.py --family sdar-moe # CUDA: --shape 30b-a3b (128 experts, top 8: about 61 GB in bf16)
     python bench/gpu_step.py --shape tiny --branches 1 2 --windows 8 --cache 32 --reps 2   # seconds, on CPU
 """
 
@@ -51,6 +57,7 @@ from lopa.engine.runner import Candidate, Runner, build_batch
 from lopa.engine.sequence import Plan
 from lopa.model.config import ModelConfig
 from lopa.model.dream import DreamModel
+from lopa.model.moe import MoEConfig
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head dim, vocab
     "7b": (3584, 18944, 28, 28, 4, 128, 152064),  # Dream-v0-7B / Qwen2.5-7B
@@ -62,8 +69,29 @@ LLADA_SHAPES = {  # the same fields; LLaDA uses multi-head attention and no bias
     "small": (256, 768, 4, 8, 8, 32, 8192),
     "tiny": (64, 128, 2, 4, 4, 16, 512),
 }
-FAMILY_SHAPES = {"dream": SHAPES, "llada": LLADA_SHAPES}
-FAMILY_CONFIG = {"dream": dict(model_type="Dream"), "llada": dict(model_type="llada", attention_bias=False)}
+SDAR_SHAPES = {  # the same fields; SDAR is Qwen3: GQA, explicit head_dim, q/k norm, no biases, blocks of 4
+    "4b": (2560, 9728, 36, 32, 8, 128, 151936),  # SDAR-4B-Chat
+    "small": (256, 768, 4, 8, 2, 32, 8192),
+    "tiny": (64, 128, 2, 4, 2, 16, 512),
+}
+SDAR_MOE_SHAPES = {  # SDAR-30B-A3B (Qwen3-30B-A3B's shape); the intermediate size is the dense MLP's
+    "30b-a3b": (2048, 6144, 48, 32, 4, 128, 151936),
+    "small": (256, 768, 4, 8, 2, 32, 8192),
+    "tiny": (64, 128, 2, 4, 2, 16, 512),
+}
+MOE_EXPERTS = {  # num_experts, num_experts_per_tok, moe_intermediate_size; every layer sparse, norm_topk_prob
+    "30b-a3b": (128, 8, 768),
+    "small": (8, 2, 192),
+    "tiny": (4, 2, 32),
+}
+FAMILY_SHAPES = {"dream": SHAPES, "llada": LLADA_SHAPES, "sdar": SDAR_SHAPES, "sdar-moe": SDAR_MOE_SHAPES}
+_SDAR = dict(attention_bias=False, attention="block_causal", block_size=4, qk_norm=True, rope_theta=1e6)
+FAMILY_CONFIG = {
+    "dream": dict(model_type="Dream"),
+    "llada": dict(model_type="llada", attention_bias=False),
+    "sdar": dict(model_type="sdar", **_SDAR),
+    "sdar-moe": dict(model_type="sdar_moe", **_SDAR),
+}
 TARGET_STEP = 1.10  # fast+score / yardstick, one sequence ...
 TARGET_STEP_GRID = ({1, 4, 8}, {32, 64})  # ... at these branches x windows
 TARGET_BOUND = 1.3  # batched forward / compute bound ...
@@ -81,9 +109,31 @@ PAPER_TPF = {
 
 def model_config(shape: str, family: str = "dream") -> ModelConfig:
     h, i, n, heads, kv, d, v = FAMILY_SHAPES[family][shape]
+    moe = MoEConfig(*MOE_EXPERTS[shape], norm_topk_prob=True) if family == "sdar-moe" else None
     return ModelConfig(
-        v, h, i, n, heads, kv, d, max_position_embeddings=4096, mask_token_id=v - 1, pad_token_id=v - 2,
+        v, h, i, n, heads, kv, d, max_position_embeddings=4096, mask_token_id=v - 1, pad_token_id=v - 2, moe=moe,
         **FAMILY_CONFIG[family],
+    )  # fmt: skip
+
+
+def qwen3_config(cfg: ModelConfig, attn_implementation: str = "eager"):
+    """transformers' ``Qwen3Config`` / ``Qwen3MoeConfig`` of the same shape as an SDAR ``cfg``."""
+    import transformers
+
+    fields = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation=attn_implementation,
+    )  # fmt: skip
+    if cfg.moe is None:
+        return transformers.Qwen3Config(**fields)
+    m = cfg.moe
+    return transformers.Qwen3MoeConfig(
+        **fields, num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
+        moe_intermediate_size=m.moe_intermediate_size, norm_topk_prob=m.norm_topk_prob,
+        decoder_sparse_step=m.decoder_sparse_step, mlp_only_layers=list(m.mlp_only_layers),
     )  # fmt: skip
 
 
@@ -205,7 +255,12 @@ def time_hf(
 
     from lopa.testing import llama_config, qwen2_config
 
-    twins = {"dream": ("Qwen2ForCausalLM", qwen2_config), "llada": ("LlamaForCausalLM", llama_config)}
+    twins = {
+        "dream": ("Qwen2ForCausalLM", qwen2_config),
+        "llada": ("LlamaForCausalLM", llama_config),
+        "sdar": ("Qwen3ForCausalLM", qwen3_config),
+        "sdar-moe": ("Qwen3MoeForCausalLM", qwen3_config),
+    }
     cls, make_config = twins[family]
     hf_cfg = make_config(cfg, "sdpa")
     model, out = build(lambda: getattr(transformers, cls)(hf_cfg), device, dtype), {}
@@ -301,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", choices=sorted(FAMILY_SHAPES), default="dream", help="model family of the shape")
     p.add_argument(
         "--shape",
-        choices=sorted({*SHAPES, *LLADA_SHAPES}),
+        choices=sorted({s for shapes in FAMILY_SHAPES.values() for s in shapes}),
         default=None,
-        help="dream: 7b | small | tiny; llada: 8b | small | tiny (default: the 7b / 8b shape on CUDA, small on CPU)",
+        help="dream: 7b | small | tiny; llada: 8b; sdar: 4b; sdar-moe: 30b-a3b (default: that full shape on CUDA, "
+        "small on CPU)",
     )
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
     p.add_argument("--branches", type=int, nargs="+", default=[1, 4, 8, 16])

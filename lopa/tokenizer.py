@@ -162,8 +162,18 @@ class Tokenizer:
         return self._tok.id_to_token(int(token_id))
 
     # ---- chat ----------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render OpenAI-style messages with the checkpoint's jinja template, as transformers renders it."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render OpenAI-style messages with the checkpoint's jinja template, as transformers renders it.
+
+        ``tools`` (JSON-schema function specs) and ``template_kwargs`` (e.g. ``enable_thinking=False`` for Qwen3 /
+        SDAR templates) reach the template as variables, as transformers passes them."""
         if self.chat_template is None:
             raise ConfigError(
                 'this checkpoint has no chat template; send a raw prompt instead, or add "chat_template" to '
@@ -180,11 +190,14 @@ class Tokenizer:
             self._template = _compile(self.chat_template)
         try:
             return self._template.render(
-                messages=messages,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
+                **{
+                    **self.special_tokens,
+                    "documents": None,
+                    **template_kwargs,
+                    "messages": messages,
+                    "tools": tools,
+                    "add_generation_prompt": add_generation_prompt,
+                }
             )
         except jinja2.TemplateError as e:
             raise ConfigError(f"the chat template rejected these messages: {e}") from e

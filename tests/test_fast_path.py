@@ -313,7 +313,7 @@ def test_llm_enforce_eager_selects_the_runner(tiny_ckpt):
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["dream", "llada"])
+@pytest.mark.parametrize("family", ["dream", "llada", "sdar", "sdar-moe"])
 def test_gpu_step_bench_runs_on_cpu(capsys, family):
     path = Path(__file__).resolve().parents[1] / "bench" / "gpu_step.py"
     spec = importlib.util.spec_from_file_location("gpu_step", path)
@@ -326,8 +326,13 @@ def test_gpu_step_bench_runs_on_cpu(capsys, family):
     summary = json.loads(out.strip().splitlines()[-1])
     assert "PROJECTION" in out and summary["family"] == family
     h, i, n, heads, kv, d, v = bench.FAMILY_SHAPES[family]["tiny"]
-    biases = heads * d + 2 * kv * d if family == "dream" else 0  # LLaDA has no q/k/v biases
-    params = 2 * v * h + n * (h * heads * d + 2 * (h * kv * d) + biases + heads * d * h + 3 * h * i + 2 * h)
+    biases = heads * d + 2 * kv * d if family == "dream" else 0  # LLaDA and SDAR have no q/k/v biases
+    biases += 2 * d if family.startswith("sdar") else 0  # SDAR's per-head q/k norm weights
+    mlp = 3 * h * i
+    if family == "sdar-moe":  # every layer sparse: the router and the experts instead of the dense MLP
+        experts, _, width = bench.MOE_EXPERTS["tiny"]
+        mlp = experts * h + experts * 3 * h * width
+    params = 2 * v * h + n * (h * heads * d + 2 * (h * kv * d) + biases + heads * d * h + mlp + 2 * h)
     assert summary["weight_bytes"] == 4 * (params + h)  # fp32, plus the final norm
     floor = summary["weight_bytes"] / (summary["copy_bandwidth_gbs"] * 1e9) * 1e3
     assert summary["floor_ms"] == pytest.approx(floor, rel=0.05)  # bandwidth is printed rounded

@@ -19,6 +19,7 @@ from lopa.errors import CheckpointNotFoundError, CorruptCheckpointError, Unsuppo
 
 if TYPE_CHECKING:
     from lopa.model.family import Family
+    from lopa.model.moe import MoEConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ATTENTION_PATTERNS = ("bidirectional", "block_causal")
@@ -53,6 +54,7 @@ class ModelConfig:
     attention: str = "bidirectional"
     block_size: int | None = None
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
+    moe: MoEConfig | None = None  # mixture-of-experts numbers (lopa/model/moe.py); None: every layer is dense
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from lopa.cache import StaticKVCache
 from lopa.model.config import ModelConfig
 from lopa.model.kv_access import CacheWrite, KVAccess
-from lopa.model.layers import MLP, RMSNorm, Rotary, apply_rotary
+from lopa.model.layers import RMSNorm, Rotary, apply_rotary
+from lopa.model.moe import feed_forward
 
 
 class Attention(nn.Module):
@@ -69,7 +70,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = feed_forward(cfg.hidden_size, cfg.intermediate_size, cfg.moe, layer)  # dense MLP or experts
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

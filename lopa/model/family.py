@@ -125,8 +125,8 @@ def _registry() -> dict[str, Family]:
     )
     sdar = Family(
         name="sdar",
-        model_types=("sdar", "SDAR"),
-        checkpoints=("SDAR-1.7B-Chat", "SDAR-4B-Chat", "SDAR-8B-Chat"),
+        model_types=("sdar", "SDAR", "sdar_moe"),
+        checkpoints=("SDAR-1.7B-Chat", "SDAR-4B-Chat", "SDAR-8B-Chat", "SDAR-30B-A3B-Chat"),
         logit_shift=0,
         parse=sdar_config_from_hf,
         export=sdar_config_to_hf,

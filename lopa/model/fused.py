@@ -2,9 +2,10 @@
 
 :func:`fuse` concatenates each layer's q/k/v projections into one ``qkv_proj`` and gate/up into one
 ``gate_up_proj`` (one matmul instead of three / two: fewer kernel launches, one read of the input), swapping
-the modules in place. The fused model keeps DreamModel's forward exactly (the same layer loop, any K/V access
-strategy), so every runner can drive it; only its state-dict names change, so fuse after loading (and LoRA
-merging), never before saving. Called by the fast runners (:mod:`lopa.engine.fast`, :mod:`lopa.engine.fast_batch`).
+the modules in place; a mixture-of-experts block (:mod:`lopa.model.moe`) stays as it is. The fused model keeps
+DreamModel's forward exactly (the same layer loop, any K/V access strategy), so every runner can drive it; only
+its state-dict names change, so fuse after loading (and LoRA merging), never before saving. Called by the fast
+runners (:mod:`lopa.engine.fast`, :mod:`lopa.engine.fast_batch`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from lopa.model.dream import Attention, DreamModel
 from lopa.model.layers import MLP
+from lopa.model.moe import SparseMoeBlock
 
 
 def _concat_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -77,5 +79,6 @@ def is_fused(model: nn.Module) -> bool:
     if not isinstance(model, DreamModel):
         return False
     return all(
-        isinstance(layer.self_attn, FusedAttention) and isinstance(layer.mlp, FusedMLP) for layer in model.model.layers
+        isinstance(layer.self_attn, FusedAttention) and isinstance(layer.mlp, (FusedMLP, SparseMoeBlock))
+        for layer in model.model.layers
     )

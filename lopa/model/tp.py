@@ -6,6 +6,8 @@ A :class:`TPShard` says which slice of every weight one rank of a tensor-paralle
   heads than ranks, kv heads are replicated: rank ``t`` holds kv head ``t // (size // kv_heads)``, which is the
   kv head every one of its query heads uses.
 - MLP: gate/up column-parallel, ``down_proj`` row-parallel followed by an all-reduce.
+- mixture of experts (:mod:`lopa.model.moe`): every expert's gate/up column-parallel and down row-parallel over
+  ``moe_intermediate_size``, the router replicated; the block all-reduces its summed output once.
 - embeddings, final norm, LM head, rotary table: replicated (every rank computes the full logits, so scoring
   needs no communication; see docs/dist.md for the memory this costs).
 
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
+from lopa.model.moe import SparseMoeBlock
 
 _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output features split
 _ROW = ("o_proj", "down_proj")  # input features split, all-reduce after
@@ -76,6 +79,8 @@ class TPShard:
             problems.append(f"num_key_value_heads={kv} (neither a multiple nor a divisor of it)")
         if inner % self.size:
             problems.append(f"intermediate_size={inner}")
+        if cfg.moe is not None and cfg.moe.moe_intermediate_size % self.size:
+            problems.append(f"moe_intermediate_size={cfg.moe.moe_intermediate_size}")
         if problems:
             raise ConfigError(
                 f"--tp {self.size} does not divide this model: {', '.join(problems)}; choose a tensor-parallel "
@@ -93,8 +98,13 @@ class TPShard:
 
     def local_config(self, cfg: ModelConfig) -> ModelConfig:
         _, hq, _, hkv = self.heads(cfg)
+        moe = cfg.moe and replace(cfg.moe, moe_intermediate_size=cfg.moe.moe_intermediate_size // self.size)
         return replace(
-            cfg, num_attention_heads=hq, num_key_value_heads=hkv, intermediate_size=cfg.intermediate_size // self.size
+            cfg,
+            num_attention_heads=hq,
+            num_key_value_heads=hkv,
+            intermediate_size=cfg.intermediate_size // self.size,
+            moe=moe,
         )
 
     def span(self, key: str, cfg: ModelConfig) -> tuple[int, int, int] | None:
@@ -105,7 +115,8 @@ class TPShard:
         name, kind = parts[-2], parts[-1]
         d = cfg.head_dim
         q0, hq, k0, hkv = self.heads(cfg)
-        inner = cfg.intermediate_size // self.size
+        expert = "experts." in key and cfg.moe is not None  # an expert's MLP: moe_intermediate_size wide
+        inner = (cfg.moe.moe_intermediate_size if expert else cfg.intermediate_size) // self.size  # type: ignore[union-attr]
         ranges = {
             "q_proj": (q0 * d, (q0 + hq) * d),
             "k_proj": (k0 * d, (k0 + hkv) * d),
@@ -144,9 +155,10 @@ class TPShard:
 def shard_model(model: nn.Module, shard: TPShard) -> AllReduce:
     """Turn a meta-device model (Dream module classes) into ``shard``'s local shapes; returns its all-reduce hook.
 
-    Every layer's ``self_attn`` gets local head counts and local q/k/v/o projections, every ``mlp`` local
-    gate/up/down; ``o_proj`` and ``down_proj`` become :class:`RowParallelLinear`. Parameter names are unchanged,
-    so the rank's state dict loads by name.
+    Every layer's ``self_attn`` gets local head counts and local q/k/v/o projections, every ``mlp`` (or every
+    expert of a mixture-of-experts block) local gate/up/down; ``o_proj`` and a dense ``down_proj`` become
+    :class:`RowParallelLinear`, an expert's ``down_proj`` a plain local Linear whose sum the block all-reduces once.
+    Parameter names are unchanged, so the rank's state dict loads by name.
     """
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     shard.check(cfg)
@@ -155,16 +167,25 @@ def shard_model(model: nn.Module, shard: TPShard) -> AllReduce:
     for layer in model.model.layers:  # type: ignore[union-attr]
         attn, mlp = layer.self_attn, layer.mlp
         attn.heads, attn.kv_heads = local.num_attention_heads, local.num_key_value_heads
-        for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            owner = attn if hasattr(attn, name) else mlp
+        moe = isinstance(mlp, SparseMoeBlock)
+        mlps = list(mlp.experts) if moe else [mlp]
+        prefix = "experts.0." if moe else ""  # span() tells an expert's width by its key
+        columns = [(attn, n, "") for n in ("q_proj", "k_proj", "v_proj")]
+        columns += [(m, n, prefix) for m in mlps for n in ("gate_proj", "up_proj")]
+        for owner, name, where in columns:
             old: nn.Linear = getattr(owner, name)
-            out = shard.local_shape(f"{name}.weight", cfg, tuple(old.weight.shape))[0]
+            out = shard.local_shape(f"{where}{name}.weight", cfg, tuple(old.weight.shape))[0]
             setattr(owner, name, nn.Linear(old.in_features, out, bias=old.bias is not None, device="meta"))
-        for owner, name in ((attn, "o_proj"), (mlp, "down_proj")):
+        for owner, name, where in [(attn, "o_proj", ""), *((m, "down_proj", prefix) for m in mlps)]:
             old = getattr(owner, name)
-            local_in = shard.local_shape(f"{name}.weight", cfg, tuple(old.weight.shape))[1]
-            new = RowParallelLinear(local_in, old.out_features, old.bias is not None, reduce)
+            local_in = shard.local_shape(f"{where}{name}.weight", cfg, tuple(old.weight.shape))[1]
+            if where:  # an expert: summed with the other experts first, all-reduced once by the block
+                new = nn.Linear(local_in, old.out_features, bias=False, device="meta")
+            else:
+                new = RowParallelLinear(local_in, old.out_features, old.bias is not None, reduce)
             setattr(owner, name, new)
+        if moe:
+            mlp.reduce = reduce
     model.config = local  # type: ignore[assignment]
     model.tp_shard = shard  # type: ignore[assignment]
     model.tp_reduce = reduce  # type: ignore[assignment]
