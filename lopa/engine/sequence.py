@@ -27,14 +27,14 @@ import torch
 
 from lopa.config import DecodeConfig
 from lopa.decoding.base import BlockDecoder
+from lopa.decoding.blocks import GenState
 from lopa.decoding.confidence import ORDER_TO_CONFIDENCE, Prediction, Sampler
 from lopa.decoding.d2f import D2FDecoder
-from lopa.decoding.lopa import Branch, pick_winner, score_masks, spawn
+from lopa.decoding.lookahead import Branch, pick_winner, score_masks, spawn
 from lopa.decoding.threshold import ThresholdDecoder
 from lopa.decoding.vanilla import select_one
 from lopa.engine.runner import Candidate
 from lopa.outputs import Stats, TraceStep
-from lopa.state import GenState
 
 StopCheck = Callable[[list[int]], bool]
 
