@@ -1,7 +1,7 @@
 """``lopa generate``: decode prompts and print the text plus a one-line stats summary (or JSON lines).
 
 ``--trace-plot out.png`` / ``--trace-gif out.gif`` turn the trace on and save each prompt's filling-order map
-(``trace_plot.py``); with several prompts the files are numbered: ``out-1.png``, ``out-2.png``, ...
+(``server/trace_plot.py``); with several prompts the files are numbered: ``out-1.png``, ``out-2.png``, ...
 
 Every prompt is checked (encoding, mask token, context length) before any is decoded; each result is printed as
 soon as its prompt finishes. ``--trace`` prints the per-iteration trace: inside the JSON object with ``--json``,
@@ -131,7 +131,7 @@ def _check_plotting() -> None:
     try:
         import matplotlib  # noqa: F401
 
-        import lopa.trace_plot  # noqa: F401  (numpy and matplotlib)
+        import lopa.server.trace_plot  # noqa: F401  (numpy and matplotlib)
     except ImportError as e:
         raise ConfigError("--trace-plot / --trace-gif need matplotlib: pip install 'lopa[plot]'") from e
 
@@ -143,7 +143,7 @@ def numbered(path: str, index: int, count: int) -> Path:
 
 
 def save_pictures(kind: str, path: Path, completion, cfg, llm) -> None:
-    from lopa.trace_plot import save_trace_gif, save_trace_plot
+    from lopa.server.trace_plot import save_trace_gif, save_trace_plot
 
     save = save_trace_plot if kind == "plot" else save_trace_gif
     out = save(completion, cfg, path, llm.end_ids, describe(cfg), lambda t: llm.tokenizer.decode([t]))
