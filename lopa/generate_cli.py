@@ -57,20 +57,6 @@ def summary(stats: dict, cfg_line: str) -> str:
     )
 
 
-def describe(cfg) -> str:
-    """The settings that matter for a decoder, for headers and summaries."""
-    parts = [cfg.decoder]
-    if cfg.decoder == "lopa":
-        parts.append(f"base={cfg.base} k={cfg.branches}")
-    if cfg.decoder == "vanilla":
-        parts.append(f"order={cfg.order}")
-    else:
-        parts.append(f"block={cfg.block_size} tau={cfg.threshold}")
-    if cfg.base_decoder == "d2f" and cfg.decoder != "vanilla":
-        parts.append(f"tau_add={cfg.tau_add} tau_act={cfg.tau_act}")
-    return " ".join(parts)
-
-
 def read_prompt_lines(stream: BinaryIO) -> list[str]:
     """The non-blank lines of ``stream`` as prompts; InvalidTextError names the first line that is not UTF-8."""
     prompts = []
@@ -146,7 +132,7 @@ def save_pictures(kind: str, path: Path, completion, cfg, llm) -> None:
     from lopa.server.trace_plot import save_trace_gif, save_trace_plot
 
     save = save_trace_plot if kind == "plot" else save_trace_gif
-    out = save(completion, cfg, path, llm.end_ids, describe(cfg), lambda t: llm.tokenizer.decode([t]))
+    out = save(completion, cfg, path, llm.end_ids, cfg.describe(), lambda t: llm.tokenizer.decode([t]))
     print(f"wrote {out}", file=sys.stderr, flush=True)
 
 
@@ -178,4 +164,4 @@ def emit(completion, cfg, as_json: bool, llm=None) -> None:
         print(completion.text, flush=True)
         if completion.trace is not None:
             print(format_trace(completion.trace), file=sys.stderr, flush=True)
-        print(summary(stats, describe(cfg)), file=sys.stderr, flush=True)
+        print(summary(stats, cfg.describe()), file=sys.stderr, flush=True)

@@ -105,7 +105,7 @@ class BlockSequence:
     ) -> None:
         self.cfg, self.end_ids, self.stop = cfg, end_ids, stop
         self.decoder, self.sampler, self.k = make_decoder(cfg), sampler_for(cfg, mask_id), cfg.num_branches
-        self.max_len, self.rows = len(prompt) + cfg.max_new_tokens, self.k + 1
+        self.max_len, self.rows = len(prompt) + cfg.max_new_tokens, cfg.cache_rows
         self.stats = Stats(prompt_tokens=len(prompt))
         self.trace: list[TraceStep] | None = [] if cfg.trace else None
         self.branches = [Branch(GenState.from_prompt(prompt, mask_id), "anchor")]

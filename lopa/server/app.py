@@ -27,7 +27,6 @@ from lopa.server.handlers import ModelNotFoundError, add_error_handlers
 from lopa.server.limits import (
     BODY_TIMEOUT_S,
     ServerLimits,
-    cache_rows,
     check_prompt_count,
     check_request,
     kv_cache_bytes,
@@ -71,7 +70,7 @@ def create_app(
     default = (default_config or DecodeConfig()).validate()
     limits = (limits or ServerLimits()).validate()
     # a cache larger than a request at the server's defaults needs is freed after the request that grew it
-    llm.max_idle_cache_bytes = kv_cache_bytes(llm, max(1, cache_rows(default)), llm.max_context)
+    llm.max_idle_cache_bytes = kv_cache_bytes(llm, max(1, default.cache_rows), llm.max_context)
     model_name = served_model_name or llm.model_name
     worker = EngineWorker(llm, queue_limit)
     created = int(time.time())

@@ -45,11 +45,6 @@ class ServerLimits:
         return self
 
 
-def cache_rows(config: DecodeConfig) -> int:
-    """KV cache rows a request decodes with: the anchor plus every lookahead branch; vanilla keeps no cache."""
-    return 0 if config.decoder == "vanilla" else config.num_branches + 1
-
-
 def kv_cache_bytes(llm: LLM, rows: int, positions: int) -> int:
     """Bytes of K and V for ``rows`` rows of ``positions`` positions of ``llm``'s model."""
     return llm.kv_cache_bytes(rows, positions)
@@ -86,7 +81,7 @@ def check_request(config: DecodeConfig, prompt_tokens: int | Sequence[int], llm:
             f"lopa.branches={config.num_branches} exceeds this server's limit of {limits.max_branches} branches "
             f"(lopa serve --max-branches); ask for fewer branches"
         )
-    rows = cache_rows(config)
+    rows = config.cache_rows
     need = sum(kv_cache_bytes(llm, rows, n + config.max_new_tokens) for n in counts)
     if need > limits.max_kv_cache_mb * MIB:
         longest = max(counts)

@@ -150,11 +150,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_of(cfg: DecodeConfig) -> str:
-    from lopa.generate_cli import describe
-
+    """The table's settings column: :meth:`DecodeConfig.describe` plus the extra fill and the shared score."""
     extra = " +1" if cfg.extra_fill else ""
     shared = " score=shared" if cfg.decoder == "lopa" and cfg.branch_score == "shared" else ""
-    return describe(cfg) + extra + shared
+    return cfg.describe() + extra + shared
 
 
 def selection(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]], int, int]:
@@ -309,7 +308,7 @@ def _cost(name: str, cfg: DecodeConfig) -> float:
         tpf = 1.3 + 0.3 * cfg.num_branches
     else:
         tpf = 2.4 if cfg.extra_fill else 1.3
-    return cfg.max_new_tokens / tpf * (cfg.num_branches + 1)  # k lookahead rows + the anchor (k = 0 without lopa)
+    return cfg.max_new_tokens / tpf * max(cfg.cache_rows, 1)  # rows per forward (vanilla: one, uncached)
 
 
 def _worker_count(args: argparse.Namespace, device: torch.device, n_decoders: int) -> int:
