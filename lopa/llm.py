@@ -161,7 +161,7 @@ class LLM:
     ) -> list[Completion]:
         """Decode the prompts (a string, a list of token ids, or a list of those) together, ``max_num_seqs`` at a
         time. ``config`` is one DecodeConfig for all, or one per prompt. Every prompt is validated first."""
-        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
+        batch = prompt_list(prompts)
         out: list[Completion | None] = [None] * len(batch)
         bar = tqdm(total=len(batch), desc="generate", unit="prompt", disable=not progress)
         for index, completion in self.generate_each(batch, config, raw):
@@ -326,6 +326,13 @@ class LLM:
             prompt_token_ids=list(prompt),
             trace=step.trace,
         )
+
+
+def prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (a string or a list of token ids) or a sequence of them, as a list of prompts."""
+    if isinstance(prompts, str) or _is_ids(prompts):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
 
 
 def _is_ids(x: object) -> bool:
