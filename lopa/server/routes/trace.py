@@ -55,8 +55,8 @@ async def trace(body: TraceRequest, request: Request) -> Response:
         raise ModelNotFoundError(body.model, model_name)
     overrides = dict(body.lopa or {})
     overrides.pop("trace", None)  # always on here
-    request = body.model_copy(update={"lopa": overrides})
-    config, max_tokens = decode_config_for(request, model.default, llm.max_context, model.limits.max_branches)
+    asked = body.model_copy(update={"lopa": overrides})
+    config, max_tokens = decode_config_for(asked, model.default, llm.max_context, model.limits.max_branches)
     config = config.replace(trace=True)
     chat = body.messages is not None
     prompt: Any = [m.as_template_message() for m in body.messages] if body.messages is not None else body.prompt
