@@ -18,7 +18,7 @@ from lopa.llm import StreamEvent
 from lopa.outputs import Completion, Stats
 from lopa.server import create_app
 from lopa.server.background import serve_in_background
-from lopa.server.worker import OutputCutter
+from lopa.server.output_cut import OutputCutter
 
 
 class CharTokenizer:

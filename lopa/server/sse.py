@@ -17,8 +17,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lopa.errors import DistributedError, LopaError
+from lopa.server.jobs import Delta, Failed, Finished, Job
 from lopa.server.protocol import error_body, new_id, now
-from lopa.server.worker import Delta, Failed, Finished, Job
 
 Items = AsyncIterator[Delta | Finished | Failed]
 

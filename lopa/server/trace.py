@@ -32,9 +32,9 @@ from pydantic import (
 )
 
 from lopa.outputs import TraceStep
+from lopa.server.jobs import Job
 from lopa.server.protocol import ChatMessage, InvalidFieldError, reject_invalid_text
 from lopa.server.sse import JobStreamResponse
-from lopa.server.worker import Job
 
 if TYPE_CHECKING:
     from lopa import LLM

@@ -1,6 +1,6 @@
 """The OpenAI routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``.
 
-The routes never call the LLM themselves: each request becomes a :class:`~lopa.server.worker.Job` run by the
+The routes never call the LLM themselves: each request becomes a :class:`~lopa.server.jobs.Job` run by the
 engine worker thread, and the route awaits the job's items, so the event loop stays free during forwards. A
 client that disconnects sets the job's cancel flag (a watcher task before the response starts; Starlette's
 disconnect listener, which cancels the SSE generator, afterwards). Errors are raised as exceptions and answered by
@@ -19,12 +19,12 @@ from fastapi.responses import JSONResponse, Response
 from lopa.errors import ConfigError
 from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError
+from lopa.server.jobs import Closed, Delta, Failed, Finished, Job
 from lopa.server.limits import check_prompt_count, check_request
 from lopa.server.openapi import GENERATION_RESPONSES, MODEL_RESPONSES
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import ChatCompletionRequest, CompletionRequest, sum_usage
 from lopa.server.routes.context import ServedModel, served
-from lopa.server.worker import Closed, Delta, Failed, Finished, Job
 
 router = APIRouter()
 _GONE = object()  # put on a job's queue when its client disconnects

@@ -19,13 +19,13 @@ from fastapi.responses import FileResponse, Response
 from lopa.config import BASES, CONFIDENCES, DECODERS
 from lopa.errors import DistributedError, LopaError
 from lopa.server.handlers import ModelNotFoundError
+from lopa.server.jobs import Closed, Failed, Finished, Job, Trace
 from lopa.server.limits import check_request
 from lopa.server.openapi import TRACE_RESPONSES
 from lopa.server.params import decode_config_for
 from lopa.server.protocol import error_body, new_id
 from lopa.server.routes.context import served
 from lopa.server.trace import STATIC_DIR, StepConverter, TraceRequest, TraceStreamResponse
-from lopa.server.worker import Closed, Failed, Finished, Job, Trace
 
 router = APIRouter()
 
