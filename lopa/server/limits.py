@@ -5,7 +5,7 @@ Memory per request grows with settings a client picks: the number of prompts, th
 ``--max-branches`` and ``--max-kv-cache-mb`` bound them; :func:`check_request` computes the KV cache a request
 needs from its settings alone, summed over its prompts (rows x positions x the model's per-position K/V bytes,
 however the engine later batches it) and raises
-:class:`~lopa.errors.LimitExceededError`, a 400 naming the limit, when it does not fit. Called by ``app.py``.
+:class:`~lopa.errors.LimitExceededError`, a 400 naming the limit, when it does not fit. Called by the routes.
 When the engine batches (``LLM.can_batch``) the committed prefixes live in one KV pool of
 ``LLM.kv_pool_bytes()`` (max_num_seqs x max_model_len positions), allocated once and printed by ``lopa serve``;
 what a request adds on top of its pool slot is its branch rows' window K/V, which this bound covers.

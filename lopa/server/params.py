@@ -1,4 +1,4 @@
-"""Maps an OpenAI request onto a validated :class:`~lopa.DecodeConfig` and the output cut (called by ``app.py``).
+"""Maps an OpenAI request onto a validated :class:`~lopa.DecodeConfig` and the output cut (called by the routes).
 
 Precedence, lowest first: the server's defaults (``lopa serve`` flags), the request's ``lopa`` extra body field
 (any DecodeConfig field), then the OpenAI fields ``temperature``, ``top_p``, ``seed`` and ``stop``. A ``lopa`` value

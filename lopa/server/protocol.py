@@ -1,7 +1,7 @@
 """OpenAI request and response schemas for the HTTP server (pydantic models, no engine code).
 
 The request models follow the OpenAI API (``/v1/completions``, ``/v1/chat/completions``) field by field.
-Fields the engine implements are typed and mapped onto :class:`~lopa.DecodeConfig` by ``app.py``. Fields
+Fields the engine implements are typed and mapped onto :class:`~lopa.DecodeConfig` by ``params.py``. Fields
 lopa cannot honour (``n > 1``, ``logprobs``, ``tools``, penalties, ...) are accepted only at their neutral
 value; anything else is rejected with a message rather than silently ignored, and unknown fields are rejected
 too (``extra="forbid"``), so a typo such as ``max_token`` is an error and not a silent default. Responses are

@@ -1,4 +1,4 @@
-"""OpenAI response bodies and Server-Sent Events chunks, built from the worker's items (used by ``app.py``).
+"""OpenAI response bodies and Server-Sent Events chunks, built from the worker's items (used by ``routes/openai.py``).
 
 Streams follow OpenAI's chunk format: ``text_completion`` chunks for ``/v1/completions``, ``chat.completion.chunk``
 for chat (a first chunk carrying the assistant role, then content deltas, then an empty delta with the
