@@ -329,14 +329,9 @@ class LLM:
 
 
 def prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (a string or a list of token ids) or a sequence of them, as a list of prompts."""
-    if isinstance(prompts, str) or _is_ids(prompts):
-        return [prompts]  # type: ignore[list-item]
-    return list(prompts)  # type: ignore[arg-type]
-
-
-def _is_ids(x: object) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+    """One prompt (a string or a non-empty list of token ids) or a sequence of them, as a list of prompts."""
+    ids = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
+    return [prompts] if isinstance(prompts, str) or ids else list(prompts)  # type: ignore[list-item]
 
 
 def _is_messages(x: object) -> bool:
