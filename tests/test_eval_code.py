@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lopa.eval.code import cut_at_stops, extract_code, longest_valid_span, sanitize
+from lopa.eval.code_extract import cut_at_stops, extract_code, longest_valid_span, sanitize
 from lopa.eval.sandbox import Sandbox
 from lopa.eval.tasks import get_task
 from lopa.eval.tasks.code import MBPP, mbpp_entry_point

@@ -12,7 +12,7 @@ import ast
 import re
 from pathlib import Path
 
-from lopa.eval.code import cut_at_stops, extract_code, sanitize
+from lopa.eval.code_extract import cut_at_stops, extract_code, sanitize
 from lopa.eval.sandbox import Program
 from lopa.eval.tasks.base import Doc, Task, need_path, read_records, require_fields
 
