@@ -4,7 +4,8 @@ Called by :mod:`lopa.eval.tasks.code` and the lm-eval adapter. ``sanitize`` foll
 (EvalPlus style): find the longest syntactically valid span of lines, keep imports, classes, functions and simple
 assignments (dropping top-level test code, prints and ``if __name__`` blocks), and, given an entry point, keep only
 the definitions it can reach through names. Source text is kept as written (not re-emitted), so comments and
-formatting survive."""
+formatting survive.
+"""
 
 from __future__ import annotations
 
