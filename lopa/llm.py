@@ -23,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seqs
-from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
+from lopa.engine.loop import decode
 from lopa.engine.runner import Runner
+from lopa.engine.sequence import Step, answer_ids
 from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 from lopa.model.hub import model_name_for, resolve_model
 from lopa.model.loader import load_checkpoint

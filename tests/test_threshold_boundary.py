@@ -13,7 +13,7 @@ from lopa.config import DecodeConfig
 from lopa.decoding.base import fill_block
 from lopa.decoding.blocks import GenState
 from lopa.decoding.confidence import Prediction
-from lopa.engine.engine import decode, run
+from lopa.engine.loop import decode, run
 from lopa.engine.runner import Runner
 
 MASK, EOS = 15, 14
