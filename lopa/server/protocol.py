@@ -131,6 +131,12 @@ def _encodes(text: str) -> bool:
     return True
 
 
+def check_stop(stop: str | list[str] | None) -> None:
+    """InvalidFieldError for more than 16 stop strings (the completion, chat and trace requests alike)."""
+    if isinstance(stop, list) and len(stop) > 16:
+        raise InvalidFieldError(f"'stop' takes at most 16 strings, got {len(stop)}")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
@@ -174,14 +180,8 @@ class BaseRequest(BaseModel):
                 )
         if self.stream_options is not None and not self.stream:
             raise InvalidFieldError("'stream_options' is only allowed together with 'stream': true")
-        if isinstance(self.stop, list) and len(self.stop) > 16:
-            raise InvalidFieldError(f"'stop' takes at most 16 strings, got {len(self.stop)}")
+        check_stop(self.stop)
         return self
-
-    def stop_strings(self) -> tuple[str, ...] | None:
-        if self.stop is None:
-            return None
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class CompletionRequest(BaseRequest):

@@ -33,7 +33,7 @@ from pydantic import (
 
 from lopa.outputs import TraceStep
 from lopa.server.jobs import Job
-from lopa.server.protocol import ChatMessage, InvalidFieldError, reject_invalid_text
+from lopa.server.protocol import ChatMessage, InvalidFieldError, check_stop, reject_invalid_text
 from lopa.server.sse import JobStreamResponse
 
 if TYPE_CHECKING:
@@ -82,14 +82,8 @@ class TraceRequest(BaseModel):
             raise InvalidFieldError("'messages' must not be empty")
         if isinstance(self.prompt, list) and any(t < 0 for t in self.prompt):
             raise InvalidFieldError("token ids in 'prompt' must be >= 0")
-        if isinstance(self.stop, list) and len(self.stop) > 16:
-            raise InvalidFieldError(f"'stop' takes at most 16 strings, got {len(self.stop)}")
+        check_stop(self.stop)
         return self
-
-    def stop_strings(self) -> tuple[str, ...] | None:
-        if self.stop is None:
-            return None
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class TraceStreamResponse(JobStreamResponse):
