@@ -48,8 +48,8 @@ AREAS = {
         ("tests/test_pinned_sequence.py",),
     ),
     "aup": Area(
-        ("lopa/eval/aup.py",),
-        ("lopa.eval.aup.*",),
+        ("lopa/metrics.py",),
+        ("lopa.metrics.*",),
         ("tests/test_pinned_aup.py",),
     ),
     "usage": Area(

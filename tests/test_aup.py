@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from lopa.eval.aup import aup
+from lopa.metrics import aup
 from lopa.tiny.bench_rows import Row, family_aup
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lopa.cli import main
-from lopa.eval.aup import aup, weight
+from lopa.metrics import aup, weight
 from lopa.tiny import default_checkpoint_dir
 from lopa.tiny.bench import add_arguments, selection
 from lopa.tiny.bench_rows import Row, set_agreement

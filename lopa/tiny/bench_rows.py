@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from lopa.config import DecodeConfig
-from lopa.eval.aup import aup
+from lopa.metrics import aup
 from lopa.tiny.bench_sweep import FAMILIES, settings_of
 
 
