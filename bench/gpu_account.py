@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from lopa.engine.batch import BatchRunner, _stack
-from lopa.engine.fast import FastRunner, pack_inputs, round_up
+from lopa.engine.fast import FastRunner, pack_inputs
 from lopa.engine.fast_batch import FastBatchRunner, _pack
+from lopa.engine.graphs import round_up
 from lopa.engine.runner import build_batch
 from lopa.model.config import ModelConfig
 from lopa.model.dream import DreamModel

@@ -1,7 +1,7 @@
 """``lopa generate``: decode prompts and print the text plus a one-line stats summary (or JSON lines).
 
 ``--trace-plot out.png`` / ``--trace-gif out.gif`` turn the trace on and save each prompt's filling-order map
-(``trace_plot.py``); with several prompts the files are numbered: ``out-1.png``, ``out-2.png``, ...
+(``server/trace_plot.py``); with several prompts the files are numbered: ``out-1.png``, ``out-2.png``, ...
 
 Every prompt is checked (encoding, mask token, context length) before any is decoded; each result is printed as
 soon as its prompt finishes. ``--trace`` prints the per-iteration trace: inside the JSON object with ``--json``,
@@ -55,20 +55,6 @@ def summary(stats: dict, cfg_line: str) -> str:
         f"[{cfg_line}] tokens={stats['tokens']} forwards={stats['forwards']} tpf={stats['tpf']:.2f} "
         f"tpf_paper={stats['tpf_paper']:.2f} {stats['tokens_per_second']:.1f} tok/s latency={stats['seconds']:.2f}s"
     )
-
-
-def describe(cfg) -> str:
-    """The settings that matter for a decoder, for headers and summaries."""
-    parts = [cfg.decoder]
-    if cfg.decoder == "lopa":
-        parts.append(f"base={cfg.base} k={cfg.branches}")
-    if cfg.decoder == "vanilla":
-        parts.append(f"order={cfg.order}")
-    else:
-        parts.append(f"block={cfg.block_size} tau={cfg.threshold}")
-    if cfg.base_decoder == "d2f" and cfg.decoder != "vanilla":
-        parts.append(f"tau_add={cfg.tau_add} tau_act={cfg.tau_act}")
-    return " ".join(parts)
 
 
 def read_prompt_lines(stream: BinaryIO) -> list[str]:
@@ -131,7 +117,7 @@ def _check_plotting() -> None:
     try:
         import matplotlib  # noqa: F401
 
-        import lopa.trace_plot  # noqa: F401  (numpy and matplotlib)
+        import lopa.server.trace_plot  # noqa: F401  (numpy and matplotlib)
     except ImportError as e:
         raise ConfigError("--trace-plot / --trace-gif need matplotlib: pip install 'lopa[plot]'") from e
 
@@ -143,10 +129,10 @@ def numbered(path: str, index: int, count: int) -> Path:
 
 
 def save_pictures(kind: str, path: Path, completion, cfg, llm) -> None:
-    from lopa.trace_plot import save_trace_gif, save_trace_plot
+    from lopa.server.trace_plot import save_trace_gif, save_trace_plot
 
     save = save_trace_plot if kind == "plot" else save_trace_gif
-    out = save(completion, cfg, path, llm.end_ids, describe(cfg), lambda t: llm.tokenizer.decode([t]))
+    out = save(completion, cfg, path, llm.end_ids, cfg.describe(), lambda t: llm.tokenizer.decode([t]))
     print(f"wrote {out}", file=sys.stderr, flush=True)
 
 
@@ -178,4 +164,4 @@ def emit(completion, cfg, as_json: bool, llm=None) -> None:
         print(completion.text, flush=True)
         if completion.trace is not None:
             print(format_trace(completion.trace), file=sys.stderr, flush=True)
-        print(summary(stats, describe(cfg)), file=sys.stderr, flush=True)
+        print(summary(stats, cfg.describe()), file=sys.stderr, flush=True)

@@ -23,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seqs
-from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
+from lopa.engine.loop import decode
 from lopa.engine.runner import Runner
+from lopa.engine.sequence import Step, answer_ids
 from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 from lopa.model.hub import model_name_for, resolve_model
 from lopa.model.loader import load_checkpoint
@@ -161,7 +162,7 @@ class LLM:
     ) -> list[Completion]:
         """Decode the prompts (a string, a list of token ids, or a list of those) together, ``max_num_seqs`` at a
         time. ``config`` is one DecodeConfig for all, or one per prompt. Every prompt is validated first."""
-        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
+        batch = prompt_list(prompts)
         out: list[Completion | None] = [None] * len(batch)
         bar = tqdm(total=len(batch), desc="generate", unit="prompt", disable=not progress)
         for index, completion in self.generate_each(batch, config, raw):
@@ -328,8 +329,10 @@ class LLM:
         )
 
 
-def _is_ids(x: object) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+def prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (a string or a non-empty list of token ids) or a sequence of them, as a list of prompts."""
+    ids = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
+    return [prompts] if isinstance(prompts, str) or ids else list(prompts)  # type: ignore[list-item]
 
 
 def _is_messages(x: object) -> bool:

@@ -32,7 +32,7 @@ from lopa.errors import (
     CorruptCheckpointError,
     InvalidTextError,
 )
-from lopa.model.config import ModelConfig, read_json
+from lopa.model.config import ModelConfig, first_int, read_json
 
 MASK_TOKEN = "<|mask|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -102,7 +102,7 @@ class Tokenizer:
         for field in _SPECIAL_FIELDS:
             found = getattr(config, f"{field}_token_id", None) if config is not None else None
             if found is None:
-                found = _first_int(gen.get(f"{field}_token_id"))
+                found = first_int(gen.get(f"{field}_token_id"))
             if found is None and strings[field] is not None:
                 found = hf_tok.token_to_id(strings[field])
             if found is None and field in fallback:
@@ -242,12 +242,6 @@ def _token_string(v: Any) -> str | None:
     if isinstance(v, dict):
         v = v.get("content")
     return v if isinstance(v, str) else None
-
-
-def _first_int(v: Any) -> int | None:
-    if isinstance(v, list):
-        v = v[0] if v else None
-    return None if v is None else int(v)
 
 
 def check_text(text: str, what: str = "the prompt") -> None:

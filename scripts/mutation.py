@@ -48,16 +48,16 @@ AREAS = {
         ("tests/test_pinned_sequence.py",),
     ),
     "aup": Area(
-        ("lopa/eval/aup.py",),
-        ("lopa.eval.aup.*",),
+        ("lopa/metrics.py",),
+        ("lopa.metrics.*",),
         ("tests/test_pinned_aup.py",),
     ),
     "usage": Area(
-        ("lopa/server/protocol.py", "lopa/server/worker.py"),
+        ("lopa/server/protocol.py", "lopa/server/output_cut.py"),
         (
             "lopa.server.protocol.x_usage_dict__mutmut_*",
             "lopa.server.protocol.x_sum_usage__mutmut_*",
-            "lopa.server.worker.xǁOutputCutterǁ*",
+            "lopa.server.output_cut.xǁOutputCutterǁ*",
         ),
         ("tests/test_pinned_usage.py",),
     ),

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
-from lopa.engine.engine import decode, run
+from lopa.engine.loop import decode, run
 from lopa.engine.runner import Runner
 from lopa.model.config import ModelConfig
 from lopa.testing import random_model

@@ -11,7 +11,7 @@ from engine_utils import END, EOS, MASK, peaky_model
 from reference_decoder import Commit, ReferenceTransformer, RefResult, replay
 
 from lopa.config import DecodeConfig
-from lopa.engine.engine import decode, run
+from lopa.engine.loop import decode, run
 from lopa.engine.runner import Runner
 from lopa.engine.sequence import Step
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from lopa.eval.aup import aup
-from lopa.tiny.bench import Row, family_aup
+from lopa.metrics import aup
+from lopa.tiny.bench_rows import Row, family_aup
 
 
 def test_y1_below_y_max_and_a_point_between_the_cut_offs() -> None:

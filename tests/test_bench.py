@@ -8,19 +8,11 @@ import math
 import pytest
 
 from lopa.cli import main
-from lopa.eval.aup import aup, weight
+from lopa.metrics import aup, weight
 from lopa.tiny import default_checkpoint_dir
-from lopa.tiny.bench import (
-    FAMILIES,
-    FULL,
-    QUICK,
-    QUICK_FAMILIES,
-    Row,
-    _set_agreement,
-    add_arguments,
-    selection,
-    variants,
-)
+from lopa.tiny.bench import add_arguments, selection
+from lopa.tiny.bench_rows import Row, set_agreement
+from lopa.tiny.bench_sweep import FAMILIES, FULL, QUICK, QUICK_FAMILIES, variants
 
 
 def test_bench_on_a_random_checkpoint(tiny_ckpt, tmp_path, capsys):
@@ -177,8 +169,8 @@ def test_agreement_by_hand():
         _answers_row("threshold", reference),
         _answers_row("vanilla", [None, 7, 3, 29]),
     ]
-    _set_agreement(rows)
+    set_agreement(rows)
     assert [r.agreement for r in rows] == [3 / 4, 1.0, 1 / 4]
     alone = [_answers_row("d2f", [1])]
-    _set_agreement(alone)
+    set_agreement(alone)
     assert alone[0].agreement is None  # threshold was not run

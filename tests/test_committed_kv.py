@@ -37,7 +37,7 @@ from reference_decoder import ReferenceTransformer, RefResult, reference_decode,
 from lopa.config import DecodeConfig
 from lopa.dist.runner import BranchParallelRunner
 from lopa.engine.batch import BatchRunner
-from lopa.engine.engine import decode, run
+from lopa.engine.loop import decode, run
 from lopa.engine.runner import Runner
 from lopa.engine.scheduler import Scheduler
 

@@ -13,7 +13,7 @@ from plain_block_loop import plain_block_decode
 
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Sampler
-from lopa.engine.engine import decode, run
+from lopa.engine.loop import decode, run
 from lopa.engine.runner import Candidate, Runner
 
 

@@ -62,7 +62,7 @@ def test_readme_fits_a_screen_and_links_resolve() -> None:
 
 
 def test_readme_bench_table_is_the_default_run() -> None:
-    from lopa.tiny.bench import QUICK
+    from lopa.tiny.bench_sweep import QUICK
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     rows = [r for r in re.findall(r"^\| \**([a-z0-9+-]+)\** \|", text, flags=re.M) if r not in ("decoder", "family")]

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from lopa.eval.code import cut_at_stops, extract_code, longest_valid_span, sanitize
+from lopa.eval.code_extract import cut_at_stops, extract_code, longest_valid_span, sanitize
 from lopa.eval.sandbox import Sandbox
 from lopa.eval.tasks import get_task
-from lopa.eval.tasks.code import MBPP, HumanEvalPlus, MBPPPlus, mbpp_entry_point, mbpp_plus_restore
+from lopa.eval.tasks.code import MBPP, mbpp_entry_point
+from lopa.eval.tasks.evalplus import HumanEvalPlus, MBPPPlus, mbpp_plus_restore
 
 
 def test_extract_code_prefers_the_block_defining_the_entry_point() -> None:

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from lopa.errors import ConfigError  # noqa: E402
-from lopa.eval.fake import FakeLLM  # noqa: E402
 from lopa.eval.lm_eval_adapter import LopaLM  # noqa: E402
+from lopa.testing import FakeLLM  # noqa: E402
 
 
 def request(context: str, **gen_kwargs: object) -> SimpleNamespace:

@@ -10,9 +10,9 @@ pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
 from lopa.errors import DeviceUnavailableError  # noqa: E402
-from lopa.eval.fake import FakeLLM  # noqa: E402
 from lopa.eval.lm_eval_adapter import LopaLM, choose_device, harness_default_device  # noqa: E402
 from lopa.llm import LLM  # noqa: E402
+from lopa.testing import FakeLLM  # noqa: E402
 
 
 def request(context: str, **gen_kwargs: object) -> SimpleNamespace:

@@ -10,9 +10,9 @@ import pytest
 
 from lopa.config import DecodeConfig
 from lopa.errors import ConfigError
-from lopa.eval.fake import FakeLLM
 from lopa.eval.runner import TIMING_FIELDS, evaluate, read_samples
 from lopa.eval.tasks import get_task
+from lopa.testing import FakeLLM
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},

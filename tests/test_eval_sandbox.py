@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lopa.eval.sandbox import Program, Sandbox, SandboxLimits, _pids_of_user
+from lopa.eval.sandbox import Program, Sandbox, SandboxLimits
+from lopa.eval.sandbox.isolation import pids_of_user as _pids_of_user
 
 LIMITS = SandboxLimits(timeout_s=1.0, memory_mb=1024)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from lopa.eval.sandbox import Program, Sandbox, SandboxLimits
-from lopa.eval.tasks.code import MBPP, HumanEvalPlus
+from lopa.eval.tasks.code import MBPP
+from lopa.eval.tasks.evalplus import HumanEvalPlus
 
 LIMITS = SandboxLimits(timeout_s=5.0, memory_mb=1024)
 WRONG = "def add(a, b):\n    return a - b\n"

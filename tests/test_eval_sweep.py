@@ -10,7 +10,7 @@ from lopa.cli import main
 from lopa.config import DecodeConfig
 from lopa.errors import ConfigError
 from lopa.eval import plots, sweep
-from lopa.eval.fake import FakeLLM
+from lopa.testing import FakeLLM
 
 
 @pytest.mark.parametrize(

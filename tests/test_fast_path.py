@@ -17,9 +17,9 @@ from engine_utils import END, FAMILIES, MASK, FakeGraphPools, answer, peaky_mode
 from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Sampler, predict
-from lopa.decoding.lopa import branch_score
-from lopa.engine.engine import decode, run
+from lopa.decoding.lookahead import branch_score
 from lopa.engine.fast import FastRunner, make_runner, pack_inputs
+from lopa.engine.loop import decode, run
 from lopa.engine.runner import Candidate, Runner, build_batch
 from lopa.engine.scoring import Row, choose_and_score, greedy_choice
 from lopa.errors import ConfigError

@@ -10,8 +10,9 @@ import torch
 from lopa import LLM, DecodeConfig
 from lopa.config import DECODERS
 from lopa.decoding.confidence import Sampler, filtered_probs, predict
-from lopa.engine.engine import answer_ids, decode, run
+from lopa.engine.loop import decode, run
 from lopa.engine.runner import Runner
+from lopa.engine.sequence import answer_ids
 from lopa.errors import ConfigError, MaskTokenInPromptError
 
 

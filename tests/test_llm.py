@@ -10,6 +10,7 @@ import pytest
 from lopa import LLM, DecodeConfig
 from lopa.cli import main
 from lopa.errors import ConfigError, PromptTooLongError
+from lopa.llm import prompt_list
 
 FAST = DecodeConfig(decoder="lopa", branches=2, block_size=8, max_new_tokens=16)
 
@@ -175,3 +176,13 @@ def test_checkpoint_recommendations_replace_engine_defaults(tmp_path):
     bundled = checkpoint_decode_defaults(None)
     assert (bundled.decoder, bundled.block_size, bundled.max_new_tokens) == ("threshold", 32, 64)
     assert checkpoint_decode_defaults(str(tmp_path / "missing")) == DecodeConfig()
+
+
+def test_prompt_list_tells_one_prompt_from_many() -> None:
+    """What LLM.generate and the branch-parallel facade treat as one prompt (text, token ids) or several."""
+    assert prompt_list("a b") == ["a b"]
+    assert prompt_list([5, 6]) == [[5, 6]] and prompt_list((5, 6)) == [(5, 6)]
+    assert prompt_list(["a", "b"]) == ["a", "b"]
+    assert prompt_list([[5], [6, 7]]) == [[5], [6, 7]]
+    assert prompt_list(p for p in ["a", [5]]) == ["a", [5]]
+    assert prompt_list([]) == []

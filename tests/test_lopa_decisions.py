@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Prediction
-from lopa.engine.engine import decode, run
+from lopa.engine.loop import decode, run
 from lopa.engine.runner import Runner
 
 H = [0.95, 0.93, 0.96, 0.92, 0.85, 0.94, 0.97, 0.91]  # p when the previous position is decoded

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lopa.eval.aup import ALPHA, AUP, aup, weight
+from lopa.metrics import ALPHA, AUP, aup, weight
 
 
 def test_weight_by_hand() -> None:

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lopa.decoding.base import add_extra, fill_block, in_block
+from lopa.decoding.blocks import Block, BlockState, GenState
 from lopa.decoding.confidence import Prediction, Sampler, confidence_of, filtered_probs, predict, rank
 from lopa.decoding.d2f import D2FDecoder
-from lopa.decoding.lopa import Branch, branch_score, pick_winner, score_masks, spawn
+from lopa.decoding.lookahead import Branch, branch_score, pick_winner, score_masks, spawn
 from lopa.decoding.threshold import ThresholdDecoder
 from lopa.decoding.vanilla import select_one
-from lopa.state import Block, BlockState, GenState
 
 MASK = 9
 END = frozenset({8})
@@ -313,7 +313,7 @@ def test_d2f_select_fallback_only_in_fully_activated_blocks() -> None:
     assert extra.select(s, p2).tolist() == [True, False, True, False]  # + the most confident left, anywhere
 
 
-# ---- lopa.py --------------------------------------------------------------------------------------------
+# ---- lookahead.py ---------------------------------------------------------------------------------------
 def test_spawn_fills_the_jth_most_confident_remaining_position() -> None:
     anchor = state_with_block(prompt_len=2, size=4)  # masked 2..5
     remaining = pred([2, 3, 4, 5], [5, 6, 7, 8], [0.1, 0.2, 0.3, 0.4], [0.2, 0.9, 0.5, 0.9])

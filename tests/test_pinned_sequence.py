@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from lopa.config import DecodeConfig
+from lopa.decoding.blocks import GenState
 from lopa.decoding.confidence import Prediction
 from lopa.decoding.d2f import D2FDecoder
-from lopa.decoding.lopa import Branch, branch_score
+from lopa.decoding.lookahead import Branch, branch_score
 from lopa.decoding.threshold import ThresholdDecoder
 from lopa.engine.sequence import (
     BlockSequence,
@@ -28,7 +29,6 @@ from lopa.engine.sequence import (
     sampler_for,
     trace_step,
 )
-from lopa.state import GenState
 
 MASK, END_ID = 9, 8
 END = frozenset({END_ID})

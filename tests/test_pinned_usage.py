@@ -2,8 +2,8 @@
 max_tokens cut, which decides ``completion_tokens`` and ``finish_reason``."""
 
 from lopa.outputs import Completion, Stats
+from lopa.server.output_cut import OutputCutter
 from lopa.server.protocol import sum_usage, usage_dict
-from lopa.server.worker import OutputCutter
 
 
 class Pieces:

@@ -14,7 +14,8 @@ from openai import OpenAI
 from lopa import LLM, DecodeConfig
 from lopa.server import create_app
 from lopa.server.background import serve_in_background
-from lopa.server.worker import Closed, EngineWorker, Finished, Job, Started
+from lopa.server.jobs import Closed, Finished, Job, Started
+from lopa.server.worker import EngineWorker
 
 CFG = DecodeConfig(decoder="lopa", base="d2f", branches=2, block_size=8, max_new_tokens=16)
 

@@ -11,8 +11,9 @@ from fastapi.testclient import TestClient
 from lopa import LLM, DecodeConfig
 from lopa.errors import LimitExceededError
 from lopa.server import create_app
+from lopa.server.jobs import Closed, Finished, Job, QueueFullError, Started
 from lopa.server.limits import ServerLimits, check_request
-from lopa.server.worker import Closed, EngineWorker, Finished, Job, QueueFullError, Started
+from lopa.server.worker import EngineWorker
 
 CFG = DecodeConfig(decoder="threshold", block_size=8, max_new_tokens=8)
 

@@ -68,6 +68,21 @@ def test_the_trace_schema_refuses_empty_messages_and_prompts(client) -> None:
         assert client.post("/v1/trace", json=body).status_code == 400
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/trace", {"prompt": "hi"}),
+    ],
+)
+def test_every_route_takes_at_most_16_stop_strings(client, path: str, body: dict) -> None:
+    r = client.post(path, json={**body, "max_tokens": 8, "stop": [f"s{i}" for i in range(17)]})
+    assert r.status_code == 400 and "at most 16" in r.json()["error"]["message"], r.text
+    with client.stream("POST", path, json={**body, "max_tokens": 8, "stop": [f"s{i}" for i in range(16)]}) as ok:
+        assert ok.status_code == 200
+
+
 def test_the_live_page_sends_csp_and_frame_options(client) -> None:
     for path in ("/", "/static/app.js", "/health", "/v1/models"):
         r = client.get(path)

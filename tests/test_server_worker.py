@@ -18,7 +18,7 @@ from lopa.llm import StreamEvent
 from lopa.outputs import Completion, Stats
 from lopa.server import create_app
 from lopa.server.background import serve_in_background
-from lopa.server.worker import OutputCutter
+from lopa.server.output_cut import OutputCutter
 
 
 class CharTokenizer:
@@ -112,6 +112,42 @@ def test_a_client_that_gives_up_cancels_a_non_streaming_request(served) -> None:
     time.sleep(0.1)
     assert llm.events == events  # nothing runs any more
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "short"}, timeout=10).status_code == 200
+
+
+class ScriptedTraceLLM(ScriptedLLM):
+    """The scripted engine with what ``POST /v1/trace`` asks of an LLM; records the prompts it starts."""
+
+    end_ids = frozenset()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer.has_chat_template = False
+        self.started: list[str] = []
+
+    def encode_prompt(self, prompt, raw: bool = False) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def check_fits(self, ids: list[int], config: DecodeConfig) -> None:
+        pass
+
+    def stream(self, prompt, config: DecodeConfig | None = None, raw: bool = False):
+        self.started.append(prompt)
+        return super().stream(prompt, config, raw)
+
+
+def test_a_trace_client_that_gives_up_while_queued_cancels_its_job() -> None:
+    llm = ScriptedTraceLLM()
+    app = create_app(llm, default_config=DecodeConfig(decoder="vanilla", max_new_tokens=8), queue_limit=2)
+    with serve_in_background(app) as url, ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(httpx.post, f"{url}/v1/completions", json={"prompt": "wait"}, timeout=10)
+        _wait_for(lambda: _health(url)["running"] == 1)  # the engine is held by 'wait'; the trace job queues
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/trace", json={"prompt": "forever"}, timeout=0.5)
+        llm.gate.set()
+        assert busy.result().status_code == 200
+        _wait_for(lambda: _health(url)["cancelled"] == 1)
+        assert llm.started == ["wait"]  # the trace job was dropped before the engine started it
+    llm.gate.set()
 
 
 def test_an_engine_failure_mid_stream_ends_the_stream_with_an_error_event(served) -> None:

@@ -11,10 +11,10 @@ from torch import Tensor
 
 from lopa.config import DecodeConfig
 from lopa.decoding.base import fill_block
+from lopa.decoding.blocks import GenState
 from lopa.decoding.confidence import Prediction
-from lopa.engine.engine import decode, run
+from lopa.engine.loop import decode, run
 from lopa.engine.runner import Runner
-from lopa.state import GenState
 
 MASK, EOS = 15, 14
 PROMPT = [8, 9, 10]

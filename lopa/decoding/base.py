@@ -13,8 +13,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lopa.decoding.blocks import Block, GenState
 from lopa.decoding.confidence import Prediction, rank
-from lopa.state import Block, GenState
 
 
 class BlockDecoder(Protocol):

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from lopa.decoding.base import add_extra, fill_block
+from lopa.decoding.blocks import GenState
 from lopa.decoding.confidence import Prediction
-from lopa.state import GenState
 
 
 @dataclass(frozen=True)

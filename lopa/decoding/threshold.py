@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lopa.decoding.base import add_extra, fill_block
+from lopa.decoding.base import add_extra, fill_block, in_block
+from lopa.decoding.blocks import GenState
 from lopa.decoding.confidence import Prediction
-from lopa.state import GenState
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,5 @@ class ThresholdDecoder:
         active = state.active_blocks()
         if active:
             keep = fill_block(pred, active[0], self.threshold, fallback=True)
-            eligible = (pred.positions >= active[0].start) & (pred.positions < active[0].end)
-            keep = add_extra(keep, pred, eligible, self.extra_fill)
+            keep = add_extra(keep, pred, in_block(pred, active[0]), self.extra_fill)
         return keep

@@ -33,7 +33,7 @@ from lopa.dist.mesh import Mesh, TensorParallel, layout
 from lopa.dist.monitor import Monitor
 from lopa.dist.runner import BranchParallelRunner
 from lopa.errors import DistributedError
-from lopa.llm import LLM, Messages, Prompt, StreamEvent
+from lopa.llm import LLM, Messages, Prompt, StreamEvent, prompt_list
 from lopa.outputs import Completion
 
 _POLL_S = (0.001, 0.05)
@@ -91,7 +91,7 @@ class BranchParallelLLM:
         """Like :meth:`LLM.generate`. User errors (ConfigError, PromptTooLongError) come before any rank is
         involved; a DistributedError leaves the group broken (``broken``), and every rank stops."""
         cfg = (config or DecodeConfig()).validate()
-        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
+        batch = prompt_list(prompts)
         encoded = [self.llm.encode_prompt(p, raw) for p in batch]
         for ids in encoded:
             self.llm.check_fits(ids, cfg)
@@ -233,7 +233,3 @@ def dump_kv(runner: BranchParallelRunner, out_dir: str | Path | None, request: i
 
 def _fault_dict(fault: Fault | None) -> dict[str, Any] | None:
     return fault.to_dict() if fault is not None else None
-
-
-def _is_ids(x: object) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)

@@ -26,16 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lopa.engine.graphs import GraphBuckets, GraphCounters, Key
+from lopa.engine.graphs import GraphBuckets, GraphCounters, Key, round_up
 from lopa.engine.runner import Batch, Candidate, Runner, build_batch
 from lopa.errors import ConfigError
 from lopa.model.dream import DreamModel
 from lopa.model.fused import fuse
 from lopa.model.kv_access import StaticRows
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def pack_inputs(b: Batch, rows: int, width: int, pad_id: int) -> Tensor:

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from lopa.engine.batch import BatchRunner
-from lopa.engine.fast import graph_settings, round_up
-from lopa.engine.graphs import GraphBuckets, GraphCounters, Key
+from lopa.engine.fast import graph_settings
+from lopa.engine.graphs import GraphBuckets, GraphCounters, Key, round_up
 from lopa.errors import ConfigError
 from lopa.model.dream import DreamModel
 from lopa.model.fused import fuse

@@ -27,6 +27,11 @@ Key = tuple[int, int, int]  # (rows, window, kv length or prefix), every value p
 Outputs = tuple[Tensor, ...]
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` padded up to a multiple of ``multiple``: how a bucket's window and K/V lengths are chosen."""
+    return -(-n // multiple) * multiple
+
+
 @dataclass
 class Graph:
     graph: Any  # torch.cuda.CUDAGraph (a CPU stand-in in tests)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lopa.decoding.confidence import Prediction, Sampler, confidence_of, filtered_probs, predict
-from lopa.decoding.lopa import branch_score
+from lopa.decoding.lookahead import branch_score
 
 
 @dataclass

@@ -27,14 +27,14 @@ import torch
 
 from lopa.config import DecodeConfig
 from lopa.decoding.base import BlockDecoder
+from lopa.decoding.blocks import GenState
 from lopa.decoding.confidence import ORDER_TO_CONFIDENCE, Prediction, Sampler
 from lopa.decoding.d2f import D2FDecoder
-from lopa.decoding.lopa import Branch, pick_winner, score_masks, spawn
+from lopa.decoding.lookahead import Branch, pick_winner, score_masks, spawn
 from lopa.decoding.threshold import ThresholdDecoder
 from lopa.decoding.vanilla import select_one
 from lopa.engine.runner import Candidate
 from lopa.outputs import Stats, TraceStep
-from lopa.state import GenState
 
 StopCheck = Callable[[list[int]], bool]
 
@@ -105,7 +105,7 @@ class BlockSequence:
     ) -> None:
         self.cfg, self.end_ids, self.stop = cfg, end_ids, stop
         self.decoder, self.sampler, self.k = make_decoder(cfg), sampler_for(cfg, mask_id), cfg.num_branches
-        self.max_len, self.rows = len(prompt) + cfg.max_new_tokens, self.k + 1
+        self.max_len, self.rows = len(prompt) + cfg.max_new_tokens, cfg.cache_rows
         self.stats = Stats(prompt_tokens=len(prompt))
         self.trace: list[TraceStep] | None = [] if cfg.trace else None
         self.branches = [Branch(GenState.from_prompt(prompt, mask_id), "anchor")]

@@ -35,7 +35,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval") from e
 
 from lopa.config import DecodeConfig
-from lopa.eval.code import cut_at_stops
+from lopa.eval.code_extract import cut_at_stops
 
 _IGNORED = {"batch_size", "max_batch_size"}  # lm-eval passes these; LLM.generate batches by max_num_seqs
 LOPA_DEFAULT_DEVICE = "cpu"  # lopa.LLM's and the CLI's default

@@ -58,10 +58,6 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
-    def kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def family(self) -> Family:
         """The model family this checkpoint belongs to (by ``model_type``)."""
         from lopa.model.family import family_for_model_type
@@ -225,6 +221,7 @@ def int_or_none(v: Any) -> int | None:
 
 
 def first_int(v: Any) -> int | None:
+    """The id of a config field that may be one id or a list of ids (``eos_token_id``): the first one, or None."""
     if isinstance(v, list):
         return int(v[0]) if v else None
     return int_or_none(v)

@@ -1,9 +1,27 @@
-"""OpenAI-compatible HTTP server (``lopa serve``): FastAPI app, protocol models and the engine worker.
+"""OpenAI-compatible HTTP server (``lopa serve``): FastAPI app, protocol models, the engine worker, and the two
+views of a decoding trace (the live page at ``/`` in ``trace.py`` + ``static/``, and the PNG / GIF filling-order
+map of ``trace_plot.py``, which ``lopa generate --trace-plot`` draws and which needs matplotlib, not FastAPI).
 
-Only the public API (``lopa.LLM``, ``DecodeConfig``, ``lopa.errors``, ``lopa.outputs``) is used from here; see
-``docs/serve.md`` for usage.
+The app reaches the engine through the public API (``lopa.LLM``, ``DecodeConfig``, ``lopa.errors``,
+``lopa.outputs``) plus the engine's session (``IteratorSession``), which the worker thread drives; ``server/cli.py``
+also uses the shared command flags and the ``--tp`` mesh start. See ``docs/serve.md`` for usage.
+
+``create_app`` is imported on first use, so importing ``lopa.server.trace_plot`` does not import FastAPI.
 """
 
-from lopa.server.app import create_app
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lopa.server.app import create_app
 
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from lopa.server.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'lopa.server' has no attribute {name!r}")

@@ -24,8 +24,8 @@ from lopa.errors import (
     MaskTokenInPromptError,
     PromptTooLongError,
 )
+from lopa.server.jobs import QueueFullError
 from lopa.server.protocol import error_body
-from lopa.server.worker import QueueFullError
 
 # what a field accepts, for fields typed as a union (pydantic reports one error per union member otherwise)
 _UNION_HINTS = {

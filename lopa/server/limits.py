@@ -5,7 +5,7 @@ Memory per request grows with settings a client picks: the number of prompts, th
 ``--max-branches`` and ``--max-kv-cache-mb`` bound them; :func:`check_request` computes the KV cache a request
 needs from its settings alone, summed over its prompts (rows x positions x the model's per-position K/V bytes,
 however the engine later batches it) and raises
-:class:`~lopa.errors.LimitExceededError`, a 400 naming the limit, when it does not fit. Called by ``app.py``.
+:class:`~lopa.errors.LimitExceededError`, a 400 naming the limit, when it does not fit. Called by the routes.
 When the engine batches (``LLM.can_batch``) the committed prefixes live in one KV pool of
 ``LLM.kv_pool_bytes()`` (max_num_seqs x max_model_len positions), allocated once and printed by ``lopa serve``;
 what a request adds on top of its pool slot is its branch rows' window K/V, which this bound covers.
@@ -45,11 +45,6 @@ class ServerLimits:
         return self
 
 
-def cache_rows(config: DecodeConfig) -> int:
-    """KV cache rows a request decodes with: the anchor plus every lookahead branch; vanilla keeps no cache."""
-    return 0 if config.decoder == "vanilla" else config.num_branches + 1
-
-
 def kv_cache_bytes(llm: LLM, rows: int, positions: int) -> int:
     """Bytes of K and V for ``rows`` rows of ``positions`` positions of ``llm``'s model."""
     return llm.kv_cache_bytes(rows, positions)
@@ -86,7 +81,7 @@ def check_request(config: DecodeConfig, prompt_tokens: int | Sequence[int], llm:
             f"lopa.branches={config.num_branches} exceeds this server's limit of {limits.max_branches} branches "
             f"(lopa serve --max-branches); ask for fewer branches"
         )
-    rows = cache_rows(config)
+    rows = config.cache_rows
     need = sum(kv_cache_bytes(llm, rows, n + config.max_new_tokens) for n in counts)
     if need > limits.max_kv_cache_mb * MIB:
         longest = max(counts)

@@ -1,4 +1,4 @@
-"""Maps an OpenAI request onto a validated :class:`~lopa.DecodeConfig` and the output cut (called by ``app.py``).
+"""Maps an OpenAI request onto a validated :class:`~lopa.DecodeConfig` and the output cut (called by the routes).
 
 Precedence, lowest first: the server's defaults (``lopa serve`` flags), the request's ``lopa`` extra body field
 (any DecodeConfig field), then the OpenAI fields ``temperature``, ``top_p``, ``seed`` and ``stop``. A ``lopa`` value
@@ -43,7 +43,7 @@ def decode_config_for(
             if name in overrides:  # overridden, but still checked: a bad value is an error, not dropped
                 _check_one(name, overrides[name], default)
             merged[name] = value
-    stop = req.stop_strings()
+    stop = stop_strings(req.stop)
     if stop is not None:
         merged["stop"] = list(stop)
     if req.max_tokens is not None:
@@ -77,3 +77,8 @@ def _round_up(max_tokens: int, merged: dict[str, Any]) -> int:
     if merged.get("decoder") == "vanilla" or not isinstance(block, int) or isinstance(block, bool) or block < 1:
         return max_tokens  # a bad block_size is reported by DecodeConfig.validate with its own message
     return -(-max_tokens // block) * block
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...] | None:
+    """A request's ``stop`` field as DecodeConfig's tuple; None when the request gives none."""
+    return None if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)

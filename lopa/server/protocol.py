@@ -1,7 +1,7 @@
 """OpenAI request and response schemas for the HTTP server (pydantic models, no engine code).
 
 The request models follow the OpenAI API (``/v1/completions``, ``/v1/chat/completions``) field by field.
-Fields the engine implements are typed and mapped onto :class:`~lopa.DecodeConfig` by ``app.py``. Fields
+Fields the engine implements are typed and mapped onto :class:`~lopa.DecodeConfig` by ``params.py``. Fields
 lopa cannot honour (``n > 1``, ``logprobs``, ``tools``, penalties, ...) are accepted only at their neutral
 value; anything else is rejected with a message rather than silently ignored, and unknown fields are rejected
 too (``extra="forbid"``), so a typo such as ``max_token`` is an error and not a silent default. Responses are
@@ -131,6 +131,12 @@ def _encodes(text: str) -> bool:
     return True
 
 
+def check_stop(stop: str | list[str] | None) -> None:
+    """InvalidFieldError for more than 16 stop strings (the completion, chat and trace requests alike)."""
+    if isinstance(stop, list) and len(stop) > 16:
+        raise InvalidFieldError(f"'stop' takes at most 16 strings, got {len(stop)}")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
@@ -174,14 +180,8 @@ class BaseRequest(BaseModel):
                 )
         if self.stream_options is not None and not self.stream:
             raise InvalidFieldError("'stream_options' is only allowed together with 'stream': true")
-        if isinstance(self.stop, list) and len(self.stop) > 16:
-            raise InvalidFieldError(f"'stop' takes at most 16 strings, got {len(self.stop)}")
+        check_stop(self.stop)
         return self
-
-    def stop_strings(self) -> tuple[str, ...] | None:
-        if self.stop is None:
-            return None
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class CompletionRequest(BaseRequest):

@@ -1,4 +1,4 @@
-"""OpenAI response bodies and Server-Sent Events chunks, built from the worker's items (used by ``app.py``).
+"""OpenAI response bodies and Server-Sent Events chunks, built from the worker's items (used by ``routes/openai.py``).
 
 Streams follow OpenAI's chunk format: ``text_completion`` chunks for ``/v1/completions``, ``chat.completion.chunk``
 for chat (a first chunk carrying the assistant role, then content deltas, then an empty delta with the
@@ -17,8 +17,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lopa.errors import DistributedError, LopaError
+from lopa.server.jobs import Delta, Failed, Finished, Job
 from lopa.server.protocol import error_body, new_id, now
-from lopa.server.worker import Delta, Failed, Finished, Job
 
 Items = AsyncIterator[Delta | Finished | Failed]
 

@@ -1,4 +1,4 @@
-"""The live trace stream (``POST /v1/trace``) and the page that shows it (``GET /``, ``/static/*``).
+"""The live trace stream's request and events (``POST /v1/trace``; the routes are :mod:`lopa.server.routes.trace`).
 
 A trace request is a completions request for ONE prompt (``prompt``, raw like ``/v1/completions``) or one
 conversation (``messages``, through the chat template like ``/v1/chat/completions``), decoded with
@@ -8,23 +8,18 @@ lookahead fill marked, every candidate's score and the winner, seconds since dec
 (final text, usage, the text each answer position contributes) or ``error``. Positions are answer positions:
 0 is the first generated position.
 
-The job runs on the engine worker like every other request (the worker forwards the ``Trace`` items that
-``LLM.stream`` yields); this module only validates, converts trace steps to JSON and frames them. Invalid
-requests are plain 4xx JSON answers before the stream starts, exactly as for the OpenAI routes. The page
-(``static/``: index.html, app.js, style.css; no build step, no network) is served from the package.
+This module holds :class:`TraceRequest`, the event framing, :class:`StepConverter` (a TraceStep → a ``step``
+event's JSON) and the text each answer position contributes. The page (``static/``: index.html, app.js,
+stream.js, style.css; no build step, no network) is served from the package (``STATIC_DIR``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, Response
-from fastapi.staticfiles import StaticFiles
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -36,17 +31,10 @@ from pydantic import (
     model_validator,
 )
 
-from lopa import DecodeConfig
-from lopa.config import BASES, CONFIDENCES, DECODERS
-from lopa.errors import DistributedError, LopaError
 from lopa.outputs import TraceStep
-from lopa.server.handlers import ModelNotFoundError
-from lopa.server.limits import ServerLimits, check_request
-from lopa.server.openapi import TRACE_RESPONSES
-from lopa.server.params import decode_config_for
-from lopa.server.protocol import ChatMessage, InvalidFieldError, error_body, new_id, reject_invalid_text
+from lopa.server.jobs import Job
+from lopa.server.protocol import ChatMessage, InvalidFieldError, check_stop, reject_invalid_text
 from lopa.server.sse import JobStreamResponse
-from lopa.server.worker import Closed, EngineWorker, Failed, Finished, Job, Trace
 
 if TYPE_CHECKING:
     from lopa import LLM
@@ -94,14 +82,8 @@ class TraceRequest(BaseModel):
             raise InvalidFieldError("'messages' must not be empty")
         if isinstance(self.prompt, list) and any(t < 0 for t in self.prompt):
             raise InvalidFieldError("token ids in 'prompt' must be >= 0")
-        if isinstance(self.stop, list) and len(self.stop) > 16:
-            raise InvalidFieldError(f"'stop' takes at most 16 strings, got {len(self.stop)}")
+        check_stop(self.stop)
         return self
-
-    def stop_strings(self) -> tuple[str, ...] | None:
-        if self.stop is None:
-            return None
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class TraceStreamResponse(JobStreamResponse):
@@ -226,96 +208,3 @@ def prefix_pieces(decode: Callable[[list[int]], str], ids: list[int]) -> list[st
     if ids and "".join(out) != decode(ids):
         out[-1] += decode(ids)[len("".join(out)) :]
     return out
-
-
-def add_trace_routes(
-    app: FastAPI, worker: EngineWorker, default: DecodeConfig, llm: LLM, model_name: str, limits: ServerLimits
-) -> None:
-    """Install ``GET /``, ``/static/*``, ``GET /v1/trace/settings`` and ``POST /v1/trace`` on ``app``."""
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
-
-    @app.get("/v1/trace/settings")
-    async def trace_settings() -> dict[str, Any]:
-        return {
-            "model": model_name,
-            "max_model_len": llm.max_context,
-            "chat_template": bool(llm.tokenizer.has_chat_template),
-            "defaults": default.to_dict(),
-            "choices": {"decoder": list(DECODERS), "base": list(BASES), "confidence": list(CONFIDENCES)},
-        }
-
-    @app.post("/v1/trace", responses=TRACE_RESPONSES)
-    async def trace(body: TraceRequest, request: Request) -> Response:
-        if body.model is not None and body.model != model_name:
-            raise ModelNotFoundError(body.model, model_name)
-        overrides = dict(body.lopa or {})
-        overrides.pop("trace", None)  # always on here
-        request = body.model_copy(update={"lopa": overrides})
-        config, max_tokens = decode_config_for(request, default, llm.max_context, limits.max_branches)
-        config = config.replace(trace=True)
-        chat = body.messages is not None
-        prompt: Any = [m.as_template_message() for m in body.messages] if body.messages is not None else body.prompt
-        ids = await asyncio.to_thread(llm.encode_prompt, prompt, not chat)
-        llm.check_fits(ids, config)
-        check_request(config, len(ids), llm, limits)  # the operator's limits, as on the completion routes
-        job = Job([prompt], config, not chat, max_tokens, False, asyncio.get_running_loop())
-        worker.submit(job)
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
-        try:
-            first = await job.events.get()  # Started, or Failed / Closed when it never ran
-        finally:
-            watcher.cancel()
-        if isinstance(first, Failed):
-            job.cancel.set()
-            raise first.error
-        if isinstance(first, Closed):
-            return Response(status_code=499)  # client closed the request; nobody reads this
-        start = {
-            "id": new_id("trace"),
-            "model": model_name,
-            "settings": config.replace(trace=False).to_dict(),
-            "chat": chat,
-            "prompt_tokens": len(ids),
-            "positions": config.max_new_tokens,
-            "block_size": config.block_size if config.uses_blocks else config.max_new_tokens,
-            "branches": config.num_branches,
-        }
-        return TraceStreamResponse(_events(job, start, StepConverter(llm, len(ids))), job)
-
-
-async def _events(job: Job, start: dict, convert: StepConverter) -> AsyncIterator[tuple[str, dict]]:
-    yield "start", start
-    last_seconds = 0.0
-    while not isinstance(item := await job.events.get(), Closed):
-        if isinstance(item, Trace):
-            for step in item.steps:
-                last_seconds = step.seconds
-                yield "step", convert.step(step)
-        elif isinstance(item, Finished):
-            done = {"text": item.text, "finish_reason": item.finish_reason, "usage": item.usage}
-            pieces = await asyncio.to_thread(convert.pieces)  # off the event loop: /health and other streams go on
-            yield "done", {**done, "seconds": round(last_seconds, 6), "pieces": pieces}
-        elif isinstance(item, Failed):
-            error = item.error
-            if isinstance(error, LopaError) and not isinstance(error, DistributedError):
-                yield "error", error_body(str(error), type_="invalid_request_error", code="invalid_parameter")
-            else:
-                yield (
-                    "error",
-                    error_body(f"internal error ({type(error).__name__}); see the server log", type_="server_error"),
-                )
-            return
-
-
-async def _watch_disconnect(request: Request, job: Job) -> None:
-    """Cancel the job when the client goes away before its stream starts."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            job.cancel.set()
-            job.events.put_nowait(Closed())
-            return

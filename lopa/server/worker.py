@@ -1,18 +1,17 @@
 """The engine worker: the one thread that calls the LLM, its bounded job queue, continuous batching, cancellation.
 
-``LLM`` is not thread-safe and a forward takes from milliseconds to seconds, so the HTTP event loop never
-calls it: ``app.py`` wraps each request in a :class:`Job`, :meth:`EngineWorker.submit` queues it (or raises
-:class:`QueueFullError` when its prompts would take the waiting prompts over ``queue_limit``), and the worker
-thread runs an engine session (``llm.open_session()``, see ``lopa/session.py``): between two iterations it admits
-waiting prompts while the engine has room, then runs ONE iteration for all running sequences and routes each
-sequence's event to its job. Admission is fair by prompt, not by request: the jobs with prompts still waiting take
-turns (round-robin), one prompt each per turn, so a request carrying many prompts gets one slot per round and a
-one-prompt request that arrives behind it waits for at most one of its prompts per free slot, not for all of them.
-Results travel back as :class:`Started` / :class:`Delta` / :class:`Finished` / :class:`Failed` items on the job's
-asyncio queue (``loop.call_soon_threadsafe``), always ending with :class:`Closed`. Setting ``job.cancel``
-(client gone) drops the job's sequences before the next iteration, so its KV slots are free within one forward;
-its prompts still waiting are dropped without touching the engine. Every request, streamed or not, goes
-through the same session events, so both paths cancel alike and see the same engine output.
+``LLM`` is not thread-safe and a forward takes from milliseconds to seconds, so the HTTP event loop never calls it: a
+route wraps each request in a :class:`~lopa.server.jobs.Job`, :meth:`EngineWorker.submit` queues it (or raises
+:class:`~lopa.server.jobs.QueueFullError` when its prompts would take the waiting prompts over ``queue_limit``), and the
+worker thread runs an engine session (``llm.open_session()``, see ``lopa/session.py``): between two iterations it admits
+waiting prompts while the engine has room, then runs ONE iteration for all running sequences and routes each sequence's
+event to its job. Admission is fair by prompt, not by request: the jobs with prompts still waiting take turns
+(round-robin), one prompt each per turn, so a request carrying many prompts gets one slot per round and a one-prompt
+request that arrives behind it waits for at most one of its prompts per free slot, not for all of them. Results travel
+back as the items of :mod:`lopa.server.jobs` on the job's asyncio queue (``loop.call_soon_threadsafe``), always ending
+with ``Closed``. Setting ``job.cancel`` (client gone) drops the job's sequences before the next iteration, so its KV
+slots are free within one forward; its prompts still waiting are dropped without touching the engine. Every request,
+streamed or not, goes through the same session events, so both paths cancel alike and see the same engine output.
 
 Per-request hooks: :class:`_Active` is the one place a job's per-sequence events arrive (``_deliver``), so
 per-step extras (traces, timings) can be routed to a job from there.
@@ -20,7 +19,6 @@ per-step extras (traces, timings) can be routed to a job from there.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -32,58 +30,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lopa.errors import LimitExceededError, LopaError
-from lopa.outputs import Completion
+from lopa.server.jobs import Closed, Delta, Failed, Finished, Job, QueueFullError, Started, Trace
+from lopa.server.output_cut import OutputCutter
 from lopa.server.protocol import usage_dict
 
 if TYPE_CHECKING:  # the worker only calls methods; importing lopa.LLM here would load torch for nothing
-    from lopa import LLM, DecodeConfig
+    from lopa import LLM
 
 log = logging.getLogger("lopa.server")
-
-
-class QueueFullError(Exception):
-    """The waiting prompts would exceed ``queue_limit``; the client should retry later."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"the server is busy ({retry_after}s estimated wait); retry later")
-        self.retry_after = retry_after
-
-
-@dataclass
-class Started:
-    """The engine accepted the request (its first decoding iteration ran without error)."""
-
-
-@dataclass
-class Delta:
-    index: int  # which prompt of the request
-    text: str  # newly final text, never revised later
-
-
-@dataclass
-class Trace:
-    """Trace steps recorded since the previous item (only for jobs whose config has ``trace`` on)."""
-
-    index: int
-    steps: list[Any]  # lopa.outputs.TraceStep, one per forward
-
-
-@dataclass
-class Finished:
-    index: int
-    text: str  # the whole output of this prompt (after the max_tokens cut)
-    finish_reason: str  # "stop" | "length"
-    usage: dict
-
-
-@dataclass
-class Failed:
-    error: Exception  # a LopaError is the client's fault (4xx); anything else is a server bug
-
-
-@dataclass
-class Closed:
-    """Always the last item of a job."""
 
 
 class MetricsHook:
@@ -97,73 +51,6 @@ class MetricsHook:
 
     def sequence_finished(self, reason: str, usage: dict) -> None:
         """A sequence finished with ``reason`` ("stop" / "length") and its response's ``usage``."""
-
-
-@dataclass
-class Job:
-    """One HTTP request's work: its prompts join the running batch together, with one config."""
-
-    prompts: list[Any]  # each: text, token ids, or a list of chat messages
-    config: DecodeConfig
-    raw: bool  # text prompts bypass the chat template (/v1/completions)
-    max_tokens: int | None  # cut every output to this many tokens; None: no cut
-    stream: bool  # push Delta items as text becomes final
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    arrived: float = field(default_factory=time.perf_counter)  # for time to first token
-
-    def push(self, item: object) -> None:
-        """Hand an item to the request's coroutine (called from the worker thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancel.set()
-
-
-class OutputCutter:
-    """Applies the ``max_tokens`` cut to one prompt's output, incrementally and without revising text.
-
-    Block decoders generate whole blocks, so ``max_new_tokens`` is ``max_tokens`` rounded up and the output is
-    cut back here: the final text is the engine's text (which already honours stop strings and end tokens)
-    truncated to the length of ``decode(token_ids[:max_tokens])``. Streaming and non-streaming apply the same
-    rule, so their texts agree.
-    """
-
-    def __init__(self, tokenizer: Any, max_tokens: int | None) -> None:
-        self._tokenizer = tokenizer
-        self._max_tokens = max_tokens
-        self._text = ""  # the engine's final text so far
-        self._ids: list[int] = []
-        self._limit: int | None = None  # characters allowed once the token cut is known
-        self.emitted = ""
-
-    def _limit_for(self, ids: list[int]) -> int | None:
-        if self._max_tokens is None or len(ids) <= self._max_tokens:
-            return None
-        return len(self._tokenizer.decode(list(ids[: self._max_tokens])))
-
-    def feed(self, text: str, token_ids: list[int]) -> str:
-        """Take one stream event's new text and ids; return the text that may be shown now."""
-        self._text += text
-        self._ids.extend(token_ids)
-        if self._limit is None:
-            self._limit = self._limit_for(self._ids)
-        end = len(self._text) if self._limit is None else min(len(self._text), self._limit)
-        delta = self._text[len(self.emitted) : end]
-        self.emitted += delta
-        return delta
-
-    def finish(self, completion: Completion) -> tuple[str, str, int]:
-        """(text, finish_reason, completion_tokens) of the finished output, cut like the stream."""
-        ids = completion.token_ids
-        limit = self._limit_for(ids)
-        if limit is None or len(completion.text) <= limit:
-            text, reason = completion.text, completion.finish_reason
-        else:
-            text, reason = completion.text[:limit], "length"
-        n_tokens = len(ids) if self._max_tokens is None else min(len(ids), self._max_tokens)
-        return text, reason, n_tokens
 
 
 @dataclass

@@ -18,7 +18,7 @@ _STYLE = {
 
 
 def plot_bench(rows: list[Any], families: dict[str, dict], out: Path) -> None:
-    """Accuracy (%) vs TPF per family (rows are lopa.tiny.bench.Row), the controls as single markers."""
+    """Accuracy (%) vs TPF per family (rows are lopa.tiny.bench_rows.Row), the controls as single markers."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -143,9 +143,6 @@ class Problem:
         """This problem's phrasing of the answer (before the end token), as readable text."""
         return render(self, self.wording)
 
-    def with_wording(self, wording: tuple[int, ...]) -> Problem:
-        return Problem(self.question, self.name, self.item, self.start, self.ops, wording)
-
 
 def _step_text(symbol: str, form: int, value: int, n: int) -> str:
     unit = 1 if symbol == "+" else -1

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lopa.errors import ConfigError
 from lopa.eval.tasks.base import Doc, Score, Task
-from lopa.eval.tasks.code import MBPP, HumanEval, HumanEvalPlus, MBPPPlus
+from lopa.eval.tasks.code import MBPP, HumanEval
+from lopa.eval.tasks.evalplus import HumanEvalPlus, MBPPPlus
 from lopa.eval.tasks.math import GSM8K, MATH, Tiny
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Tiny, GSM8K, MATH, HumanEval, MBPP, HumanEvalPlus, MBPPPlus)}

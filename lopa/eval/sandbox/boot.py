@@ -1,10 +1,10 @@
 """Bootstrap run inside every sandbox process, before the untrusted program (passed to ``python -s -S -c``).
 
-Owned by :mod:`lopa.eval.sandbox`, which reads this file as text and runs it with the sandbox interpreter; it
+Owned by :mod:`lopa.eval.sandbox.sandbox`, which reads this file as text and runs it with the sandbox interpreter; it
 must therefore import nothing from lopa (the interpreter may be a different one that cannot see the package).
 
 Order matters: resource limits first, then the guard is installed, and only then is the code executed. Every
-sample runs as two processes (the ``solution`` and ``tests`` roles, ``sandbox_split.py``, appended to this text);
+sample runs as two processes (the ``solution`` and ``tests`` roles, ``split.py``, appended to this text);
 the verdict is the tests process's exit status: 0 when its code ran to the end, 3 assertion failed, 4 other
 exception, 5 MemoryError, 6 the code called exit(). A program is never trusted to report its own outcome: a
 single process that printed a secret after its last line could be forged by a program that reads the secret.
@@ -171,4 +171,4 @@ def main() -> None:
     started = int(sys.argv[5])
     os.write(started, b"s")
     os.close(started)
-    _split_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))  # noqa: F821 - defined in sandbox_split.py
+    _split_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))  # noqa: F821 - defined in split.py

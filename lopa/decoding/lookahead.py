@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lopa.decoding.blocks import GenState
 from lopa.decoding.confidence import Prediction, rank
-from lopa.state import GenState
 
 
 @dataclass

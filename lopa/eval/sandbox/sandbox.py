@@ -1,138 +1,49 @@
-"""Run model-written code against a task's tests in separate, limited processes: pass / fail / timeout / error.
+"""The :class:`Sandbox`: runs a :class:`~lopa.eval.sandbox.program.Program` as two limited processes (solution and
+tests) and waits for the tests process's verdict.
 
-Called by the eval loop (:mod:`lopa.eval.runner`) with the :class:`Program` a code task builds. The model's code
-(the *solution*) and the task's tests run as two processes (:mod:`lopa.eval.sandbox_split`): the tests see only
-the entry points the task names, as proxies that call into the solution process, and the verdict is the tests
-process's exit status, which nothing the solution does can set. Each process is ``python -s -S`` (standard
-library only, in an environment built from nothing; bootstrap :mod:`lopa.eval.sandbox_boot`) with:
-
-- when ``unshare`` works (root, or unprivileged user namespaces): new network, mount, PID and IPC namespaces with
-  private ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock``, every other mount read-only
-  (:mod:`lopa.eval.sandbox_os`);
-- a fresh temporary working directory, removed afterwards, and ``TMPDIR`` pointing into it;
-- no inherited file descriptors (``close_fds``), a stripped environment, a new session (process group);
-- ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_NPROC``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE`` and a wall-time
-  limit after which every process of the sample is killed. The wall clock starts when both processes say they
-  have started, so the sandbox's own set-up (namespaces, interpreter start) never counts against the program,
-  however loaded the machine is;
-- under root, a cgroup per sample (:mod:`lopa.eval.sandbox_cgroup`) that bounds the memory and the number of
-  processes of the sample as a whole;
-- a guard that keeps destructive ``os``/``shutil`` calls inside the working directory and disables process
-  creation (the normal-case protection);
-- when the harness runs as root: a fresh unprivileged user id per process. Root ignores ``RLIMIT_NPROC`` and
-  every file permission, so without this a fork bomb or ``rm`` would only be stopped by the guard. The fresh
-  id lets the harness kill every process it left behind (all processes of that id) and remove the files and IPC
-  objects it left in the shared temporary directories.
-
-What each mode guarantees is listed in docs/eval.md and recorded by :meth:`Sandbox.describe` (``unisolated``
-when the OS gave no isolation).
+It builds each process's command line (the bootstrap text of ``boot.py`` + ``split.py`` run with ``-c``, inside
+namespaces when available, joined to the sample's cgroup, under a fresh user id), its working directory and
+environment, starts the wall clock once both processes have started, and afterwards kills and removes everything
+the sample left. What the isolation consists of is described in :mod:`lopa.eval.sandbox`.
 """
 
 from __future__ import annotations
 
-import ast
-import builtins
 import json
 import os
 import secrets
 import select
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 from lopa.errors import ConfigError
-from lopa.eval.sandbox_cgroup import SampleCgroup, cgroup_kind
-from lopa.eval.sandbox_os import (
+from lopa.eval.sandbox.cgroup import SampleCgroup, cgroup_kind
+from lopa.eval.sandbox.isolation import (
     kill_group,
     kill_user,
     namespace_command,
     namespaces_available,
-    pids_of_user,
     python_for_other_users,
     remove_files_of,
     remove_ipc_of,
     remove_tree,
     sandbox_python,
 )
+from lopa.eval.sandbox.program import TAIL_CHARS, Program, SandboxLimits, SandboxResult, classify, stdlib_names_used
 
-Status = Literal["pass", "fail", "timeout", "error"]
 _BOOT = (
-    "\n".join(
-        Path(__file__).with_name(name).read_text(encoding="utf-8") for name in ("sandbox_boot.py", "sandbox_split.py")
-    )
+    "\n".join(Path(__file__).with_name(name).read_text(encoding="utf-8") for name in ("boot.py", "split.py"))
     + "\nmain()\n"
 )
-_pids_of_user = pids_of_user  # the tests' name for it
-_EXIT_DETAIL = {3: "assertion failed", 4: "exception", 5: "memory limit exceeded", 6: "exit() called"}
 _UID_RANGE = (1_000_000, 1_900_000_000)  # far above any real account's id
-_TAIL = 2000  # characters of stderr kept as the detail of a failure
-_NOT_MODULES = {"this", "antigravity"}  # standard-library modules that act when imported
 _SETUP_TASKS = 4  # per process: the joining shell / unshare, and the namespace's setup commands
 _SETUP_TIMEOUT_S = 120.0  # how long the two processes may take to start before the wall clock starts anyway
-
-
-@dataclass(frozen=True)
-class SandboxLimits:
-    """Per-sample limits. ``timeout_s`` is wall time; the CPU limit is the same number, rounded up.
-
-    ``memory_mb`` bounds each process's address space and, where a cgroup is available, the memory of all the
-    sample's processes together; ``max_processes`` bounds each process's user id (root: a fresh id per process)
-    and, with a cgroup, the sample's processes and threads together (plus the few the sandbox's setup needs).
-    """
-
-    timeout_s: float = 10.0
-    memory_mb: int = 2048
-    max_processes: int = 16
-    max_file_mb: int = 64
-    max_open_files: int = 128
-
-    def validate(self) -> SandboxLimits:
-        if not self.timeout_s > 0:
-            raise ConfigError(f"sandbox timeout must be > 0 seconds, got {self.timeout_s!r}")
-        if self.memory_mb < 64:
-            raise ConfigError(f"sandbox memory limit must be >= 64 MB (Python needs it to start), got {self.memory_mb}")
-        return self
-
-
-@dataclass(frozen=True)
-class Program:
-    """One sample: the model's code and the task's tests, which run in two processes.
-
-    ``solution`` is untrusted and runs alone in its process. ``tests`` (and ``context``, task code run before them,
-    such as a HumanEval prompt's helper functions) run in the other, in a namespace that holds builtins, the
-    standard-library modules they use, and one proxy per name in ``entry_points``: the only names of the solution
-    the tests can reach.
-    """
-
-    solution: str
-    tests: str
-    entry_points: tuple[str, ...] = ()
-    context: str = ""
-
-    def __post_init__(self) -> None:
-        bad = [n for n in self.entry_points if not (isinstance(n, str) and n.isidentifier())]
-        if bad:
-            raise ValueError(f"entry points must be Python identifiers, got {bad!r}")
-
-
-@dataclass(frozen=True)
-class SandboxResult:
-    status: Status
-    detail: str
-    seconds: float
-    uid: int | None = None  # the user id the solution ran as (None: the harness's own)
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "pass"
 
 
 class Sandbox:
@@ -241,7 +152,7 @@ class Sandbox:
                 seconds = time.perf_counter() - start
                 detail = _tail(err) or _tail(sol_err)
             oom = group is not None and group.oom_killed()
-            return _classify(test.returncode, timed_out, oom, detail, seconds, sol_uid)
+            return classify(test.returncode, timed_out, oom, detail, seconds, sol_uid)
         finally:
             for fd in still_open:
                 os.close(fd)
@@ -327,45 +238,7 @@ def _wait_started(fd: int, count: int) -> None:
         seen += len(data)
 
 
-def stdlib_names_used(*sources: str, exclude: Sequence[str] = ()) -> list[str]:
-    """Standard-library module names that ``sources`` read without binding them (``math`` in ``math.pi``)."""
-    loaded: set[str] = set()
-    bound: set[str] = set(exclude) | set(dir(builtins))
-    for source in sources:
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            continue  # the tests process reports it
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Name):
-                (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                bound.add(node.name)
-            elif isinstance(node, ast.alias):
-                bound.add((node.asname or node.name).split(".")[0])
-            elif isinstance(node, ast.arg):
-                bound.add(node.arg)
-    return sorted(n for n in loaded - bound if n in sys.stdlib_module_names and n not in _NOT_MODULES)
-
-
-def _classify(rc: int, timed_out: bool, oom: bool, stderr: str, seconds: float, uid: int | None) -> SandboxResult:
-    detail = stderr[-_TAIL:].strip()
-    if rc == 0 and not timed_out:
-        return SandboxResult("pass", "", seconds, uid)
-    if oom:
-        reason = "memory limit exceeded (the sample's processes together)"
-        return SandboxResult("error", f"{reason}: {detail}" if detail else reason, seconds, uid)
-    if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL):
-        return SandboxResult("timeout", detail or "time limit exceeded", seconds, uid)
-    if rc == 3:
-        return SandboxResult("fail", detail, seconds, uid)
-    if rc == -signal.SIGXFSZ:
-        detail = "output file size limit exceeded"
-    reason = _EXIT_DETAIL.get(rc, f"exit status {rc}")
-    return SandboxResult("error", f"{reason}: {detail}" if detail else reason, seconds, uid)
-
-
 def _tail(f) -> str:  # noqa: ANN001 - an open binary file
     f.seek(0, os.SEEK_END)
-    f.seek(max(0, f.tell() - 16 * _TAIL))
+    f.seek(max(0, f.tell() - 16 * TAIL_CHARS))
     return f.read().decode("utf-8", "replace")

@@ -18,17 +18,7 @@ from collections.abc import Iterator
 
 from lopa.config import DecodeConfig
 from lopa.engine.runner import Runner
-from lopa.engine.sequence import (
-    Step,
-    StopCheck,
-    answer_ids,
-    iteration_cap,
-    make_decoder,
-    new_sequence,
-    sampler_for,
-)
-
-__all__ = ["Step", "StopCheck", "answer_ids", "decode", "iteration_cap", "make_decoder", "run", "sampler_for"]
+from lopa.engine.sequence import Step, StopCheck, new_sequence
 
 
 def decode(

@@ -6,7 +6,8 @@ yᵢ < y₁ − 5 (y₁ = accuracy of the lowest-TPF point) are dropped; then
     AUP = ρ₁·y₁ + ½ Σᵢ₌₂..ₘ (ρᵢ − ρᵢ₋₁)·(yᵢ·W(yᵢ) + yᵢ₋₁·W(yᵢ₋₁)),   W(y) = min(exp(−α·(1 − y / y_max)), 1)
 
 with α = 3 and y_max the best accuracy of any decoder on the task. Higher is better: it rewards TPF gained at
-little cost in accuracy. Called by ``lopa.tiny.bench``.
+little cost in accuracy. Called by ``lopa bench`` (``lopa.tiny.bench_rows``); it sits below both ``tiny/`` and
+``eval/`` so either may use it.
 """
 
 from __future__ import annotations

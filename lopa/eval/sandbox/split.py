@@ -1,4 +1,4 @@
-"""The verdict, appended to :mod:`lopa.eval.sandbox_boot`'s text: the solution and its tests in two processes.
+"""The verdict, appended to :mod:`lopa.eval.sandbox.boot`'s text: the solution and its tests in two processes.
 
 Owned by :mod:`lopa.eval.sandbox`; like the bootstrap it imports nothing from lopa, and it uses the bootstrap's
 helpers (``_install_guard``, ``_run``, ...). The *solution* process executes the model's code and then serves

@@ -1,9 +1,9 @@
 """Turn a code completion into a program: cut at stop strings, take the fenced block, sanitize.
 
-Called by :mod:`lopa.eval.tasks.code`. ``sanitize`` follows the authors' post-processing (EvalPlus style):
-find the longest syntactically valid span of lines, keep imports, classes, functions and simple assignments
-(dropping top-level test code, prints and ``if __name__`` blocks), and, given an entry point, keep only the
-definitions it can reach through names. Source text is kept as written (not re-emitted), so comments and
+Called by :mod:`lopa.eval.tasks.code` and the lm-eval adapter. ``sanitize`` follows the authors' post-processing
+(EvalPlus style): find the longest syntactically valid span of lines, keep imports, classes, functions and simple
+assignments (dropping top-level test code, prints and ``if __name__`` blocks), and, given an entry point, keep only
+the definitions it can reach through names. Source text is kept as written (not re-emitted), so comments and
 formatting survive.
 """
 

@@ -1,25 +1,6 @@
-"""Tiny random-weight checkpoints (Dream or LLaDA family) and LoRA adapters, for tests and for trying lopa without
-real weights.
-
-The checkpoints are complete: ``config.json``, ``model.safetensors`` (or shards), ``generation_config.json``, and a
-small byte-level BPE tokenizer (256 byte tokens, a few dozen merges, then the family's special tokens) that can
-encode any text, with the family's kind of chat template. Dream: ``<|endoftext|>`` (eos = pad), ``<|im_start|>``,
-``<|im_end|>``, ``<|mask|>`` and a ChatML template. LLaDA (``family="llada"``): ``<|startoftext|>`` (bos),
-``<|endoftext|>`` (eos = pad), ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>``, ``<|mdm_mask|>``,
-LLaDA's tensor names and config fields, and a Llama-3-style template like LLaDA-8B-Instruct's.
-The weights are random, so the text a model generates is gibberish, but every code path runs::
-
-    from lopa.testing import make_tiny_checkpoint, make_random_lora
-    make_tiny_checkpoint("tiny-dream")
-    make_random_lora("tiny-dream", "tiny-lora")
-
-    from lopa import LLM
-    llm = LLM("tiny-dream", lora="tiny-lora")
-    print(llm.generate("hello")[0].text)
-
-or from the shell: ``lopa generate --model tiny-dream --lora tiny-lora ...``. Both functions are deterministic in
-``seed``. The test suite's ``tiny_ckpt`` / ``tiny_lora`` fixtures are built with them.
-"""
+"""Tiny random-weight checkpoints of either family (``config.json``, safetensors weights or shards,
+``generation_config.json``, a byte-level tokenizer from :mod:`lopa.testing.tokenizers`), LoRA adapters for them, and
+random in-memory models. Deterministic in ``seed``; see :mod:`lopa.testing` for what the checkpoints hold."""
 
 from __future__ import annotations
 
@@ -37,29 +18,10 @@ from lopa.model.config import ModelConfig
 from lopa.model.dream import DreamModel
 from lopa.model.loader import save_checkpoint
 from lopa.model.lora import is_targeted, linear_weight_shapes
-from lopa.testing_tokenizer import (
-    CHATML_TEMPLATE,
+from lopa.testing.tokenizers import (
     FAMILY_FILES,
-    LLADA_SPECIAL_TOKENS,
-    LLADA_TEMPLATE,
-    SPECIAL_TOKENS,
     byte_level_tokenizer,
 )
-
-__all__ = [
-    "CHATML_TEMPLATE",
-    "LLADA_SPECIAL_TOKENS",
-    "LLADA_TEMPLATE",
-    "SPECIAL_TOKENS",
-    "byte_level_tokenizer",
-    "llama_config",
-    "make_random_lora",
-    "make_tiny_checkpoint",
-    "qwen2_config",
-    "random_model",
-    "transformers_bidirectional_logits",
-    "transformers_twin",
-]
 
 
 def make_tiny_checkpoint(
@@ -227,77 +189,3 @@ def make_random_lora(
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n", encoding="utf-8")
     return out
-
-
-def qwen2_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Any:
-    """transformers' ``Qwen2Config`` of the same shape as ``cfg`` (needs the ``transformers`` package)."""
-    from transformers import Qwen2Config
-
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
-    hf_cfg = Qwen2Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=rope,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        attn_implementation=attn_implementation,
-    )
-    hf_cfg.head_dim = cfg.head_dim  # Qwen2Config has no head_dim argument; the attention reads the attribute
-    return hf_cfg
-
-
-def llama_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Any:
-    """transformers' ``LlamaConfig`` of the same shape as ``cfg`` (LLaDA's blocks are LLaMA's; needs transformers)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=cfg.attention_bias,
-        mlp_bias=False,
-        attn_implementation=attn_implementation,
-    )
-
-
-def transformers_twin(model: DreamModel) -> Any:
-    """The same weights in transformers' ``Qwen2ForCausalLM`` (eager attention), for equivalence checks.
-
-    Needs the ``transformers`` package (a dev dependency). The twin is causal as built; call it through
-    :func:`transformers_bidirectional_logits` to get Dream's bidirectional logits.
-    """
-    from transformers import Qwen2ForCausalLM
-
-    hf = Qwen2ForCausalLM(qwen2_config(model.config, "eager")).to(next(model.parameters()).dtype)
-    hf.load_state_dict(model.state_dict(), strict=True)
-    for layer in hf.model.layers:
-        layer.self_attn.is_causal = False
-    return hf.eval()
-
-
-def transformers_bidirectional_logits(hf: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Raw logits (rows, L, vocab) of a :func:`transformers_twin` with full attention.
-
-    ``mask``: optional (rows, L, L) bool, True = may attend. An explicit 4D additive mask is required: without one
-    transformers builds a causal mask even when ``is_causal`` is False.
-    """
-    rows, length = ids.shape
-    dtype = next(hf.parameters()).dtype
-    additive = torch.zeros(rows, 1, length, length, dtype=dtype)  # (rows, 1, L, L)
-    if mask is not None:
-        additive = additive.masked_fill(~mask[:, None], torch.finfo(dtype).min)
-    with torch.no_grad():
-        return hf(input_ids=ids, attention_mask=additive).logits
