@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from lopa.model.config import ModelConfig
 from lopa.testing import random_model
-from lopa.testing_tokenizer import byte_level_tokenizer
+from lopa.testing.tokenizers import byte_level_tokenizer
 
 RELEASE = Path(__file__).parent / "sdar_release"
 # SDAR-4B-Chat's added tokens, in id order (Qwen3's specials, then <|MASK|> = 151669)
