@@ -44,8 +44,8 @@ import torch
 
 from lopa import LLM, DecodeConfig
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
 from lopa.model.loader import Checkpoint
+from lopa.model.transformer import Transformer
 from lopa.testing import SPECIAL_TOKENS, byte_level_tokenizer
 from lopa.tokenizer import Tokenizer
 
@@ -70,7 +70,7 @@ def random_llm(
     cfg: ModelConfig, device: str, dtype: torch.dtype, max_num_seqs: int, max_model_len: int, **llm_args: object
 ) -> LLM:
     """The real ``LLM`` over a random ``cfg`` model constructed on ``device`` (never on the host, never saved)."""
-    model = gpu_step.build(lambda: DreamModel(cfg), device, dtype)
+    model = gpu_step.build(lambda: Transformer(cfg), device, dtype)
     tokenizer = Tokenizer(
         byte_level_tokenizer(SPECIAL_TOKENS),
         mask_token_id=cfg.mask_token_id,

@@ -50,7 +50,7 @@ from lopa.engine.fast_batch import FastBatchRunner
 from lopa.engine.runner import Candidate, Runner, build_batch
 from lopa.engine.sequence import Plan
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
+from lopa.model.transformer import Transformer
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head dim, vocab
     "7b": (3584, 18944, 28, 28, 4, 128, 152064),  # Dream-v0-7B / Qwen2.5-7B
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ref = floor_script(a.floor_script) if a.floor_script and dev == "cuda" else None  # before we hold memory
     bandwidth = copy_bandwidth(a.device, (1 << 30) if dev == "cuda" else (64 << 20))
-    model = build(lambda: DreamModel(cfg), a.device, dtype)
+    model = build(lambda: Transformer(cfg), a.device, dtype)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     rate = matmul_rate(a.device, dtype, a.matmul_size or (8192 if dev == "cuda" else 512), clock)

@@ -27,8 +27,8 @@ import psutil
 import torch
 
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
 from lopa.model.tp import TPShard, shard_model
+from lopa.model.transformer import Transformer
 
 DREAM_7B = ModelConfig(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -41,7 +41,7 @@ def measure(model: str, tp: int, rows: int, max_len: int) -> dict[str, float]:
     from lopa import LLM
 
     with torch.device("meta"):  # the first meta-device init loads ~70 MB of torch code: not the model's memory
-        DreamModel(ModelConfig(8, 8, 8, 1, 1, 1, 8))
+        Transformer(ModelConfig(8, 8, 8, 1, 1, 1, 8))
     before = psutil.Process().memory_info().rss
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     before_anon = int(status["RssAnon"].split()[0]) * 1024
@@ -64,7 +64,7 @@ def measure(model: str, tp: int, rows: int, max_len: int) -> dict[str, float]:
 def shape_bytes(cfg: ModelConfig, tp: int, rows: int, max_len: int, elem: int = 2) -> int:
     """Parameter + cache bytes of one rank, from the shapes (meta device)."""
     with torch.device("meta"):
-        model = DreamModel(cfg)
+        model = Transformer(cfg)
     if tp > 1:
         shard_model(model, TPShard(0, tp))
     params = sum(p.numel() for p in model.parameters())

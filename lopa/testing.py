@@ -34,9 +34,9 @@ from safetensors.torch import save_file
 
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
 from lopa.model.loader import save_checkpoint
 from lopa.model.lora import is_targeted, linear_weight_shapes
+from lopa.model.transformer import Transformer
 from lopa.testing_tokenizer import (
     CHATML_TEMPLATE,
     FAMILY_FILES,
@@ -132,7 +132,7 @@ def make_tiny_checkpoint(
     return out
 
 
-def _shard_limit(model: DreamModel, shards: int) -> int:
+def _shard_limit(model: Transformer, shards: int) -> int:
     """The smallest max_shard_bytes for which save_checkpoint's greedy split makes at most ``shards`` files."""
     state = model.state_dict()
     if model.config.tie_word_embeddings:
@@ -154,13 +154,13 @@ def _shard_limit(model: DreamModel, shards: int) -> int:
     return lo
 
 
-def random_model(config: ModelConfig, seed: int = 0) -> DreamModel:
-    """A DreamModel whose every parameter is drawn from a seeded generator (independent of the global RNG).
+def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    """A Transformer whose every parameter is drawn from a seeded generator (independent of the global RNG).
 
     Scales keep activations and logits O(1), and norms/biases are non-trivial so a forward that ignores them
     would be caught by an equivalence test.
     """
-    model = DreamModel(config)
+    model = Transformer(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
@@ -191,7 +191,7 @@ def make_random_lora(
     """
     cfg = ModelConfig.from_hf_dict(json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8")))
     with torch.device("meta"):
-        shapes = linear_weight_shapes(DreamModel(cfg))  # shared module name -> (out, in), in model order
+        shapes = linear_weight_shapes(Transformer(cfg))  # shared module name -> (out, in), in model order
     fam = cfg.family
     chosen = {
         fam.to_checkpoint(name): shape
@@ -273,7 +273,7 @@ def llama_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Any:
     )
 
 
-def transformers_twin(model: DreamModel) -> Any:
+def transformers_twin(model: Transformer) -> Any:
     """The same weights in transformers' ``Qwen2ForCausalLM`` (eager attention), for equivalence checks.
 
     Needs the ``transformers`` package (a dev dependency). The twin is causal as built; call it through

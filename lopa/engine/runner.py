@@ -22,8 +22,8 @@ from torch import Tensor
 from lopa.cache import StaticKVCache
 from lopa.decoding.confidence import Prediction, Sampler
 from lopa.engine.scoring import Row, choose_and_score
-from lopa.model.dream import DreamModel
 from lopa.model.family import predicting_index
+from lopa.model.transformer import Transformer
 
 
 @dataclass
@@ -77,7 +77,7 @@ def build_batch(window_start: int, commit_len: int, cands: list[Candidate], pad_
 class Runner:
     """Single-device runner: owns the model, the static cache and the frozen last logit (when the shift needs one)."""
 
-    model: DreamModel
+    model: Transformer
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     timing: dict[str, float] = field(default_factory=dict)
     forwards: int = 0

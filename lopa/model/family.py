@@ -1,6 +1,6 @@
 """Model families: what differs between checkpoint lineages that run on the one shared transformer.
 
-Every family runs on :class:`lopa.model.dream.DreamModel` (a bidirectional LLaMA/Qwen2 block stack) and its fused
+Every family runs on :class:`lopa.model.transformer.Transformer` (a bidirectional LLaMA/Qwen2 block stack) and its fused
 twin, so the fast path, the cache and the runners apply to all of them unchanged. A :class:`Family` owns only
 what differs between lineages:
 

@@ -1,6 +1,6 @@
 """How a forward reaches its keys and values: the one seam between the shared layer loop and the caches.
 
-:meth:`lopa.model.dream.DreamModel.forward` runs every layer the same way for every runner and hands each layer's
+:meth:`lopa.model.transformer.Transformer.forward` runs every layer the same way for every runner and hands each layer's
 queries, keys and values (RoPE applied) to a K/V access strategy, which puts the window's K/V where its cache
 wants them, builds the keys each query sees, runs attention and returns the output in the forward's token layout.
 The strategies differ only in that:

@@ -1,8 +1,8 @@
 """The LLaDA family (LLaDA-8B-Base / -Instruct, LLaDA-1.5, D2F-LLaDA adapters): config fields and weight names.
 
 LLaDA is a LLaMA-style block stack (RMSNorm, SwiGLU, RoPE, no biases) run without a causal mask, i.e. the shared
-:class:`~lopa.model.dream.DreamModel` with ``attention_bias=False``; only its spelling differs. Its ``config.json``
-uses OLMo's field names (``d_model``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``mlp_hidden_size``,
+:class:`~lopa.model.transformer.Transformer` with ``attention_bias=False``; only its spelling differs. Its
+``config.json`` uses OLMo's field names (``d_model``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``mlp_hidden_size``,
 ``embedding_size``, ``weight_tying``, ...) and its tensors live under ``model.transformer.`` (table below). Options
 of the OLMo code base that LLaDA checkpoints do not use (ALiBi, QK norm, sequential blocks, biases, scaled
 logits...) are refused with a named error rather than run wrongly. LLaDA predicts the token at position ``i``

@@ -6,7 +6,7 @@ shards listed in ``model.safetensors.index.json``, tokenizer files, ``generation
 peft LoRA adapter merged at load (:mod:`lopa.model.lora`). Weights are read only from safetensors files (header
 checked by safetensors, bytes read by :mod:`lopa.model.st_read` without a memory map); pickle-based
 ``.bin`` / ``.pt`` files are refused. Tensor names are translated between the family's checkpoint names and
-the shared module names of :class:`~lopa.model.dream.DreamModel` (the one transformer every family runs on);
+the shared module names of :class:`~lopa.model.transformer.Transformer` (the one transformer every family runs on);
 errors name tensors as the checkpoint spells them. Every problem a user can cause raises a named
 :mod:`lopa.errors` exception.
 Called by the LLM facade, the CLI, training and the tests.
@@ -38,12 +38,12 @@ from lopa.errors import (
     UnsafeWeightsError,
 )
 from lopa.model.config import ModelConfig, read_json
-from lopa.model.dream import DreamModel
 from lopa.model.hub import resolve_model
 from lopa.model.layers import Rotary
 from lopa.model.lora import linear_weight_shapes, plan_lora
 from lopa.model.st_read import TensorFile
 from lopa.model.tp import TPShard, shard_model
+from lopa.model.transformer import Transformer
 from lopa.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -77,7 +77,7 @@ class Checkpoint:
 
     path: Path
     config: ModelConfig  # special ids resolved from config, generation_config and tokenizer files
-    model: DreamModel  # eval mode, on device, in dtype, requires_grad off
+    model: Transformer  # eval mode, on device, in dtype, requires_grad off
     tokenizer: Tokenizer
     generation_config: dict
 
@@ -208,13 +208,13 @@ def _load_model(
     dtype: torch.dtype,
     lora: str | Path | None,
     shard: TPShard | None = None,
-) -> DreamModel:
+) -> Transformer:
     files = weight_files(path)
     _check_layer_count(path, files, config)  # before the module is built: its size comes from config.json
     # Build on the meta device so no random weights are allocated, then assign the loaded tensors:
     # only one copy of the weights ever exists, already on the target device and dtype.
     with torch.device("meta"):
-        model = DreamModel(config)
+        model = Transformer(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}  # full shapes, checked before any slicing
     if shard is not None and shard.size > 1:
         if lora is not None:
@@ -354,7 +354,7 @@ def _check_values(file: Path, key: str, t: Tensor) -> None:
 
 
 def save_checkpoint(
-    model: DreamModel,
+    model: Transformer,
     out_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
     generation_config: dict | None = None,

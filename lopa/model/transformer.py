@@ -88,7 +88,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DreamModel(nn.Module):
+class Transformer(nn.Module):
     """Bidirectional Qwen2/LLaMA with an LM head, for every family; see the module docstring for the contract."""
 
     def __init__(self, cfg: ModelConfig) -> None:
