@@ -232,7 +232,7 @@ class LLM:
 
     def kv_pool_bytes(self) -> int:
         """Memory of the batched engine's KV pool (max_num_seqs x max_model_len positions), allocated or not."""
-        from lopa.cache import KVPool
+        from lopa.model.cache import KVPool
 
         cfg, p = self.config, next(self.model.parameters())
         layers, kv, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim

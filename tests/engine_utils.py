@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.engine.engine import decode, run
 from lopa.engine.runner import Runner
+from lopa.model.cache import StaticKVCache
 from lopa.model.config import ModelConfig
 from lopa.testing import random_model
 

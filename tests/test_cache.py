@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lopa.cache import StaticKVCache
 from lopa.errors import ConfigError
+from lopa.model.cache import StaticKVCache
 from lopa.model.config import ModelConfig
 from lopa.model.transformer import Transformer
 from lopa.testing import random_model

@@ -14,7 +14,6 @@ import pytest
 import torch
 from engine_utils import END, FAMILIES, MASK, FakeGraphPools, answer, peaky_model, strided_attention
 
-from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Sampler, predict
 from lopa.decoding.lopa import branch_score
@@ -23,6 +22,7 @@ from lopa.engine.fast import FastRunner, make_runner, pack_inputs
 from lopa.engine.runner import Candidate, Runner, build_batch
 from lopa.engine.scoring import Row, choose_and_score, greedy_choice
 from lopa.errors import ConfigError
+from lopa.model.cache import StaticKVCache
 from lopa.model.config import ModelConfig
 from lopa.model.fused import FusedAttention, FusedMLP, fuse, is_fused
 from lopa.model.kv_access import StaticRows, key_mask

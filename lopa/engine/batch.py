@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lopa.cache import KVPool
 from lopa.decoding.confidence import Prediction, Sampler
 from lopa.engine.runner import Batch, build_batch
 from lopa.engine.scoring import Row, choose_and_score
 from lopa.engine.sequence import Plan
+from lopa.model.cache import KVPool
 from lopa.model.pooled import pooled_forward
 from lopa.model.transformer import Transformer
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lopa.cache import StaticKVCache
 from lopa.decoding.confidence import Prediction, Sampler
 from lopa.engine.scoring import Row, choose_and_score
+from lopa.model.cache import StaticKVCache
 from lopa.model.family import predicting_index
 from lopa.model.transformer import Transformer
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lopa.cache import StaticKVCache
+from lopa.model.cache import StaticKVCache
 from lopa.model.config import ModelConfig
 from lopa.model.kv_access import CacheWrite, KVAccess
 from lopa.model.layers import MLP, RMSNorm, Rotary, apply_rotary
