@@ -50,6 +50,7 @@ from lopa.engine.fast_batch import FastBatchRunner
 from lopa.engine.runner import Candidate, Runner, build_batch
 from lopa.engine.sequence import Plan
 from lopa.model.config import ModelConfig
+from lopa.model.families import family_named
 from lopa.model.transformer import Transformer
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head dim, vocab
@@ -63,7 +64,7 @@ LLADA_SHAPES = {  # the same fields; LLaDA uses multi-head attention and no bias
     "tiny": (64, 128, 2, 4, 4, 16, 512),
 }
 FAMILY_SHAPES = {"dream": SHAPES, "llada": LLADA_SHAPES}
-FAMILY_CONFIG = {"dream": dict(model_type="Dream"), "llada": dict(model_type="llada", attention_bias=False)}
+FAMILY_CONFIG = {"dream": dict(), "llada": dict(attention_bias=False)}
 TARGET_STEP = 1.10  # fast+score / yardstick, one sequence ...
 TARGET_STEP_GRID = ({1, 4, 8}, {32, 64})  # ... at these branches x windows
 TARGET_BOUND = 1.3  # batched forward / compute bound ...
@@ -81,7 +82,7 @@ PAPER_TPF = {
 
 def model_config(shape: str, family: str = "dream") -> ModelConfig:
     h, i, n, heads, kv, d, v = FAMILY_SHAPES[family][shape]
-    return ModelConfig(
+    return family_named(family).make_config(
         v, h, i, n, heads, kv, d, max_position_embeddings=4096, mask_token_id=v - 1, pad_token_id=v - 2,
         **FAMILY_CONFIG[family],
     )  # fmt: skip

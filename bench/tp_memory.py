@@ -27,10 +27,12 @@ import psutil
 import torch
 
 from lopa.model.config import ModelConfig
+from lopa.model.families import family_named
 from lopa.model.tp import TPShard, shard_model
 from lopa.model.transformer import Transformer
 
-DREAM_7B = ModelConfig(
+DREAM = family_named("dream")
+DREAM_7B = DREAM.make_config(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
     num_key_value_heads=4, head_dim=128,
 )  # fmt: skip
@@ -41,7 +43,7 @@ def measure(model: str, tp: int, rows: int, max_len: int) -> dict[str, float]:
     from lopa import LLM
 
     with torch.device("meta"):  # the first meta-device init loads ~70 MB of torch code: not the model's memory
-        Transformer(ModelConfig(8, 8, 8, 1, 1, 1, 8))
+        Transformer(DREAM.make_config(8, 8, 8, 1, 1, 1, 8))
     before = psutil.Process().memory_info().rss
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     before_anon = int(status["RssAnon"].split()[0]) * 1024

@@ -65,9 +65,9 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_decode_defaults(model_dir: str | None, revision: str | None = None) -> DecodeConfig:
     """The decoding defaults for a checkpoint (the bundled one when None): see DecodeConfig.recommended and
-    lopa.model.family.recommended_settings (the family's recommendations under the checkpoint's own)."""
+    lopa.model.families.recommended_settings (the family's recommendations under the checkpoint's own)."""
     from lopa.model.config import read_json
-    from lopa.model.family import recommended_settings
+    from lopa.model.families import recommended_settings
 
     if model_dir is None:
         from lopa.tiny import default_checkpoint_dir

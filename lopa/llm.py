@@ -27,6 +27,7 @@ from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
 from lopa.engine.runner import Runner
 from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
+from lopa.model.families import family_named
 from lopa.model.hub import model_name_for, resolve_model
 from lopa.model.loader import load_checkpoint
 from lopa.model.tp import TPShard
@@ -85,7 +86,7 @@ class LLM:
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
         self.default_config = DecodeConfig.recommended(
-            {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
+            {**family_named(self.config.family).decode_defaults, **self.checkpoint.generation_config}
         )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
         self.max_num_seqs = default_max_num_seqs(self.device.type) if max_num_seqs is None else max_num_seqs

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
+from lopa.model.families import config_from_hf, family_named
 from lopa.model.loader import save_checkpoint
 from lopa.model.lora import is_targeted, linear_weight_shapes
 from lopa.model.transformer import Transformer
@@ -103,7 +104,7 @@ def make_tiny_checkpoint(
     if rope_scaling is not None:
         rope_scaling = {**rope_scaling, "rope_type": rope_scaling.get("rope_type", rope_scaling.get("type"))}
         rope_scaling.pop("type", None)
-    config = ModelConfig(
+    config = family_named(family).make_config(
         vocab_size=tok.get_vocab_size(with_added_tokens=True),  # = tokenizer size, so every sampled id decodes
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -121,7 +122,6 @@ def make_tiny_checkpoint(
         pad_token_id=eos,
         bos_token_id=bos,
         model_type=model_type,
-        attention="block_causal" if family == "sdar" else "bidirectional",
         block_size=block_size if family == "sdar" else None,
         qk_norm=family == "sdar",
     )
@@ -189,10 +189,10 @@ def make_random_lora(
     ff_proj, up_proj, ff_out), matched as peft matches ``target_modules``: LLaDA's ``ff_out`` is also its
     (untied) LM head.
     """
-    cfg = ModelConfig.from_hf_dict(json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8")))
+    cfg = config_from_hf(json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8")))
     with torch.device("meta"):
         shapes = linear_weight_shapes(Transformer(cfg))  # shared module name -> (out, in), in model order
-    fam = cfg.family
+    fam = family_named(cfg.family)
     chosen = {
         fam.to_checkpoint(name): shape
         for name, shape in shapes.items()

@@ -8,7 +8,7 @@ import torch
 
 from lopa.errors import ConfigError
 from lopa.model.cache import StaticKVCache
-from lopa.model.config import ModelConfig
+from lopa.model.families import family_named
 from lopa.model.transformer import Transformer
 from lopa.testing import random_model
 
@@ -16,12 +16,11 @@ TOL = 1e-4
 PREFIX, WINDOW = 21, 8
 
 
-@pytest.fixture(scope="module", params=["Dream", "llada"])
+@pytest.fixture(scope="module", params=["dream", "llada"])
 def model(request: pytest.FixtureRequest) -> Transformer:
     """A random model of each family (LLaDA: no q/k/v biases); the cache must not care which."""
-    cfg = ModelConfig(
-        model_type=request.param,
-        attention_bias=request.param == "Dream",
+    cfg = family_named(request.param).make_config(
+        attention_bias=request.param == "dream",
         vocab_size=101,
         hidden_size=64,
         intermediate_size=96,

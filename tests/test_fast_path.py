@@ -23,7 +23,7 @@ from lopa.engine.runner import Candidate, Runner, build_batch
 from lopa.engine.scoring import Row, choose_and_score, greedy_choice
 from lopa.errors import ConfigError
 from lopa.model.cache import StaticKVCache
-from lopa.model.config import ModelConfig
+from lopa.model.families import family_named
 from lopa.model.fused import FusedAttention, FusedMLP, fuse, is_fused
 from lopa.model.kv_access import StaticRows, key_mask
 from lopa.model.transformer import Transformer
@@ -347,7 +347,7 @@ def test_gpu_step_bench_runs_on_cpu(capsys, family):
 # ---- CUDA graphs (skipped without CUDA) ----------------------------------------------------------------
 def _cuda_model(dtype: torch.dtype, family: str) -> Transformer:
     ids = dict(mask_token_id=MASK, eos_token_id=62, pad_token_id=62)
-    cfg = ModelConfig(512, 128, 256, 2, 4, 2, 32, **ids, **FAMILIES[family])
+    cfg = family_named(family).make_config(512, 128, 256, 2, 4, 2, 32, **ids, **FAMILIES[family])
     return random_model(cfg, seed=0).to("cuda", dtype)
 
 

@@ -3,7 +3,7 @@
 The engine hands the runner a list of candidates (window tokens, the masked positions to predict, which of
 them enter the branch score, a sampling stream). ``verify`` runs them as ONE batched forward (rows = branches,
 padded keys masked out), applies the model's prediction offset ``config.logit_shift`` (a property of its family,
-:mod:`lopa.model.family`), turns logits into per-position predictions and returns one score per candidate.
+:mod:`lopa.model.families`), turns logits into per-position predictions and returns one score per candidate.
 With Dream's shift of 1 the prediction for the first uncommitted position comes from the output of the last
 committed one, which is no longer in the window: the runner keeps it as the *frozen last logit*, saved at the
 previous commit. With LLaDA's shift of 0 every prediction comes from its own window position; no logit is
@@ -22,7 +22,7 @@ from torch import Tensor
 from lopa.decoding.confidence import Prediction, Sampler
 from lopa.engine.scoring import Row, choose_and_score
 from lopa.model.cache import StaticKVCache
-from lopa.model.family import predicting_index
+from lopa.model.families import predicting_index
 from lopa.model.transformer import Transformer
 
 

@@ -1,4 +1,4 @@
-"""Loading and saving checkpoint directories of every supported family (:mod:`lopa.model.family`).
+"""Loading and saving checkpoint directories of every supported family (:mod:`lopa.model.families`).
 
 Owns the on-disk contract: ``config.json`` (its ``model_type`` names the family, which parses it),
 ``model.safetensors`` or
@@ -38,6 +38,7 @@ from lopa.errors import (
     UnsafeWeightsError,
 )
 from lopa.model.config import ModelConfig, read_json
+from lopa.model.families import config_from_hf, config_to_hf, family_named
 from lopa.model.hub import resolve_model
 from lopa.model.layers import Rotary
 from lopa.model.lora import linear_weight_shapes, plan_lora
@@ -138,7 +139,7 @@ def load_checkpoint(
     device = resolve_device(device)
     path = resolve_model(path, revision)  # a local directory, else a hub id from the hub cache (model/hub.py)
     raw = read_json(path / "config.json", required=True)
-    config = ModelConfig.from_hf_dict(raw, source=str(path / "config.json"))
+    config = config_from_hf(raw, source=str(path / "config.json"))
     generation_config = read_json(path / "generation_config.json", required=False)
     tokenizer = Tokenizer.from_dir(path, config, generation_config)
     config = replace(
@@ -224,7 +225,7 @@ def _load_model(
         shard = None
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    family = config.family
+    family = family_named(config.family)
     # The adapter is validated before any weight is read, and merged into each weight in fp32 before the cast
     # to ``dtype``, so a bf16 model gets one rounding of W + BA, not two.
     updates = (
@@ -294,7 +295,7 @@ def _check_layer_count(path: Path, files: list[Path], config: ModelConfig) -> No
     The module is built from config.json, so a config claiming a million layers would allocate a million layer
     objects before any tensor is compared: the count is checked against the tensor names first.
     """
-    family = config.family
+    family = family_named(config.family)
     layers: set[int] = set()
     for file in files:
         try:
@@ -368,7 +369,7 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     dtype = next(model.parameters()).dtype
-    hf = cfg.to_hf_dict()
+    hf = config_to_hf(cfg)
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
     if generation_config is None:
@@ -378,7 +379,7 @@ def save_checkpoint(
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the HF convention: a tied head is not stored
-    state = {cfg.family.tensor_to_checkpoint(k): v for k, v in state.items()}
+    state = {family_named(cfg.family).tensor_to_checkpoint(k): v for k, v in state.items()}
     for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:
         stale.unlink(missing_ok=True)
     shards = _shard(state, max_shard_bytes)

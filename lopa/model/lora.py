@@ -26,6 +26,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from lopa.errors import AdapterError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeWeightsError
+from lopa.model.families import family_named
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -160,7 +161,7 @@ def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
     """
     config = getattr(model, "config", None)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    to_shared = config.family.to_shared if config is not None else None
+    to_shared = family_named(config.family).to_shared if config is not None else None
     plan = plan_lora(path, linear_weight_shapes(model), tied_head=tied, to_shared=to_shared)
     params = dict(model.named_parameters())
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """The shared transformer of every model family: a Qwen2/LLaMA block stack run without a causal mask, as a pure
 forward. Dream checkpoints load into it as they are; other families (LLaDA) map their tensor names onto it
-(:mod:`lopa.model.family`), so the fused fast path applies to all of them.
+(:mod:`lopa.model.families`), so the fused fast path applies to all of them.
 
 ``forward(ids, positions, cache, valid, logits_idx)`` runs a batch of branch *rows*. Every row sees the
 committed prefix held in ``cache`` (if any) and attends fully inside its own window; keys of padded window
@@ -12,7 +12,7 @@ the K/V access strategy the forward is given (:mod:`lopa.model.kv_access`).
 
 The forward returns raw logits; which token a raw logit predicts is the family's ``logit_shift`` (Dream: the
 logit at window index ``j`` predicts the token at ``j + 1``; LLaDA: at ``j``), applied once, by
-:func:`lopa.model.family.predicting_index` in the runner. Parameter names are exactly Qwen2's, so a state dict from
+:func:`lopa.model.families.predicting_index` in the runner. Parameter names are exactly Qwen2's, so a state dict from
 a Dream or Qwen2 checkpoint loads as is.
 """
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
+from lopa.model.families import family_named
 from lopa.model.loader import save_checkpoint
 from lopa.model.transformer import Transformer
 from lopa.tiny import task
@@ -79,7 +80,7 @@ def model_config(args: argparse.Namespace, vocab_size: int, ids: dict[str, int])
     """The Dream architecture of the tiny model from the CLI numbers."""
     if args.hidden % args.heads or args.heads % args.kv_heads:
         raise ConfigError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads.")
-    return ModelConfig(
+    return family_named("dream").make_config(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,

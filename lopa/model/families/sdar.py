@@ -1,4 +1,4 @@
-"""The SDAR family (JetAstra's block-diffusion models on Qwen3): config fields.
+"""The SDAR family (JetAstra's block-diffusion models on Qwen3): config fields, block-causal attention, shift 0.
 
 SDAR checkpoints are Qwen3 (RMSNorm, SwiGLU, RoPE, GQA with an explicit ``head_dim``, per-head q/k RMSNorm, no
 attention biases) trained and decoded as block diffusion: attention is block-causal with blocks of the config's
@@ -9,35 +9,49 @@ which are the shared transformer's names plus ``self_attn.q_norm`` / ``self_attn
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 from lopa.errors import CorruptCheckpointError
-from lopa.model.config import ModelConfig, dream_config_from_hf
+from lopa.model.config import ModelConfig
+from lopa.model.families.base import Family
+from lopa.model.families.dream import qwen2_fields
 
 
-def sdar_config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+def parse(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """An SDAR config.json (Qwen3 fields plus ``block_size`` and ``mask_token_id``) as a ModelConfig."""
     if "block_size" not in d:
         raise CorruptCheckpointError(
             f"{source}: an SDAR config.json needs block_size (the attention block the model was trained with)."
         )
-    base = dream_config_from_hf(d, source)  # the Qwen2 fields are spelled the same in Qwen3
-    return replace(
-        base,
+    fields = qwen2_fields(d, source)  # the Qwen2 fields are spelled the same in Qwen3
+    fields.update(
         attention_bias=bool(d.get("attention_bias", False)),  # Qwen3's default: no q/k/v biases
-        attention="block_causal",
         block_size=int(d["block_size"]),
         qk_norm=True,
     )
+    return FAMILY.make_config(**fields)
 
 
-def sdar_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def export(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json of an SDAR checkpoint of this shape."""
     d = asdict(cfg)
-    for name in ("extra", "attention", "qk_norm"):
+    for name in ("extra", "family", "logit_shift", "attention", "qk_norm"):
         d.pop(name)
     d["model_type"] = "sdar"
     d["architectures"] = ["SDARForCausalLM"]
     d["hidden_act"] = "silu"
     return {k: v for k, v in d.items() if v is not None}
+
+
+FAMILY = Family(
+    name="sdar",
+    model_types=("sdar", "SDAR"),
+    checkpoints=("SDAR-1.7B-Chat", "SDAR-4B-Chat", "SDAR-8B-Chat"),
+    logit_shift=0,
+    attention="block_causal",
+    parse=parse,
+    export=export,
+    mask_token="<|MASK|>",
+    end_tokens=("<|im_end|>", "<|endoftext|>"),
+)
