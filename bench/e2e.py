@@ -43,11 +43,11 @@ from unittest import mock
 import torch
 
 from lopa import LLM, DecodeConfig
+from lopa.checkpoint.loader import Checkpoint
+from lopa.checkpoint.tokenizer import Tokenizer
 from lopa.model.config import ModelConfig
-from lopa.model.loader import Checkpoint
 from lopa.model.transformer import Transformer
 from lopa.testing import SPECIAL_TOKENS, byte_level_tokenizer
-from lopa.tokenizer import Tokenizer
 
 SINGLE_FORWARD, BATCH_FORWARD = "raw_logits", "_forward"  # the runners' forward methods that are timed
 TARGET_HOST_SHARE = 0.10  # issue 20: host work <= 10 % of the iteration ...

@@ -1,10 +1,10 @@
 """Memory of one tensor-parallel rank against one process: tensor bytes and peak resident memory.
 
 For TP = 1, 2 and 4, a fresh process loads rank 0's shard of a random checkpoint (weights read slice by slice
-with positioned reads, never memory-mapped: ``lopa.model.st_read``), allocates the static cache (``--rows`` x
-``--max-len``) and reports the bytes of its parameters + cache, its peak RSS minus the RSS it had before loading
-(interpreter and torch excluded, torch's meta-device code warmed first), and the growth of its anonymous memory
-(RssAnon: what the rank owns, without the few file-backed pages the RSS also counts). The
+with positioned reads, never memory-mapped: ``lopa.checkpoint.safetensors_io``), allocates the static cache
+(``--rows`` x ``--max-len``) and reports the bytes of its parameters + cache, its peak RSS minus the RSS it had
+before loading (interpreter and torch excluded, torch's meta-device code warmed first), and the growth of its
+anonymous memory (RssAnon: what the rank owns, without the few file-backed pages the RSS also counts). The
 same ratio is then computed from the shapes alone for Dream-7B (no weights needed).
 
     python bench/tp_memory.py                  # random checkpoint of about 0.3 GB in a temp dir

@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from lopa.checkpoint.bundled import BUNDLED_MODEL_NAME, default_checkpoint_dir
+from lopa.checkpoint.hub import model_name_for, resolve_model
+from lopa.checkpoint.loader import load_checkpoint
 from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seqs
 from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
 from lopa.engine.runner import Runner
 from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 from lopa.model.families import family_named
-from lopa.model.hub import model_name_for, resolve_model
-from lopa.model.loader import load_checkpoint
 from lopa.model.tp import TPShard
 from lopa.outputs import Completion, Stats
 from lopa.session import BatchSession, IteratorSession, StreamEvent, TextStream
@@ -38,16 +39,9 @@ if TYPE_CHECKING:
     from lopa.engine.scheduler import Scheduler
 
 Prompt = str | Sequence[int]
-BUNDLED_MODEL_NAME = "lopa-tiny"  # model id of the checkpoint shipped in lopa/tiny/checkpoint
 Messages = list[dict[str, str]]
 log = logging.getLogger("lopa")
-__all__ = ["LLM", "StreamEvent", "default_model_dir"]
-
-
-def default_model_dir() -> Path:
-    from lopa.tiny import default_checkpoint_dir
-
-    return default_checkpoint_dir()
+__all__ = ["LLM", "StreamEvent"]
 
 
 class LLM:
@@ -69,8 +63,8 @@ class LLM:
         ``max_model_len``: the longest prompt + max_new_tokens served (default: the model's context, at most
         config.DEFAULT_MAX_MODEL_LEN). Together they size the KV pool, allocated on first batched use.
         ``model_dir``: a checkpoint directory or a Hugging Face hub id (``ORG/NAME``, at ``revision``), see
-        ``lopa/model/hub.py``."""
-        path = resolve_model(model_dir, revision) if model_dir is not None else default_model_dir()
+        ``lopa/checkpoint/hub.py``."""
+        path = resolve_model(model_dir, revision) if model_dir is not None else default_checkpoint_dir()
         self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype, shard=shard)
         if shard is not None and shard.size > 1:
             enforce_eager = True  # tensor-parallel all-reduces are timed collectives: no CUDA graph around them

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from lopa.checkpoint.loader import save_checkpoint
+from lopa.checkpoint.lora import is_targeted, linear_weight_shapes
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.families import config_from_hf, family_named
-from lopa.model.loader import save_checkpoint
-from lopa.model.lora import is_targeted, linear_weight_shapes
 from lopa.model.transformer import Transformer
 from lopa.testing_tokenizer import (
     CHATML_TEMPLATE,

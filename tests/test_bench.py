@@ -7,9 +7,9 @@ import math
 
 import pytest
 
+from lopa.checkpoint.bundled import default_checkpoint_dir
 from lopa.cli import main
 from lopa.eval.aup import aup, weight
-from lopa.tiny import default_checkpoint_dir
 from lopa.tiny.bench import (
     FAMILIES,
     FULL,

@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from lopa.checkpoint.loader import load_checkpoint
 from lopa.cli import main
 from lopa.errors import TensorMismatchError, UnsupportedModelError
 from lopa.model.families import config_from_hf, family_named
-from lopa.model.loader import load_checkpoint
 from lopa.testing import llama_config, make_random_lora, make_tiny_checkpoint, transformers_bidirectional_logits
 
 transformers = pytest.importorskip("transformers")

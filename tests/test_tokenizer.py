@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lopa.checkpoint.tokenizer import Tokenizer
 from lopa.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from lopa.model.config import ModelConfig
 from lopa.model.families import family_named
 from lopa.testing import byte_level_tokenizer
-from lopa.tokenizer import Tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},

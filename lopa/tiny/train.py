@@ -6,7 +6,7 @@ Dream's shifted logits. Batches are a pure function of (seed, step), so training
 run continues exactly where it stopped.
 
 ``--out DIR`` receives the Dream checkpoint (config.json, model.safetensors, tokenizer.json,
-generation_config.json: loadable by ``lopa.model.loader.load_checkpoint``) at every save, plus the training
+generation_config.json: loadable by ``lopa.checkpoint.loader.load_checkpoint``) at every save, plus the training
 state in ``DIR/train_state`` (safetensors for weights and optimizer moments, JSON for the step and settings;
 never pickle) and a JSON-lines log. Rerunning the same command resumes. Called by ``lopa.cli``.
 """
@@ -28,10 +28,10 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm import tqdm
 
+from lopa.checkpoint.loader import save_checkpoint
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.families import family_named
-from lopa.model.loader import save_checkpoint
 from lopa.model.transformer import Transformer
 from lopa.tiny import task
 from lopa.tiny.data import Layout, answer_logits_idx, masked_loss, training_batch

@@ -3,8 +3,8 @@
 Owns the on-disk contract: ``config.json`` (its ``model_type`` names the family, which parses it),
 ``model.safetensors`` or
 shards listed in ``model.safetensors.index.json``, tokenizer files, ``generation_config.json``, and an optional
-peft LoRA adapter merged at load (:mod:`lopa.model.lora`). Weights are read only from safetensors files (header
-checked by safetensors, bytes read by :mod:`lopa.model.st_read` without a memory map); pickle-based
+peft LoRA adapter merged at load (:mod:`lopa.checkpoint.lora`). Weights are read only from safetensors files (header
+checked by safetensors, bytes read by :mod:`lopa.checkpoint.safetensors_io` without a memory map); pickle-based
 ``.bin`` / ``.pt`` files are refused. Tensor names are translated between the family's checkpoint names and
 the shared module names of :class:`~lopa.model.transformer.Transformer` (the one transformer every family runs on);
 errors name tensors as the checkpoint spells them. Every problem a user can cause raises a named
@@ -28,6 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lopa.checkpoint.hub import resolve_model
+from lopa.checkpoint.lora import linear_weight_shapes, plan_lora
+from lopa.checkpoint.safetensors_io import TensorFile
+from lopa.checkpoint.tokenizer import Tokenizer
 from lopa.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -39,13 +43,9 @@ from lopa.errors import (
 )
 from lopa.model.config import ModelConfig, read_json
 from lopa.model.families import config_from_hf, config_to_hf, family_named
-from lopa.model.hub import resolve_model
 from lopa.model.layers import Rotary
-from lopa.model.lora import linear_weight_shapes, plan_lora
-from lopa.model.st_read import TensorFile
 from lopa.model.tp import TPShard, shard_model
 from lopa.model.transformer import Transformer
-from lopa.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -131,13 +131,13 @@ def load_checkpoint(
     shard: TPShard | None = None,
     revision: str | None = None,
 ) -> Checkpoint:
-    """Load a checkpoint directory, or a hub id at ``revision`` (``model/hub.py``), and merge an optional LoRA
+    """Load a checkpoint directory, or a hub id at ``revision`` (``checkpoint/hub.py``), and merge an optional LoRA
     adapter, onto ``device`` in ``dtype``.
 
     With ``shard`` (tensor parallelism, :mod:`lopa.model.tp`) only that rank's slices are read and the model
     has the rank's local shapes; ``Checkpoint.config`` stays the full model's."""
     device = resolve_device(device)
-    path = resolve_model(path, revision)  # a local directory, else a hub id from the hub cache (model/hub.py)
+    path = resolve_model(path, revision)  # a local directory, else a hub id from the hub cache (checkpoint/hub.py)
     raw = read_json(path / "config.json", required=True)
     config = config_from_hf(raw, source=str(path / "config.json"))
     generation_config = read_json(path / "generation_config.json", required=False)

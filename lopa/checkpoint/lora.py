@@ -1,6 +1,6 @@
 """LoRA adapters in peft's on-disk format, merged into the base weights.
 
-:func:`plan_lora` reads and validates an adapter; :func:`lopa.model.loader.load_checkpoint` calls it before reading
+:func:`plan_lora` reads and validates an adapter; :func:`lopa.checkpoint.loader.load_checkpoint` calls it before reading
 the base weights and merges each update as its weight streams in (before the dtype cast). :func:`merge_lora` does
 the same for an already-loaded model. An adapter directory holds
 ``adapter_config.json`` (r, lora_alpha, target_modules, use_rslora, fan_in_fan_out, optional rank/alpha patterns)
