@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lopa.checkpoint.loader import save_checkpoint
 from lopa.checkpoint.lora import is_targeted, linear_weight_shapes
+from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.families import config_from_hf, family_named

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lopa import LLM
-from lopa.checkpoint.loader import save_checkpoint
+from lopa.checkpoint.save import save_checkpoint
 from lopa.cli import build_parser, main
 
 SMALL = ["--block-size", "8", "--max-new-tokens", "16"]

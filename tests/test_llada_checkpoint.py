@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lopa import LLM, DecodeConfig
-from lopa.checkpoint.loader import INDEX_FILE, load_checkpoint, save_checkpoint
+from lopa.checkpoint.checks import INDEX_FILE
+from lopa.checkpoint.loader import load_checkpoint
+from lopa.checkpoint.save import save_checkpoint
 from lopa.cli import checkpoint_decode_defaults
 from lopa.errors import AdapterError, TensorMismatchError
 from lopa.testing import make_random_lora, make_tiny_checkpoint

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lopa.checkpoint.loader import INDEX_FILE, load_checkpoint, save_checkpoint
+from lopa.checkpoint.checks import INDEX_FILE
+from lopa.checkpoint.loader import load_checkpoint
+from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import (
     CheckpointError,
     CheckpointNotFoundError,

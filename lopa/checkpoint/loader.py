@@ -1,63 +1,45 @@
-"""Loading and saving checkpoint directories of every supported family (:mod:`lopa.model.families`).
+"""Loading checkpoint directories of every supported family (:mod:`lopa.model.families`).
 
 Owns the on-disk contract: ``config.json`` (its ``model_type`` names the family, which parses it),
-``model.safetensors`` or
-shards listed in ``model.safetensors.index.json``, tokenizer files, ``generation_config.json``, and an optional
-peft LoRA adapter merged at load (:mod:`lopa.checkpoint.lora`). Weights are read only from safetensors files (header
-checked by safetensors, bytes read by :mod:`lopa.checkpoint.safetensors_io` without a memory map); pickle-based
-``.bin`` / ``.pt`` files are refused. Tensor names are translated between the family's checkpoint names and
-the shared module names of :class:`~lopa.model.transformer.Transformer` (the one transformer every family runs on);
-errors name tensors as the checkpoint spells them. Every problem a user can cause raises a named
-:mod:`lopa.errors` exception.
-Called by the LLM facade, the CLI, training and the tests.
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``, tokenizer files,
+``generation_config.json``, and an optional peft LoRA adapter merged at load (:mod:`lopa.checkpoint.lora`).
+Weights are read only from safetensors files (header checked by safetensors, bytes read by
+:mod:`lopa.checkpoint.safetensors_io` without a memory map); pickle-based ``.bin`` / ``.pt`` files are refused
+(:mod:`lopa.checkpoint.checks`). Tensor names are translated between the family's checkpoint names and the shared
+module names of :class:`~lopa.model.transformer.Transformer` (the one transformer every family runs on); errors
+name tensors as the checkpoint spells them. Every problem a user can cause raises a named :mod:`lopa.errors`
+exception. Saving is :mod:`lopa.checkpoint.save`. Called by the LLM facade, the CLI, training and the tests.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from lopa.checkpoint.checks import IGNORED_SUFFIXES, check_layer_count, check_values, unexpected_tensor, weight_files
 from lopa.checkpoint.hub import resolve_model
 from lopa.checkpoint.lora import linear_weight_shapes, plan_lora
 from lopa.checkpoint.safetensors_io import TensorFile
 from lopa.checkpoint.tokenizer import Tokenizer
 from lopa.errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
     DeviceUnavailableError,
     TensorMismatchError,
-    UnsafeWeightsError,
 )
 from lopa.model.config import ModelConfig, read_json
-from lopa.model.families import config_from_hf, config_to_hf, family_named
+from lopa.model.families import config_from_hf, family_named
 from lopa.model.layers import Rotary
 from lopa.model.tp import TPShard, shard_model
 from lopa.model.transformer import Transformer
 
-INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -68,8 +50,6 @@ _DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-# Older exports store the RoPE table; it is recomputed from the config, never loaded.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass
@@ -160,48 +140,6 @@ def load_checkpoint(
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, generation_config=generation_config)
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, from the shard index when there is one."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        data = read_json(index, required=True)
-        weight_map = data.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CorruptCheckpointError(f"{index} has no 'weight_map'; re-save the checkpoint.")
-        root, names = path.resolve(), sorted({str(v) for v in weight_map.values()})
-        outside = [n for n in names if (path / n).resolve().parent != root or not n.endswith(".safetensors")]
-        if outside:
-            raise CorruptCheckpointError(
-                f"{index} names shard(s) {outside} that are not *.safetensors files inside {path}; a shard index "
-                f"may only list files of its own directory."
-            )
-        files = [path / name for name in names]
-        odd = [f.name for f in files if f.exists() and not f.is_file()]
-        if odd:
-            raise CorruptCheckpointError(
-                f"{index} lists {odd}, which are not regular files; shards must be plain files."
-            )
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointNotFoundError(
-                f"{index} lists shard(s) {missing} that are not in {path}; the download is incomplete."
-            )
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    odd = [f.name for f in files if not f.is_file()]
-    if odd:  # a FIFO would block the reader forever, a directory fails deep inside safetensors
-        raise CorruptCheckpointError(f"{path}: {odd} are not regular files; weights must be plain *.safetensors files.")
-    if files:
-        return files
-    pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickled:
-        raise UnsafeWeightsError(
-            f"{path} holds weights only as pickle files {pickled}; lopa never unpickles weights. Convert them to "
-            f"safetensors (e.g. model.save_pretrained(dir, safe_serialization=True))."
-        )
-    raise CheckpointNotFoundError(f"{path} has no *.safetensors weight files; add model.safetensors.")
-
-
 def _load_model(
     path: Path,
     config: ModelConfig,
@@ -211,7 +149,7 @@ def _load_model(
     shard: TPShard | None = None,
 ) -> Transformer:
     files = weight_files(path)
-    _check_layer_count(path, files, config)  # before the module is built: its size comes from config.json
+    check_layer_count(path, files, config)  # before the module is built: its size comes from config.json
     # Build on the meta device so no random weights are allocated, then assign the loaded tensors:
     # only one copy of the weights ever exists, already on the target device and dtype.
     with torch.device("meta"):
@@ -241,10 +179,10 @@ def _load_model(
             with safe_open(str(file), framework="pt", device="cpu") as f, TensorFile(file) as data:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     name = family.tensor_to_shared(key)
-                    if key.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    if key.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                         continue
                     if name not in expected:
-                        raise _unexpected(file, key, family.name)
+                        raise unexpected_tensor(file, key, family.name)
                     sl = data.get_slice(key)
                     shape = torch.Size(sl.get_shape())
                     if shape != expected[name]:
@@ -253,7 +191,7 @@ def _load_model(
                             f"{tuple(expected[name])}; config.json and the weights disagree."
                         )
                     t = sl[:] if shard is None else shard.read(name, config, sl)  # a shard reads only its slice
-                    _check_values(file, key, t)
+                    check_values(file, key, t)
                     t = t.to(device)
                     state[name] = updates[name].merge_into(t.float()).to(dtype) if name in updates else t.to(dtype)
         except CheckpointError:  # already named (mismatch, bad values, missing file)
@@ -284,144 +222,3 @@ def _load_model(
         )
     model.requires_grad_(False)
     return model.eval()
-
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def _check_layer_count(path: Path, files: list[Path], config: ModelConfig) -> None:
-    """TensorMismatchError unless the weights hold exactly layers 0..num_hidden_layers-1 (read from the headers).
-
-    The module is built from config.json, so a config claiming a million layers would allocate a million layer
-    objects before any tensor is compared: the count is checked against the tensor names first.
-    """
-    family = family_named(config.family)
-    layers: set[int] = set()
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                keys = list(f.keys())
-        except Exception as e:  # safetensors raises its own error type for a bad header
-            raise CorruptCheckpointError(
-                f"{file} is not a valid safetensors file ({e}); re-download or re-save it."
-            ) from e
-        for key in keys:
-            name = family.tensor_to_shared(key)
-            if name is None and not key.endswith(_IGNORED_SUFFIXES):  # another family's names: say so, not "0 layers"
-                raise _unexpected(file, key, family.name)
-            m = _LAYER.match(name or "")
-            if m is not None:
-                layers.add(int(m[1]))
-    n = config.num_hidden_layers
-    if layers != set(range(n)):
-        have = f"layers 0..{max(layers)} ({len(layers)} distinct)" if layers else "no layers"
-        missing = sorted(set(range(n)) - layers)
-        extra = sorted(layers - set(range(n)))
-        parts = [
-            f"missing layer(s) {_few(missing)}" if missing else "",
-            f"extra layer(s) {_few(extra)}" if extra else "",
-        ]
-        raise TensorMismatchError(
-            f"{path}/config.json says num_hidden_layers={n}, but the weights hold {have}: "
-            f"{'; '.join(p for p in parts if p)}. config.json and the weights disagree."
-        )
-
-
-def _unexpected(file: Path, key: str, family: str) -> TensorMismatchError:
-    return TensorMismatchError(
-        f"{file.name}: unexpected tensor {key!r}; the checkpoint does not match a {family} model with this "
-        f"config.json (wrong architecture, or an unmerged adapter?)."
-    )
-
-
-def _few(numbers: list[int]) -> str:
-    shown = ", ".join(map(str, numbers[:3]))
-    return shown + (f" and {len(numbers) - 3} more" if len(numbers) > 3 else "")
-
-
-def _check_values(file: Path, key: str, t: Tensor) -> None:
-    """Weights must be floating point and finite: an integer or NaN tensor would decode garbage silently."""
-    if not t.is_floating_point():
-        raise TensorMismatchError(
-            f"{file.name}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; model weights must be "
-            f"float32, bfloat16 or float16. The file was not written by a model's save."
-        )
-    # In chunks of 1M elements: one whole-tensor mask per weight would fragment the heap by a quarter of the model.
-    if not all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(1 << 20)):
-        raise CorruptCheckpointError(
-            f"{file.name}: tensor {key!r} holds NaN or inf values; the weights are corrupt (re-download them, or "
-            f"restore a checkpoint saved before training diverged)."
-        )
-
-
-def save_checkpoint(
-    model: Transformer,
-    out_dir: str | Path,
-    tokenizer_dir: str | Path | None = None,
-    generation_config: dict | None = None,
-    max_shard_bytes: int | None = None,
-) -> Path:
-    """Write ``model`` as a checkpoint directory of its family that :func:`load_checkpoint` can read.
-
-    Tensor names and config.json are the family's own (a Dream checkpoint is also readable by transformers).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    dtype = next(model.parameters()).dtype
-    hf = config_to_hf(cfg)
-    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-    if generation_config is None:
-        ids = ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")
-        generation_config = {k: getattr(cfg, k) for k in ids if getattr(cfg, k) is not None}
-    (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n", encoding="utf-8")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # the HF convention: a tied head is not stored
-    state = {family_named(cfg.family).tensor_to_checkpoint(k): v for k, v in state.items()}
-    for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:
-        stale.unlink(missing_ok=True)
-    shards = _shard(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        _readable(out / "model.safetensors")
-    else:
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            _readable(out / name)
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file():
-                shutil.copyfile(src, out / name)
-    return out
-
-
-def _readable(file: Path) -> None:
-    """Give a weight file the mode any other file gets (0644 under umask 022); safetensors writes it 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    file.chmod(0o666 & ~umask)
-
-
-def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:
-    """Greedy split in key order; a tensor larger than max_bytes gets a shard of its own."""
-    if max_bytes is None:
-        return [state]
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    return shards

@@ -1,6 +1,7 @@
-"""The shared transformer of every model family: a Qwen2/LLaMA block stack run without a causal mask, as a pure
-forward. Dream checkpoints load into it as they are; other families (LLaDA) map their tensor names onto it
-(:mod:`lopa.model.families`), so the fused fast path applies to all of them.
+"""The shared transformer of every model family: a Qwen2/LLaMA block stack (optionally with Qwen3's per-head q/k
+norm) run without a causal mask, as a pure forward. Dream checkpoints load into it as they are; other families
+(LLaDA, SDAR) map their tensor names onto it (:mod:`lopa.model.families`), so the fused fast path applies to all of
+them. A block-causal family's attention pattern reaches the forward as the caller's ``attn_mask``.
 
 ``forward(ids, positions, cache, valid, logits_idx)`` runs a batch of branch *rows*. Every row sees the
 committed prefix held in ``cache`` (if any) and attends fully inside its own window; keys of padded window

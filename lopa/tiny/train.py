@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm import tqdm
 
-from lopa.checkpoint.loader import save_checkpoint
+from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
 from lopa.model.families import family_named
