@@ -42,7 +42,7 @@ def checkpoint(arg: str | None) -> Path:
     """The given checkpoint, else the bundled model, else a tiny random one (written to a temp dir)."""
     if arg:
         return Path(arg)
-    from lopa.tiny import default_checkpoint_dir
+    from lopa.checkpoint.bundled import default_checkpoint_dir
 
     bundled = default_checkpoint_dir()
     if (bundled / "config.json").exists():

@@ -43,11 +43,11 @@ from unittest import mock
 import torch
 
 from lopa import LLM, DecodeConfig
+from lopa.checkpoint.loader import Checkpoint
+from lopa.checkpoint.tokenizer import Tokenizer
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
-from lopa.model.loader import Checkpoint
+from lopa.model.transformer import Transformer
 from lopa.testing import SPECIAL_TOKENS, byte_level_tokenizer
-from lopa.tokenizer import Tokenizer
 
 SINGLE_FORWARD, BATCH_FORWARD = "raw_logits", "_forward"  # the runners' forward methods that are timed
 TARGET_HOST_SHARE = 0.10  # issue 20: host work <= 10 % of the iteration ...
@@ -70,7 +70,7 @@ def random_llm(
     cfg: ModelConfig, device: str, dtype: torch.dtype, max_num_seqs: int, max_model_len: int, **llm_args: object
 ) -> LLM:
     """The real ``LLM`` over a random ``cfg`` model constructed on ``device`` (never on the host, never saved)."""
-    model = gpu_step.build(lambda: DreamModel(cfg), device, dtype)
+    model = gpu_step.build(lambda: Transformer(cfg), device, dtype)
     tokenizer = Tokenizer(
         byte_level_tokenizer(SPECIAL_TOKENS),
         mask_token_id=cfg.mask_token_id,

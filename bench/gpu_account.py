@@ -52,7 +52,7 @@ from lopa.engine.fast_batch import FastBatchRunner, _pack
 from lopa.engine.graphs import round_up
 from lopa.engine.runner import build_batch
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
+from lopa.model.transformer import Transformer
 
 
 def _sibling(name: str) -> ModuleType:
@@ -262,7 +262,7 @@ def count_kernels(fn, device: str) -> tuple[Counter, dict[str, float]]:
 def profile_paths(cfg: ModelConfig, device: str, dtype, window: int, prefix: int) -> dict[str, tuple | str]:
     """Kernel counts of one forward of each path for a model of ``cfg`` (its layers) on ``device``: (counts by
     op, device µs by kernel) per path, or the error that path raised (the other paths are still counted)."""
-    model = gpu_step.build(lambda: DreamModel(cfg), device, dtype)
+    model = gpu_step.build(lambda: Transformer(cfg), device, dtype)
     dev, rows, pad, shift = torch.device(device), 8, cfg.padding_id, cfg.logit_shift
     pool_len = prefix + 2 * window + KV_GRANULARITY
 

@@ -56,8 +56,9 @@ from lopa.engine.fast_batch import FastBatchRunner
 from lopa.engine.runner import Candidate, Runner, build_batch
 from lopa.engine.sequence import Plan
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
+from lopa.model.families import family_named
 from lopa.model.moe import MoEConfig
+from lopa.model.transformer import Transformer
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head dim, vocab
     "7b": (3584, 18944, 28, 28, 4, 128, 152064),  # Dream-v0-7B / Qwen2.5-7B
@@ -85,10 +86,10 @@ MOE_EXPERTS = {  # num_experts, num_experts_per_tok, moe_intermediate_size; ever
     "tiny": (4, 2, 32),
 }
 FAMILY_SHAPES = {"dream": SHAPES, "llada": LLADA_SHAPES, "sdar": SDAR_SHAPES, "sdar-moe": SDAR_MOE_SHAPES}
-_SDAR = dict(attention_bias=False, attention="block_causal", block_size=4, qk_norm=True, rope_theta=1e6)
+_SDAR = dict(attention_bias=False, block_size=4, qk_norm=True, rope_theta=1e6)
 FAMILY_CONFIG = {
-    "dream": dict(model_type="Dream"),
-    "llada": dict(model_type="llada", attention_bias=False),
+    "dream": dict(),
+    "llada": dict(attention_bias=False),
     "sdar": dict(model_type="sdar", **_SDAR),
     "sdar-moe": dict(model_type="sdar_moe", **_SDAR),
 }
@@ -110,7 +111,7 @@ PAPER_TPF = {
 def model_config(shape: str, family: str = "dream") -> ModelConfig:
     h, i, n, heads, kv, d, v = FAMILY_SHAPES[family][shape]
     moe = MoEConfig(*MOE_EXPERTS[shape], norm_topk_prob=True) if family == "sdar-moe" else None
-    return ModelConfig(
+    return family_named("sdar" if family == "sdar-moe" else family).make_config(
         v, h, i, n, heads, kv, d, max_position_embeddings=4096, mask_token_id=v - 1, pad_token_id=v - 2, moe=moe,
         **FAMILY_CONFIG[family],
     )  # fmt: skip
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ref = floor_script(a.floor_script) if a.floor_script and dev == "cuda" else None  # before we hold memory
     bandwidth = copy_bandwidth(a.device, (1 << 30) if dev == "cuda" else (64 << 20))
-    model = build(lambda: DreamModel(cfg), a.device, dtype)
+    model = build(lambda: Transformer(cfg), a.device, dtype)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     rate = matmul_rate(a.device, dtype, a.matmul_size or (8192 if dev == "cuda" else 512), clock)

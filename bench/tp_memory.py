@@ -1,10 +1,10 @@
 """Memory of one tensor-parallel rank against one process: tensor bytes and peak resident memory.
 
 For TP = 1, 2 and 4, a fresh process loads rank 0's shard of a random checkpoint (weights read slice by slice
-with positioned reads, never memory-mapped: ``lopa.model.st_read``), allocates the static cache (``--rows`` x
-``--max-len``) and reports the bytes of its parameters + cache, its peak RSS minus the RSS it had before loading
-(interpreter and torch excluded, torch's meta-device code warmed first), and the growth of its anonymous memory
-(RssAnon: what the rank owns, without the few file-backed pages the RSS also counts). The
+with positioned reads, never memory-mapped: ``lopa.checkpoint.safetensors_io``), allocates the static cache
+(``--rows`` x ``--max-len``) and reports the bytes of its parameters + cache, its peak RSS minus the RSS it had
+before loading (interpreter and torch excluded, torch's meta-device code warmed first), and the growth of its
+anonymous memory (RssAnon: what the rank owns, without the few file-backed pages the RSS also counts). The
 same ratio is then computed from the shapes alone for Dream-7B (no weights needed).
 
     python bench/tp_memory.py                  # random checkpoint of about 0.3 GB in a temp dir
@@ -27,10 +27,12 @@ import psutil
 import torch
 
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
+from lopa.model.families import family_named
 from lopa.model.tp import TPShard, shard_model
+from lopa.model.transformer import Transformer
 
-DREAM_7B = ModelConfig(
+DREAM = family_named("dream")
+DREAM_7B = DREAM.make_config(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
     num_key_value_heads=4, head_dim=128,
 )  # fmt: skip
@@ -41,7 +43,7 @@ def measure(model: str, tp: int, rows: int, max_len: int) -> dict[str, float]:
     from lopa import LLM
 
     with torch.device("meta"):  # the first meta-device init loads ~70 MB of torch code: not the model's memory
-        DreamModel(ModelConfig(8, 8, 8, 1, 1, 1, 8))
+        Transformer(DREAM.make_config(8, 8, 8, 1, 1, 1, 8))
     before = psutil.Process().memory_info().rss
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     before_anon = int(status["RssAnon"].split()[0]) * 1024
@@ -64,7 +66,7 @@ def measure(model: str, tp: int, rows: int, max_len: int) -> dict[str, float]:
 def shape_bytes(cfg: ModelConfig, tp: int, rows: int, max_len: int, elem: int = 2) -> int:
     """Parameter + cache bytes of one rank, from the shapes (meta device)."""
     with torch.device("meta"):
-        model = DreamModel(cfg)
+        model = Transformer(cfg)
     if tp > 1:
         shard_model(model, TPShard(0, tp))
     params = sum(p.numel() for p in model.parameters())

@@ -65,16 +65,16 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_decode_defaults(model_dir: str | None, revision: str | None = None) -> DecodeConfig:
     """The decoding defaults for a checkpoint (the bundled one when None): see DecodeConfig.recommended and
-    lopa.model.family.recommended_settings (the family's recommendations under the checkpoint's own)."""
+    lopa.model.families.recommended_settings (the family's recommendations under the checkpoint's own)."""
     from lopa.model.config import read_json
-    from lopa.model.family import recommended_settings
+    from lopa.model.families import recommended_settings
 
     if model_dir is None:
-        from lopa.tiny import default_checkpoint_dir
+        from lopa.checkpoint.bundled import default_checkpoint_dir
 
         path = default_checkpoint_dir()
     else:
-        from lopa.model.hub import resolve_model
+        from lopa.checkpoint.hub import resolve_model
 
         try:
             path = resolve_model(model_dir, revision)
@@ -178,7 +178,7 @@ def local_model_arg(args: argparse.Namespace) -> str | None:
     """``--model`` as a local directory (a hub id fetched now, at ``--revision``), for ranks started elsewhere."""
     if args.model is None:
         return None
-    from lopa.model.hub import resolve_model
+    from lopa.checkpoint.hub import resolve_model
 
     return str(resolve_model(args.model, getattr(args, "revision", None)))
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
+from lopa.checkpoint.tokenizer import check_text
 from lopa.cli import (
     add_decode_arguments,
     add_model_arguments,
@@ -28,7 +29,6 @@ from lopa.cli import (
 from lopa.dist.launch import add_dist_arguments, add_tp_argument
 from lopa.errors import ConfigError, InvalidTextError
 from lopa.outputs import Completion
-from lopa.tokenizer import check_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from lopa.checkpoint.bundled import BUNDLED_MODEL_NAME, default_checkpoint_dir
+from lopa.checkpoint.hub import model_name_for, resolve_model
+from lopa.checkpoint.loader import load_checkpoint
 from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seqs
 from lopa.engine.fast import make_runner
 from lopa.engine.loop import decode
 from lopa.engine.runner import Runner
 from lopa.engine.sequence import Step, answer_ids
 from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
-from lopa.model.hub import model_name_for, resolve_model
-from lopa.model.loader import load_checkpoint
+from lopa.model.families import family_named
 from lopa.model.tp import TPShard
 from lopa.outputs import Completion, Stats
 from lopa.session import BatchSession, IteratorSession, StreamEvent, TextStream
@@ -38,16 +40,9 @@ if TYPE_CHECKING:
     from lopa.engine.scheduler import Scheduler
 
 Prompt = str | Sequence[int]
-BUNDLED_MODEL_NAME = "lopa-tiny"  # model id of the checkpoint shipped in lopa/tiny/checkpoint
 Messages = list[dict[str, str]]
 log = logging.getLogger("lopa")
-__all__ = ["LLM", "StreamEvent", "default_model_dir"]
-
-
-def default_model_dir() -> Path:
-    from lopa.tiny import default_checkpoint_dir
-
-    return default_checkpoint_dir()
+__all__ = ["LLM", "StreamEvent"]
 
 
 class LLM:
@@ -69,8 +64,8 @@ class LLM:
         ``max_model_len``: the longest prompt + max_new_tokens served (default: the model's context, at most
         config.DEFAULT_MAX_MODEL_LEN). Together they size the KV pool, allocated on first batched use.
         ``model_dir``: a checkpoint directory or a Hugging Face hub id (``ORG/NAME``, at ``revision``), see
-        ``lopa/model/hub.py``."""
-        path = resolve_model(model_dir, revision) if model_dir is not None else default_model_dir()
+        ``lopa/checkpoint/hub.py``."""
+        path = resolve_model(model_dir, revision) if model_dir is not None else default_checkpoint_dir()
         self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype, shard=shard)
         if shard is not None and shard.size > 1:
             enforce_eager = True  # tensor-parallel all-reduces are timed collectives: no CUDA graph around them
@@ -86,7 +81,7 @@ class LLM:
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
         self.default_config = DecodeConfig.recommended(
-            {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
+            {**family_named(self.config.family).decode_defaults, **self.checkpoint.generation_config}
         )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
         self.max_num_seqs = default_max_num_seqs(self.device.type) if max_num_seqs is None else max_num_seqs
@@ -233,7 +228,7 @@ class LLM:
 
     def kv_pool_bytes(self) -> int:
         """Memory of the batched engine's KV pool (max_num_seqs x max_model_len positions), allocated or not."""
-        from lopa.cache import KVPool
+        from lopa.model.cache import KVPool
 
         cfg, p = self.config, next(self.model.parameters())
         layers, kv, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim

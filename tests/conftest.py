@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny random Dream checkpoint and a LoRA adapter for it, built once per test run.
 
 ``tiny_ckpt`` is a checkpoint directory (GQA, untied head, ChatML template); ``tiny_lora`` a peft adapter for it;
-``tiny_checkpoint`` the loaded :class:`lopa.model.loader.Checkpoint` (fp32, CPU). Tests must not modify them.
+``tiny_checkpoint`` the loaded :class:`lopa.checkpoint.loader.Checkpoint` (fp32, CPU). Tests must not modify them.
 ``single_thread`` runs a module with one torch thread, like each rank of a mesh.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lopa.model.loader import Checkpoint, load_checkpoint
+from lopa.checkpoint.loader import Checkpoint, load_checkpoint
 from lopa.testing import make_random_lora, make_tiny_checkpoint
 
 

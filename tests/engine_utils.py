@@ -11,24 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.engine.loop import decode, run
 from lopa.engine.runner import Runner
+from lopa.model.cache import StaticKVCache
 from lopa.model.config import ModelConfig
+from lopa.model.families import family_named
 from lopa.testing import random_model
 
 VOCAB, MASK, EOS = 64, 63, 62
 END = frozenset({EOS})
-FAMILIES = {
-    "dream": dict(model_type="Dream", attention_bias=True),
-    "llada": dict(model_type="llada", attention_bias=False),
-}
+FAMILIES = {"dream": dict(attention_bias=True), "llada": dict(attention_bias=False)}
 
 
 def scripted_config(family: str, mask: int, eos: int) -> ModelConfig:
     """The config of a scripted model (16-token vocabulary, one tiny layer nobody runs) of ``family``."""
-    return ModelConfig(
+    return family_named(family).make_config(
         vocab_size=16,
         hidden_size=4,
         intermediate_size=4,
@@ -45,7 +43,7 @@ def scripted_config(family: str, mask: int, eos: int) -> ModelConfig:
 
 def peaky_model(seed: int = 0, sharpness: float = 8.0, layers: int = 2, family: str = "dream") -> nn.Module:
     """A random model of ``family`` whose head is scaled up, so confidences spread over (0, 1) and thresholds bite."""
-    cfg = ModelConfig(
+    cfg = family_named(family).make_config(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,

@@ -1,6 +1,6 @@
 """An independent reference for every decoder of docs/algorithm.md, slow and written for reading, not speed.
 
-It imports nothing from ``lopa.decoding``, ``lopa.engine``, ``lopa.model`` or ``lopa.cache``: the transformer is
+It imports nothing from ``lopa.decoding``, ``lopa.engine`` or ``lopa.model`` (K/V cache included): the transformer is
 re-implemented below from §1 (Qwen2 / LLaMA blocks without a causal mask) in plain tensor math on the weights of a
 state dict, and the decoders are re-implemented from §2-§3 on plain Python lists. Tests compare the engine with it
 token for token and step for step (spawned lookahead positions, scores, winner, fill, forward count).

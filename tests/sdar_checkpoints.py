@@ -20,7 +20,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from lopa.model.config import ModelConfig
+from lopa.model.families import config_from_hf
 from lopa.testing import random_model
 from lopa.testing.tokenizers import byte_level_tokenizer
 
@@ -122,7 +122,7 @@ def write_release_checkpoint(
     _write_json(path / "special_tokens_map.json", {
         "additional_special_tokens": additional, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
     })  # fmt: skip
-    model = random_model(ModelConfig.from_hf_dict(config), seed)
+    model = random_model(config_from_hf(config), seed)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if tie:
         state.pop("lm_head.weight")  # the convention: a tied head is not stored

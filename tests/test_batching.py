@@ -11,11 +11,11 @@ import pytest
 import torch
 from engine_utils import END, EOS, FAMILIES, MASK, peaky_model, run_decode
 
-from lopa.cache import KVPool
 from lopa.config import DecodeConfig
 from lopa.engine.batch import BatchRunner
 from lopa.engine.scheduler import Scheduler
 from lopa.errors import ConfigError, PromptTooLongError
+from lopa.model.cache import KVPool
 
 MIXED = [
     DecodeConfig(decoder="threshold", threshold=0.6, block_size=8, max_new_tokens=32),

@@ -6,22 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lopa.cache import StaticKVCache
 from lopa.errors import ConfigError
-from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
+from lopa.model.cache import StaticKVCache
+from lopa.model.families import family_named
+from lopa.model.transformer import Transformer
 from lopa.testing import random_model
 
 TOL = 1e-4
 PREFIX, WINDOW = 21, 8
 
 
-@pytest.fixture(scope="module", params=["Dream", "llada"])
-def model(request: pytest.FixtureRequest) -> DreamModel:
+@pytest.fixture(scope="module", params=["dream", "llada"])
+def model(request: pytest.FixtureRequest) -> Transformer:
     """A random model of each family (LLaDA: no q/k/v biases); the cache must not care which."""
-    cfg = ModelConfig(
-        model_type=request.param,
-        attention_bias=request.param == "Dream",
+    cfg = family_named(request.param).make_config(
+        attention_bias=request.param == "dream",
         vocab_size=101,
         hidden_size=64,
         intermediate_size=96,
@@ -34,7 +33,7 @@ def model(request: pytest.FixtureRequest) -> DreamModel:
     return random_model(cfg, seed=11)
 
 
-def _cache(model: DreamModel, rows: int = 1, max_len: int = 64, dtype: torch.dtype = torch.float32) -> StaticKVCache:
+def _cache(model: Transformer, rows: int = 1, max_len: int = 64, dtype: torch.dtype = torch.float32) -> StaticKVCache:
     c = model.config
     return StaticKVCache(c.num_hidden_layers, rows, max_len, c.num_key_value_heads, c.head_dim, dtype=dtype)
 
@@ -43,7 +42,7 @@ def _ids(n: int, seed: int, vocab: int = 101) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))  # (n,)
 
 
-def _commit_prefix(model: DreamModel, cache: StaticKVCache, prefix: torch.Tensor, chunks: list[int]) -> None:
+def _commit_prefix(model: Transformer, cache: StaticKVCache, prefix: torch.Tensor, chunks: list[int]) -> None:
     """Run the prefix through the model chunk by chunk, committing each chunk (row 0 broadcast to all rows)."""
     assert sum(chunks) == prefix.numel()
     start = 0
@@ -66,7 +65,7 @@ def _chunk_mask(chunks: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 @pytest.mark.parametrize("chunks", [[21], [5, 16], [1, 7, 13], [3, 3, 3, 3, 3, 3, 3]])
-def test_chunked_prefix_then_window_equals_full_forward(model: DreamModel, chunks: list[int]) -> None:
+def test_chunked_prefix_then_window_equals_full_forward(model: Transformer, chunks: list[int]) -> None:
     prefix, window = _ids(PREFIX, 0), _ids(WINDOW, 1)
     seq = torch.cat([prefix, window])[None]  # (1, P + W)
     full = model(seq, torch.arange(PREFIX + WINDOW)[None], attn_mask=_chunk_mask([*chunks, WINDOW]))
@@ -86,7 +85,7 @@ def test_chunked_prefix_then_window_equals_full_forward(model: DreamModel, chunk
 
 
 @torch.no_grad()
-def test_window_forward_never_overwrites_the_committed_prefix(model: DreamModel) -> None:
+def test_window_forward_never_overwrites_the_committed_prefix(model: Transformer) -> None:
     prefix, window = _ids(PREFIX, 0), _ids(WINDOW, 1)
     cache = _cache(model)
     _commit_prefix(model, cache, prefix, [10, 11])
@@ -97,7 +96,7 @@ def test_window_forward_never_overwrites_the_committed_prefix(model: DreamModel)
 
 
 @torch.no_grad()
-def test_padded_branch_rows_equal_single_row_forwards(model: DreamModel) -> None:
+def test_padded_branch_rows_equal_single_row_forwards(model: Transformer) -> None:
     prefix = _ids(PREFIX, 2)
     lengths = [8, 5, 3]
     windows = [_ids(n, 10 + i) for i, n in enumerate(lengths)]
@@ -124,7 +123,7 @@ def test_padded_branch_rows_equal_single_row_forwards(model: DreamModel) -> None
 
 
 @torch.no_grad()
-def test_commit_from_a_nonzero_row_copies_it_to_every_row(model: DreamModel) -> None:
+def test_commit_from_a_nonzero_row_copies_it_to_every_row(model: Transformer) -> None:
     prefix = _ids(PREFIX, 3)
     windows = torch.stack([_ids(WINDOW, 20 + r) for r in range(3)])  # (3, W)
     positions = torch.arange(PREFIX, PREFIX + WINDOW).expand(3, -1)  # (3, W)
@@ -152,7 +151,7 @@ def test_commit_from_a_nonzero_row_copies_it_to_every_row(model: DreamModel) -> 
 
 
 @torch.no_grad()
-def test_rollback_forgets_uncommitted_writes(model: DreamModel) -> None:
+def test_rollback_forgets_uncommitted_writes(model: Transformer) -> None:
     prefix, window = _ids(PREFIX, 4), _ids(WINDOW, 5)
     pos = torch.arange(PREFIX, PREFIX + WINDOW)[None]
     cache = _cache(model)
@@ -171,7 +170,7 @@ def test_rollback_forgets_uncommitted_writes(model: DreamModel) -> None:
     assert cache.committed == cache.written == 0
 
 
-def test_commit_more_than_written_is_refused(model: DreamModel) -> None:
+def test_commit_more_than_written_is_refused(model: Transformer) -> None:
     cache = _cache(model)
     with torch.no_grad():
         model(_ids(4, 7)[None], torch.arange(4)[None], cache=cache)
@@ -179,7 +178,7 @@ def test_commit_more_than_written_is_refused(model: DreamModel) -> None:
         cache.commit(5)
 
 
-def test_overflow_and_too_many_rows_are_refused(model: DreamModel) -> None:
+def test_overflow_and_too_many_rows_are_refused(model: Transformer) -> None:
     cache = _cache(model, rows=2, max_len=10)
     with torch.no_grad(), pytest.raises(ConfigError, match="overflow"):
         model(_ids(11, 8)[None], torch.arange(11)[None], cache=cache)
@@ -190,7 +189,7 @@ def test_overflow_and_too_many_rows_are_refused(model: DreamModel) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_memory_bytes_counts_both_buffers(model: DreamModel, dtype: torch.dtype) -> None:
+def test_memory_bytes_counts_both_buffers(model: Transformer, dtype: torch.dtype) -> None:
     c = model.config
     rows, max_len = 3, 40
     cache = _cache(model, rows=rows, max_len=max_len, dtype=dtype)

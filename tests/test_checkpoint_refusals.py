@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from lopa import LLM
+from lopa.checkpoint.loader import load_checkpoint
 from lopa.errors import AdapterError, CorruptCheckpointError, TensorMismatchError
-from lopa.model.loader import load_checkpoint
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_a_million_layers_is_refused_from_the_tensor_headers(ckpt: Path) -> None
     """Run in a child process with a deadline: before the check, building the module grew memory for minutes."""
     _edit(ckpt / "config.json", num_hidden_layers=1_000_000)
     code = (
-        "import sys\nfrom lopa.model.loader import load_checkpoint\nfrom lopa.errors import TensorMismatchError\n"
+        "import sys\nfrom lopa.checkpoint.loader import load_checkpoint\nfrom lopa.errors import TensorMismatchError\n"
         f"try:\n    load_checkpoint({str(ckpt)!r})\nexcept TensorMismatchError as e:\n    print(e)\n    sys.exit(3)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

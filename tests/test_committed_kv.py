@@ -4,7 +4,7 @@ The reference decoder (tests/reference_decoder.py) records, for every forward th
 winner's whole window; :func:`reference_decoder.replay` recomputes the committed prefix from those windows with its
 own hand-written transformer. Each path must hold exactly that prefix (and, Dream, the frozen last logit):
 
-- the dense path: :class:`lopa.engine.runner.Runner` and its :class:`lopa.cache.StaticKVCache`;
+- the dense path: :class:`lopa.engine.runner.Runner` and its :class:`lopa.model.cache.StaticKVCache`;
 - the batched pool: :class:`lopa.engine.scheduler.Scheduler` over a :class:`lopa.engine.batch.BatchRunner`
   (``model/pooled.py``), several sequences with different k sharing one forward, each in its own slot;
 - branch parallelism: :class:`lopa.dist.runner.BranchParallelRunner` at world sizes 2 and 3, every rank a thread

@@ -6,8 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from lopa.llm import BUNDLED_MODEL_NAME
-from lopa.tokenizer import IM_END_TOKEN
+from lopa.checkpoint.bundled import BUNDLED_MODEL_NAME
+from lopa.checkpoint.tokenizer import IM_END_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 ALGORITHM = ROOT / "docs" / "algorithm.md"

@@ -14,7 +14,6 @@ import pytest
 import torch
 from engine_utils import END, FAMILIES, MASK, FakeGraphPools, answer, peaky_model, strided_attention
 
-from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Sampler, predict
 from lopa.decoding.lookahead import branch_score
@@ -23,10 +22,11 @@ from lopa.engine.loop import decode, run
 from lopa.engine.runner import Candidate, Runner, build_batch
 from lopa.engine.scoring import Row, choose_and_score, greedy_choice
 from lopa.errors import ConfigError
-from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
+from lopa.model.cache import StaticKVCache
+from lopa.model.families import family_named
 from lopa.model.fused import FusedAttention, FusedMLP, fuse, is_fused
 from lopa.model.kv_access import StaticRows, key_mask
+from lopa.model.transformer import Transformer
 from lopa.testing import random_model
 
 SETTINGS = [
@@ -51,22 +51,22 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thr
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def model(request) -> DreamModel:
+def model(request) -> Transformer:
     """A peaky random model of each family: the fast path is shared, and LLaDA has no shift and no biases."""
     return peaky_model(seed=2, family=request.param)
 
 
 @pytest.fixture(scope="module")
-def fused(model: DreamModel) -> DreamModel:
+def fused(model: Transformer) -> Transformer:
     return fuse(copy.deepcopy(model))
 
 
-def _cache(m: DreamModel, rows: int = 4, max_len: int = 64) -> StaticKVCache:
+def _cache(m: Transformer, rows: int = 4, max_len: int = 64) -> StaticKVCache:
     c = m.config
     return StaticKVCache(c.num_hidden_layers, rows, max_len, c.num_key_value_heads, c.head_dim)
 
 
-def _prefilled(m: DreamModel, n: int = 5) -> StaticKVCache:
+def _prefilled(m: Transformer, n: int = 5) -> StaticKVCache:
     cache = _cache(m)
     with torch.inference_mode():
         m(torch.arange(n)[None] + 7, torch.arange(n)[None], cache)
@@ -296,7 +296,7 @@ def test_make_runner_picks_eager_on_cpu_unless_asked(model):
 
 
 def test_fast_runner_rejects_what_it_cannot_run(model):
-    with pytest.raises(ConfigError, match="DreamModel"):
+    with pytest.raises(ConfigError, match="Transformer"):
         FastRunner(torch.nn.Linear(2, 2))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
@@ -350,9 +350,9 @@ def test_gpu_step_bench_runs_on_cpu(capsys, family):
 
 
 # ---- CUDA graphs (skipped without CUDA) ----------------------------------------------------------------
-def _cuda_model(dtype: torch.dtype, family: str) -> DreamModel:
+def _cuda_model(dtype: torch.dtype, family: str) -> Transformer:
     ids = dict(mask_token_id=MASK, eos_token_id=62, pad_token_id=62)
-    cfg = ModelConfig(512, 128, 256, 2, 4, 2, 32, **ids, **FAMILIES[family])
+    cfg = family_named(family).make_config(512, 128, 256, 2, 4, 2, 32, **ids, **FAMILIES[family])
     return random_model(cfg, seed=0).to("cuda", dtype)
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lopa.checkpoint.checks import INDEX_FILE
+from lopa.checkpoint.loader import load_checkpoint
 from lopa.errors import AdapterError, CorruptCheckpointError, TensorMismatchError
-from lopa.model.loader import INDEX_FILE, load_checkpoint
 from lopa.testing import make_tiny_checkpoint
 
 KEY = "model.layers.0.mlp.up_proj.weight"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lopa.checkpoint.loader import load_checkpoint, resolve_device
 from lopa.cli import main
 from lopa.errors import DeviceUnavailableError
-from lopa.model.loader import load_checkpoint, resolve_device
 
 
 def _generate(ckpt, *extra: str) -> list[str]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lopa import LLM
+from lopa.checkpoint.save import save_checkpoint
 from lopa.cli import build_parser, main
-from lopa.model.loader import save_checkpoint
 
 SMALL = ["--block-size", "8", "--max-new-tokens", "16"]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from lopa.checkpoint.hub import is_hub_id, model_name_for, resolve_model
 from lopa.errors import CheckpointNotFoundError, HubNotInstalledError
-from lopa.model.hub import is_hub_id, model_name_for, resolve_model
 from lopa.testing import make_tiny_checkpoint
 
 REPO = "acme/tiny-dream"

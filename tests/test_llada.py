@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from lopa.checkpoint.loader import load_checkpoint
 from lopa.cli import main
 from lopa.errors import TensorMismatchError, UnsupportedModelError
-from lopa.model.config import ModelConfig
-from lopa.model.loader import load_checkpoint
+from lopa.model.families import config_from_hf, family_named
 from lopa.testing import llama_config, make_random_lora, make_tiny_checkpoint, transformers_bidirectional_logits
 
 transformers = pytest.importorskip("transformers")
@@ -197,7 +197,7 @@ def test_vanilla_generate_equals_a_plain_no_shift_loop(tmp_path: Path, capsys) -
 
 # ---- config and refusals --------------------------------------------------------------------------------------
 def test_published_llada_8b_config_parses() -> None:
-    cfg = ModelConfig.from_hf_dict(LLADA_8B)
+    cfg = config_from_hf(LLADA_8B)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (
         4096,
         32,
@@ -212,7 +212,7 @@ def test_published_llada_8b_config_parses() -> None:
         False,
         False,
     )
-    assert cfg.family.name == "llada" and cfg.logit_shift == 0
+    assert cfg.family == "llada" and cfg.logit_shift == 0
 
 
 @pytest.mark.parametrize(
@@ -227,7 +227,7 @@ def test_published_llada_8b_config_parses() -> None:
 )
 def test_unsupported_llada_options_are_named(field: str, value: object, fragment: str) -> None:
     with pytest.raises(UnsupportedModelError, match=re.escape(fragment)):
-        ModelConfig.from_hf_dict({**LLADA_8B, field: value})
+        config_from_hf({**LLADA_8B, field: value})
 
 
 def test_unknown_model_type_lists_the_supported_families(tmp_path: Path) -> None:
@@ -248,13 +248,12 @@ def test_dream_tensor_names_in_a_llada_checkpoint_are_named(tmp_path: Path, tiny
 
 @pytest.mark.parametrize("family", ["dream", "llada"])
 def test_name_tables_translate_every_tensor_both_ways(family: str) -> None:
-    from lopa.model.dream import DreamModel
-    from lopa.model.family import families
+    from lopa.model.transformer import Transformer
 
-    fam = families()[family]
-    cfg = ModelConfig(97, 32, 48, 3, 4, 2, 8, model_type=fam.model_types[0])
+    fam = family_named(family)
+    cfg = fam.make_config(97, 32, 48, 3, 4, 2, 8)
     with torch.device("meta"):
-        names = list(DreamModel(cfg).state_dict())
+        names = list(Transformer(cfg).state_dict())
     ckpt = [fam.tensor_to_checkpoint(n) for n in names]
     assert len(set(ckpt)) == len(names)  # one checkpoint name per tensor
     assert [fam.tensor_to_shared(c) for c in ckpt] == names

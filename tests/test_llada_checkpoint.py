@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lopa import LLM, DecodeConfig
+from lopa.checkpoint.checks import INDEX_FILE
+from lopa.checkpoint.loader import load_checkpoint
+from lopa.checkpoint.save import save_checkpoint
 from lopa.cli import checkpoint_decode_defaults
 from lopa.errors import AdapterError, TensorMismatchError
-from lopa.model.loader import INDEX_FILE, load_checkpoint, save_checkpoint
 from lopa.testing import make_random_lora, make_tiny_checkpoint
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])  # (1, 7)

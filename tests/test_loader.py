@@ -10,6 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lopa.checkpoint.checks import INDEX_FILE
+from lopa.checkpoint.loader import load_checkpoint
+from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -19,7 +22,6 @@ from lopa.errors import (
     UnsafeWeightsError,
     UnsupportedModelError,
 )
-from lopa.model.loader import INDEX_FILE, load_checkpoint, save_checkpoint
 from lopa.testing import make_tiny_checkpoint
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])  # (1, 7)

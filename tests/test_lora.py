@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lopa.checkpoint.loader import load_checkpoint
+from lopa.checkpoint.lora import merge_lora
 from lopa.errors import AdapterError, CheckpointNotFoundError, UnsafeWeightsError
-from lopa.model.loader import load_checkpoint
-from lopa.model.lora import merge_lora
 from lopa.testing import make_random_lora, make_tiny_checkpoint, transformers_bidirectional_logits, transformers_twin
 
 peft = pytest.importorskip("peft")

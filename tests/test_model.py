@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lopa.model.config import ModelConfig
-from lopa.model.family import predicting_index
+from lopa.model.families import family_named, predicting_index
 from lopa.model.layers import rope_inv_freq
 from lopa.testing import random_model, transformers_bidirectional_logits, transformers_twin
 
@@ -26,7 +26,7 @@ def _config(**kw) -> ModelConfig:
         head_dim=16,
         max_position_embeddings=512,
     )
-    return ModelConfig(**{**base, **kw})
+    return family_named("dream").make_config(**{**base, **kw})
 
 
 CONFIGS = {

@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 from sdar_checkpoints import chat_template, moe_config, release_config, write_release_checkpoint
 
+from lopa.checkpoint.loader import load_checkpoint
 from lopa.errors import CorruptCheckpointError, UnsupportedModelError
 from lopa.model.config import ModelConfig
-from lopa.model.loader import load_checkpoint
+from lopa.model.families import config_from_hf, config_to_hf
 from lopa.model.moe import MoEConfig
 
 EXPERTS = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
@@ -26,7 +27,7 @@ IGNORED = (
 
 
 def parse(d: dict) -> ModelConfig:
-    return ModelConfig.from_hf_dict(d, source="config.json")
+    return config_from_hf(d, source="config.json")
 
 
 @pytest.mark.parametrize(
@@ -68,13 +69,13 @@ def test_head_dim_defaults_to_sdar_config_default():
 
 def test_moe_fields_are_parsed_and_exported_back():
     cfg = parse(moe_config({**EXPERTS, "decoder_sparse_step": 2, "mlp_only_layers": [5, 1]}))
-    assert cfg.family.name == "sdar" and cfg.model_type == "sdar_moe"
+    assert cfg.family == "sdar" and cfg.model_type == "sdar_moe"
     assert cfg.moe == MoEConfig(8, 2, 32, norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=(1, 5))
     assert [cfg.moe.is_sparse(i) for i in range(6)] == [False, False, False, True, False, False]
-    out = cfg.to_hf_dict()
+    out = config_to_hf(cfg)
     assert out["model_type"] == "sdar_moe" and out["architectures"] == ["SDARMoeForCausalLM"]
     assert parse(out) == cfg
-    assert "num_experts" not in parse(release_config()).to_hf_dict()
+    assert "num_experts" not in config_to_hf(parse(release_config()))
 
 
 @pytest.mark.parametrize(

@@ -26,14 +26,15 @@ from safetensors import safe_open
 from sdar_checkpoints import release_config, transformers_twin_dir, write_release_checkpoint
 
 from lopa import LLM
+from lopa.checkpoint.loader import load_checkpoint
+from lopa.checkpoint.save import save_checkpoint
 from lopa.dist.launch import BranchParallelGroup
 from lopa.dist.worker import plain_forward
 from lopa.engine.fast import FastRunner
 from lopa.engine.runner import Candidate, Runner
 from lopa.errors import ConfigError
-from lopa.model.config import ModelConfig
+from lopa.model.families import config_from_hf
 from lopa.model.fused import fuse, is_fused
-from lopa.model.loader import load_checkpoint, save_checkpoint
 from lopa.model.moe import SparseMoeBlock, combine, route
 from lopa.model.pooled import pooled_forward
 from lopa.model.tp import TPShard
@@ -112,12 +113,12 @@ def test_dense_logits_equal_transformers_qwen3(tmp_path, name, length):
 
 
 def test_release_config_parses_to_sdar_4b():
-    cfg = ModelConfig.from_hf_dict(release_config())
+    cfg = config_from_hf(release_config())
     shape = (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
     assert shape == (2560, 36, 32, 8, 128)
     assert (cfg.rope_theta, cfg.attention_bias, cfg.tie_word_embeddings) == (1e6, False, False)
     assert (cfg.block_size, cfg.mask_token_id, cfg.eos_token_id, cfg.logit_shift) == (4, 151669, 151643, 0)
-    assert cfg.family.name == "sdar" and cfg.moe is None
+    assert cfg.family == "sdar" and cfg.moe is None
 
 
 # ---- MoE ---------------------------------------------------------------------------------------------------

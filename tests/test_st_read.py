@@ -1,4 +1,4 @@
-"""Positioned safetensors reads (lopa.model.st_read) return exactly what safetensors' own slices return."""
+"""Positioned safetensors reads (lopa.checkpoint.safetensors_io) return exactly what safetensors' own slices return."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lopa.checkpoint.safetensors_io import TensorFile
 from lopa.errors import CorruptCheckpointError
-from lopa.model.st_read import TensorFile
 
 
 @pytest.fixture()

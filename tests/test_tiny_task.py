@@ -8,7 +8,8 @@ import re
 import pytest
 from tokenizers import Tokenizer
 
-from lopa.tiny import default_checkpoint_dir, task
+from lopa.checkpoint.bundled import default_checkpoint_dir
+from lopa.tiny import task
 from lopa.tiny.grammar import parse, tokens
 from lopa.tiny.vocab import UNK_TOKEN, build_tokenizer, save_tokenizer, special_ids
 

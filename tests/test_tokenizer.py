@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lopa.checkpoint.tokenizer import Tokenizer
 from lopa.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from lopa.model.config import ModelConfig
+from lopa.model.families import family_named
 from lopa.testing import byte_level_tokenizer
-from lopa.tokenizer import Tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -39,7 +40,7 @@ def _tok_dir(tmp_path: Path, tok_cfg: dict, extra_files: dict[str, str] | None =
 
 def _config(**ids) -> ModelConfig:
     shape = dict(vocab_size=400, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
-    return ModelConfig(num_key_value_heads=1, head_dim=8, **shape, **ids)
+    return family_named("dream").make_config(num_key_value_heads=1, head_dim=8, **shape, **ids)
 
 
 @settings(max_examples=60, deadline=None)

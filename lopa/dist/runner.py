@@ -32,7 +32,7 @@ import time
 import torch
 from torch import Tensor
 
-from lopa.cache import StaticKVCache
+from lopa.model.cache import StaticKVCache
 from lopa.decoding.confidence import Prediction, Sampler
 from lopa.dist.comm import Comm
 from lopa.dist.faults import Fault

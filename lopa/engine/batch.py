@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lopa.cache import KVPool
 from lopa.decoding.confidence import Prediction, Sampler
 from lopa.engine.runner import Batch, build_batch
 from lopa.engine.scoring import Row, choose_and_score
 from lopa.engine.sequence import Plan
-from lopa.model.dream import DreamModel
+from lopa.model.cache import KVPool
 from lopa.model.pooled import pooled_forward
+from lopa.model.transformer import Transformer
 
 log = logging.getLogger("lopa.engine")
 
@@ -55,7 +55,7 @@ class SlotView:
 class BatchRunner:
     """Owns the KV pool and the last forward's window K/V (see the module docstring)."""
 
-    model: DreamModel
+    model: Transformer
     max_num_seqs: int
     max_model_len: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

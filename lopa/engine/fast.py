@@ -29,9 +29,9 @@ from torch import Tensor
 from lopa.engine.graphs import GraphBuckets, GraphCounters, Key, round_up
 from lopa.engine.runner import Batch, Candidate, Runner, build_batch
 from lopa.errors import ConfigError
-from lopa.model.dream import DreamModel
 from lopa.model.fused import fuse
 from lopa.model.kv_access import StaticRows
+from lopa.model.transformer import Transformer
 
 
 def pack_inputs(b: Batch, rows: int, width: int, pad_id: int) -> Tensor:
@@ -65,8 +65,8 @@ class FastRunner(GraphCounters, Runner):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.model, DreamModel):
-            raise ConfigError(f"the fast path needs a DreamModel, got {type(self.model).__name__}; use Runner")
+        if not isinstance(self.model, Transformer):
+            raise ConfigError(f"the fast path needs a Transformer, got {type(self.model).__name__}; use Runner")
         self.device = torch.device(self.device)
         self.use_graphs, self.window_granularity, self.kv_granularity = graph_settings(
             self.device, self.use_graphs, self.window_granularity, self.kv_granularity
@@ -155,7 +155,7 @@ def graph_settings(
     return use_graphs, window, kv
 
 
-def make_runner(model: DreamModel, device: torch.device | str, enforce_eager: bool | None = None) -> Runner:
+def make_runner(model: Transformer, device: torch.device | str, enforce_eager: bool | None = None) -> Runner:
     """The runner ``LLM`` uses: eager when ``enforce_eager``; by default the fast path on CUDA, eager on CPU
     (on CPU the padded fast path measured no faster than eager, see docs/gpu.md)."""
     device = torch.device(device)

@@ -24,9 +24,9 @@ from lopa.engine.batch import BatchRunner
 from lopa.engine.fast import graph_settings
 from lopa.engine.graphs import GraphBuckets, GraphCounters, Key, round_up
 from lopa.errors import ConfigError
-from lopa.model.dream import DreamModel
 from lopa.model.fused import fuse
 from lopa.model.pooled import pooled_forward
+from lopa.model.transformer import Transformer
 
 
 @dataclass
@@ -41,8 +41,8 @@ class FastBatchRunner(GraphCounters, BatchRunner):
     max_graphs: int = 64
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, DreamModel):
-            raise ConfigError(f"the fast path needs a DreamModel, got {type(self.model).__name__}; use BatchRunner")
+        if not isinstance(self.model, Transformer):
+            raise ConfigError(f"the fast path needs a Transformer, got {type(self.model).__name__}; use BatchRunner")
         super().__post_init__()
         self.device = torch.device(self.device)
         self.use_graphs, self.window_granularity, self.kv_granularity = graph_settings(

@@ -3,7 +3,7 @@
 The engine hands the runner a list of candidates (window tokens, the masked positions to predict, which of
 them enter the branch score, a sampling stream). ``verify`` runs them as ONE batched forward (rows = branches,
 padded keys masked out), applies the model's prediction offset ``config.logit_shift`` (a property of its family,
-:mod:`lopa.model.family`), turns logits into per-position predictions and returns one score per candidate.
+:mod:`lopa.model.families`), turns logits into per-position predictions and returns one score per candidate.
 With Dream's shift of 1 the prediction for the first uncommitted position comes from the output of the last
 committed one, which is no longer in the window: the runner keeps it as the *frozen last logit*, saved at the
 previous commit. With LLaDA's shift of 0 every prediction comes from its own window position; no logit is
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lopa.cache import StaticKVCache
 from lopa.decoding.confidence import Prediction, Sampler
 from lopa.engine.scoring import Row, choose_and_score
-from lopa.model.dream import DreamModel
-from lopa.model.family import predicting_index
+from lopa.model.cache import StaticKVCache
+from lopa.model.families import predicting_index
+from lopa.model.transformer import Transformer
 
 
 @dataclass
@@ -77,7 +77,7 @@ def build_batch(window_start: int, commit_len: int, cands: list[Candidate], pad_
 class Runner:
     """Single-device runner: owns the model, the static cache and the frozen last logit (when the shift needs one)."""
 
-    model: DreamModel
+    model: Transformer
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     timing: dict[str, float] = field(default_factory=dict)
     forwards: int = 0

@@ -1,7 +1,7 @@
 """Token choice and branch scores from a verification forward's raw logits: the one scoring path of every runner.
 
 Each candidate is a :class:`Row`: its predicted positions, its row of the logits, its sampler and sampling
-stream, and (with the logit shift, :mod:`lopa.model.family`) the frozen raw logit that predicts its first position.
+stream, and (with the logit shift, :mod:`lopa.model.families`) the frozen raw logit that predicts its first position.
 :func:`choose_and_score` turns them into per-position predictions and branch scores:
 
 - greedy rows (temperature 0) that share a sampler are chosen together in one pass over all their positions,

@@ -1,1 +1,2 @@
-"""The model: families (Dream, LLaDA) on one shared transformer: config, layers, pure forward, checkpoint loading."""
+"""The model: one shared transformer (pure forward, layers, K/V access and cache, fused / pooled / tensor-parallel
+forms) and the families that run on it (families/: Dream, LLaDA, SDAR). Checkpoint files are lopa.checkpoint's."""

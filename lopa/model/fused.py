@@ -1,9 +1,9 @@
-"""Fused weights for a loaded :class:`~lopa.model.dream.DreamModel`.
+"""Fused weights for a loaded :class:`~lopa.model.transformer.Transformer`.
 
 :func:`fuse` concatenates each layer's q/k/v projections into one ``qkv_proj`` and gate/up into one
 ``gate_up_proj`` (one matmul instead of three / two: fewer kernel launches, one read of the input), swapping
 the modules in place; a mixture-of-experts block (:mod:`lopa.model.moe`) stays as it is. The fused model keeps
-DreamModel's forward exactly (the same layer loop, any K/V access strategy), so every runner can drive it; only
+Transformer's forward exactly (the same layer loop, any K/V access strategy), so every runner can drive it; only
 its state-dict names change, so fuse after loading (and LoRA merging), never before saving. Called by the fast
 runners (:mod:`lopa.engine.fast`, :mod:`lopa.engine.fast_batch`).
 """
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lopa.model.dream import Attention, DreamModel
 from lopa.model.layers import MLP
 from lopa.model.moe import SparseMoeBlock
+from lopa.model.transformer import Attention, Transformer
 
 
 def _concat_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -32,7 +32,7 @@ def _concat_linear(parts: list[nn.Linear]) -> nn.Linear:
 
 
 class FusedAttention(Attention):
-    """Attention with one ``qkv_proj``; same forward as :class:`~lopa.model.dream.Attention`."""
+    """Attention with one ``qkv_proj``; same forward as :class:`~lopa.model.transformer.Attention`."""
 
     def __init__(self, attn: Attention) -> None:
         nn.Module.__init__(self)
@@ -61,7 +61,7 @@ class FusedMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def fuse(model: DreamModel) -> DreamModel:
+def fuse(model: Transformer) -> Transformer:
     """Fuse q/k/v and gate/up of every layer in place (idempotent); returns ``model``.
 
     Layers are swapped one at a time, so peak extra memory is one layer's projections, not a model copy.
@@ -75,8 +75,8 @@ def fuse(model: DreamModel) -> DreamModel:
 
 
 def is_fused(model: nn.Module) -> bool:
-    """True when every layer of a DreamModel has fused projections."""
-    if not isinstance(model, DreamModel):
+    """True when every layer of a Transformer has fused projections."""
+    if not isinstance(model, Transformer):
         return False
     return all(
         isinstance(layer.self_attn, FusedAttention) and isinstance(layer.mlp, (FusedMLP, SparseMoeBlock))

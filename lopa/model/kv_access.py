@@ -1,17 +1,17 @@
 """How a forward reaches its keys and values: the one seam between the shared layer loop and the caches.
 
-:meth:`lopa.model.dream.DreamModel.forward` runs every layer the same way for every runner and hands each layer's
+:meth:`lopa.model.transformer.Transformer.forward` runs every layer the same way for every runner and hands each layer's
 queries, keys and values (RoPE applied) to a K/V access strategy, which puts the window's K/V where its cache
 wants them, builds the keys each query sees, runs attention and returns the output in the forward's token layout.
 The strategies differ only in that:
 
 - :class:`CacheWrite`: eager, one sequence. Pre-writes the window after the committed prefix of a
-  :class:`~lopa.cache.StaticKVCache` (``cache.write``), or uses no cache; an optional boolean mask.
+  :class:`~lopa.model.cache.StaticKVCache` (``cache.write``), or uses no cache; an optional boolean mask.
 - :class:`StaticRows`: the one-sequence graph path. Writes the window at cache slots given by a device tensor
   (``index_copy_``) and attends over a fixed-length slice of the cache with a key mask, so no shape or offset
   depends on the committed length.
 - :class:`PoolSlots`: many sequences. Each row attends to its own slot's committed prefix in a
-  :class:`~lopa.cache.KVPool` plus its own window; the window's K/V land in buffers the caller commits from.
+  :class:`~lopa.model.cache.KVPool` plus its own window; the window's K/V land in buffers the caller commits from.
   Eagerly, rows of different widths run their token-wise work on the packed real tokens only.
 
 A strategy is built per forward; it holds no state across forwards beyond the caches it points into.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lopa.cache import StaticKVCache
+from lopa.model.cache import StaticKVCache
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

@@ -5,7 +5,7 @@ committed prefix ``[0, prefix_len[r])`` it attends to, plus its own window (keys
 masked out). Prefixes of different lengths are padded to the longest one and masked per row, so one forward
 serves sequences at any point of their decoding. Nothing is written to the pool here: the window's K/V come
 back to the caller, who commits the winner's span into its slot (``cache.KVPool``). Works on a plain or fused
-:class:`~lopa.model.dream.DreamModel` (the same layer loop, with the :class:`~lopa.model.kv_access.PoolSlots`
+:class:`~lopa.model.transformer.Transformer` (the same layer loop, with the :class:`~lopa.model.kv_access.PoolSlots`
 strategy); the logits are the raw (unshifted) logits, like ``forward``.
 
 Eagerly, windows that differ in length (a joining sequence's first window holds its whole prompt, lookahead
@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lopa.model.dream import DreamModel
 from lopa.model.kv_access import PoolSlots
+from lopa.model.transformer import Transformer
 
 
 def pooled_forward(
-    model: DreamModel,
+    model: Transformer,
     ids: Tensor,
     positions: Tensor,
     valid: Tensor | None,

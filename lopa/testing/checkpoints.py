@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from lopa.checkpoint.lora import is_targeted, linear_weight_shapes
+from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
-from lopa.model.loader import save_checkpoint
-from lopa.model.lora import is_targeted, linear_weight_shapes
+from lopa.model.families import config_from_hf, family_named
+from lopa.model.transformer import Transformer
 from lopa.testing.tokenizers import (
     FAMILY_FILES,
     byte_level_tokenizer,
@@ -65,7 +66,7 @@ def make_tiny_checkpoint(
     if rope_scaling is not None:
         rope_scaling = {**rope_scaling, "rope_type": rope_scaling.get("rope_type", rope_scaling.get("type"))}
         rope_scaling.pop("type", None)
-    config = ModelConfig(
+    config = family_named(family).make_config(
         vocab_size=tok.get_vocab_size(with_added_tokens=True),  # = tokenizer size, so every sampled id decodes
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -83,7 +84,6 @@ def make_tiny_checkpoint(
         pad_token_id=eos,
         bos_token_id=bos,
         model_type=model_type,
-        attention="block_causal" if family == "sdar" else "bidirectional",
         block_size=block_size if family == "sdar" else None,
         qk_norm=family == "sdar",
     )
@@ -94,7 +94,7 @@ def make_tiny_checkpoint(
     return out
 
 
-def _shard_limit(model: DreamModel, shards: int) -> int:
+def _shard_limit(model: Transformer, shards: int) -> int:
     """The smallest max_shard_bytes for which save_checkpoint's greedy split makes at most ``shards`` files."""
     state = model.state_dict()
     if model.config.tie_word_embeddings:
@@ -116,13 +116,13 @@ def _shard_limit(model: DreamModel, shards: int) -> int:
     return lo
 
 
-def random_model(config: ModelConfig, seed: int = 0) -> DreamModel:
-    """A DreamModel whose every parameter is drawn from a seeded generator (independent of the global RNG).
+def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    """A Transformer whose every parameter is drawn from a seeded generator (independent of the global RNG).
 
     Scales keep activations and logits O(1), and norms/biases are non-trivial so a forward that ignores them
     would be caught by an equivalence test.
     """
-    model = DreamModel(config)
+    model = Transformer(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
@@ -151,10 +151,10 @@ def make_random_lora(
     ff_proj, up_proj, ff_out), matched as peft matches ``target_modules``: LLaDA's ``ff_out`` is also its
     (untied) LM head.
     """
-    cfg = ModelConfig.from_hf_dict(json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8")))
+    cfg = config_from_hf(json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8")))
     with torch.device("meta"):
-        shapes = linear_weight_shapes(DreamModel(cfg))  # shared module name -> (out, in), in model order
-    fam = cfg.family
+        shapes = linear_weight_shapes(Transformer(cfg))  # shared module name -> (out, in), in model order
+    fam = family_named(cfg.family)
     chosen = {
         fam.to_checkpoint(name): shape
         for name, shape in shapes.items()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
+from lopa.model.transformer import Transformer
 
 
 def qwen2_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Any:
@@ -56,7 +56,7 @@ def llama_config(cfg: ModelConfig, attn_implementation: str = "eager") -> Any:
     )
 
 
-def transformers_twin(model: DreamModel) -> Any:
+def transformers_twin(model: Transformer) -> Any:
     """The same weights in transformers' ``Qwen2ForCausalLM`` (eager attention), for equivalence checks.
 
     Needs the ``transformers`` package (a dev dependency). The twin is causal as built; call it through

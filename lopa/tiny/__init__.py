@@ -1,14 +1,6 @@
 """The bundled tiny dLLM: word-problem task, tokenizer, ``lopa train`` and the shipped checkpoint.
 
-Any command given no ``--model`` loads :func:`default_checkpoint_dir`. The checkpoint is trained from scratch
-by ``lopa train`` (see ``checkpoint/MODEL_CARD.md`` for the exact command and scores).
+Any command given no ``--model`` loads the checkpoint in ``checkpoint/`` (found by
+:func:`lopa.checkpoint.bundled.default_checkpoint_dir`). It is trained from scratch by ``lopa train`` (see
+``checkpoint/MODEL_CARD.md`` for the exact command and scores).
 """
-
-from __future__ import annotations
-
-from pathlib import Path
-
-
-def default_checkpoint_dir() -> Path:
-    """Directory of the Dream-format checkpoint shipped inside the package."""
-    return Path(__file__).resolve().parent / "checkpoint"

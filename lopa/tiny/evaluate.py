@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from lopa.model.dream import DreamModel
+from lopa.model.transformer import Transformer
 from lopa.tiny.data import Layout, block_causal_mask, encode_rows
 from lopa.tiny.grammar import parse
 from lopa.tiny.task import Problem, extract_answer
@@ -23,7 +23,7 @@ from lopa.tiny.task import Problem, extract_answer
 
 @torch.no_grad()
 def greedy_decode(
-    model: DreamModel, problems: list[Problem], encode: Callable[[str], list[int]], layout: Layout, threshold: float
+    model: Transformer, problems: list[Problem], encode: Callable[[str], list[int]], layout: Layout, threshold: float
 ) -> tuple[list[list[int]], list[int]]:
     """Decode every problem; returns the generated ids (up to and including the first end token) and forwards."""
     device = next(model.parameters()).device
@@ -64,7 +64,7 @@ def greedy_decode(
 
 
 def score(
-    model: DreamModel,
+    model: Transformer,
     problems: list[Problem],
     encode: Callable[[str], list[int]],
     decode: Callable[[list[int]], str],

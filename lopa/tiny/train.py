@@ -6,7 +6,7 @@ Dream's shifted logits. Batches are a pure function of (seed, step), so training
 run continues exactly where it stopped.
 
 ``--out DIR`` receives the Dream checkpoint (config.json, model.safetensors, tokenizer.json,
-generation_config.json: loadable by ``lopa.model.loader.load_checkpoint``) at every save, plus the training
+generation_config.json: loadable by ``lopa.checkpoint.loader.load_checkpoint``) at every save, plus the training
 state in ``DIR/train_state`` (safetensors for weights and optimizer moments, JSON for the step and settings;
 never pickle) and a JSON-lines log. Rerunning the same command resumes. Called by ``lopa.cli``.
 """
@@ -28,10 +28,11 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm import tqdm
 
+from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
-from lopa.model.dream import DreamModel
-from lopa.model.loader import save_checkpoint
+from lopa.model.families import family_named
+from lopa.model.transformer import Transformer
 from lopa.tiny import task
 from lopa.tiny.data import Layout, answer_logits_idx, masked_loss, training_batch
 from lopa.tiny.evaluate import score
@@ -79,7 +80,7 @@ def model_config(args: argparse.Namespace, vocab_size: int, ids: dict[str, int])
     """The Dream architecture of the tiny model from the CLI numbers."""
     if args.hidden % args.heads or args.heads % args.kv_heads:
         raise ConfigError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads.")
-    return ModelConfig(
+    return family_named("dream").make_config(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -101,7 +102,7 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def save_state(model: DreamModel, opt: torch.optim.Optimizer, meta: dict, out: Path) -> None:
+def save_state(model: Transformer, opt: torch.optim.Optimizer, meta: dict, out: Path) -> None:
     """Weights, AdamW moments and the step, written atomically enough that a crash leaves the last good state."""
     d = out / STATE_DIR
     d.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def save_state(model: DreamModel, opt: torch.optim.Optimizer, meta: dict, out: P
     (d / "state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def load_state(model: DreamModel, opt: torch.optim.Optimizer, out: Path, args: argparse.Namespace) -> dict | None:
+def load_state(model: Transformer, opt: torch.optim.Optimizer, out: Path, args: argparse.Namespace) -> dict | None:
     """Restore a previous run in ``out`` (None when there is none); refuse a different architecture."""
     d = out / STATE_DIR
     if not (d / "state.json").is_file():
@@ -160,7 +161,7 @@ def averaged_weights(out: Path) -> tuple[dict[str, Tensor], int]:
     return {k: (v / count).float() for k, v in load_file(str(path)).items()}, count
 
 
-def write_checkpoint(model: DreamModel, tok: Tokenizer, layout: Layout, out: Path) -> None:
+def write_checkpoint(model: Transformer, tok: Tokenizer, layout: Layout, out: Path) -> None:
     """The Dream-format checkpoint directory (what users and ``--model`` load)."""
     gen = {
         **special_ids(tok),
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     ids = special_ids(tok)
     layout = Layout(args.max_prompt, args.block_size, args.num_blocks, ids["eos_token_id"], ids["mask_token_id"])
     torch.manual_seed(args.seed)
-    model = DreamModel(model_config(args, tok.get_vocab_size(), ids)).to(device)
+    model = Transformer(model_config(args, tok.get_vocab_size(), ids)).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

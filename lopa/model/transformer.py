@@ -1,6 +1,7 @@
-"""The shared transformer of every model family: a Qwen2/LLaMA block stack run without a causal mask, as a pure
-forward. Dream checkpoints load into it as they are; other families (LLaDA) map their tensor names onto it
-(:mod:`lopa.model.family`), so the fused fast path applies to all of them.
+"""The shared transformer of every model family: a Qwen2/LLaMA block stack (optionally with Qwen3's per-head q/k
+norm) run without a causal mask, as a pure forward. Dream checkpoints load into it as they are; other families
+(LLaDA, SDAR) map their tensor names onto it (:mod:`lopa.model.families`), so the fused fast path applies to all of
+them. A block-causal family's attention pattern reaches the forward as the caller's ``attn_mask``.
 
 ``forward(ids, positions, cache, valid, logits_idx)`` runs a batch of branch *rows*. Every row sees the
 committed prefix held in ``cache`` (if any) and attends fully inside its own window; keys of padded window
@@ -12,7 +13,7 @@ the K/V access strategy the forward is given (:mod:`lopa.model.kv_access`).
 
 The forward returns raw logits; which token a raw logit predicts is the family's ``logit_shift`` (Dream: the
 logit at window index ``j`` predicts the token at ``j + 1``; LLaDA: at ``j``), applied once, by
-:func:`lopa.model.family.predicting_index` in the runner. Parameter names are exactly Qwen2's, so a state dict from
+:func:`lopa.model.families.predicting_index` in the runner. Parameter names are exactly Qwen2's, so a state dict from
 a Dream or Qwen2 checkpoint loads as is.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lopa.cache import StaticKVCache
+from lopa.model.cache import StaticKVCache
 from lopa.model.config import ModelConfig
 from lopa.model.kv_access import CacheWrite, KVAccess
 from lopa.model.layers import RMSNorm, Rotary, apply_rotary
@@ -89,7 +90,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DreamModel(nn.Module):
+class Transformer(nn.Module):
     """Bidirectional Qwen2/LLaMA with an LM head, for every family; see the module docstring for the contract."""
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -1,12 +1,12 @@
 """The LLaDA family (LLaDA-8B-Base / -Instruct, LLaDA-1.5, D2F-LLaDA adapters): config fields and weight names.
 
 LLaDA is a LLaMA-style block stack (RMSNorm, SwiGLU, RoPE, no biases) run without a causal mask, i.e. the shared
-:class:`~lopa.model.dream.DreamModel` with ``attention_bias=False``; only its spelling differs. Its ``config.json``
-uses OLMo's field names (``d_model``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``mlp_hidden_size``,
+:class:`~lopa.model.transformer.Transformer` with ``attention_bias=False``; only its spelling differs. Its
+``config.json`` uses OLMo's field names (``d_model``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``mlp_hidden_size``,
 ``embedding_size``, ``weight_tying``, ...) and its tensors live under ``model.transformer.`` (table below). Options
 of the OLMo code base that LLaDA checkpoints do not use (ALiBi, QK norm, sequential blocks, biases, scaled
-logits...) are refused with a named error rather than run wrongly. LLaDA predicts the token at position ``i``
-from the output at ``i`` (no shift); that is its family's ``logit_shift = 0`` in :mod:`lopa.model.family`.
+logits...) are refused with a named error rather than run wrongly. LLaDA was trained as a masked diffusion model
+from scratch: the output at position ``i`` predicts the token at ``i`` (``logit_shift = 0``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any
 
 from lopa.errors import CorruptCheckpointError, UnsupportedModelError
 from lopa.model.config import ModelConfig, first_int, int_or_none
+from lopa.model.families.base import Family, NameTable
 
 # (LLaDA module name, shared module name); "{i}" is the layer index.
-LLADA_NAMES: tuple[tuple[str, str], ...] = (
+NAMES: NameTable = (
     ("model.transformer.wte", "model.embed_tokens"),
     ("model.transformer.ln_f", "model.norm"),
     ("model.transformer.ff_out", "lm_head"),
@@ -64,7 +65,7 @@ _DEFAULTS: dict[str, Any] = {  # what an absent field means in LLaDA's configura
 }
 
 
-def llada_config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+def parse(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """A LLaDA config.json as a ModelConfig; named errors for missing fields and unsupported options."""
     for key, (wanted, meaning) in _FIXED.items():
         value = d.get(key, _DEFAULTS[key])
@@ -89,7 +90,7 @@ def llada_config_from_hf(d: dict[str, Any], source: str = "config.json") -> Mode
     vocab = int(d.get("embedding_size") or d["vocab_size"])  # the tensors have embedding_size rows
     if vocab < int(d["vocab_size"]):
         raise CorruptCheckpointError(f"{source}: embedding_size={vocab} is below vocab_size={d['vocab_size']}.")
-    return ModelConfig(
+    return FAMILY.make_config(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=int(mlp),
@@ -111,7 +112,7 @@ def llada_config_from_hf(d: dict[str, Any], source: str = "config.json") -> Mode
     )
 
 
-def llada_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def export(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json of a LLaDA checkpoint of this shape (the fields LLaDA's own loader reads)."""
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size or cfg.rope_scaling is not None:
         raise UnsupportedModelError("a LLaDA checkpoint needs head_dim = d_model / n_heads and no rope_scaling")
@@ -140,3 +141,18 @@ def llada_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     ids = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
     d.update({k: getattr(cfg, k) for k in ids if getattr(cfg, k) is not None})
     return d
+
+
+FAMILY = Family(
+    name="llada",
+    model_types=("llada", "LLaDA"),
+    checkpoints=("LLaDA-8B-Base", "LLaDA-8B-Instruct", "LLaDA-1.5", "D2F-LLaDA (LoRA)"),
+    logit_shift=0,
+    attention="bidirectional",
+    parse=parse,
+    export=export,
+    names=NAMES,
+    mask_token="<|mdm_mask|>",
+    end_tokens=("<|eot_id|>", "<|endoftext|>"),
+    decode_defaults={"block_size": 32},
+)

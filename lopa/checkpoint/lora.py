@@ -1,6 +1,6 @@
 """LoRA adapters in peft's on-disk format, merged into the base weights.
 
-:func:`plan_lora` reads and validates an adapter; :func:`lopa.model.loader.load_checkpoint` calls it before reading
+:func:`plan_lora` reads and validates an adapter; :func:`lopa.checkpoint.loader.load_checkpoint` calls it before reading
 the base weights and merges each update as its weight streams in (before the dtype cast). :func:`merge_lora` does
 the same for an already-loaded model. An adapter directory holds
 ``adapter_config.json`` (r, lora_alpha, target_modules, use_rslora, fan_in_fan_out, optional rank/alpha patterns)
@@ -26,6 +26,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from lopa.errors import AdapterError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeWeightsError
+from lopa.model.families import family_named
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -160,7 +161,7 @@ def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
     """
     config = getattr(model, "config", None)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    to_shared = config.family.to_shared if config is not None else None
+    to_shared = family_named(config.family).to_shared if config is not None else None
     plan = plan_lora(path, linear_weight_shapes(model), tied_head=tied, to_shared=to_shared)
     params = dict(model.named_parameters())
     with torch.no_grad():

@@ -6,7 +6,7 @@ evaluation code use the resulting object.
 
 Special ids are resolved in this order, first hit wins: ``config.json`` (via :class:`ModelConfig`),
 ``generation_config.json``, the token strings named in ``tokenizer_config.json`` / ``special_tokens_map.json``,
-and finally the family's names for them (:mod:`lopa.model.family`: ``<|mask|>`` or ``<|mdm_mask|>`` for the mask,
+and finally the family's names for them (:mod:`lopa.model.families`: ``<|mask|>`` or ``<|mdm_mask|>`` for the mask,
 ``<|endoftext|>`` for eos). A checkpoint whose mask or eos id cannot be found is refused, because the decoders
 cannot run without them. A turn ends at eos, at every eos id of ``generation_config.json``, and at the family's
 end tokens the vocabulary has (``<|im_end|>`` for Dream; ``<|eot_id|>`` and ``<|endoftext|>`` for LLaDA).
@@ -33,6 +33,7 @@ from lopa.errors import (
     InvalidTextError,
 )
 from lopa.model.config import ModelConfig, first_int, read_json
+from lopa.model.families import family_named
 
 MASK_TOKEN = "<|mask|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -92,7 +93,7 @@ class Tokenizer:
         tok_cfg = read_json(path / "tokenizer_config.json")
         tok_cfg = {**read_json(path / "special_tokens_map.json"), **tok_cfg}
         gen = generation_config or {}
-        family = config.family if config is not None else None
+        family = family_named(config.family) if config is not None else None
         fallback = {
             "mask": family.mask_token if family is not None else MASK_TOKEN,
             "eos": family.eos_token if family is not None else EOS_TOKEN,

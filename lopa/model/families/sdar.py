@@ -21,18 +21,20 @@ the forward and are ignored.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 from lopa.errors import CorruptCheckpointError, UnsupportedModelError
-from lopa.model.config import ModelConfig, dream_config_from_hf
+from lopa.model.config import ModelConfig
+from lopa.model.families.base import Family
+from lopa.model.families.dream import qwen2_fields
 from lopa.model.moe import MoEConfig
 
 MOE_MODEL_TYPE = "sdar_moe"
 DEFAULT_HEAD_DIM = 128  # SDARConfig's (and Qwen3Config's) head_dim when config.json has none
 
 
-def sdar_config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+def parse(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """An SDAR config.json (Qwen3 fields plus ``block_size`` and ``mask_token_id``; Qwen3-MoE fields for
     ``sdar_moe``) as a ModelConfig."""
     if "block_size" not in d:
@@ -44,15 +46,14 @@ def sdar_config_from_hf(d: dict[str, Any], source: str = "config.json") -> Model
             f"{source}: attention_bias=true is not supported for SDAR checkpoints (Qwen3 then has a bias on o_proj, "
             "which lopa's attention does not have); SDAR models are released without attention biases."
         )
-    base = dream_config_from_hf({"head_dim": DEFAULT_HEAD_DIM, **d}, source)  # Qwen2 fields = Qwen3's spelling
-    return replace(
-        base,
+    fields = qwen2_fields({"head_dim": DEFAULT_HEAD_DIM, **d}, source)  # Qwen2 fields = Qwen3's spelling
+    fields.update(
         attention_bias=False,
-        attention="block_causal",
         block_size=_block_size(d["block_size"], source),
         qk_norm=True,
-        moe=_moe(d, base.num_hidden_layers, source) if d.get("model_type") == MOE_MODEL_TYPE else None,
+        moe=_moe(d, fields["num_hidden_layers"], source) if d.get("model_type") == MOE_MODEL_TYPE else None,
     )
+    return FAMILY.make_config(**fields)
 
 
 def _block_size(v: Any, source: str) -> int:
@@ -98,10 +99,10 @@ def _moe(d: dict[str, Any], layers: int, source: str) -> MoEConfig:
     )
 
 
-def sdar_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def export(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json of an SDAR checkpoint of this shape (``sdar_moe`` with its expert fields when MoE)."""
     d = asdict(cfg)
-    for name in ("extra", "attention", "qk_norm", "moe"):
+    for name in ("extra", "family", "logit_shift", "attention", "qk_norm", "moe"):
         d.pop(name)
     moe = cfg.moe
     d["model_type"] = MOE_MODEL_TYPE if moe is not None else "sdar"
@@ -110,3 +111,16 @@ def sdar_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if moe is not None:
         d.update(asdict(moe), mlp_only_layers=list(moe.mlp_only_layers))
     return {k: v for k, v in d.items() if v is not None}
+
+
+FAMILY = Family(
+    name="sdar",
+    model_types=("sdar", "SDAR", MOE_MODEL_TYPE),
+    checkpoints=("SDAR-1.7B-Chat", "SDAR-4B-Chat", "SDAR-8B-Chat", "SDAR-30B-A3B-Chat"),
+    logit_shift=0,
+    attention="block_causal",
+    parse=parse,
+    export=export,
+    mask_token="<|MASK|>",
+    end_tokens=("<|im_end|>", "<|endoftext|>"),
+)

@@ -5,7 +5,7 @@ every page of it, and the mapped pages count in the reader's resident memory whi
 tensor-parallel rank that must never hold the full model therefore reads its bytes with ``os.preadv`` straight
 into the destination tensor: a row slice is one read, a column slice one read per row of only its columns, and
 nothing of the file is mapped. The loader still opens each file with safetensors first, which validates the header;
-this module only reads data the header describes. Called by :mod:`lopa.model.loader`.
+this module only reads data the header describes. Called by :mod:`lopa.checkpoint.loader`.
 """
 
 from __future__ import annotations
