@@ -27,7 +27,7 @@ import torch
 
 from lopa import LLM, DecodeConfig
 from lopa.dist.launch import BranchParallelGroup
-from lopa.outputs import Completion
+from lopa.engine.output import Completion
 
 PHASES = ("forward", "all_reduce", "scoring", "all_gather", "broadcast", "kv_broadcast")
 PROMPTS = [

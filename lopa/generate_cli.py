@@ -26,8 +26,8 @@ from lopa.cli import (
     load_llm,
 )
 from lopa.dist.launch import add_dist_arguments, add_tp_argument
+from lopa.engine.output import Completion
 from lopa.errors import ConfigError, InvalidTextError
-from lopa.outputs import Completion
 from lopa.tokenizer import check_text
 
 

@@ -23,24 +23,23 @@ import torch
 from tqdm import tqdm
 
 from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seqs
-from lopa.engine.engine import Step, answer_ids, decode
+from lopa.engine.engine import decode, run
 from lopa.engine.fast import make_runner
+from lopa.engine.output import Completion, StreamEvent, TextOutput, TextStream
+from lopa.engine.protocol import Messages, Prompt
 from lopa.engine.runner import Runner
+from lopa.engine.session import BatchSession, IteratorSession
 from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 from lopa.model.hub import model_name_for, resolve_model
 from lopa.model.loader import load_checkpoint
 from lopa.model.tp import TPShard
-from lopa.outputs import Completion, Stats
-from lopa.session import BatchSession, IteratorSession, StreamEvent, TextStream
 
 if TYPE_CHECKING:
     from lopa.engine.scheduler import Scheduler
 
-Prompt = str | Sequence[int]
 BUNDLED_MODEL_NAME = "lopa-tiny"  # model id of the checkpoint shipped in lopa/tiny/checkpoint
-Messages = list[dict[str, str]]
 log = logging.getLogger("lopa")
-__all__ = ["LLM", "StreamEvent", "default_model_dir"]
+__all__ = ["LLM", "default_model_dir"]
 
 
 def default_model_dir() -> Path:
@@ -84,6 +83,7 @@ class LLM:
             raise ConfigError(f"max_model_len must be an integer in [1, {context}], got {max_model_len!r}")
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
+        self.output = TextOutput(self.tokenizer, self.end_ids)  # Steps -> text, Completions, stop checks
         self.default_config = DecodeConfig.recommended(
             {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
         )
@@ -239,9 +239,9 @@ class LLM:
         return KVPool.bytes_needed(layers, self.max_num_seqs, self.max_context, kv, dim, p.dtype)
 
     def open_session(self) -> BatchSession | IteratorSession:
-        """Many prompts in flight, stepped together (see lopa.session). One session at a time per LLM."""
+        """Many prompts in flight, stepped together (see lopa.engine.session). One session at a time per LLM."""
         if self.can_batch:
-            return BatchSession(self, self.scheduler)
+            return BatchSession(self, self.scheduler, self.output)
         return IteratorSession(self.stream, max_active=1)
 
     def chat(self, messages: Messages, config: DecodeConfig | None = None) -> Completion:
@@ -258,23 +258,10 @@ class LLM:
         cfg = (config or self.default_config).validate()
         ids = self.encode_prompt(prompt, raw)
         self.check_fits(ids, cfg)
-        text_stream = TextStream(self, ids, cfg)
-        stop = self._stop_check(cfg) if cfg.stop else None
+        text_stream = TextStream(self.output, ids, cfg)
         try:
-            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
+            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, self.output.stop_check(cfg)):
                 yield text_stream.feed(step)
-        finally:
-            self._trim_cache()
-
-    def _steps(self, ids: list[int], cfg: DecodeConfig) -> Iterator[tuple[Step, Completion | None]]:
-        t0 = time.perf_counter()
-        stop = self._stop_check(cfg) if cfg.stop else None
-        try:
-            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
-                if step.done:
-                    yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
-                else:
-                    yield step, None
         finally:
             self._trim_cache()
 
@@ -288,44 +275,13 @@ class LLM:
             self.runner.release()
 
     def _complete(self, ids: list[int], cfg: DecodeConfig) -> Completion:
-        completion = None
-        for _, completion in self._steps(ids, cfg):  # noqa: B007
-            pass
-        assert completion is not None
-        return completion
-
-    def _stop_check(self, cfg: DecodeConfig):
-        def check(out: list[int]) -> bool:
-            cut = next((i for i, t in enumerate(out) if t in self.end_ids), len(out))
-            text = self.tokenizer.decode(out[:cut])
-            return any(s in text for s in cfg.stop)
-
-        return check
-
-    def _answer(self, step: Step, cfg: DecodeConfig) -> tuple[list[int], str, bool, bool]:
-        """(token ids, text, end token produced, stop string hit) of the final part of the answer."""
-        out, end_token = answer_ids(step.state, self.end_ids)
-        text = self.tokenizer.decode(out)
-        cut = min((text.find(x) for x in cfg.stop if x in text), default=-1)
-        if cut < 0:
-            return out, text, end_token, False
-        while out and len(self.tokenizer.decode(out)) > cut:  # drop the tokens that spell the stop string
-            out = out[:-1]
-        return out, text[:cut], False, True
-
-    def _completion(self, step: Step, cfg: DecodeConfig, prompt: list[int], seconds: float) -> Completion:
-        out, text, end_token, stop_hit = self._answer(step, cfg)
-        stats: Stats = step.stats
-        stats.tokens = len(out) + int(end_token)  # a stop string may have cut what the engine counted
-        stats.seconds = seconds
-        return Completion(
-            text=text,
-            token_ids=out,
-            finish_reason="stop" if end_token or stop_hit else "length",
-            stats=stats,
-            prompt_token_ids=list(prompt),
-            trace=step.trace,
-        )
+        """Decode one prompt to its end (no text is assembled before the last Step)."""
+        t0 = time.perf_counter()
+        try:
+            step = run(decode(self.runner, ids, cfg, self.mask_id, self.end_ids, self.output.stop_check(cfg)))
+        finally:
+            self._trim_cache()
+        return self.output.completion(step, cfg, ids, time.perf_counter() - t0)
 
 
 def _is_ids(x: object) -> bool:

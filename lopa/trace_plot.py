@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from lopa.config import DecodeConfig
+from lopa.engine.output import Completion, TraceStep
 from lopa.errors import ConfigError
-from lopa.outputs import Completion, TraceStep
 
 _EARLIER = (0.82, 0.82, 0.80, 1.0)  # a position filled by an earlier forward
 _EMPTY = (1.0, 1.0, 1.0, 1.0)

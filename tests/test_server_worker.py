@@ -14,8 +14,7 @@ import pytest
 
 from lopa import DecodeConfig
 from lopa.cli import main
-from lopa.llm import StreamEvent
-from lopa.outputs import Completion, Stats
+from lopa.engine.output import Completion, Stats, StreamEvent
 from lopa.server import create_app
 from lopa.server.background import serve_in_background
 from lopa.server.worker import OutputCutter

@@ -30,7 +30,7 @@ from lopa.dist.faults import Fault
 from lopa.dist.init import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
 from lopa.errors import ConfigError, DistributedError, LopaError
 from lopa.llm import Prompt
-from lopa.outputs import Completion
+from lopa.engine.output import Completion
 
 SPEC_ENV, FD_ENV = "LOPA_BP_SPEC", "LOPA_BP_FD"  # read by lopa.dist.rank
 STARTUP_GRACE_S = 2.0  # a worker that exits during start-up is reported this long after, unless rank 0 is faster

@@ -33,8 +33,8 @@ from lopa.dist.mesh import Mesh, TensorParallel, layout
 from lopa.dist.monitor import Monitor
 from lopa.dist.runner import BranchParallelRunner
 from lopa.errors import DistributedError
-from lopa.llm import LLM, Messages, Prompt, StreamEvent
-from lopa.outputs import Completion
+from lopa.engine.output import Completion, StreamEvent
+from lopa.llm import LLM, Messages, Prompt
 
 _POLL_S = (0.001, 0.05)
 # LLM attributes that do not decode: rank 0 answers them alone (the server's checks and limits use them)

@@ -2,7 +2,7 @@
 
 Used by the eval tests (and usable for a dry run of a new task): it has the same ``generate`` signature,
 ``tokenizer`` (``has_chat_template``, ``apply_chat_template``), ``model_name`` and ``max_context`` as the
-real facade, and returns :class:`~lopa.outputs.Completion` objects whose stats are derived from the text
+real facade, and returns :class:`~lopa.engine.output.Completion` objects whose stats are derived from the text
 deterministically (one token per character, ``chars_per_forward`` tokens per forward).
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lopa.config import DecodeConfig
+from lopa.engine.output import Completion, Stats
 from lopa.errors import ConfigError, PromptTooLongError
-from lopa.outputs import Completion, Stats
 
 
 class FakeTokenizer:

@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP server (``lopa serve``): FastAPI app, protocol models and the engine worker.
 
-Only the public API (``lopa.LLM``, ``DecodeConfig``, ``lopa.errors``, ``lopa.outputs``) is used from here; see
+Only the public API (``lopa.LLM``, ``DecodeConfig``, ``lopa.errors``, ``lopa.engine.output``) is used from here; see
 ``docs/serve.md`` for usage.
 """
 

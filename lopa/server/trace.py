@@ -38,8 +38,8 @@ from pydantic import (
 
 from lopa import DecodeConfig
 from lopa.config import BASES, CONFIDENCES, DECODERS
+from lopa.engine.output import TraceStep
 from lopa.errors import DistributedError, LopaError
-from lopa.outputs import TraceStep
 from lopa.server.handlers import ModelNotFoundError
 from lopa.server.limits import ServerLimits, check_request
 from lopa.server.openapi import TRACE_RESPONSES

@@ -3,7 +3,7 @@
 ``LLM`` is not thread-safe and a forward takes from milliseconds to seconds, so the HTTP event loop never
 calls it: ``app.py`` wraps each request in a :class:`Job`, :meth:`EngineWorker.submit` queues it (or raises
 :class:`QueueFullError` when its prompts would take the waiting prompts over ``queue_limit``), and the worker
-thread runs an engine session (``llm.open_session()``, see ``lopa/session.py``): between two iterations it admits
+thread runs an engine session (``llm.open_session()``, see ``lopa/engine/session.py``): between two iterations it admits
 waiting prompts while the engine has room, then runs ONE iteration for all running sequences and routes each
 sequence's event to its job. Admission is fair by prompt, not by request: the jobs with prompts still waiting take
 turns (round-robin), one prompt each per turn, so a request carrying many prompts gets one slot per round and a
@@ -31,8 +31,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lopa.engine.output import Completion
 from lopa.errors import LimitExceededError, LopaError
-from lopa.outputs import Completion
 from lopa.server.protocol import usage_dict
 
 if TYPE_CHECKING:  # the worker only calls methods; importing lopa.LLM here would load torch for nothing
@@ -65,7 +65,7 @@ class Trace:
     """Trace steps recorded since the previous item (only for jobs whose config has ``trace`` on)."""
 
     index: int
-    steps: list[Any]  # lopa.outputs.TraceStep, one per forward
+    steps: list[Any]  # lopa.engine.output.TraceStep, one per forward
 
 
 @dataclass
@@ -263,7 +263,7 @@ class EngineWorker:
     # ---- the worker thread --------------------------------------------------------------------------------
     def _open_session(self) -> Any:
         """The LLM's session; an engine with only ``stream`` (one sequence at a time) gets a round-robin one."""
-        from lopa.session import IteratorSession
+        from lopa.engine.session import IteratorSession
 
         open_session = getattr(self.llm, "open_session", None)
         return open_session() if open_session is not None else IteratorSession(self.llm.stream, max_active=1)
