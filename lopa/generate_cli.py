@@ -25,9 +25,9 @@ from lopa.cli import (
     decode_config_from_args,
     load_llm,
 )
-from lopa.dist.launch import add_dist_arguments, add_tp_argument
 from lopa.engine.output import Completion
 from lopa.errors import ConfigError, InvalidTextError
+from lopa.parallel.launch import add_dist_arguments, add_tp_argument
 from lopa.tokenizer import check_text
 
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         if pictures:
             raise ConfigError("--trace-plot / --trace-gif are not available with --bp / --tp / --branch-parallel")
         from lopa.cli import check_branch_parallel_batch
-        from lopa.dist.launch import run_generate
+        from lopa.parallel.launch import run_generate
 
         check_branch_parallel_batch(args)
 

@@ -16,8 +16,8 @@ from lopa.cli import (
     apply_threads,
     decode_config_from_args,
 )
-from lopa.dist.launch import add_dist_arguments, add_tp_argument
 from lopa.errors import ConfigError
+from lopa.parallel.launch import add_dist_arguments, add_tp_argument
 from lopa.server.limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, ServerLimits
 
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     config = decode_config_from_args(args)
     apply_threads(args)
     if args.tp > 1 or args.bp > 1:  # this process becomes rank 0 of a mesh; the other ranks start here
-        from lopa.dist.serving import start_serving_mesh
+        from lopa.parallel.serving import start_serving_mesh
 
         llm = start_serving_mesh(
             local_model_arg(args), tp=args.tp, bp=args.bp, lora=args.lora, device=args.device, dtype=args.dtype,

@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from lopa.cli import add_model_arguments, load_llm, local_model_arg
 from lopa.config import DecodeConfig
-from lopa.dist.launch import BranchParallelGroup, add_dist_arguments, add_tp_argument, resolve_timeout
 from lopa.eval.aup import aup
+from lopa.parallel.launch import BranchParallelGroup, add_dist_arguments, add_tp_argument, resolve_timeout
 
 BRANCHES = (1, 2, 4, 8)
 THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.5)  # the τ sweep of threshold and d2f (0.9 is the reference)

@@ -1,7 +1,7 @@
 """``lopa serve --tp N [--bp M]``: the server process is rank 0 of a mesh whose other ranks it starts here.
 
 Rank 0 runs in the server process itself (the HTTP worker thread calls :meth:`BranchParallelLLM.stream`), so
-the server sees an object with the LLM methods it uses. The other ranks are ``python -m lopa.dist.rank``
+the server sees an object with the LLM methods it uses. The other ranks are ``python -m lopa.parallel.rank``
 processes without a launcher connection: they replay rank 0's requests. The group serves one sequence at a
 time (the server's engine worker already runs one job at a time). A failed rank breaks the group: every later
 request gets a DistributedError until the server is restarted; the worker ranks end when the server exits
@@ -17,12 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lopa.dist.init import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
-from lopa.dist.launch import SPEC_ENV
-from lopa.dist.mesh import build_mesh
-from lopa.dist.worker import BranchParallelLLM
 from lopa.errors import ConfigError
 from lopa.llm import LLM
+from lopa.parallel.launch import SPEC_ENV
+from lopa.parallel.mesh import build_mesh
+from lopa.parallel.process_group import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
+from lopa.parallel.replicated_llm import BranchParallelLLM
 
 
 def start_serving_mesh(
@@ -54,7 +54,8 @@ def start_serving_mesh(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "lopa.dist.rank"], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            [sys.executable, "-m", "lopa.parallel.rank"],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
         for r in range(1, world)

@@ -3,7 +3,7 @@ sets the same variables).
 
 Owns: reading RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, the rendezvous store, the startup
 barrier and ``init_process_group`` (gloo on CPU, NCCL on CUDA) with the collective timeout. Called by
-:mod:`lopa.dist.launch` (``lopa generate --branch-parallel`` and the ranks the launcher spawns).
+:mod:`lopa.parallel.launch` (``lopa generate --branch-parallel`` and the ranks the launcher spawns).
 
 Two timeouts: ``startup_timeout_s`` bounds how long ranks wait for each other to start and load the model
 (importing torch alone can take many seconds on a busy machine); ``timeout_s`` bounds every collective once

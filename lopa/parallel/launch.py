@@ -1,7 +1,7 @@
 """Starting branch-parallel ranks: ``lopa generate --bp N`` (ranks on this machine), ``--branch-parallel`` (one
 rank of a torchrun launch), and :class:`BranchParallelGroup` / :func:`generate_bp` for tests and benchmarks.
 
-The launcher starts every rank as ``python -m lopa.dist.rank`` with torchrun's environment on 127.0.0.1 and a
+The launcher starts every rank as ``python -m lopa.parallel.rank`` with torchrun's environment on 127.0.0.1 and a
 free port (or the one given), and talks to rank 0 over a socket pair; rank 0 owns each request. Any failure
 kills every rank (SIGKILL also ends a frozen one), ``close`` and interpreter exit do too, and each rank ends
 itself when the launcher disappears, so no rank outlives it.
@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 
 from lopa.config import DecodeConfig
-from lopa.dist.faults import Fault
-from lopa.dist.init import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
+from lopa.engine.output import Completion
 from lopa.errors import ConfigError, DistributedError, LopaError
 from lopa.llm import Prompt
-from lopa.engine.output import Completion
+from lopa.parallel.faults import Fault
+from lopa.parallel.process_group import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
 
-SPEC_ENV, FD_ENV = "LOPA_BP_SPEC", "LOPA_BP_FD"  # read by lopa.dist.rank
+SPEC_ENV, FD_ENV = "LOPA_BP_SPEC", "LOPA_BP_FD"  # read by lopa.parallel.rank
 STARTUP_GRACE_S = 2.0  # a worker that exits during start-up is reported this long after, unless rank 0 is faster
 _CLEARED_ENV = ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID")
 
@@ -92,7 +92,7 @@ class BranchParallelGroup:
             fds: tuple[int, ...] = ()
             if rank == 0:
                 env[FD_ENV], fds = str(theirs.fileno()), (theirs.fileno(),)
-            cmd = [sys.executable, "-m", "lopa.dist.rank"]
+            cmd = [sys.executable, "-m", "lopa.parallel.rank"]
             self.procs.append(subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL))
         theirs.close()
         self._conn = Connection(ours.detach())
@@ -252,16 +252,23 @@ def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]
 
 
 def _run_torchrun_rank(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str], timeout: float) -> int:
-    from lopa.dist.mesh import build_mesh
-    from lopa.dist.worker import BranchParallelLLM, serve
     from lopa.generate_cli import emit
     from lopa.llm import LLM
+    from lopa.parallel.mesh import build_mesh
+    from lopa.parallel.replicated_llm import BranchParallelLLM, serve
 
     try:
         ctx = init_distributed(args.device, timeout)
         mesh = build_mesh(ctx, args.tp)  # WORLD_SIZE = branch groups x tp
         shard = mesh.shard if mesh.tp > 1 else None
-        llm = LLM(args.model, lora=args.lora, device=ctx.device, dtype=args.dtype, shard=shard, revision=getattr(args, "revision", None))
+        llm = LLM(
+            args.model,
+            lora=args.lora,
+            device=ctx.device,
+            dtype=args.dtype,
+            shard=shard,
+            revision=getattr(args, "revision", None),
+        )
         ctx.store_barrier("loaded")
         if not ctx.is_master:
             serve(llm, ctx, mesh=mesh)

@@ -26,15 +26,15 @@ import torch
 from safetensors.torch import save_file
 
 from lopa.config import DecodeConfig
-from lopa.dist.comm import Comm
-from lopa.dist.faults import Fault
-from lopa.dist.init import DistContext, shutdown
-from lopa.dist.mesh import Mesh, TensorParallel, layout
-from lopa.dist.monitor import Monitor
-from lopa.dist.runner import BranchParallelRunner
-from lopa.errors import DistributedError
 from lopa.engine.output import Completion, StreamEvent
+from lopa.errors import DistributedError
 from lopa.llm import LLM, Messages, Prompt
+from lopa.parallel.comm import Comm
+from lopa.parallel.faults import Fault
+from lopa.parallel.mesh import Mesh, TensorParallel, layout
+from lopa.parallel.monitor import Monitor
+from lopa.parallel.process_group import DistContext, shutdown
+from lopa.parallel.runner import BranchParallelRunner
 
 _POLL_S = (0.001, 0.05)
 # LLM attributes that do not decode: rank 0 answers them alone (the server's checks and limits use them)
@@ -134,7 +134,7 @@ class BranchParallelLLM:
         try:
             self.channel.send({"type": "generate", "ids": ids, "config": cfg.to_dict(), "fault": None})
             events = self.llm.stream(ids, cfg)
-            for event in events:
+            for event in events:  # noqa: UP028  # not `yield from`: closing us must not close `events`
                 yield event
             finished = True
         except GeneratorExit:

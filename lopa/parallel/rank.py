@@ -1,4 +1,5 @@
-"""Entry point of one rank started by :class:`lopa.dist.launch.BranchParallelGroup` (``python -m lopa.dist.rank``).
+"""Entry point of one rank started by :class:`lopa.parallel.launch.BranchParallelGroup`
+(``python -m lopa.parallel.rank``).
 
 The launcher sets torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), the group's
 settings as JSON in ``LOPA_BP_SPEC`` and, for rank 0 only, ``LOPA_BP_FD``: one end of a socket pair to the
@@ -18,12 +19,12 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from lopa.dist.faults import Fault
-from lopa.dist.init import DistContext, init_distributed
-from lopa.dist.launch import FD_ENV, SPEC_ENV
-from lopa.dist.mesh import build_mesh
-from lopa.dist.worker import BranchParallelLLM, serve
 from lopa.errors import DistributedError, LopaError
+from lopa.parallel.faults import Fault
+from lopa.parallel.launch import FD_ENV, SPEC_ENV
+from lopa.parallel.mesh import build_mesh
+from lopa.parallel.process_group import DistContext, init_distributed
+from lopa.parallel.replicated_llm import BranchParallelLLM, serve
 
 
 def main() -> int:
