@@ -121,6 +121,19 @@ class DecodeConfig:
         """Lookahead branches in use (0 unless decoder is lopa)."""
         return self.branches if self.decoder == "lopa" else 0
 
+    def describe(self) -> str:
+        """The settings that matter for this decoder, for headers and summaries (``lopa generate``, ``bench``)."""
+        parts = [self.decoder]
+        if self.decoder == "lopa":
+            parts.append(f"base={self.base} k={self.branches}")
+        if self.decoder == "vanilla":
+            parts.append(f"order={self.order}")
+        else:
+            parts.append(f"block={self.block_size} tau={self.threshold}")
+        if self.base_decoder == "d2f" and self.decoder != "vanilla":
+            parts.append(f"tau_add={self.tau_add} tau_act={self.tau_act}")
+        return " ".join(parts)
+
     def validate(self) -> DecodeConfig:
         """Check every field; returns self so calls can be chained."""
         _choice("decoder", self.decoder, DECODERS)

@@ -5,7 +5,7 @@ to bottom. Row f shows every position decoded so far: light grey where it was fi
 coloured (dark to bright with f) where forward f filled it; a star marks a fill that came from the winning
 lookahead branch (``TraceStep.fills``). Positions after the first end token are faded. The GIF has one frame
 per forward: frame f is the map with rows 1..f drawn; the last frame is held longer. Called by
-``generate_cli.py``; matplotlib (the ``plot`` extra) renders, Pillow (a matplotlib dependency) writes the GIF.
+``commands/generate.py``; matplotlib (the ``plot`` extra) renders, Pillow (a matplotlib dependency) writes the GIF.
 """
 
 from __future__ import annotations

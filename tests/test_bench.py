@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.eval.aup import aup, weight
 from lopa.tiny import default_checkpoint_dir
 from lopa.tiny.bench import (

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.errors import TensorMismatchError, UnsupportedModelError
 from lopa.model.config import ModelConfig
 from lopa.model.loader import load_checkpoint

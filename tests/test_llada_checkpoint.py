@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import checkpoint_decode_defaults
+from lopa.commands.flags import checkpoint_decode_defaults
 from lopa.errors import AdapterError, TensorMismatchError
 from lopa.model.loader import INDEX_FILE, load_checkpoint, save_checkpoint
 from lopa.testing import make_random_lora, make_tiny_checkpoint

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.engine.session import BatchSession
 from lopa.errors import BatchingError, ConfigError, PromptTooLongError
 

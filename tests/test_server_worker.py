@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from lopa import DecodeConfig
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.engine.output import Completion, Stats, StreamEvent
 from lopa.server import create_app
 from lopa.server.background import serve_in_background

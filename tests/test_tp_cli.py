@@ -17,7 +17,7 @@ import psutil
 from test_tp import TIMEOUT_S, checkpoint
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.parallel.process_group import free_port
 
 

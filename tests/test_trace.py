@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.engine.output import TraceStep
 from lopa.trace_plot import fill_order, save_trace_gif, save_trace_plot
 

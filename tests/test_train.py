@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.model.loader import load_checkpoint
 from lopa.tiny import task
 from lopa.tiny.data import Layout, block_causal_mask, block_ratios, encode_rows, noise, open_fresh_blocks

@@ -46,7 +46,7 @@ def harness_default_device() -> str | None:
     """The device lm-eval's command line passes when ``--device`` is not given (``cuda:0`` in 0.4.x)."""
     try:
         from lm_eval.config.evaluate_config import EvaluatorConfig
-    except ImportError:  # pragma: no cover - older lm-eval: its argparse default was cuda too
+    except ImportError:  # pragma: no cover - older lm-eval: its command-line default was cuda too
         return "cuda:0"
     default = EvaluatorConfig.__dataclass_fields__["device"].default
     return default if isinstance(default, str) else None

@@ -1,6 +1,6 @@
 """The evaluation loop: decode every document, score it, write per-sample JSONL and a summary JSON.
 
-Called by ``lopa eval`` (:mod:`lopa.eval.cli`) and ``lopa sweep``. The model is reached only through
+Called by ``lopa eval`` (:mod:`lopa.commands.eval`) and ``lopa sweep``. The model is reached only through
 ``llm.generate([prompt], config, raw=True)`` (the task renders the exact prompt text), one prompt at a time,
 so latency is per sample. Code programs run in the sandbox on a small thread pool while the next sample
 decodes. Metric definitions follow docs/algorithm.md §5: ``tok/s = Σ tokens / Σ latency`` (aggregate, with

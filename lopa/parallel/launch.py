@@ -9,7 +9,6 @@ itself when the launcher disappears, so no rank outlives it.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import os
@@ -30,7 +29,7 @@ from lopa.engine.output import Completion
 from lopa.errors import ConfigError, DistributedError, LopaError
 from lopa.llm import Prompt
 from lopa.parallel.faults import Fault
-from lopa.parallel.process_group import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
+from lopa.parallel.process_group import DEFAULT_STARTUP_TIMEOUT_S, free_port, resolve_timeout
 
 SPEC_ENV, FD_ENV = "LOPA_BP_SPEC", "LOPA_BP_FD"  # read by lopa.parallel.rank
 STARTUP_GRACE_S = 2.0  # a worker that exits during start-up is reported this long after, unless rank 0 is faster
@@ -213,76 +212,3 @@ def generate_bp(
     """Start ``world_size`` ranks, decode ``prompts`` with ``cfg``, stop the ranks."""
     with BranchParallelGroup(world_size, model_dir, **kwargs) as group:
         return group.generate(prompts, cfg)
-
-
-def add_dist_arguments(parser: argparse.ArgumentParser) -> None:
-    """--dist-timeout / --dist-port, for commands that take --bp / --branch-parallel."""
-    parser.add_argument("--dist-timeout", type=float, default=None, help="seconds before a silent rank is an error")
-    parser.add_argument("--dist-port", type=int, default=None, help="rendezvous port for --bp (default: a free one)")
-
-
-def add_tp_argument(parser: argparse.ArgumentParser) -> None:
-    """--tp N, for commands that can run a tensor-parallel mesh."""
-    parser.add_argument(
-        "--tp", type=int, default=1, metavar="N",
-        help="tensor-parallel ranks per branch group (with --bp M: M x N ranks; under torchrun: divides the world)",
-    )  # fmt: skip
-
-
-def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]) -> int:
-    """``lopa generate --bp M [--tp N]``, ``--tp N`` alone, or ``--branch-parallel`` (under torchrun)."""
-    from lopa.cli import local_model_arg
-    from lopa.generate_cli import emit
-
-    if args.tp < 1 or args.bp < 0:
-        raise ConfigError(f"--bp and --tp must be positive, got --bp {args.bp} --tp {args.tp}")
-    timeout = resolve_timeout(getattr(args, "dist_timeout", None))
-    if args.branch_parallel:
-        if args.bp:
-            raise ConfigError("use either --bp N (start the ranks here) or --branch-parallel (under torchrun)")
-        return _run_torchrun_rank(args, cfg, prompts, timeout)
-    port = getattr(args, "dist_port", None)
-    with BranchParallelGroup(
-        max(args.bp, 1), local_model_arg(args), tp=args.tp, lora=args.lora, device=args.device, dtype=args.dtype,
-        timeout_s=timeout, port=port,
-    ) as group:  # fmt: skip
-        for completion in group.generate(prompts, cfg, raw=args.raw):
-            emit(completion, cfg, args.json)
-    return 0
-
-
-def _run_torchrun_rank(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str], timeout: float) -> int:
-    from lopa.generate_cli import emit
-    from lopa.llm import LLM
-    from lopa.parallel.mesh import build_mesh
-    from lopa.parallel.replicated_llm import BranchParallelLLM, serve
-
-    try:
-        ctx = init_distributed(args.device, timeout)
-        mesh = build_mesh(ctx, args.tp)  # WORLD_SIZE = branch groups x tp
-        shard = mesh.shard if mesh.tp > 1 else None
-        llm = LLM(
-            args.model,
-            lora=args.lora,
-            device=ctx.device,
-            dtype=args.dtype,
-            shard=shard,
-            revision=getattr(args, "revision", None),
-        )
-        ctx.store_barrier("loaded")
-        if not ctx.is_master:
-            serve(llm, ctx, mesh=mesh)
-            return 0
-        bp = BranchParallelLLM(llm, ctx, mesh=mesh)
-        try:
-            completions = bp.generate(prompts, cfg, raw=args.raw)
-        finally:
-            if not bp.broken:
-                bp.close()  # also after a user error on rank 0: the workers are told to stop
-        for completion in completions:
-            emit(completion, cfg, args.json, llm)
-        return 0
-    except DistributedError as e:  # leave at once: the group's threads may never finish
-        print(f"lopa generate: error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)

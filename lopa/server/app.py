@@ -1,6 +1,6 @@
 """The FastAPI application: OpenAI routes, the engine worker's lifespan, and streaming responses.
 
-``create_app`` is called by ``lopa serve`` (``server/cli.py``) and by the tests. The app never calls the LLM
+``create_app`` is called by ``lopa serve`` (``commands/serve.py``) and by the tests. The app never calls the LLM
 itself: each request becomes a :class:`~lopa.server.worker.Job` run by the engine worker thread, and
 the route awaits the job's items, so the event loop stays free during forwards. A client that disconnects
 sets the job's cancel flag (a watcher task before the response starts; Starlette's disconnect listener, which

@@ -18,7 +18,6 @@ row's estimated cost, so its ETA counts LoPA's rows as the slow ones.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -30,16 +29,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from lopa.cli import add_model_arguments, load_llm, local_model_arg
 from lopa.config import DecodeConfig
 from lopa.eval.aup import aup
-from lopa.parallel.launch import BranchParallelGroup, add_dist_arguments, add_tp_argument, resolve_timeout
+from lopa.parallel.launch import BranchParallelGroup
+from lopa.parallel.process_group import resolve_timeout
 
 BRANCHES = (1, 2, 4, 8)
 THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.5)  # the τ sweep of threshold and d2f (0.9 is the reference)
@@ -117,47 +118,13 @@ FAMILIES: dict[str, list[str]] = {
 }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument(
-        "--n",
-        type=int,
-        default=None,
-        help=f"held-out test problems per decoder (default: {QUICK_N}; {FULL_N} with --full)",
-    )
-    p.add_argument(
-        "--full", action="store_true", help=f"the complete sweep: all {len(FULL)} decoder rows (default: {len(QUICK)})"
-    )
-    p.add_argument("--decoders", nargs="+", default=None, metavar="NAME", help="subset of: " + " ".join(FULL))
-    p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs TPF, one curve per family")
-    p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's generation_config")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's generation_config")
-    p.add_argument("--json-only", action="store_true", help="print only the JSON line")
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default 1: the tiny model gains nothing from more)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="processes the decoders are spread over (default 0: one per CPU core on CPU, 1 on CUDA or with --bp/--tp)",
-    )
-    p.add_argument("--emit-answers", action="store_true", help=argparse.SUPPRESS)  # a worker's rows carry answers
-    p.add_argument("--bp", type=int, default=0, metavar="N", help="decode with N branch-parallel ranks")
-    add_tp_argument(p)
-    add_dist_arguments(p)
-
-
 def settings_of(cfg: DecodeConfig) -> str:
-    from lopa.generate_cli import describe
-
     extra = " +1" if cfg.extra_fill else ""
     shared = " score=shared" if cfg.decoder == "lopa" and cfg.branch_score == "shared" else ""
-    return describe(cfg) + extra + shared
+    return cfg.describe() + extra + shared
 
 
-def selection(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]], int, int]:
+def selection(args: Any) -> tuple[list[str], dict[str, list[str]], int, int]:
     """(decoder rows, families, problems, fewest points a family's AUP needs) for the parsed flags."""
     from lopa.errors import ConfigError
 
@@ -170,7 +137,9 @@ def selection(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]]
     return list(args.decoders or FULL), FAMILIES, n, 2
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any, load_llm: Callable[[], Any], local_model: Callable[[], str | None]) -> int:
+    """The bench of the parsed ``lopa bench`` flags (``commands/bench.py``); ``load_llm`` loads the model they
+    name, ``local_model`` gives it as a local directory (for the ranks of --bp / --tp)."""
     from lopa.errors import ConfigError
     from lopa.tiny.task import fixed_set
 
@@ -178,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1 (problems per decoder), got {args.n}")
     torch.set_num_threads(max(1, args.threads))
-    llm = load_llm(args)
+    llm = load_llm()
     gen = llm.checkpoint.generation_config
     block = args.block_size or int(gen.get("block_size", 32))
     max_new = args.max_new_tokens or int(gen.get("max_new_tokens", 2 * block))
@@ -198,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             if args.bp or args.tp != 1:
                 group = BranchParallelGroup(
                     max(args.bp, 1),
-                    local_model_arg(args),
+                    local_model(),
                     tp=args.tp,
                     lora=args.lora,
                     device=args.device,
@@ -312,7 +281,7 @@ def _cost(name: str, cfg: DecodeConfig) -> float:
     return cfg.max_new_tokens / tpf * (cfg.num_branches + 1)  # k lookahead rows + the anchor (k = 0 without lopa)
 
 
-def _worker_count(args: argparse.Namespace, device: torch.device, n_decoders: int) -> int:
+def _worker_count(args: Any, device: torch.device, n_decoders: int) -> int:
     if args.emit_answers or args.bp or args.tp != 1:
         return 1
     if args.workers:
@@ -323,7 +292,7 @@ def _worker_count(args: argparse.Namespace, device: torch.device, n_decoders: in
 
 
 def _run_workers(
-    args: argparse.Namespace, names: list[str], table: dict[str, DecodeConfig], block: int, max_new: int, workers: int
+    args: Any, names: list[str], table: dict[str, DecodeConfig], block: int, max_new: int, workers: int
 ) -> list[Row]:
     """Spread the decoders over ``workers`` processes (longest first onto the least loaded); merge their rows."""
     from lopa.errors import LopaError

@@ -1,7 +1,7 @@
 """``lopa serve``: load a checkpoint and serve it over the OpenAI HTTP API with uvicorn.
 
-Registered in ``lopa/cli.py``. Model flags (--model, --lora, --device, --dtype) and decoder flags (one per
-DecodeConfig field, the server's defaults for every request) come from the shared helpers there; a request
+Model flags (--model, --lora, --device, --dtype) and decoder flags (one per DecodeConfig field, the server's
+defaults for every request) come from ``flags.py``; a request
 overrides them with its own ``lopa`` field and OpenAI parameters.
 """
 
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from lopa.cli import (
+from lopa.commands.flags import (
     add_decode_arguments,
+    add_dist_arguments,
     add_model_arguments,
     add_threads_argument,
+    add_tp_argument,
     apply_threads,
     decode_config_from_args,
+    load_llm,
+    local_model_arg,
 )
 from lopa.errors import ConfigError
-from lopa.parallel.launch import add_dist_arguments, add_tp_argument
 from lopa.server.limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, ServerLimits
 
 
@@ -97,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as e:
         raise ConfigError("lopa serve needs the server extras; install them with: pip install 'lopa[serve]'") from e
-    from lopa.cli import load_llm, local_model_arg
     from lopa.server.app import create_app
     from lopa.server.guard import uvicorn_options
 

@@ -17,17 +17,21 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
-from lopa.cli import (
+from lopa.commands.flags import (
     add_decode_arguments,
+    add_dist_arguments,
     add_model_arguments,
     add_threads_argument,
+    add_tp_argument,
     apply_threads,
+    check_branch_parallel_batch,
     decode_config_from_args,
     load_llm,
+    local_model_arg,
 )
+from lopa.config import DecodeConfig
 from lopa.engine.output import Completion
-from lopa.errors import ConfigError, InvalidTextError
-from lopa.parallel.launch import add_dist_arguments, add_tp_argument
+from lopa.errors import ConfigError, DistributedError, InvalidTextError
 from lopa.tokenizer import check_text
 
 
@@ -55,20 +59,6 @@ def summary(stats: dict, cfg_line: str) -> str:
         f"[{cfg_line}] tokens={stats['tokens']} forwards={stats['forwards']} tpf={stats['tpf']:.2f} "
         f"tpf_paper={stats['tpf_paper']:.2f} {stats['tokens_per_second']:.1f} tok/s latency={stats['seconds']:.2f}s"
     )
-
-
-def describe(cfg) -> str:
-    """The settings that matter for a decoder, for headers and summaries."""
-    parts = [cfg.decoder]
-    if cfg.decoder == "lopa":
-        parts.append(f"base={cfg.base} k={cfg.branches}")
-    if cfg.decoder == "vanilla":
-        parts.append(f"order={cfg.order}")
-    else:
-        parts.append(f"block={cfg.block_size} tau={cfg.threshold}")
-    if cfg.base_decoder == "d2f" and cfg.decoder != "vanilla":
-        parts.append(f"tau_add={cfg.tau_add} tau_act={cfg.tau_act}")
-    return " ".join(parts)
 
 
 def read_prompt_lines(stream: BinaryIO) -> list[str]:
@@ -102,11 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bp or args.branch_parallel or args.tp != 1:
         if pictures:
             raise ConfigError("--trace-plot / --trace-gif are not available with --bp / --tp / --branch-parallel")
-        from lopa.cli import check_branch_parallel_batch
-        from lopa.parallel.launch import run_generate
-
         check_branch_parallel_batch(args)
-
         return run_generate(args, cfg, prompts)
     if pictures:
         cfg = cfg.replace(trace=True)
@@ -146,7 +132,7 @@ def save_pictures(kind: str, path: Path, completion, cfg, llm) -> None:
     from lopa.trace_plot import save_trace_gif, save_trace_plot
 
     save = save_trace_plot if kind == "plot" else save_trace_gif
-    out = save(completion, cfg, path, llm.end_ids, describe(cfg), lambda t: llm.tokenizer.decode([t]))
+    out = save(completion, cfg, path, llm.end_ids, cfg.describe(), lambda t: llm.tokenizer.decode([t]))
     print(f"wrote {out}", file=sys.stderr, flush=True)
 
 
@@ -178,4 +164,63 @@ def emit(completion, cfg, as_json: bool, llm=None) -> None:
         print(completion.text, flush=True)
         if completion.trace is not None:
             print(format_trace(completion.trace), file=sys.stderr, flush=True)
-        print(summary(stats, describe(cfg)), file=sys.stderr, flush=True)
+        print(summary(stats, cfg.describe()), file=sys.stderr, flush=True)
+
+
+def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]) -> int:
+    """``lopa generate --bp M [--tp N]``, ``--tp N`` alone, or ``--branch-parallel`` (under torchrun)."""
+    from lopa.parallel.launch import BranchParallelGroup
+    from lopa.parallel.process_group import resolve_timeout
+
+    if args.tp < 1 or args.bp < 0:
+        raise ConfigError(f"--bp and --tp must be positive, got --bp {args.bp} --tp {args.tp}")
+    timeout = resolve_timeout(getattr(args, "dist_timeout", None))
+    if args.branch_parallel:
+        if args.bp:
+            raise ConfigError("use either --bp N (start the ranks here) or --branch-parallel (under torchrun)")
+        return _run_torchrun_rank(args, cfg, prompts, timeout)
+    port = getattr(args, "dist_port", None)
+    with BranchParallelGroup(
+        max(args.bp, 1), local_model_arg(args), tp=args.tp, lora=args.lora, device=args.device, dtype=args.dtype,
+        timeout_s=timeout, port=port,
+    ) as group:  # fmt: skip
+        for completion in group.generate(prompts, cfg, raw=args.raw):
+            emit(completion, cfg, args.json)
+    return 0
+
+
+def _run_torchrun_rank(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str], timeout: float) -> int:
+    from lopa.llm import LLM
+    from lopa.parallel.mesh import build_mesh
+    from lopa.parallel.process_group import init_distributed
+    from lopa.parallel.replicated_llm import BranchParallelLLM, serve
+
+    try:
+        ctx = init_distributed(args.device, timeout)
+        mesh = build_mesh(ctx, args.tp)  # WORLD_SIZE = branch groups x tp
+        shard = mesh.shard if mesh.tp > 1 else None
+        llm = LLM(
+            args.model,
+            lora=args.lora,
+            device=ctx.device,
+            dtype=args.dtype,
+            shard=shard,
+            revision=getattr(args, "revision", None),
+        )
+        ctx.store_barrier("loaded")
+        if not ctx.is_master:
+            serve(llm, ctx, mesh=mesh)
+            return 0
+        bp = BranchParallelLLM(llm, ctx, mesh=mesh)
+        try:
+            completions = bp.generate(prompts, cfg, raw=args.raw)
+        finally:
+            if not bp.broken:
+                bp.close()  # also after a user error on rank 0: the workers are told to stop
+        for completion in completions:
+            emit(completion, cfg, args.json, llm)
+        return 0
+    except DistributedError as e:  # leave at once: the group's threads may never finish
+        print(f"lopa generate: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)

@@ -1,8 +1,9 @@
 """``lopa eval``: score a model on one benchmark task and report score, TPF and tok/s.
 
-Registered in :mod:`lopa.cli` (``add_arguments`` / ``run``). Loads the task's documents first (so a missing
+Loads the task's documents first (so a missing
 data file fails before the model loads), then the model, then runs :func:`lopa.eval.runner.evaluate` and
-writes ``samples.jsonl`` and ``summary.json`` under ``--out``. ``lopa sweep`` reuses the helpers here.
+writes ``samples.jsonl`` and ``summary.json`` under ``--out``. ``lopa sweep`` (``commands/sweep.py``) reuses the
+flags and helpers here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
+from lopa.commands.flags import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
 from lopa.config import DecodeConfig
 from lopa.eval.runner import evaluate, format_summary
 from lopa.eval.sandbox import Sandbox, SandboxLimits

@@ -1,32 +1,17 @@
-"""Command line: ``lopa generate | bench | train | eval | sweep | serve``.
+"""The flags shared by several commands, and what turns them into objects: model, decoding, threads, mesh.
 
-Each subcommand lives in the module that owns the feature and exposes ``add_arguments(parser)`` and
-``run(args) -> int``; this file only wires them up and turns :class:`~lopa.errors.LopaError` into a clean
-message and exit code 2. Decoder flags are generated from :class:`~lopa.config.DecodeConfig`, so defaults
-and help texts live once, in ``config.py``.
+Decoder flags are generated from :class:`~lopa.config.DecodeConfig`'s fields, so defaults and help texts live
+once, in ``config.py``. A flag left out is None here and takes the config's (or the checkpoint's) default.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import sys
 import typing
-from collections.abc import Sequence
 
 from lopa.config import BASES, BRANCH_SCORES, CONFIDENCES, DECODERS, HELP, ORDERS, RECOMMENDABLE, DecodeConfig
 from lopa.errors import ConfigError, LopaError
-
-# subcommand -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("lopa.generate_cli", "decode prompts and print the text with stats"),
-    "bench": ("lopa.tiny.bench", "compare the decoders side by side on held-out problems"),
-    "train": ("lopa.tiny.train", "train the bundled tiny dLLM (Dream format)"),
-    "eval": ("lopa.eval.cli", "score a model on a benchmark task (score, TPF, tok/s)"),
-    "sweep": ("lopa.eval.sweep", "run a grid of decoder settings and plot the trade-offs"),
-    "serve": ("lopa.server.cli", "OpenAI-compatible HTTP server"),
-}
 
 _CHOICES = {
     "decoder": DECODERS,
@@ -196,38 +181,15 @@ def check_branch_parallel_batch(args: argparse.Namespace) -> None:
         )
 
 
-def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lopa", description="Diffusion LLM inference with LoPA.")
-    from lopa import __version__
-
-    parser.add_argument("--version", action="version", version=f"lopa {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    wanted = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == wanted:  # import only the module the user asked for (keeps `lopa --help` fast)
-            mod = importlib.import_module(module)
-            mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
-    return parser
+def add_dist_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--dist-timeout / --dist-port, for commands that take --bp / --branch-parallel."""
+    parser.add_argument("--dist-timeout", type=float, default=None, help="seconds before a silent rank is an error")
+    parser.add_argument("--dist-port", type=int, default=None, help="rendezvous port for --bp (default: a free one)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not hasattr(args, "_run"):
-        parser.print_help()
-        return 0 if args.command is None else 2
-    try:
-        return int(args._run(args) or 0)
-    except LopaError as e:
-        print(f"lopa {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def add_tp_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--tp N, for commands that can run a tensor-parallel mesh."""
+    parser.add_argument(
+        "--tp", type=int, default=1, metavar="N",
+        help="tensor-parallel ranks per branch group (with --bp M: M x N ranks; under torchrun: divides the world)",
+    )  # fmt: skip
