@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seqs
+from lopa.config import DecodeConfig, EngineConfig
 from lopa.engine.engine import decode, run
 from lopa.engine.fast import make_runner
 from lopa.engine.output import Completion, StreamEvent, TextOutput, TextStream
-from lopa.engine.protocol import Messages, Prompt
+from lopa.engine.prompt import encode_prompt, is_ids
+from lopa.engine.protocol import Engine, Messages, Prompt
 from lopa.engine.runner import Runner
 from lopa.engine.session import BatchSession, IteratorSession
-from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
+from lopa.errors import ConfigError, PromptTooLongError
 from lopa.model.hub import model_name_for, resolve_model
 from lopa.model.loader import load_checkpoint
 from lopa.model.tp import TPShard
@@ -48,7 +49,7 @@ def default_model_dir() -> Path:
     return default_checkpoint_dir()
 
 
-class LLM:
+class LLM(Engine):
     """A loaded model (any supported family) ready to decode. Not thread-safe: serialize calls."""
 
     def __init__(
@@ -63,38 +64,61 @@ class LLM:
         shard: TPShard | None = None,
         revision: str | None = None,
     ) -> None:
-        """``max_num_seqs``: sequences decoded together (default: config.default_max_num_seqs for the device);
-        ``max_model_len``: the longest prompt + max_new_tokens served (default: the model's context, at most
-        config.DEFAULT_MAX_MODEL_LEN). Together they size the KV pool, allocated on first batched use.
-        ``model_dir``: a checkpoint directory or a Hugging Face hub id (``ORG/NAME``, at ``revision``), see
-        ``lopa/model/hub.py``."""
+        """The arguments are :class:`~lopa.config.EngineConfig`'s fields (see :meth:`from_config`):
+        ``max_num_seqs`` (sequences decoded together) and ``max_model_len`` (the longest prompt + max_new_tokens
+        served) size the KV pool, allocated on first batched use. ``model_dir``: a checkpoint directory or a
+        Hugging Face hub id (``ORG/NAME``, at ``revision``), see ``lopa/model/hub.py``."""
         path = resolve_model(model_dir, revision) if model_dir is not None else default_model_dir()
+        asked = EngineConfig(
+            model=None if model_dir is None else str(model_dir), revision=revision,
+            lora=None if lora is None else str(lora), device=str(device),
+            dtype=str(dtype).replace("torch.", "") if dtype is not None else None,  # type: ignore[arg-type]
+            enforce_eager=enforce_eager, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+        ).validate()  # fmt: skip
         self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype, shard=shard)
         if shard is not None and shard.size > 1:
             enforce_eager = True  # tensor-parallel all-reduces are timed collectives: no CUDA graph around them
         self.tokenizer = self.checkpoint.tokenizer
         self.model = self.checkpoint.model
         self.config = self.checkpoint.config
+        self.generation_config = self.checkpoint.generation_config
         self.device = next(self.model.parameters()).device
         self.model_name = BUNDLED_MODEL_NAME if model_dir is None else model_name_for(model_dir, path)
-        context = self.config.max_position_embeddings
-        self.max_context = min(context, DEFAULT_MAX_MODEL_LEN) if max_model_len is None else max_model_len
-        if not isinstance(self.max_context, int) or not 1 <= self.max_context <= context:
-            raise ConfigError(f"max_model_len must be an integer in [1, {context}], got {max_model_len!r}")
+        self.engine_config = asked.resolve(self.device.type, self.config.max_position_embeddings)
+        self.max_context: int = self.engine_config.max_model_len  # type: ignore[assignment]  # resolved: an int
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
         self.output = TextOutput(self.tokenizer, self.end_ids)  # Steps -> text, Completions, stop checks
-        self.default_config = DecodeConfig.recommended(
-            {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
-        )
+        self.default_config = DecodeConfig.recommended({**self.config.family.decode_defaults, **self.generation_config})
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
-        self.max_num_seqs = default_max_num_seqs(self.device.type) if max_num_seqs is None else max_num_seqs
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            raise ConfigError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         self._scheduler: Scheduler | None = None
         self.shard = shard
         # after a request, a KV cache larger than this is freed rather than kept for reuse (None: always kept)
         self.max_idle_cache_bytes: int | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, shard: TPShard | None = None) -> LLM:
+        """The LLM an EngineConfig describes (its mesh fields are for ``lopa.parallel.join_mesh``)."""
+        c = config.validate()
+        return cls(
+            c.model, lora=c.lora, device=c.device, dtype=c.dtype, enforce_eager=c.enforce_eager,
+            max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len, shard=shard, revision=c.revision,
+        )  # fmt: skip
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine_config.max_num_seqs  # type: ignore[return-value]  # resolved: an int
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    @property
+    def dtype_name(self) -> str | None:
+        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+
+    def close(self) -> None:
+        """Nothing to release beyond memory (the Engine protocol's hook for a mesh's ranks)."""
 
     def decode_config(self, **changes: object) -> DecodeConfig:
         """This checkpoint's recommended settings with ``changes`` applied (what the CLI's flags do), validated."""
@@ -102,37 +126,9 @@ class LLM:
 
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:
-        """Token ids of a prompt: ids verbatim, messages or text through the chat template (unless raw)."""
-        if isinstance(prompt, str):
-            if raw or not self.tokenizer.has_chat_template:
-                ids = self.tokenizer.encode(prompt)
-            else:
-                ids = self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
-        elif _is_messages(prompt):
-            if self.tokenizer.has_chat_template:
-                ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt)))  # type: ignore[arg-type]
-            else:
-                ids = self.tokenizer.encode("\n".join(m.get("content", "") for m in prompt))  # type: ignore[union-attr]
-        else:
-            ids = [int(t) for t in prompt]  # type: ignore[union-attr]
-            vocab = self.config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ConfigError(f"token ids must be in [0, {vocab}); got {bad[:5]}")
-        if not ids:
-            raise ConfigError("the prompt is empty: give at least one token")
-        self._refuse_mask(ids)
-        return ids
-
-    def _refuse_mask(self, ids: list[int]) -> None:
-        """Every decoder continues a prompt; none infills it, so a mask token inside one is refused."""
-        at = [i for i, t in enumerate(ids) if t == self.mask_id]
-        if at:
-            token = self.tokenizer.id_to_token(self.mask_id)
-            raise MaskTokenInPromptError(
-                f"the prompt contains the mask token {token!r} (id {self.mask_id}) at position(s) {at[:5]}; lopa "
-                f"continues prompts and does not infill masked positions: remove the mask token from the prompt"
-            )
+        """Token ids of a prompt: ids verbatim, messages or text through the chat template (unless raw); see
+        :func:`lopa.engine.prompt.encode_prompt` (a mask token in it is refused)."""
+        return encode_prompt(self.tokenizer, prompt, raw, self.config.vocab_size, self.mask_id)
 
     def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
         return len(self.encode_prompt(prompt, raw))
@@ -161,7 +157,7 @@ class LLM:
     ) -> list[Completion]:
         """Decode the prompts (a string, a list of token ids, or a list of those) together, ``max_num_seqs`` at a
         time. ``config`` is one DecodeConfig for all, or one per prompt. Every prompt is validated first."""
-        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
+        batch = [prompts] if isinstance(prompts, str) or is_ids(prompts) else list(prompts)  # type: ignore[list-item]
         out: list[Completion | None] = [None] * len(batch)
         bar = tqdm(total=len(batch), desc="generate", unit="prompt", disable=not progress)
         for index, completion in self.generate_each(batch, config, raw):
@@ -282,11 +278,3 @@ class LLM:
         finally:
             self._trim_cache()
         return self.output.completion(step, cfg, ids, time.perf_counter() - t0)
-
-
-def _is_ids(x: object) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
-
-
-def _is_messages(x: object) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) for m in x)

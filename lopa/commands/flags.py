@@ -9,9 +9,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from lopa.config import BASES, BRANCH_SCORES, CONFIDENCES, DECODERS, HELP, ORDERS, RECOMMENDABLE, DecodeConfig
+from lopa.config import (
+    BASES,
+    BRANCH_SCORES,
+    CONFIDENCES,
+    DECODERS,
+    HELP,
+    ORDERS,
+    RECOMMENDABLE,
+    DecodeConfig,
+    EngineConfig,
+    ServerConfig,
+)
 from lopa.errors import ConfigError, LopaError
+
+if TYPE_CHECKING:
+    from lopa.llm import LLM
 
 _CHOICES = {
     "decoder": DECODERS,
@@ -89,45 +105,69 @@ def decode_config_from_args(args: argparse.Namespace, base: DecodeConfig | None 
     return base.replace(**given).validate()
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model / --lora / --device / --dtype / --enforce-eager, shared by every command that loads a model."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="checkpoint directory or Hugging Face hub id ORG/NAME (needs lopa[hub]; default: the bundled tiny model)",
-    )
-    parser.add_argument("--revision", default=None, help="hub branch, tag or commit of a hub --model (default: main)")
-    parser.add_argument("--lora", default=None, help="peft-format LoRA adapter directory merged at load")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype")
-    parser.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        default=None,
-        help="eager forward only: no fused weights, padded buckets or CUDA graphs (default: fast path on CUDA)",
-    )
-    parser.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=None,
-        help="sequences decoded together in one forward per iteration (default: 16 on CPU, 32 on CUDA)",
-    )
-    parser.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="longest prompt + max_new_tokens served; sizes the KV pool (default: the model's context, <= 8192)",
-    )
+MODEL_FLAGS = ("model", "revision", "lora", "device", "dtype", "enforce_eager", "max_num_seqs", "max_model_len")
+Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
-def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: Parser, cls: type, names: Sequence[str]) -> None:
+    """One flag per named field of the settings dataclass ``cls`` (kebab case): its type or Literal choices, its
+    default, and its help from ``field(metadata={"help", "default"})``, so no default is written twice."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        f, kind = fields[name], hints[name]
+        shown = f.metadata.get("default", f.default)
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        args = [a for a in typing.get_args(kind) if a is not type(None)] if typing.get_origin(kind) else []
+        base = args[0] if len(args) == 1 else kind
+        flag = "--" + name.replace("_", "-")
+        if base is bool:
+            parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
+        elif typing.get_origin(base) is typing.Literal:
+            parser.add_argument(flag, default=f.default, choices=typing.get_args(base), help=help_text)
+        else:
+            parser.add_argument(flag, type=base, default=f.default, help=help_text)
+
+
+def add_model_arguments(parser: Parser) -> None:
+    """--model / --revision / --lora / --device / --dtype / --enforce-eager / --max-num-seqs / --max-model-len
+    (EngineConfig), shared by every command that loads a model."""
+    add_config_arguments(parser, EngineConfig, MODEL_FLAGS)
+
+
+def add_threads_argument(parser: Parser) -> None:
     """--threads: torch's CPU thread count (generate, serve)."""
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads torch may use (default: torch's choice, one per core; on a busy machine 1 is often faster)",
-    )
+    add_config_arguments(parser, EngineConfig, ("threads",))
+
+
+def add_tp_argument(parser: Parser) -> None:
+    """--tp N, for commands that can run a tensor-parallel mesh."""
+    add_config_arguments(parser, EngineConfig, ("tp",))
+
+
+def add_dist_arguments(parser: Parser) -> None:
+    """--dist-timeout / --dist-port, for commands that take --bp / --branch-parallel."""
+    add_config_arguments(parser, EngineConfig, ("dist_timeout", "dist_port"))
+
+
+def add_server_arguments(parser: Parser) -> None:
+    """Every ServerConfig field: --host, --port, --queue-limit, the per-request limits, timeouts, ..."""
+    add_config_arguments(parser, ServerConfig, [f.name for f in dataclasses.fields(ServerConfig)])
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of the parsed flags (a field without a flag keeps its default), validated.
+
+    ``--bp 0`` (``lopa generate``'s "no launcher") is one branch group."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    if "bp" in given:
+        given["bp"] = max(given["bp"], 1)
+    return EngineConfig(**given).validate()
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of the parsed ``lopa serve`` flags, validated."""
+    return ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}).validate()
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -142,21 +182,11 @@ def apply_threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(threads)
 
 
-def load_llm(args: argparse.Namespace, **extra: object):
+def load_llm(args: argparse.Namespace) -> LLM:
     """The LLM named by the model flags of ``add_model_arguments``."""
-    from lopa import LLM
+    from lopa.llm import LLM
 
-    extra.setdefault("max_num_seqs", getattr(args, "max_num_seqs", None))
-    extra.setdefault("max_model_len", getattr(args, "max_model_len", None))
-    return LLM(
-        args.model,
-        lora=args.lora,
-        device=args.device,
-        dtype=args.dtype,
-        enforce_eager=args.enforce_eager,
-        revision=getattr(args, "revision", None),
-        **extra,
-    )
+    return LLM.from_config(engine_config_from_args(args))
 
 
 def local_model_arg(args: argparse.Namespace) -> str | None:
@@ -169,27 +199,8 @@ def local_model_arg(args: argparse.Namespace) -> str | None:
 
 
 def check_branch_parallel_batch(args: argparse.Namespace) -> None:
-    """Branch- and tensor-parallel decoding run one sequence at a time: refuse a batch size with them, by name."""
-    from lopa.errors import BatchingError
-
-    bp = getattr(args, "bp", 0) or getattr(args, "branch_parallel", False)
-    tp = getattr(args, "tp", 1) or 1
-    if (bp or tp > 1) and (getattr(args, "max_num_seqs", None) or 1) > 1:
-        raise BatchingError(
-            "--bp / --tp / --branch-parallel decode one sequence at a time (the ranks split one sequence's branches "
-            "or weights); drop --max-num-seqs or set it to 1"
-        )
-
-
-def add_dist_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--dist-timeout / --dist-port, for commands that take --bp / --branch-parallel."""
-    parser.add_argument("--dist-timeout", type=float, default=None, help="seconds before a silent rank is an error")
-    parser.add_argument("--dist-port", type=int, default=None, help="rendezvous port for --bp (default: a free one)")
-
-
-def add_tp_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--tp N, for commands that can run a tensor-parallel mesh."""
-    parser.add_argument(
-        "--tp", type=int, default=1, metavar="N",
-        help="tensor-parallel ranks per branch group (with --bp M: M x N ranks; under torchrun: divides the world)",
-    )  # fmt: skip
+    """Branch- and tensor-parallel decoding run one sequence at a time: EngineConfig.validate refuses a batch size
+    with them, by name. Under torchrun (--branch-parallel) the world has several ranks whatever --bp says."""
+    cfg = engine_config_from_args(args)
+    if getattr(args, "branch_parallel", False) and cfg.world_size == 1:
+        cfg.replace(bp=2).validate()

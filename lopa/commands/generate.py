@@ -26,11 +26,13 @@ from lopa.commands.flags import (
     apply_threads,
     check_branch_parallel_batch,
     decode_config_from_args,
+    engine_config_from_args,
     load_llm,
     local_model_arg,
 )
-from lopa.config import DecodeConfig
+from lopa.config import DecodeConfig, EngineConfig
 from lopa.engine.output import Completion
+from lopa.engine.protocol import Engine
 from lopa.errors import ConfigError, DistributedError, InvalidTextError
 from lopa.tokenizer import check_text
 
@@ -152,13 +154,15 @@ def format_trace(trace) -> str:
     return "\n".join(["trace (score per candidate, * = winner):", *lines])
 
 
-def emit(completion, cfg, as_json: bool, llm=None) -> None:
+def emit(completion: Completion, cfg: DecodeConfig, as_json: bool, llm: Engine | None = None) -> None:
+    """Print one result: a JSON line (with the settings, and ``llm``'s device and dtype), or the text on stdout
+    and the trace and the stats summary on stderr."""
     stats = completion.stats.to_dict()
     if as_json:
         d = completion.to_dict()
         d["settings"] = cfg.to_dict()
         if llm is not None:
-            d["device"], d["dtype"] = str(llm.device), str(next(llm.model.parameters()).dtype).replace("torch.", "")
+            d["device"], d["dtype"] = llm.device_name, llm.dtype_name
         print(json.dumps(d), flush=True)
     else:
         print(completion.text, flush=True)
@@ -170,55 +174,34 @@ def emit(completion, cfg, as_json: bool, llm=None) -> None:
 def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]) -> int:
     """``lopa generate --bp M [--tp N]``, ``--tp N`` alone, or ``--branch-parallel`` (under torchrun)."""
     from lopa.parallel.launch import BranchParallelGroup
-    from lopa.parallel.process_group import resolve_timeout
 
     if args.tp < 1 or args.bp < 0:
         raise ConfigError(f"--bp and --tp must be positive, got --bp {args.bp} --tp {args.tp}")
-    timeout = resolve_timeout(getattr(args, "dist_timeout", None))
+    engine = engine_config_from_args(args)
     if args.branch_parallel:
         if args.bp:
             raise ConfigError("use either --bp N (start the ranks here) or --branch-parallel (under torchrun)")
-        return _run_torchrun_rank(args, cfg, prompts, timeout)
-    port = getattr(args, "dist_port", None)
-    with BranchParallelGroup(
-        max(args.bp, 1), local_model_arg(args), tp=args.tp, lora=args.lora, device=args.device, dtype=args.dtype,
-        timeout_s=timeout, port=port,
-    ) as group:  # fmt: skip
+        return _run_torchrun_rank(args, engine, cfg, prompts)
+    with BranchParallelGroup.from_config(engine.replace(model=local_model_arg(args), revision=None)) as group:
         for completion in group.generate(prompts, cfg, raw=args.raw):
             emit(completion, cfg, args.json)
     return 0
 
 
-def _run_torchrun_rank(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str], timeout: float) -> int:
-    from lopa.llm import LLM
-    from lopa.parallel.mesh import build_mesh
-    from lopa.parallel.process_group import init_distributed
-    from lopa.parallel.replicated_llm import BranchParallelLLM, serve
+def _run_torchrun_rank(args: argparse.Namespace, engine: EngineConfig, cfg: DecodeConfig, prompts: list[str]) -> int:
+    from lopa.parallel.replicated_llm import join_mesh
 
     try:
-        ctx = init_distributed(args.device, timeout)
-        mesh = build_mesh(ctx, args.tp)  # WORLD_SIZE = branch groups x tp
-        shard = mesh.shard if mesh.tp > 1 else None
-        llm = LLM(
-            args.model,
-            lora=args.lora,
-            device=ctx.device,
-            dtype=args.dtype,
-            shard=shard,
-            revision=getattr(args, "revision", None),
-        )
-        ctx.store_barrier("loaded")
-        if not ctx.is_master:
-            serve(llm, ctx, mesh=mesh)
+        group = join_mesh(engine)  # WORLD_SIZE (from torchrun) = branch groups x tp
+        if group is None:  # a worker rank: it replayed rank 0's requests
             return 0
-        bp = BranchParallelLLM(llm, ctx, mesh=mesh)
         try:
-            completions = bp.generate(prompts, cfg, raw=args.raw)
+            completions = group.generate(prompts, cfg, raw=args.raw)
         finally:
-            if not bp.broken:
-                bp.close()  # also after a user error on rank 0: the workers are told to stop
+            if not group.broken:
+                group.close()  # also after a user error on rank 0: the workers are told to stop
         for completion in completions:
-            emit(completion, cfg, args.json, llm)
+            emit(completion, cfg, args.json, group)
         return 0
     except DistributedError as e:  # leave at once: the group's threads may never finish
         print(f"lopa generate: error: {e}", file=sys.stderr, flush=True)

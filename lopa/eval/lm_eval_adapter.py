@@ -94,7 +94,7 @@ class LopaLM(LM):
             device = choose_device(device, harness_device)
             llm = LLM(model or pretrained, lora=lora, device=device, dtype=dtype, revision=revision)
         self.llm = llm
-        self._device = getattr(llm, "device", None)
+        self._device = llm.device_name
         self.escape_until = bool(escape_until)
 
     @classmethod
@@ -146,10 +146,10 @@ class LopaLM(LM):
     # ---- chat templates (--apply_chat_template) -----------------------------------------------------------
     @property
     def tokenizer_name(self) -> str:
-        return str(getattr(self.llm, "model_name", "lopa"))
+        return self.llm.model_name
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return "lopa" if getattr(self.llm.tokenizer, "has_chat_template", False) else None
+        return "lopa" if self.llm.tokenizer.has_chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.llm.tokenizer.apply_chat_template(chat_history)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lopa.config import DecodeConfig
+from lopa.config import DecodeConfig, EngineConfig
 from lopa.engine.output import Completion
 from lopa.errors import ConfigError, DistributedError, LopaError
 from lopa.llm import Prompt
@@ -33,7 +33,25 @@ from lopa.parallel.process_group import DEFAULT_STARTUP_TIMEOUT_S, free_port, re
 
 SPEC_ENV, FD_ENV = "LOPA_BP_SPEC", "LOPA_BP_FD"  # read by lopa.parallel.rank
 STARTUP_GRACE_S = 2.0  # a worker that exits during start-up is reported this long after, unless rank 0 is faster
-_CLEARED_ENV = ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID")
+
+
+RANK_COMMAND = [sys.executable, "-m", "lopa.parallel.rank"]
+
+
+def rank_spec(engine: EngineConfig, kv_dump_dir: str | Path | None = None) -> dict[str, Any]:
+    """What a launched rank reads from ``$LOPA_BP_SPEC``: the engine settings and the K/V dump directory."""
+    return {"engine": engine.to_dict(), "kv_dump_dir": str(kv_dump_dir) if kv_dump_dir is not None else None}
+
+
+def rank_env(spec: dict[str, Any], world_size: int, port: int, threads: str) -> dict[str, str]:
+    """The environment of a rank started on this machine (RANK / LOCAL_RANK still to set): torchrun's variables
+    on 127.0.0.1, the spec, and a PYTHONPATH that imports this very lopa."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    env.update(WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=threads)
+    env[SPEC_ENV] = json.dumps(spec)
+    return env
 
 
 class BranchParallelGroup:
@@ -57,20 +75,25 @@ class BranchParallelGroup:
     ) -> None:
         if bp < 1 or tp < 1:
             raise ConfigError(f"a mesh needs at least 1 branch group and 1 tensor-parallel rank, got {bp} x {tp}")
-        self.bp, self.tp, self.world_size, self.timeout_s = bp, tp, bp * tp, resolve_timeout(timeout_s)
+        self.engine = EngineConfig(
+            model=str(model_dir) if model_dir is not None else None, lora=str(lora) if lora is not None else None,
+            device=device, dtype=dtype, tp=tp, bp=bp, dist_timeout=resolve_timeout(timeout_s), dist_port=port,
+            startup_timeout=startup_timeout_s,
+        ).validate()  # fmt: skip
+        self.bp, self.tp, self.world_size, self.timeout_s = bp, tp, bp * tp, self.engine.dist_timeout or 0.0
         self.startup_timeout_s, self.port, self.threads = startup_timeout_s, port, threads
-        self.spec = {
-            "model": str(model_dir) if model_dir is not None else None,
-            "lora": str(lora) if lora is not None else None,
-            "device": device,
-            "dtype": dtype,
-            "timeout_s": self.timeout_s,
-            "startup_timeout_s": startup_timeout_s,
-            "kv_dump_dir": str(kv_dump_dir) if kv_dump_dir is not None else None,
-            "tp": tp,
-        }
+        self.spec = rank_spec(self.engine, kv_dump_dir)
         self.procs: list[subprocess.Popen] = []
         self._conn: Connection | None = None
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig, threads: int = 1) -> BranchParallelGroup:
+        """The group an EngineConfig describes (``bp`` x ``tp`` ranks; its ``model`` must be a local directory)."""
+        return cls(
+            engine.bp, engine.model, tp=engine.tp, lora=engine.lora, device=engine.device, dtype=engine.dtype,
+            timeout_s=engine.dist_timeout, port=engine.dist_port, threads=threads,
+            startup_timeout_s=engine.startup_timeout,
+        )  # fmt: skip
 
     @property
     def pids(self) -> list[int]:
@@ -80,19 +103,14 @@ class BranchParallelGroup:
         """Start the ranks and wait until rank 0 has loaded the model and the group is formed."""
         port = self.port or free_port()
         ours, theirs = socket.socketpair()
-        base_env = {k: v for k, v in os.environ.items() if k not in _CLEARED_ENV}
-        pkg_root = str(Path(__file__).resolve().parents[2])  # so the ranks import this very lopa
-        base_env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, base_env.get("PYTHONPATH")) if p)
+        base_env = rank_env(self.spec, self.world_size, port, str(self.threads))
         atexit.register(self.kill)
         for rank in range(self.world_size):
-            env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.world_size))
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(self.threads))
-            env[SPEC_ENV] = json.dumps(self.spec)
+            env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
             fds: tuple[int, ...] = ()
             if rank == 0:
                 env[FD_ENV], fds = str(theirs.fileno()), (theirs.fileno(),)
-            cmd = [sys.executable, "-m", "lopa.parallel.rank"]
-            self.procs.append(subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL))
+            self.procs.append(subprocess.Popen(RANK_COMMAND, env=env, pass_fds=fds, stdin=subprocess.DEVNULL))
         theirs.close()
         self._conn = Connection(ours.detach())
         try:

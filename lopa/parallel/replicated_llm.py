@@ -18,30 +18,28 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from lopa.config import DecodeConfig
+from lopa.config import DecodeConfig, EngineConfig
 from lopa.engine.output import Completion, StreamEvent
-from lopa.errors import DistributedError
-from lopa.llm import LLM, Messages, Prompt
+from lopa.engine.prompt import is_ids
+from lopa.engine.protocol import Engine, Messages, Prompt
+from lopa.engine.session import IteratorSession
+from lopa.errors import ConfigError, DistributedError, LopaError
+from lopa.llm import LLM
 from lopa.parallel.comm import Comm
 from lopa.parallel.faults import Fault
-from lopa.parallel.mesh import Mesh, TensorParallel, layout
+from lopa.parallel.mesh import Mesh, TensorParallel, build_mesh, layout
 from lopa.parallel.monitor import Monitor
-from lopa.parallel.process_group import DistContext, shutdown
+from lopa.parallel.process_group import DistContext, init_distributed, resolve_timeout, shutdown
 from lopa.parallel.runner import BranchParallelRunner
 
-_POLL_S = (0.001, 0.05)
-# LLM attributes that do not decode: rank 0 answers them alone (the server's checks and limits use them)
-_READ_ONLY = frozenset(
-    ("tokenizer", "model_name", "max_context", "config", "default_config", "decode_config", "end_ids", "mask_id",
-     "encode_prompt", "count_prompt_tokens", "check_fits", "kv_cache_bytes")
-)  # fmt: skip  # doorbell polling interval: starts short, grows while idle
+_POLL_S = (0.001, 0.05)  # doorbell polling interval: starts short, grows while idle
 
 
 class RequestChannel:
@@ -71,8 +69,11 @@ class RequestChannel:
         return json.loads(data.numpy().tobytes().decode())
 
 
-class BranchParallelLLM:
-    """Rank 0's side: the LLM facade with branch-parallel decoding; workers must be running :func:`serve`."""
+class BranchParallelLLM(Engine):
+    """Rank 0's side: the LLM facade with branch-parallel decoding; workers must be running :func:`serve`.
+
+    What does not decode (the tokenizer, limits, prompt checks) is rank 0's own LLM's; decoding goes through the
+    group, one sequence at a time."""
 
     def __init__(
         self, llm: LLM, ctx: DistContext, kv_dump_dir: str | Path | None = None, mesh: Mesh | None = None
@@ -86,12 +87,19 @@ class BranchParallelLLM:
         self.broken = False
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], config: DecodeConfig | None = None, raw: bool = False
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        config: DecodeConfig | Sequence[DecodeConfig] | None = None,
+        raw: bool = False,
+        progress: bool = False,
     ) -> list[Completion]:
-        """Like :meth:`LLM.generate`. User errors (ConfigError, PromptTooLongError) come before any rank is
-        involved; a DistributedError leaves the group broken (``broken``), and every rank stops."""
+        """Like :meth:`LLM.generate` (one config for all prompts; no progress bar). User errors (ConfigError,
+        PromptTooLongError) come before any rank is involved; a DistributedError leaves the group broken
+        (``broken``), and every rank stops."""
+        if config is not None and not isinstance(config, DecodeConfig):
+            raise ConfigError("branch-parallel decoding takes one DecodeConfig for all prompts")
         cfg = (config or DecodeConfig()).validate()
-        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)  # type: ignore[list-item]
+        batch = [prompts] if isinstance(prompts, str) or is_ids(prompts) else list(prompts)  # type: ignore[list-item]
         encoded = [self.llm.encode_prompt(p, raw) for p in batch]
         for ids in encoded:
             self.llm.check_fits(ids, cfg)
@@ -112,12 +120,82 @@ class BranchParallelLLM:
         dump_kv(self.runner, self.kv_dump_dir, self.channel.count, self.ctx.rank)
         return completion
 
-    # ---- what the server needs of an LLM (one sequence at a time) ---------------------------------------
-    def __getattr__(self, name: str) -> Any:
-        """Rank 0's read-only LLM attributes (tokenizer, limits, prompt checks); decoding goes through the group."""
-        if name in _READ_ONLY:
-            return getattr(self.llm, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+    # ---- the Engine protocol: rank 0 answers what does not decode alone -----------------------------------
+    @property
+    def tokenizer(self) -> Any:  # type: ignore[override]
+        return self.llm.tokenizer
+
+    @property
+    def model_name(self) -> str:  # type: ignore[override]
+        return self.llm.model_name
+
+    @property
+    def max_context(self) -> int:  # type: ignore[override]
+        return self.llm.max_context
+
+    @property
+    def default_config(self) -> DecodeConfig:  # type: ignore[override]
+        return self.llm.default_config
+
+    @property
+    def engine_config(self) -> EngineConfig:  # type: ignore[override]
+        return self.llm.engine_config
+
+    @property
+    def end_ids(self) -> frozenset[int]:  # type: ignore[override]
+        return self.llm.end_ids
+
+    @property
+    def generation_config(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.llm.generation_config
+
+    @property
+    def max_idle_cache_bytes(self) -> int | None:  # type: ignore[override]
+        return self.llm.max_idle_cache_bytes
+
+    @max_idle_cache_bytes.setter
+    def max_idle_cache_bytes(self, value: int | None) -> None:
+        self.llm.max_idle_cache_bytes = value
+
+    @property
+    def can_batch(self) -> bool:
+        return False  # the ranks split one sequence's branches or weights
+
+    @property
+    def device_name(self) -> str:
+        return self.llm.device_name
+
+    @property
+    def dtype_name(self) -> str | None:
+        return self.llm.dtype_name
+
+    def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:
+        return self.llm.encode_prompt(prompt, raw)
+
+    def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
+        return self.llm.count_prompt_tokens(prompt, raw)
+
+    def check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
+        self.llm.check_fits(ids, cfg)
+
+    def decode_config(self, **changes: object) -> DecodeConfig:
+        return self.llm.decode_config(**changes)
+
+    def kv_cache_bytes(self, rows: int, positions: int) -> int:
+        return self.llm.kv_cache_bytes(rows, positions)
+
+    def kv_pool_bytes(self) -> int:
+        return 0  # no KV pool: one sequence at a time
+
+    def generate_each(
+        self, prompts: Sequence[Prompt], config: DecodeConfig | Sequence[DecodeConfig] | None = None, raw: bool = False
+    ) -> Iterator[tuple[int, Completion]]:
+        """As :meth:`generate`, one (prompt index, Completion) at a time, in order."""
+        yield from enumerate(self.generate(list(prompts), config, raw))
+
+    def open_session(self) -> IteratorSession:
+        """Prompts in flight one at a time (the group decodes one sequence at a time)."""
+        return IteratorSession(self.stream, max_active=1)
 
     def stream(
         self, prompt: Prompt | Messages, config: DecodeConfig | None = None, raw: bool = False
@@ -165,6 +243,32 @@ class BranchParallelLLM:
         self.monitor.stop()
         if not self.broken:
             shutdown()
+
+
+def join_mesh(
+    engine: EngineConfig, kv_dump_dir: str | Path | None = None, watch: Callable[[], str | None] | None = None
+) -> BranchParallelLLM | None:
+    """Join the BP x TP mesh this process's environment describes (torchrun's variables, or a launcher's that
+    sets the same), load this rank's shard of ``engine``'s model and wait until every rank has loaded it.
+
+    Rank 0 gets its facade (:class:`BranchParallelLLM`); any other rank serves rank 0's requests until told to
+    stop and gets None. The one way in for torchrun ranks, the ``--bp/--tp`` launcher's ranks and ``serve --tp``
+    (``watch``: see :meth:`DistContext.store_barrier`)."""
+    timeout = resolve_timeout(engine.dist_timeout)
+    ctx = init_distributed(engine.device, timeout, engine.startup_timeout, watch=watch)
+    try:
+        mesh = build_mesh(ctx, engine.tp)  # WORLD_SIZE = branch groups x tp
+        shard = mesh.shard if mesh.tp > 1 else None  # each rank reads only its own slices of the weights
+        llm = LLM.from_config(engine.replace(device=str(ctx.device)), shard=shard)
+    except LopaError as e:  # its own fault (a bad checkpoint, ...): the others must not wait for it
+        if not isinstance(e, DistributedError):
+            ctx.mark_failed(e)
+        raise
+    ctx.store_barrier("loaded", engine.startup_timeout, watch=watch)
+    if not ctx.is_master:
+        serve(llm, ctx, kv_dump_dir, mesh)
+        return None
+    return BranchParallelLLM(llm, ctx, kv_dump_dir, mesh)
 
 
 def attach(llm: LLM, ctx: DistContext, mesh: Mesh | None) -> tuple[Monitor, Comm, BranchParallelRunner]:
@@ -233,7 +337,3 @@ def dump_kv(runner: BranchParallelRunner, out_dir: str | Path | None, request: i
 
 def _fault_dict(fault: Fault | None) -> dict[str, Any] | None:
     return fault.to_dict() if fault is not None else None
-
-
-def _is_ids(x: object) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)

@@ -11,53 +11,24 @@ request gets a DistributedError until the server is restarted; the worker ranks 
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
-from lopa.errors import ConfigError
-from lopa.llm import LLM
-from lopa.parallel.launch import SPEC_ENV
-from lopa.parallel.mesh import build_mesh
-from lopa.parallel.process_group import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
-from lopa.parallel.replicated_llm import BranchParallelLLM
+from lopa.config import EngineConfig
+from lopa.parallel.launch import RANK_COMMAND, rank_env, rank_spec
+from lopa.parallel.process_group import free_port, resolve_timeout
+from lopa.parallel.replicated_llm import BranchParallelLLM, join_mesh
 
 
-def start_serving_mesh(
-    model: str | Path | None,
-    *,
-    tp: int,
-    bp: int = 1,
-    lora: str | Path | None = None,
-    device: str = "cpu",
-    dtype: str | None = None,
-    timeout_s: float | None = None,
-    port: int | None = None,
-    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
-) -> BranchParallelLLM:
-    """Start ranks 1..bp*tp-1, join as rank 0, load this rank's shard; returns rank 0's facade."""
-    if tp < 1 or bp < 1:
-        raise ConfigError(f"--bp and --tp must be positive, got --bp {bp} --tp {tp}")
-    world, timeout = bp * tp, resolve_timeout(timeout_s)
-    port = port or free_port()
-    spec = {
-        "model": str(model) if model is not None else None, "lora": str(lora) if lora is not None else None,
-        "device": device, "dtype": dtype, "timeout_s": timeout, "startup_timeout_s": startup_timeout_s,
-        "kv_dump_dir": None, "tp": tp,
-    }  # fmt: skip
-    mesh_env = {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
-    env.update(mesh_env, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), **{SPEC_ENV: json.dumps(spec)})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+def start_serving_mesh(engine: EngineConfig) -> BranchParallelLLM:
+    """Start ranks 1..bp*tp-1, join as rank 0, load this rank's shard; returns rank 0's facade. ``engine.model``
+    must be a local directory (or None: the bundled model)."""
+    engine = engine.replace(dist_timeout=resolve_timeout(engine.dist_timeout)).validate()
+    world, port = engine.world_size, engine.dist_port or free_port()
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    env = rank_env(rank_spec(engine), world, port, threads)
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "lopa.parallel.rank"],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        subprocess.Popen(RANK_COMMAND, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdin=subprocess.DEVNULL)
         for r in range(1, world)
     ]
 
@@ -74,12 +45,11 @@ def start_serving_mesh(
 
     atexit.register(kill)
     try:
-        os.environ.update(mesh_env, RANK="0", LOCAL_RANK="0")
-        ctx = init_distributed(device, timeout, startup_timeout_s, watch=exited)
-        mesh = build_mesh(ctx, tp)
-        llm = LLM(model, lora=lora, device=ctx.device, dtype=dtype, shard=mesh.shard if tp > 1 else None)
-        ctx.store_barrier("loaded", startup_timeout_s, watch=exited)
-        return BranchParallelLLM(llm, ctx, mesh=mesh)
+        os.environ.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0")
+        os.environ["LOCAL_RANK"] = "0"
+        group = join_mesh(engine, watch=exited)
+        assert group is not None  # rank 0
+        return group
     except BaseException:
         kill()
         raise

@@ -21,11 +21,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from lopa import DecodeConfig, __version__
+from lopa.config import ServerConfig
 from lopa.errors import ConfigError
 from lopa.server import sse
 from lopa.server.handlers import ModelNotFoundError, add_error_handlers
 from lopa.server.limits import (
-    BODY_TIMEOUT_S,
     ServerLimits,
     cache_rows,
     check_prompt_count,
@@ -41,35 +41,44 @@ from lopa.server.trace import add_trace_routes
 from lopa.server.worker import Closed, Delta, EngineWorker, Failed, Finished, Job
 
 if TYPE_CHECKING:
-    from lopa import LLM
+    from lopa.engine.protocol import Engine
 
 _GONE = object()  # put on a job's queue when its client disconnects
 
 
 def create_app(
-    llm: LLM,
+    llm: Engine,
     *,
     default_config: DecodeConfig | None = None,
-    queue_limit: int = 64,
-    max_body_bytes: int = 1 << 20,
+    server: ServerConfig | None = None,
+    queue_limit: int | None = None,
+    max_body_bytes: int | None = None,
     served_model_name: str | None = None,
     limits: ServerLimits | None = None,
-    api_docs: bool = False,
-    body_timeout_s: float = BODY_TIMEOUT_S,
+    api_docs: bool | None = None,
+    body_timeout_s: float | None = None,
 ) -> FastAPI:
     """An ASGI app serving ``llm``; the engine worker thread runs for the app's lifespan.
 
-    ``api_docs`` turns on FastAPI's ``/docs`` and ``/redoc`` pages, which load their scripts from a CDN (off by
-    default: the server then makes the browser fetch nothing from elsewhere); ``/openapi.json`` is always served.
+    ``server`` holds the settings (``lopa serve``'s flags); a keyword given here replaces its field (``limits``
+    replaces the per-request limits). ``api_docs`` turns on FastAPI's ``/docs`` and ``/redoc`` pages, which load
+    their scripts from a CDN (off by default: the server then makes the browser fetch nothing from elsewhere);
+    ``/openapi.json`` is always served.
     """
-    if not isinstance(queue_limit, int) or queue_limit < 1:
-        raise ConfigError(f"queue_limit must be an integer >= 1, got {queue_limit!r}")
-    if not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
-        raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
-    if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) or not body_timeout_s > 0:
-        raise ConfigError(f"body_timeout_s must be a number > 0, got {body_timeout_s!r}")
+    given = {
+        "queue_limit": queue_limit,
+        "max_body_bytes": max_body_bytes,
+        "served_model_name": served_model_name,
+        "api_docs": api_docs,
+        "body_timeout": body_timeout_s,
+    }
+    if limits is not None:
+        given.update(vars(limits))
+    settings = (server or ServerConfig()).replace(**{k: v for k, v in given.items() if v is not None}).validate()
+    queue_limit, max_body_bytes, api_docs = settings.queue_limit, settings.max_body_bytes, settings.api_docs
+    body_timeout_s, served_model_name = settings.body_timeout, settings.served_model_name
     default = (default_config or DecodeConfig()).validate()
-    limits = (limits or ServerLimits()).validate()
+    limits = ServerLimits.of(settings).validate()
     # a cache larger than a request at the server's defaults needs is freed after the request that grew it
     llm.max_idle_cache_bytes = kv_cache_bytes(llm, max(1, cache_rows(default)), llm.max_context)
     model_name = served_model_name or llm.model_name

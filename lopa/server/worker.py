@@ -36,7 +36,8 @@ from lopa.errors import LimitExceededError, LopaError
 from lopa.server.protocol import usage_dict
 
 if TYPE_CHECKING:  # the worker only calls methods; importing lopa.LLM here would load torch for nothing
-    from lopa import LLM, DecodeConfig
+    from lopa import DecodeConfig
+    from lopa.engine.protocol import Engine, Session
 
 log = logging.getLogger("lopa.server")
 
@@ -187,7 +188,7 @@ class _Active:
 class EngineWorker:
     """Owns the LLM: one daemon thread admits waiting prompts into the running batch, round-robin over jobs."""
 
-    def __init__(self, llm: LLM, queue_limit: int) -> None:
+    def __init__(self, llm: Engine, queue_limit: int) -> None:
         self.llm = llm
         self.queue_limit = queue_limit  # prompts that may wait for the engine
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -242,7 +243,7 @@ class EngineWorker:
 
     def retry_after(self) -> int:
         """Seconds a rejected client should wait: the queue's expected drain time, 1 to 60."""
-        slots = max(1, int(getattr(self.llm, "max_num_seqs", 1)))
+        slots = max(1, self.llm.engine_config.max_num_seqs or 1) if self.llm.can_batch else 1
         return max(1, min(60, math.ceil(self._mean_seconds * (self._waiting + 1) / slots)))
 
     # ---- submission (event-loop thread) -------------------------------------------------------------------
@@ -261,12 +262,9 @@ class EngineWorker:
         self._jobs.put(job)
 
     # ---- the worker thread --------------------------------------------------------------------------------
-    def _open_session(self) -> Any:
-        """The LLM's session; an engine with only ``stream`` (one sequence at a time) gets a round-robin one."""
-        from lopa.engine.session import IteratorSession
-
-        open_session = getattr(self.llm, "open_session", None)
-        return open_session() if open_session is not None else IteratorSession(self.llm.stream, max_active=1)
+    def _open_session(self) -> Session:
+        """The engine's session (batched, or one sequence at a time: see ``Engine.open_session``)."""
+        return self.llm.open_session()
 
     def _loop(self) -> None:
         session = self._session
