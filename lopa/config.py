@@ -306,8 +306,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_model_len", "threads", "dist_port"):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 0 if name == "dist_port" else 1)
-        _int("tp", self.tp, 1)
-        _int("bp", self.bp, 1)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (self.bp, self.tp)):
+            raise ConfigError(f"--bp and --tp must be positive, got --bp {self.bp} --tp {self.tp}")
         for name in ("dist_timeout", "startup_timeout"):
             value = getattr(self, name)
             if value is not None and (not _number(value) or not value > 0):

@@ -30,7 +30,7 @@ from lopa.model.loader import load_checkpoint
 from lopa.model.tp import TPShard
 from lopa.parallel.launch import BranchParallelGroup
 from lopa.parallel.mesh import layout
-from lopa.parallel.replicated_llm import plain_forward
+from lopa.parallel.replay import plain_forward
 from lopa.testing import make_random_lora, make_tiny_checkpoint
 
 TIMEOUT_S = 8.0

@@ -94,7 +94,7 @@ class LopaLM(LM):
             device = choose_device(device, harness_device)
             llm = LLM(model or pretrained, lora=lora, device=device, dtype=dtype, revision=revision)
         self.llm = llm
-        self._device = llm.device_name
+        self._device = torch.device(llm.device_name)
         self.escape_until = bool(escape_until)
 
     @classmethod

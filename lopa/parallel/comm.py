@@ -12,7 +12,7 @@ A :class:`Comm` spans the default group (the request channel) or one sub-group o
 from the mesh collectives (:meth:`Monitor.enter`), since branch groups without candidates skip their forward.
 
 Used by :class:`lopa.parallel.runner.BranchParallelRunner`, the tensor-parallel all-reduce and the request channel
-in :mod:`lopa.parallel.replicated_llm`.
+in :mod:`lopa.parallel.replay`.
 """
 
 from __future__ import annotations
