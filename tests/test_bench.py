@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from lopa.commands.bench import add_arguments
 from lopa.commands.main import main
 from lopa.eval.aup import aup, weight
 from lopa.tiny import default_checkpoint_dir
@@ -17,7 +18,6 @@ from lopa.tiny.bench import (
     QUICK_FAMILIES,
     Row,
     _set_agreement,
-    add_arguments,
     selection,
     variants,
 )
