@@ -117,7 +117,7 @@ def add_config_arguments(parser: Parser, cls: type, names: Sequence[str]) -> Non
     for name in names:
         f, kind = fields[name], hints[name]
         shown = f.metadata.get("default", f.default)
-        help_text = f"{f.metadata['help']} (default: {shown})"
+        help_text = f.metadata["help"] if shown is None else f"{f.metadata['help']} (default: {shown})"
         args = [a for a in typing.get_args(kind) if a is not type(None)] if typing.get_origin(kind) else []
         base = args[0] if len(args) == 1 else kind
         flag = "--" + name.replace("_", "-")
