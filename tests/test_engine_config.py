@@ -73,3 +73,18 @@ def test_bad_server_settings_are_named() -> None:
         ServerConfig(queue_limit=0).validate()
     with pytest.raises(ConfigError, match="--body-timeout must be > 0 seconds"):
         ServerConfig(body_timeout=float("nan")).validate()
+
+
+def test_every_engine_declares_the_whole_protocol() -> None:
+    from lopa.engine.protocol import Engine
+    from lopa.eval.fake import FakeLLM
+    from lopa.llm import LLM
+    from lopa.parallel.replicated_llm import BranchParallelLLM
+
+    names = {n for n in dir(Engine) if not n.startswith("_")} | set(Engine.__annotations__)
+    for cls in (LLM, BranchParallelLLM, FakeLLM):
+        assert Engine in cls.__mro__  # declared, not just matching by shape
+    assert not [n for n in names if not hasattr(BranchParallelLLM, n)]  # explicit: no __getattr__ forwarding
+    assert "__getattr__" not in vars(BranchParallelLLM)
+    fake = FakeLLM(lambda prompt: "42")
+    assert isinstance(fake, Engine) and not [n for n in names if not hasattr(fake, n)]
