@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from lopa import LLM, DecodeConfig
-from lopa.dist.launch import BranchParallelGroup
-from lopa.outputs import Completion
+from lopa.engine.output import Completion
+from lopa.parallel.launch import BranchParallelGroup
 
 PHASES = ("forward", "all_reduce", "scoring", "all_gather", "broadcast", "kv_broadcast")
 PROMPTS = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lopa.config import DecodeConfig
-from lopa.outputs import Completion
+from lopa.engine.output import Completion
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "DecodeConfig", "Completion", "__version__"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from lopa.cli import main
+from lopa.commands.main import main
 
 sys.exit(main())

@@ -25,27 +25,26 @@ from tqdm import tqdm
 from lopa.checkpoint.bundled import BUNDLED_MODEL_NAME, default_checkpoint_dir
 from lopa.checkpoint.hub import model_name_for, resolve_model
 from lopa.checkpoint.loader import load_checkpoint
-from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seqs
+from lopa.config import DecodeConfig, EngineConfig
 from lopa.engine.fast import make_runner
-from lopa.engine.loop import decode
+from lopa.engine.loop import decode, run
+from lopa.engine.output import Completion, StreamEvent, TextOutput, TextStream
+from lopa.engine.prompt import encode_prompt, prompt_list
+from lopa.engine.protocol import Engine, Messages, Prompt
 from lopa.engine.runner import Runner
-from lopa.engine.sequence import Step, answer_ids
-from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
+from lopa.engine.session import BatchSession, IteratorSession
+from lopa.errors import ConfigError, PromptTooLongError
 from lopa.model.families import family_named
 from lopa.model.tp import TPShard
-from lopa.outputs import Completion, Stats
-from lopa.session import BatchSession, IteratorSession, StreamEvent, TextStream
 
 if TYPE_CHECKING:
     from lopa.engine.scheduler import Scheduler
 
-Prompt = str | Sequence[int]
-Messages = list[dict[str, str]]
 log = logging.getLogger("lopa")
-__all__ = ["LLM", "StreamEvent"]
+__all__ = ["BUNDLED_MODEL_NAME", "LLM"]
 
 
-class LLM:
+class LLM(Engine):
     """A loaded model (any supported family) ready to decode. Not thread-safe: serialize calls."""
 
     def __init__(
@@ -60,37 +59,63 @@ class LLM:
         shard: TPShard | None = None,
         revision: str | None = None,
     ) -> None:
-        """``max_num_seqs``: sequences decoded together (default: config.default_max_num_seqs for the device);
-        ``max_model_len``: the longest prompt + max_new_tokens served (default: the model's context, at most
-        config.DEFAULT_MAX_MODEL_LEN). Together they size the KV pool, allocated on first batched use.
-        ``model_dir``: a checkpoint directory or a Hugging Face hub id (``ORG/NAME``, at ``revision``), see
-        ``lopa/checkpoint/hub.py``."""
+        """The arguments are :class:`~lopa.config.EngineConfig`'s fields (see :meth:`from_config`):
+        ``max_num_seqs`` (sequences decoded together) and ``max_model_len`` (the longest prompt + max_new_tokens
+        served) size the KV pool, allocated on first batched use. ``model_dir``: a checkpoint directory or a
+        Hugging Face hub id (``ORG/NAME``, at ``revision``), see ``lopa/checkpoint/hub.py``."""
         path = resolve_model(model_dir, revision) if model_dir is not None else default_checkpoint_dir()
+        asked = EngineConfig(
+            model=None if model_dir is None else str(model_dir), revision=revision,
+            lora=None if lora is None else str(lora), device=str(device),
+            dtype=str(dtype).replace("torch.", "") if dtype is not None else None,  # type: ignore[arg-type]
+            enforce_eager=enforce_eager, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+        ).validate()  # fmt: skip
         self.checkpoint = load_checkpoint(path, lora=lora, device=device, dtype=dtype, shard=shard)
         if shard is not None and shard.size > 1:
             enforce_eager = True  # tensor-parallel all-reduces are timed collectives: no CUDA graph around them
         self.tokenizer = self.checkpoint.tokenizer
         self.model = self.checkpoint.model
         self.config = self.checkpoint.config
+        self.generation_config = self.checkpoint.generation_config
         self.device = next(self.model.parameters()).device
         self.model_name = BUNDLED_MODEL_NAME if model_dir is None else model_name_for(model_dir, path)
-        context = self.config.max_position_embeddings
-        self.max_context = min(context, DEFAULT_MAX_MODEL_LEN) if max_model_len is None else max_model_len
-        if not isinstance(self.max_context, int) or not 1 <= self.max_context <= context:
-            raise ConfigError(f"max_model_len must be an integer in [1, {context}], got {max_model_len!r}")
+        self.engine_config = asked.resolve(self.device.type, self.config.max_position_embeddings)
+        self.max_context: int = self.engine_config.max_model_len  # type: ignore[assignment]  # resolved: an int
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
+        self.output = TextOutput(self.tokenizer, self.end_ids)  # Steps -> text, Completions, stop checks
         self.default_config = DecodeConfig.recommended(
-            {**family_named(self.config.family).decode_defaults, **self.checkpoint.generation_config}
+            {**family_named(self.config.family).decode_defaults, **self.generation_config}
         )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
-        self.max_num_seqs = default_max_num_seqs(self.device.type) if max_num_seqs is None else max_num_seqs
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            raise ConfigError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         self._scheduler: Scheduler | None = None
         self.shard = shard
         # after a request, a KV cache larger than this is freed rather than kept for reuse (None: always kept)
         self.max_idle_cache_bytes: int | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, shard: TPShard | None = None) -> LLM:
+        """The LLM an EngineConfig describes (its mesh fields are for ``lopa.parallel.join_mesh``)."""
+        c = config.validate()
+        return cls(
+            c.model, lora=c.lora, device=c.device, dtype=c.dtype, enforce_eager=c.enforce_eager,
+            max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len, shard=shard, revision=c.revision,
+        )  # fmt: skip
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine_config.max_num_seqs  # type: ignore[return-value]  # resolved: an int
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    @property
+    def dtype_name(self) -> str | None:
+        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+
+    def close(self) -> None:
+        """Nothing to release beyond memory (the Engine protocol's hook for a mesh's ranks)."""
 
     def decode_config(self, **changes: object) -> DecodeConfig:
         """This checkpoint's recommended settings with ``changes`` applied (what the CLI's flags do), validated."""
@@ -98,37 +123,9 @@ class LLM:
 
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:
-        """Token ids of a prompt: ids verbatim, messages or text through the chat template (unless raw)."""
-        if isinstance(prompt, str):
-            if raw or not self.tokenizer.has_chat_template:
-                ids = self.tokenizer.encode(prompt)
-            else:
-                ids = self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
-        elif _is_messages(prompt):
-            if self.tokenizer.has_chat_template:
-                ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(list(prompt)))  # type: ignore[arg-type]
-            else:
-                ids = self.tokenizer.encode("\n".join(m.get("content", "") for m in prompt))  # type: ignore[union-attr]
-        else:
-            ids = [int(t) for t in prompt]  # type: ignore[union-attr]
-            vocab = self.config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ConfigError(f"token ids must be in [0, {vocab}); got {bad[:5]}")
-        if not ids:
-            raise ConfigError("the prompt is empty: give at least one token")
-        self._refuse_mask(ids)
-        return ids
-
-    def _refuse_mask(self, ids: list[int]) -> None:
-        """Every decoder continues a prompt; none infills it, so a mask token inside one is refused."""
-        at = [i for i, t in enumerate(ids) if t == self.mask_id]
-        if at:
-            token = self.tokenizer.id_to_token(self.mask_id)
-            raise MaskTokenInPromptError(
-                f"the prompt contains the mask token {token!r} (id {self.mask_id}) at position(s) {at[:5]}; lopa "
-                f"continues prompts and does not infill masked positions: remove the mask token from the prompt"
-            )
+        """Token ids of a prompt: ids verbatim, messages or text through the chat template (unless raw); see
+        :func:`lopa.engine.prompt.encode_prompt` (a mask token in it is refused)."""
+        return encode_prompt(self.tokenizer, prompt, raw, self.config.vocab_size, self.mask_id)
 
     def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
         return len(self.encode_prompt(prompt, raw))
@@ -235,9 +232,9 @@ class LLM:
         return KVPool.bytes_needed(layers, self.max_num_seqs, self.max_context, kv, dim, p.dtype)
 
     def open_session(self) -> BatchSession | IteratorSession:
-        """Many prompts in flight, stepped together (see lopa.session). One session at a time per LLM."""
+        """Many prompts in flight, stepped together (see lopa.engine.session). One session at a time per LLM."""
         if self.can_batch:
-            return BatchSession(self, self.scheduler)
+            return BatchSession(self, self.scheduler, self.output)
         return IteratorSession(self.stream, max_active=1)
 
     def chat(self, messages: Messages, config: DecodeConfig | None = None) -> Completion:
@@ -254,23 +251,10 @@ class LLM:
         cfg = (config or self.default_config).validate()
         ids = self.encode_prompt(prompt, raw)
         self.check_fits(ids, cfg)
-        text_stream = TextStream(self, ids, cfg)
-        stop = self._stop_check(cfg) if cfg.stop else None
+        text_stream = TextStream(self.output, ids, cfg)
         try:
-            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
+            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, self.output.stop_check(cfg)):
                 yield text_stream.feed(step)
-        finally:
-            self._trim_cache()
-
-    def _steps(self, ids: list[int], cfg: DecodeConfig) -> Iterator[tuple[Step, Completion | None]]:
-        t0 = time.perf_counter()
-        stop = self._stop_check(cfg) if cfg.stop else None
-        try:
-            for step in decode(self.runner, ids, cfg, self.mask_id, self.end_ids, stop):
-                if step.done:
-                    yield step, self._completion(step, cfg, ids, time.perf_counter() - t0)
-                else:
-                    yield step, None
         finally:
             self._trim_cache()
 
@@ -284,51 +268,10 @@ class LLM:
             self.runner.release()
 
     def _complete(self, ids: list[int], cfg: DecodeConfig) -> Completion:
-        completion = None
-        for _, completion in self._steps(ids, cfg):  # noqa: B007
-            pass
-        assert completion is not None
-        return completion
-
-    def _stop_check(self, cfg: DecodeConfig):
-        def check(out: list[int]) -> bool:
-            cut = next((i for i, t in enumerate(out) if t in self.end_ids), len(out))
-            text = self.tokenizer.decode(out[:cut])
-            return any(s in text for s in cfg.stop)
-
-        return check
-
-    def _answer(self, step: Step, cfg: DecodeConfig) -> tuple[list[int], str, bool, bool]:
-        """(token ids, text, end token produced, stop string hit) of the final part of the answer."""
-        out, end_token = answer_ids(step.state, self.end_ids)
-        text = self.tokenizer.decode(out)
-        cut = min((text.find(x) for x in cfg.stop if x in text), default=-1)
-        if cut < 0:
-            return out, text, end_token, False
-        while out and len(self.tokenizer.decode(out)) > cut:  # drop the tokens that spell the stop string
-            out = out[:-1]
-        return out, text[:cut], False, True
-
-    def _completion(self, step: Step, cfg: DecodeConfig, prompt: list[int], seconds: float) -> Completion:
-        out, text, end_token, stop_hit = self._answer(step, cfg)
-        stats: Stats = step.stats
-        stats.tokens = len(out) + int(end_token)  # a stop string may have cut what the engine counted
-        stats.seconds = seconds
-        return Completion(
-            text=text,
-            token_ids=out,
-            finish_reason="stop" if end_token or stop_hit else "length",
-            stats=stats,
-            prompt_token_ids=list(prompt),
-            trace=step.trace,
-        )
-
-
-def prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (a string or a non-empty list of token ids) or a sequence of them, as a list of prompts."""
-    ids = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
-    return [prompts] if isinstance(prompts, str) or ids else list(prompts)  # type: ignore[list-item]
-
-
-def _is_messages(x: object) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) for m in x)
+        """Decode one prompt to its end (no text is assembled before the last Step)."""
+        t0 = time.perf_counter()
+        try:
+            step = run(decode(self.runner, ids, cfg, self.mask_id, self.end_ids, self.output.stop_check(cfg)))
+        finally:
+            self._trim_cache()
+        return self.output.completion(step, cfg, ids, time.perf_counter() - t0)

@@ -8,9 +8,10 @@ import math
 import pytest
 
 from lopa.checkpoint.bundled import default_checkpoint_dir
-from lopa.cli import main
+from lopa.commands.bench import add_arguments
+from lopa.commands.main import main
 from lopa.metrics import aup, weight
-from lopa.tiny.bench import add_arguments, selection
+from lopa.tiny.bench import selection
 from lopa.tiny.bench_rows import Row, set_agreement
 from lopa.tiny.bench_sweep import FAMILIES, FULL, QUICK, QUICK_FAMILIES, variants
 

@@ -7,7 +7,7 @@ own hand-written transformer. Each path must hold exactly that prefix (and, Drea
 - the dense path: :class:`lopa.engine.runner.Runner` and its :class:`lopa.model.cache.StaticKVCache`;
 - the batched pool: :class:`lopa.engine.scheduler.Scheduler` over a :class:`lopa.engine.batch.BatchRunner`
   (``model/pooled.py``), several sequences with different k sharing one forward, each in its own slot;
-- branch parallelism: :class:`lopa.dist.runner.BranchParallelRunner` at world sizes 2 and 3, every rank a thread
+- branch parallelism: :class:`lopa.parallel.runner.BranchParallelRunner` at world sizes 2 and 3, every rank a thread
   with its own runner and cache, the collectives done by an in-process exchange (the gloo transport itself is
   covered by test_dist.py, which compares the ranks' caches with the single-process one); every rank must end
   with the replayed prefix, so the winner's owner must have broadcast the winner's span.
@@ -35,11 +35,11 @@ from reference_checks import (
 from reference_decoder import ReferenceTransformer, RefResult, reference_decode, replay
 
 from lopa.config import DecodeConfig
-from lopa.dist.runner import BranchParallelRunner
 from lopa.engine.batch import BatchRunner
 from lopa.engine.loop import decode, run
 from lopa.engine.runner import Runner
 from lopa.engine.scheduler import Scheduler
+from lopa.parallel.runner import BranchParallelRunner
 
 CONFIGS = [  # d2f with a low tau_add keeps several blocks in flight, so lookahead winners also commit blocks
     DecodeConfig(decoder="lopa", base="threshold", branches=2, block_size=4, max_new_tokens=16, threshold=0.8),

@@ -30,10 +30,10 @@ from reference_decoder import ReferenceTransformer, reference_decode
 from safetensors.torch import load_file
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
-from lopa.dist.launch import BranchParallelGroup
-from lopa.dist.monitor import process_state
+from lopa.commands.main import main
 from lopa.errors import DistributedError, PromptTooLongError
+from lopa.parallel.launch import BranchParallelGroup
+from lopa.parallel.monitor import process_state
 from lopa.testing import make_tiny_checkpoint
 
 TIMEOUT_S = 6.0

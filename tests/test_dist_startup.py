@@ -8,8 +8,8 @@ import time
 
 import psutil
 
-from lopa.dist.launch import STARTUP_GRACE_S, BranchParallelGroup
 from lopa.errors import DistributedError
+from lopa.parallel.launch import STARTUP_GRACE_S, BranchParallelGroup
 
 TIMEOUT_S = 60.0  # the collective timeout; before the fix the report came TIMEOUT_S + 5 s after the death
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.eval.runner import TIMING_FIELDS, read_samples
 
 pytest.importorskip("lopa.llm")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lopa.cli import main
+import lopa.commands.sweep as sweep_command
+from lopa.commands.main import main
 from lopa.config import DecodeConfig
 from lopa.errors import ConfigError
 from lopa.eval import plots, sweep
@@ -71,7 +72,7 @@ def test_sweep_command_writes_table_and_plots(tmp_path: Path, monkeypatch: pytes
         i = int(prompt.rsplit("What is ", 1)[1].split(" ")[0])
         return f" {i} + 1 = {i + 1 if i else 5}\n#### {i + 1 if i else 5}"
 
-    monkeypatch.setattr(sweep, "load_llm", lambda args: FakeLLM(answer))
+    monkeypatch.setattr(sweep_command, "load_llm", lambda args: FakeLLM(answer))
     out = tmp_path / "sweep"
     argv = ["sweep", "--task", "gsm8k", "--data", str(data), "--decoders", "threshold,lopa", "--branch-grid", "1,2"]
     argv += ["--thresholds", "0.9,0.8", "--max-new-tokens", "64", "--out", str(out), "--no-progress"]

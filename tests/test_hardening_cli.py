@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lopa.checkpoint.loader import load_checkpoint, resolve_device
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.errors import DeviceUnavailableError
 
 
@@ -43,7 +43,7 @@ def test_bench_with_zero_problems_is_a_usage_error(tiny_ckpt, capsys) -> None:
 
 
 def test_eval_out_that_cannot_be_written_fails_before_the_run(tiny_ckpt, tmp_path, capsys, monkeypatch) -> None:
-    import lopa.eval.cli as eval_cli
+    import lopa.commands.eval as eval_cli
 
     def no_model(_args):
         raise AssertionError("the model was loaded before --out was checked")

@@ -11,7 +11,7 @@ import torch
 
 from lopa import LLM
 from lopa.checkpoint.save import save_checkpoint
-from lopa.cli import build_parser, main
+from lopa.commands.main import build_parser, main
 
 SMALL = ["--block-size", "8", "--max-new-tokens", "16"]
 
@@ -19,7 +19,7 @@ SMALL = ["--block-size", "8", "--max-new-tokens", "16"]
 def test_generate_prints_each_prompt_as_it_finishes(tiny_ckpt, monkeypatch, capsys) -> None:
     """The prompts decode together; each result is printed, in input order, as soon as it and every result
     before it are ready (never held back until the whole batch is done)."""
-    import lopa.generate_cli as generate_cli
+    import lopa.commands.generate as generate_cli
 
     log: list[tuple[str, int]] = []
     real_each, real_emit = LLM.generate_each, generate_cli.emit

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import build_parser, decode_config_from_args, main
+from lopa.commands.flags import decode_config_from_args
+from lopa.commands.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 RECOMMENDS = {"decoder": "threshold", "block_size": 8, "max_new_tokens": 24, "threshold": 0.8}

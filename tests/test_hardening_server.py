@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from lopa import LLM, DecodeConfig
+from lopa.engine.output import TextOutput
 from lopa.server import create_app
 from lopa.server.background import serve_in_background
 from lopa.server.limits import ServerLimits
@@ -17,15 +18,23 @@ from lopa.server.limits import ServerLimits
 C = "/v1/completions"
 
 
+class BoomOutput(TextOutput):
+    """Text assembly that hits an engine bug (a plain exception: a 500) for the prompt 'boom'."""
+
+    def answer(self, step, cfg):
+        state = step.state
+        if "boom" in self.tokenizer.decode(state.tokens[: state.prompt_len].tolist()):
+            raise RuntimeError("a simulated engine bug")
+        return super().answer(step, cfg)
+
+
 class BoomLLM(LLM):
     """The tiny model, except that the prompt 'boom' hits an engine bug (a plain exception: a 500) when its
     first tokens are turned into text, whether it decodes alone or in a batch."""
 
-    def _answer(self, step, cfg):
-        state = step.state
-        if "boom" in self.tokenizer.decode(state.tokens[: state.prompt_len].tolist()):
-            raise RuntimeError("a simulated engine bug")
-        return super()._answer(step, cfg)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.output = BoomOutput(self.tokenizer, self.end_ids)
 
 
 @pytest.fixture(scope="module")

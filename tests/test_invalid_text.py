@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from lopa import LLM, DecodeConfig
+from lopa.commands.generate import read_prompt_lines
 from lopa.errors import InvalidTextError
-from lopa.generate_cli import read_prompt_lines
 from lopa.server import create_app
 from lopa.server.background import serve_in_background
 

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lopa.checkpoint.loader import load_checkpoint
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.errors import TensorMismatchError, UnsupportedModelError
 from lopa.model.families import config_from_hf, family_named
 from lopa.testing import llama_config, make_random_lora, make_tiny_checkpoint, transformers_bidirectional_logits

@@ -14,7 +14,7 @@ from lopa import LLM, DecodeConfig
 from lopa.checkpoint.checks import INDEX_FILE
 from lopa.checkpoint.loader import load_checkpoint
 from lopa.checkpoint.save import save_checkpoint
-from lopa.cli import checkpoint_decode_defaults
+from lopa.commands.flags import checkpoint_decode_defaults
 from lopa.errors import AdapterError, TensorMismatchError
 from lopa.testing import make_random_lora, make_tiny_checkpoint
 

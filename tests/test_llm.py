@@ -8,9 +8,9 @@ import time
 import pytest
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
+from lopa.commands.main import main
+from lopa.engine.prompt import prompt_list
 from lopa.errors import ConfigError, PromptTooLongError
-from lopa.llm import prompt_list
 
 FAST = DecodeConfig(decoder="lopa", branches=2, block_size=8, max_new_tokens=16)
 
@@ -166,7 +166,7 @@ def test_cli_generate_text_and_errors(tiny_ckpt, tmp_path, capsys):
 
 
 def test_checkpoint_recommendations_replace_engine_defaults(tmp_path):
-    from lopa.cli import checkpoint_decode_defaults
+    from lopa.commands.flags import checkpoint_decode_defaults
 
     rec = DecodeConfig.recommended({"block_size": 8, "max_new_tokens": 24, "threshold": 0.8, "temperature": 0.7})
     assert (rec.block_size, rec.max_new_tokens, rec.threshold) == (8, 24, 0.8)

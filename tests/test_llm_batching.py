@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
+from lopa.commands.main import main
+from lopa.engine.session import BatchSession
 from lopa.errors import BatchingError, ConfigError, PromptTooLongError
-from lopa.session import BatchSession
 
 FAST = DecodeConfig(decoder="lopa", branches=2, block_size=8, max_new_tokens=16)
 

@@ -1,7 +1,7 @@
 """The server's usage arithmetic pinned by hand: usage_dict, sum_usage over several prompts, and OutputCutter's
 max_tokens cut, which decides ``completion_tokens`` and ``finish_reason``."""
 
-from lopa.outputs import Completion, Stats
+from lopa.engine.output import Completion, Stats
 from lopa.server.output_cut import OutputCutter
 from lopa.server.protocol import sum_usage, usage_dict
 

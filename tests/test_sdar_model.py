@@ -28,8 +28,6 @@ from sdar_checkpoints import release_config, transformers_twin_dir, write_releas
 from lopa import LLM
 from lopa.checkpoint.loader import load_checkpoint
 from lopa.checkpoint.save import save_checkpoint
-from lopa.dist.launch import BranchParallelGroup
-from lopa.dist.worker import plain_forward
 from lopa.engine.fast import FastRunner
 from lopa.engine.runner import Candidate, Runner
 from lopa.errors import ConfigError
@@ -38,6 +36,8 @@ from lopa.model.fused import fuse, is_fused
 from lopa.model.moe import SparseMoeBlock, combine, route
 from lopa.model.pooled import pooled_forward
 from lopa.model.tp import TPShard
+from lopa.parallel.launch import BranchParallelGroup
+from lopa.parallel.replay import plain_forward
 from lopa.testing import transformers_bidirectional_logits
 
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from lopa import LLM
-from lopa.outputs import Completion
+from lopa.engine.output import Completion
 from lopa.server import create_app
 from lopa.server.background import serve_in_background
 from lopa.tiny.task import fixed_set

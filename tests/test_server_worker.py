@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from lopa import DecodeConfig
-from lopa.cli import main
-from lopa.llm import StreamEvent
-from lopa.outputs import Completion, Stats
+from lopa.commands.main import main
+from lopa.config import EngineConfig
+from lopa.engine.output import Completion, Stats, StreamEvent
+from lopa.engine.session import IteratorSession
 from lopa.server import create_app
 from lopa.server.background import serve_in_background
 from lopa.server.output_cut import OutputCutter
@@ -36,6 +37,8 @@ class ScriptedLLM:
 
     model_name = "scripted"
     max_context = 4096
+    can_batch = False  # one sequence at a time, round-robin (the Engine protocol's open_session below)
+    engine_config = EngineConfig()
 
     def __init__(self) -> None:
         self.tokenizer = CharTokenizer()
@@ -48,6 +51,9 @@ class ScriptedLLM:
 
     def kv_cache_bytes(self, rows: int, positions: int) -> int:
         return 0
+
+    def open_session(self) -> IteratorSession:
+        return IteratorSession(self.stream, max_active=1)
 
     def stream(self, prompt, config: DecodeConfig | None = None, raw: bool = False):
         cfg = (config or DecodeConfig()).validate()

@@ -26,11 +26,11 @@ from safetensors.torch import load_file
 
 from lopa import LLM, DecodeConfig
 from lopa.checkpoint.loader import load_checkpoint
-from lopa.dist.launch import BranchParallelGroup
-from lopa.dist.mesh import layout
-from lopa.dist.worker import plain_forward
 from lopa.errors import ConfigError, DistributedError
 from lopa.model.tp import TPShard
+from lopa.parallel.launch import BranchParallelGroup
+from lopa.parallel.mesh import layout
+from lopa.parallel.replay import plain_forward
 from lopa.testing import make_random_lora, make_tiny_checkpoint
 
 TIMEOUT_S = 8.0

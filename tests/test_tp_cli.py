@@ -17,8 +17,8 @@ import psutil
 from test_tp import TIMEOUT_S, checkpoint
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
-from lopa.dist.init import free_port
+from lopa.commands.main import main
+from lopa.parallel.process_group import free_port
 
 
 def test_cli_generate_tp2_prints_the_single_process_answer(tmp_path, capsys, monkeypatch, single_thread):

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
-from lopa.outputs import TraceStep
+from lopa.commands.main import main
+from lopa.engine.output import TraceStep
 from lopa.server.trace_plot import fill_order, save_trace_gif, save_trace_plot
 
 PROMPTS = ["def add(a, b):", "x = 1", "hello there"]

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lopa.checkpoint.loader import load_checkpoint
-from lopa.cli import main
+from lopa.commands.main import main
 from lopa.tiny import task
 from lopa.tiny.data import Layout, block_causal_mask, block_ratios, encode_rows, noise, open_fresh_blocks
 from lopa.tiny.evaluate import greedy_decode

@@ -8,7 +8,7 @@ With Dream's shift of 1 the prediction for the first uncommitted position comes 
 committed one, which is no longer in the window: the runner keeps it as the *frozen last logit*, saved at the
 previous commit. With LLaDA's shift of 0 every prediction comes from its own window position; no logit is
 frozen (``last_logit`` stays empty). ``prediction(i)`` and ``commit(i, n)`` then act on the winner. The branch
--parallel runner in ``lopa.dist`` has the same three methods, so the engine cannot tell them apart.
+-parallel runner in ``lopa.parallel`` has the same three methods, so the engine cannot tell them apart.
 """
 
 from __future__ import annotations

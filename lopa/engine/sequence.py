@@ -19,7 +19,6 @@ batch. Vanilla decoding (whole answer masked, no cache) is :class:`VanillaSequen
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,21 +32,8 @@ from lopa.decoding.d2f import D2FDecoder
 from lopa.decoding.lookahead import Branch, pick_winner, score_masks, spawn
 from lopa.decoding.threshold import ThresholdDecoder
 from lopa.decoding.vanilla import select_one
+from lopa.engine.output import Stats, Step, StopCheck, TraceStep, answer_ids, final_ids
 from lopa.engine.runner import Candidate
-from lopa.outputs import Stats, TraceStep
-
-StopCheck = Callable[[list[int]], bool]
-
-
-@dataclass
-class Step:
-    """Progress after one iteration. ``state`` is the anchor (its decoded prefix is final)."""
-
-    state: GenState
-    stats: Stats
-    done: bool = False
-    stopped: bool = False  # a stop string ended decoding early
-    trace: list[TraceStep] | None = None
 
 
 @dataclass
@@ -212,20 +198,6 @@ class VanillaSequence:
             self.final = finish(state, stats, self.trace, self.end_ids, vanilla=True)
             return self.final
         return Step(state, stats, trace=self.trace)
-
-
-def final_ids(state: GenState) -> list[int]:
-    """The final part of the answer: generated tokens up to the first still-masked position."""
-    return state.tokens[state.prompt_len : state.decoded_prefix_end()].tolist()
-
-
-def answer_ids(state: GenState, end_ids: frozenset[int]) -> tuple[list[int], bool]:
-    """(final generated ids before the first end token, whether an end token was produced). Never a mask."""
-    ids = final_ids(state)
-    for i, t in enumerate(ids):
-        if t in end_ids:
-            return ids[:i], True
-    return ids, False
 
 
 def finish(

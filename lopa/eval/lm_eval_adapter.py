@@ -46,7 +46,7 @@ def harness_default_device() -> str | None:
     """The device lm-eval's command line passes when ``--device`` is not given (``cuda:0`` in 0.4.x)."""
     try:
         from lm_eval.config.evaluate_config import EvaluatorConfig
-    except ImportError:  # pragma: no cover - older lm-eval: its argparse default was cuda too
+    except ImportError:  # pragma: no cover - older lm-eval: its command-line default was cuda too
         return "cuda:0"
     default = EvaluatorConfig.__dataclass_fields__["device"].default
     return default if isinstance(default, str) else None
@@ -94,7 +94,7 @@ class LopaLM(LM):
             device = choose_device(device, harness_device)
             llm = LLM(model or pretrained, lora=lora, device=device, dtype=dtype, revision=revision)
         self.llm = llm
-        self._device = getattr(llm, "device", None)
+        self._device = torch.device(llm.device_name)
         self.escape_until = bool(escape_until)
 
     @classmethod
@@ -146,10 +146,10 @@ class LopaLM(LM):
     # ---- chat templates (--apply_chat_template) -----------------------------------------------------------
     @property
     def tokenizer_name(self) -> str:
-        return str(getattr(self.llm, "model_name", "lopa"))
+        return self.llm.model_name
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return "lopa" if getattr(self.llm.tokenizer, "has_chat_template", False) else None
+        return "lopa" if self.llm.tokenizer.has_chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.llm.tokenizer.apply_chat_template(chat_history)

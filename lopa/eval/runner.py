@@ -1,6 +1,6 @@
 """The evaluation loop: decode every document, score it, write per-sample JSONL and a summary JSON.
 
-Called by ``lopa eval`` (:mod:`lopa.eval.cli`) and ``lopa sweep``. The model is reached only through
+Called by ``lopa eval`` (:mod:`lopa.commands.eval`) and ``lopa sweep``. The model is reached only through
 ``llm.generate([prompt], config, raw=True)`` (the task renders the exact prompt text), one prompt at a time,
 so latency is per sample. Code programs run in the sandbox on a small thread pool while the next sample
 decodes. Metric definitions follow docs/algorithm.md §5: ``tok/s = Σ tokens / Σ latency`` (aggregate, with
@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lopa.config import DecodeConfig
+from lopa.engine.protocol import Engine
 from lopa.errors import PromptTooLongError
 from lopa.eval.sandbox import Sandbox, SandboxResult
 from lopa.eval.tasks.base import Doc, Task
@@ -44,7 +45,7 @@ def resolve_chat(chat: str, task: Task, has_template: bool) -> bool:
 
 
 def evaluate(
-    llm: Any,
+    llm: Engine,
     task: Task,
     docs: list[Doc],
     config: DecodeConfig,
@@ -58,7 +59,7 @@ def evaluate(
     meta: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Run ``task`` over ``docs`` with ``config``; write files to ``out_dir`` when given."""
-    use_chat = resolve_chat(chat, task, bool(getattr(llm.tokenizer, "has_chat_template", False)))
+    use_chat = resolve_chat(chat, task, bool(llm.tokenizer.has_chat_template))
     stops = tuple(dict.fromkeys(config.stop + task.stops(use_chat)))
     config = config.replace(stop=stops).validate()
     sandbox = sandbox or (Sandbox() if task.is_code else None)
@@ -104,7 +105,7 @@ def evaluate(
     return EvalResult(records, summary)
 
 
-def _generate(llm: Any, task: Task, doc: Doc, index: int, prompt: str, config: DecodeConfig) -> dict[str, Any]:
+def _generate(llm: Engine, task: Task, doc: Doc, index: int, prompt: str, config: DecodeConfig) -> dict[str, Any]:
     record: dict[str, Any] = {"index": index, "id": task.doc_id(doc, index), "prompt": prompt}
     target = task.target(doc)
     if target is not None:
@@ -175,23 +176,21 @@ def summarize(records: list[dict[str, Any]], wall_seconds: float) -> dict[str, A
     return out
 
 
-def environment(llm: Any) -> dict[str, Any]:
+def environment(llm: Engine) -> dict[str, Any]:
     """Model, device, dtype and versions, so every number is printed with what produced it."""
     import torch
 
     from lopa import __version__
 
-    model = getattr(llm, "model", None)
-    param = next(model.parameters(), None) if model is not None and hasattr(model, "parameters") else None
-    device = str(getattr(llm, "device", param.device if param is not None else "cpu"))
+    device = llm.device_name
     device_name = platform.processor() or platform.machine()
     if device.startswith("cuda") and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name(torch.device(device))
     return {
-        "model": getattr(llm, "model_name", type(llm).__name__),
+        "model": llm.model_name,
         "device": device,
         "device_name": device_name,
-        "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
+        "dtype": llm.dtype_name,
         "versions": {"lopa": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "platform": platform.platform(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -15,7 +15,7 @@ A :class:`TPShard` says which slice of every weight one rank of a tensor-paralle
 :meth:`TPShard.read` takes one rank's slice of a checkpoint tensor from a safetensors slice, so the loader
 never reads a full weight that it would then cut. ``model.config`` of a sharded model is the *local* view
 (heads, kv heads, intermediate size of this rank), so the runner allocates the cache shard by itself.
-The all-reduce is an :class:`AllReduce` hook that :mod:`lopa.dist` binds to the group's timed collective.
+The all-reduce is an :class:`AllReduce` hook that :mod:`lopa.parallel` binds to the group's timed collective.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class AllReduce:
 
     def __call__(self, t: Tensor) -> Tensor:
         if self.fn is None:
-            raise RuntimeError("tensor-parallel all-reduce used before lopa.dist bound it to a process group")
+            raise RuntimeError("tensor-parallel all-reduce used before lopa.parallel bound it to a process group")
         return self.fn(t)
 
 

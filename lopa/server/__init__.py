@@ -3,8 +3,8 @@ views of a decoding trace (the live page at ``/`` in ``trace.py`` + ``static/``,
 map of ``trace_plot.py``, which ``lopa generate --trace-plot`` draws and which needs matplotlib, not FastAPI).
 
 The app reaches the engine through the public API (``lopa.LLM``, ``DecodeConfig``, ``lopa.errors``,
-``lopa.outputs``) plus the engine's session (``IteratorSession``), which the worker thread drives; ``server/cli.py``
-also uses the shared command flags and the ``--tp`` mesh start. See ``docs/serve.md`` for usage.
+``lopa.engine.output``) plus the engine's session protocol (``lopa.engine.protocol``), which the worker thread
+drives. See ``docs/serve.md`` for usage.
 
 ``create_app`` is imported on first use, so importing ``lopa.server.trace_plot`` does not import FastAPI.
 """

@@ -1,6 +1,6 @@
 """The FastAPI application: the engine worker's lifespan, the middleware stack, and the routes put together.
 
-``create_app`` is called by ``lopa serve`` (``server/cli.py``) and by the tests. It validates the server's
+``create_app`` is called by ``lopa serve`` (``commands/serve.py``) and by the tests. It validates the server's
 settings, starts the engine worker for the app's lifespan, keeps what the routes need in ``app.state.served``
 (:class:`~lopa.server.routes.context.ServedModel`) and includes the routers of ``routes/`` (OpenAI, health, the
 live trace view). The body size limit is ``middleware.py``; errors are answered by ``handlers.py``; ``GET
@@ -19,9 +19,9 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from lopa import DecodeConfig, __version__
-from lopa.errors import ConfigError
+from lopa.config import ServerConfig
 from lopa.server.handlers import add_error_handlers
-from lopa.server.limits import BODY_TIMEOUT_S, ServerLimits, kv_cache_bytes
+from lopa.server.limits import ServerLimits, kv_cache_bytes
 from lopa.server.metrics import add_metrics_route
 from lopa.server.middleware import BodyLimitMiddleware, InternalErrorMiddleware, SecurityHeadersMiddleware
 from lopa.server.openapi import install_openapi
@@ -31,33 +31,42 @@ from lopa.server.trace import STATIC_DIR
 from lopa.server.worker import EngineWorker
 
 if TYPE_CHECKING:
-    from lopa import LLM
+    from lopa.engine.protocol import Engine
 
 
 def create_app(
-    llm: LLM,
+    llm: Engine,
     *,
     default_config: DecodeConfig | None = None,
-    queue_limit: int = 64,
-    max_body_bytes: int = 1 << 20,
+    server: ServerConfig | None = None,
+    queue_limit: int | None = None,
+    max_body_bytes: int | None = None,
     served_model_name: str | None = None,
     limits: ServerLimits | None = None,
-    api_docs: bool = False,
-    body_timeout_s: float = BODY_TIMEOUT_S,
+    api_docs: bool | None = None,
+    body_timeout_s: float | None = None,
 ) -> FastAPI:
     """An ASGI app serving ``llm``; the engine worker thread runs for the app's lifespan.
 
-    ``api_docs`` turns on FastAPI's ``/docs`` and ``/redoc`` pages, which load their scripts from a CDN (off by
-    default: the server then makes the browser fetch nothing from elsewhere); ``/openapi.json`` is always served.
+    ``server`` holds the settings (``lopa serve``'s flags); a keyword given here replaces its field (``limits``
+    replaces the per-request limits). ``api_docs`` turns on FastAPI's ``/docs`` and ``/redoc`` pages, which load
+    their scripts from a CDN (off by default: the server then makes the browser fetch nothing from elsewhere);
+    ``/openapi.json`` is always served.
     """
-    if not isinstance(queue_limit, int) or queue_limit < 1:
-        raise ConfigError(f"queue_limit must be an integer >= 1, got {queue_limit!r}")
-    if not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
-        raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
-    if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) or not body_timeout_s > 0:
-        raise ConfigError(f"body_timeout_s must be a number > 0, got {body_timeout_s!r}")
+    given = {
+        "queue_limit": queue_limit,
+        "max_body_bytes": max_body_bytes,
+        "served_model_name": served_model_name,
+        "api_docs": api_docs,
+        "body_timeout": body_timeout_s,
+    }
+    if limits is not None:
+        given.update(vars(limits))
+    settings = (server or ServerConfig()).replace(**{k: v for k, v in given.items() if v is not None}).validate()
+    queue_limit, max_body_bytes, api_docs = settings.queue_limit, settings.max_body_bytes, settings.api_docs
+    body_timeout_s, served_model_name = settings.body_timeout, settings.served_model_name
     default = (default_config or DecodeConfig()).validate()
-    limits = (limits or ServerLimits()).validate()
+    limits = ServerLimits.of(settings).validate()
     # a cache larger than a request at the server's defaults needs is freed after the request that grew it
     llm.max_idle_cache_bytes = kv_cache_bytes(llm, max(1, default.cache_rows), llm.max_context)
     model_name = served_model_name or llm.model_name

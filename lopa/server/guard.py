@@ -14,7 +14,8 @@ close that:
 
 The request *body* has its own deadline, enforced where the body is read (``middleware.BodyLimitMiddleware``).
 uvicorn's ``limit_concurrency`` (requests in progress, 503 beyond), ``timeout_keep_alive`` and h11's header-size
-limit are set too. Used by ``lopa serve`` (``cli.py``) and :func:`lopa.server.background.serve_in_background`.
+limit are set too. Used by ``lopa serve`` (``commands/serve.py``) and
+:func:`lopa.server.background.serve_in_background`.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class Trace:
     """Trace steps recorded since the previous item (only for jobs whose config has ``trace`` on)."""
 
     index: int
-    steps: list[Any]  # lopa.outputs.TraceStep, one per forward
+    steps: list[Any]  # lopa.engine.output.TraceStep, one per forward
 
 
 @dataclass

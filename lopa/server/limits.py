@@ -17,23 +17,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lopa.config import ServerConfig
 from lopa.errors import ConfigError, LimitExceededError, PromptTooLongError
 
 if TYPE_CHECKING:
-    from lopa import LLM, DecodeConfig
+    from lopa import DecodeConfig
+    from lopa.engine.protocol import Engine
 
 MIB = 1 << 20
-HEADER_TIMEOUT_S = 10.0  # a connection's time to deliver a request's headers (guard.py)
-BODY_TIMEOUT_S = 30.0  # a request's time to deliver its whole body (middleware.BodyLimitMiddleware)
+HEADER_TIMEOUT_S = ServerConfig.header_timeout  # a connection's time to deliver a request's headers (guard.py)
+BODY_TIMEOUT_S = ServerConfig.body_timeout  # a request's time to deliver its whole body (middleware.py)
 
 
 @dataclass(frozen=True)
 class ServerLimits:
     """What one request may ask for. Defaults fit a 7B model on one GPU with room to spare."""
 
-    max_branches: int = 32  # lopa.branches above this is refused
-    max_kv_cache_mb: int = 4096  # KV cache of one request (all its prompts' branch rows), in MiB
-    max_prompts_per_request: int = 32  # prompts in one /v1/completions request
+    max_branches: int = ServerConfig.max_branches  # lopa.branches above this is refused
+    max_kv_cache_mb: int = ServerConfig.max_kv_cache_mb  # KV cache of one request (all its branch rows), in MiB
+    max_prompts_per_request: int = ServerConfig.max_prompts_per_request  # prompts in one /v1/completions request
+
+    @classmethod
+    def of(cls, config: ServerConfig) -> ServerLimits:
+        """The per-request limits of a server's settings."""
+        return cls(config.max_branches, config.max_kv_cache_mb, config.max_prompts_per_request)
 
     def validate(self) -> ServerLimits:
         for name in ("max_branches", "max_kv_cache_mb", "max_prompts_per_request"):
@@ -45,7 +52,7 @@ class ServerLimits:
         return self
 
 
-def kv_cache_bytes(llm: LLM, rows: int, positions: int) -> int:
+def kv_cache_bytes(llm: Engine, rows: int, positions: int) -> int:
     """Bytes of K and V for ``rows`` rows of ``positions`` positions of ``llm``'s model."""
     return llm.kv_cache_bytes(rows, positions)
 
@@ -59,7 +66,7 @@ def check_prompt_count(count: int, limits: ServerLimits) -> None:
         )
 
 
-def check_request(config: DecodeConfig, prompt_tokens: int | Sequence[int], llm: LLM, limits: ServerLimits) -> None:
+def check_request(config: DecodeConfig, prompt_tokens: int | Sequence[int], llm: Engine, limits: ServerLimits) -> None:
     """Raise LimitExceededError when the request asks for more than ``limits`` allow.
 
     ``prompt_tokens`` is the token count of each prompt of the request (or of its one prompt); the KV cache is

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lopa.outputs import Completion
+from lopa.engine.output import Completion
 
 
 class OutputCutter:

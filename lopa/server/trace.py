@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from lopa.outputs import TraceStep
+from lopa.engine.output import TraceStep
 from lopa.server.jobs import Job
 from lopa.server.protocol import ChatMessage, InvalidFieldError, check_stop, reject_invalid_text
 from lopa.server.sse import JobStreamResponse

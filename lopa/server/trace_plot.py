@@ -5,7 +5,7 @@ to bottom. Row f shows every position decoded so far: light grey where it was fi
 coloured (dark to bright with f) where forward f filled it; a star marks a fill that came from the winning
 lookahead branch (``TraceStep.fills``). Positions after the first end token are faded. The GIF has one frame
 per forward: frame f is the map with rows 1..f drawn; the last frame is held longer. Called by
-``generate_cli.py``; matplotlib (the ``plot`` extra) renders, Pillow (a matplotlib dependency) writes the GIF.
+``commands/generate.py``; matplotlib (the ``plot`` extra) renders, Pillow (a matplotlib dependency) writes the GIF.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from lopa.config import DecodeConfig
+from lopa.engine.output import Completion, TraceStep
 from lopa.errors import ConfigError
-from lopa.outputs import Completion, TraceStep
 
 _EARLIER = (0.82, 0.82, 0.80, 1.0)  # a position filled by an earlier forward
 _EMPTY = (1.0, 1.0, 1.0, 1.0)

@@ -3,15 +3,16 @@
 ``LLM`` is not thread-safe and a forward takes from milliseconds to seconds, so the HTTP event loop never calls it: a
 route wraps each request in a :class:`~lopa.server.jobs.Job`, :meth:`EngineWorker.submit` queues it (or raises
 :class:`~lopa.server.jobs.QueueFullError` when its prompts would take the waiting prompts over ``queue_limit``), and the
-worker thread runs an engine session (``llm.open_session()``, see ``lopa/session.py``): between two iterations it admits
-waiting prompts while the engine has room, then runs ONE iteration for all running sequences and routes each sequence's
-event to its job. Admission is fair by prompt, not by request: the jobs with prompts still waiting take turns
-(round-robin), one prompt each per turn, so a request carrying many prompts gets one slot per round and a one-prompt
-request that arrives behind it waits for at most one of its prompts per free slot, not for all of them. Results travel
-back as the items of :mod:`lopa.server.jobs` on the job's asyncio queue (``loop.call_soon_threadsafe``), always ending
-with ``Closed``. Setting ``job.cancel`` (client gone) drops the job's sequences before the next iteration, so its KV
-slots are free within one forward; its prompts still waiting are dropped without touching the engine. Every request,
-streamed or not, goes through the same session events, so both paths cancel alike and see the same engine output.
+worker thread runs an engine session (``llm.open_session()``, see ``lopa/engine/session.py``): between two iterations
+it admits waiting prompts while the engine has room, then runs ONE iteration for all running sequences and routes each
+sequence's event to its job. Admission is fair by prompt, not by request: the jobs with prompts still waiting take
+turns (round-robin), one prompt each per turn, so a request carrying many prompts gets one slot per round and a
+one-prompt request that arrives behind it waits for at most one of its prompts per free slot, not for all of them.
+Results travel back as the items of :mod:`lopa.server.jobs` on the job's asyncio queue (``loop.call_soon_threadsafe``),
+always ending with ``Closed``. Setting ``job.cancel`` (client gone) drops the job's sequences before the next
+iteration, so its KV slots are free within one forward; its prompts still waiting are dropped without touching the
+engine. Every request, streamed or not, goes through the same session events, so both paths cancel alike and see the
+same engine output.
 
 Per-request hooks: :class:`_Active` is the one place a job's per-sequence events arrive (``_deliver``), so
 per-step extras (traces, timings) can be routed to a job from there.
@@ -35,7 +36,7 @@ from lopa.server.output_cut import OutputCutter
 from lopa.server.protocol import usage_dict
 
 if TYPE_CHECKING:  # the worker only calls methods; importing lopa.LLM here would load torch for nothing
-    from lopa import LLM
+    from lopa.engine.protocol import Engine, Session
 
 log = logging.getLogger("lopa.server")
 
@@ -74,7 +75,7 @@ class _Active:
 class EngineWorker:
     """Owns the LLM: one daemon thread admits waiting prompts into the running batch, round-robin over jobs."""
 
-    def __init__(self, llm: LLM, queue_limit: int) -> None:
+    def __init__(self, llm: Engine, queue_limit: int) -> None:
         self.llm = llm
         self.queue_limit = queue_limit  # prompts that may wait for the engine
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -129,7 +130,7 @@ class EngineWorker:
 
     def retry_after(self) -> int:
         """Seconds a rejected client should wait: the queue's expected drain time, 1 to 60."""
-        slots = max(1, int(getattr(self.llm, "max_num_seqs", 1)))
+        slots = max(1, self.llm.engine_config.max_num_seqs or 1) if self.llm.can_batch else 1
         return max(1, min(60, math.ceil(self._mean_seconds * (self._waiting + 1) / slots)))
 
     # ---- submission (event-loop thread) -------------------------------------------------------------------
@@ -148,12 +149,9 @@ class EngineWorker:
         self._jobs.put(job)
 
     # ---- the worker thread --------------------------------------------------------------------------------
-    def _open_session(self) -> Any:
-        """The LLM's session; an engine with only ``stream`` (one sequence at a time) gets a round-robin one."""
-        from lopa.session import IteratorSession
-
-        open_session = getattr(self.llm, "open_session", None)
-        return open_session() if open_session is not None else IteratorSession(self.llm.stream, max_active=1)
+    def _open_session(self) -> Session:
+        """The engine's session (batched, or one sequence at a time: see ``Engine.open_session``)."""
+        return self.llm.open_session()
 
     def _loop(self) -> None:
         session = self._session

@@ -1,19 +1,22 @@
 """A stand-in for :class:`lopa.LLM` that answers from a function: for testing the harness without a model.
 
-Used by the eval tests (and usable for a dry run of a new task): it has the same ``generate`` signature,
-``tokenizer`` (``has_chat_template``, ``apply_chat_template``), ``model_name`` and ``max_context`` as the
-real facade, and returns :class:`~lopa.outputs.Completion` objects whose stats are derived from the text
-deterministically (one token per character, ``chars_per_forward`` tokens per forward).
+Used by the eval tests (and usable for a dry run of a new task): it implements the
+:class:`~lopa.engine.protocol.Engine` protocol (``generate``, ``stream``, ``tokenizer`` with
+``has_chat_template`` / ``apply_chat_template``, ``model_name``, ``max_context``, ...) and returns
+:class:`~lopa.engine.output.Completion` objects whose stats are derived from the text deterministically (one token
+per character, ``chars_per_forward`` tokens per forward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from lopa.config import DecodeConfig
+from lopa.config import DecodeConfig, EngineConfig
+from lopa.engine.output import Completion, Stats, StreamEvent
+from lopa.engine.protocol import Engine, Messages, Prompt
+from lopa.engine.session import IteratorSession
 from lopa.errors import ConfigError, PromptTooLongError
-from lopa.outputs import Completion, Stats
 
 
 class FakeTokenizer:
@@ -31,7 +34,7 @@ class FakeTokenizer:
         return body + "<|assistant|>"
 
 
-class FakeLLM:
+class FakeLLM(Engine):
     """``answer(prompt) -> text``; stats: tokens = len(text), forwards = ceil(tokens / chars_per_forward),
     iterations = forwards + 1, decoded_positions = forwards * chars_per_forward (so tpf_paper differs from tpf)."""
 
@@ -47,6 +50,11 @@ class FakeLLM:
         self.tokenizer = FakeTokenizer(chat_template)
         self.model_name = "fake"
         self.max_context = max_context
+        self.default_config = DecodeConfig()
+        self.engine_config = EngineConfig(max_num_seqs=1, max_model_len=max_context)
+        self.end_ids: frozenset[int] = frozenset()
+        self.generation_config: dict[str, Any] = {}
+        self.max_idle_cache_bytes: int | None = None
         self.chars_per_forward = chars_per_forward
         self.seconds_per_token = seconds_per_token
         self.calls: list[tuple[str, DecodeConfig]] = []
@@ -88,3 +96,45 @@ class FakeLLM:
             )
             out.append(Completion(text, self.tokenizer.encode(text), "stop", stats, self.tokenizer.encode(prompt)))
         return out
+
+    # ---- the rest of the Engine protocol ------------------------------------------------------------------
+    can_batch = False
+    device_name = "cpu"
+    dtype_name = None
+
+    def generate_each(
+        self, prompts: Sequence[Prompt], config: DecodeConfig | Sequence[DecodeConfig] | None = None, raw: bool = False
+    ) -> Iterator[tuple[int, Completion]]:
+        yield from enumerate(self.generate(list(prompts), config, raw))
+
+    def stream(
+        self, prompt: Prompt | Messages, config: DecodeConfig | None = None, raw: bool = False
+    ) -> Iterator[StreamEvent]:
+        """The whole answer as one event, carrying the Completion."""
+        completion = self.generate([prompt], config, raw)[0]
+        yield StreamEvent(completion.text, completion.token_ids, completion)
+
+    def open_session(self) -> IteratorSession:
+        return IteratorSession(self.stream, max_active=1)
+
+    def encode_prompt(self, prompt: Prompt | Messages, raw: bool = False) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]  # type: ignore[union-attr]
+
+    def count_prompt_tokens(self, prompt: Prompt | Messages, raw: bool = False) -> int:
+        return len(self.encode_prompt(prompt, raw))
+
+    def check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
+        if len(ids) + cfg.max_new_tokens > self.max_context:
+            raise PromptTooLongError(f"prompt of {len(ids)} tokens does not fit {self.max_context}")
+
+    def decode_config(self, **changes: object) -> DecodeConfig:
+        return self.default_config.replace(**changes).validate()
+
+    def kv_cache_bytes(self, rows: int, positions: int) -> int:
+        return 0  # no model, no cache
+
+    def kv_pool_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

@@ -15,63 +15,32 @@ decoder's prompts go to ``LLM.generate`` together, which batches them. On CPU th
 intra-op threads to pay, while separate processes scale with the cores. The progress bar advances by each finished
 row's estimated cost, so its ETA counts LoPA's rows as the slow ones.
 
-This module is the command (flags, the run, the printed header and JSON line). The rows and families it knows are
-:mod:`lopa.tiny.bench_sweep`; measuring a row, the AUP of a family and the tables are :mod:`lopa.tiny.bench_rows`;
-spreading the rows over processes is :mod:`lopa.tiny.bench_workers`.
+This module is the run (the printed header and JSON line); its flags are :mod:`lopa.commands.bench`. The rows and
+families it knows are :mod:`lopa.tiny.bench_sweep`; measuring a row, the AUP of a family and the tables are
+:mod:`lopa.tiny.bench_rows`; spreading the rows over processes is :mod:`lopa.tiny.bench_workers`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lopa.cli import add_model_arguments, load_llm, local_model_arg
-from lopa.dist.launch import BranchParallelGroup, add_dist_arguments, add_tp_argument, resolve_timeout
+from lopa.parallel.launch import BranchParallelGroup
+from lopa.parallel.process_group import resolve_timeout
 from lopa.tiny.bench_rows import family_aup, format_aup, format_table, measure, set_agreement
 from lopa.tiny.bench_sweep import FAMILIES, FULL, FULL_N, QUICK, QUICK_FAMILIES, QUICK_N, variants
 from lopa.tiny.bench_workers import run_workers, worker_count
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument(
-        "--n",
-        type=int,
-        default=None,
-        help=f"held-out test problems per decoder (default: {QUICK_N}; {FULL_N} with --full)",
-    )
-    p.add_argument(
-        "--full", action="store_true", help=f"the complete sweep: all {len(FULL)} decoder rows (default: {len(QUICK)})"
-    )
-    p.add_argument("--decoders", nargs="+", default=None, metavar="NAME", help="subset of: " + " ".join(FULL))
-    p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs TPF, one curve per family")
-    p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's generation_config")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's generation_config")
-    p.add_argument("--json-only", action="store_true", help="print only the JSON line")
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default 1: the tiny model gains nothing from more)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="processes the decoders are spread over (default 0: one per CPU core on CPU, 1 on CUDA or with --bp/--tp)",
-    )
-    p.add_argument("--emit-answers", action="store_true", help=argparse.SUPPRESS)  # a worker's rows carry answers
-    p.add_argument("--bp", type=int, default=0, metavar="N", help="decode with N branch-parallel ranks")
-    add_tp_argument(p)
-    add_dist_arguments(p)
-
-
-def selection(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]], int, int]:
+def selection(args: Any) -> tuple[list[str], dict[str, list[str]], int, int]:
     """(decoder rows, families, problems, fewest points a family's AUP needs) for the parsed flags."""
     from lopa.errors import ConfigError
 
@@ -84,7 +53,9 @@ def selection(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]]
     return list(args.decoders or FULL), FAMILIES, n, 2
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any, load_llm: Callable[[], Any], local_model: Callable[[], str | None]) -> int:
+    """The bench of the parsed ``lopa bench`` flags (``commands/bench.py``); ``load_llm`` loads the model they
+    name, ``local_model`` gives it as a local directory (for the ranks of --bp / --tp)."""
     from lopa.errors import ConfigError
     from lopa.tiny.task import fixed_set
 
@@ -92,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1 (problems per decoder), got {args.n}")
     torch.set_num_threads(max(1, args.threads))
-    llm = load_llm(args)
+    llm = load_llm()
     gen = llm.checkpoint.generation_config
     block = args.block_size or int(gen.get("block_size", 32))
     max_new = args.max_new_tokens or int(gen.get("max_new_tokens", 2 * block))
@@ -112,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             if args.bp or args.tp != 1:
                 group = BranchParallelGroup(
                     max(args.bp, 1),
-                    local_model_arg(args),
+                    local_model(),
                     tp=args.tp,
                     lora=args.lora,
                     device=args.device,

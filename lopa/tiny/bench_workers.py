@@ -5,13 +5,13 @@ finished row's estimated cost (:func:`_cost`), so its ETA counts LoPA's rows as 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -31,7 +31,7 @@ def _cost(name: str, cfg: DecodeConfig) -> float:
     return cfg.max_new_tokens / tpf * max(cfg.cache_rows, 1)  # rows per forward (vanilla: one, uncached)
 
 
-def worker_count(args: argparse.Namespace, device: torch.device, n_decoders: int) -> int:
+def worker_count(args: Any, device: torch.device, n_decoders: int) -> int:
     """Processes to spread the decoders over: 1 with --bp / --tp or on CUDA, else --workers or one per core."""
     if args.emit_answers or args.bp or args.tp != 1:
         return 1
@@ -43,7 +43,7 @@ def worker_count(args: argparse.Namespace, device: torch.device, n_decoders: int
 
 
 def run_workers(
-    args: argparse.Namespace, names: list[str], table: dict[str, DecodeConfig], block: int, max_new: int, workers: int
+    args: Any, names: list[str], table: dict[str, DecodeConfig], block: int, max_new: int, workers: int
 ) -> list[Row]:
     """Spread the decoders over ``workers`` processes (longest first onto the least loaded); merge their rows."""
     from lopa.errors import LopaError

@@ -8,18 +8,18 @@ run continues exactly where it stopped.
 ``--out DIR`` receives the Dream checkpoint (config.json, model.safetensors, tokenizer.json,
 generation_config.json: loadable by ``lopa.checkpoint.loader.load_checkpoint``) at every save, plus the training
 state in ``DIR/train_state`` (safetensors for weights and optimizer moments, JSON for the step and settings;
-never pickle) and a JSON-lines log. Rerunning the same command resumes. Called by ``lopa.cli``.
+never pickle) and a JSON-lines log. Rerunning the same command resumes. Called by ``commands/train.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -43,40 +43,7 @@ STATE_DIR = "train_state"
 AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory: checkpoint + resumable training state")
-    p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default: 4000)")
-    p.add_argument("--until", type=int, default=0, help="stop after this step for now; rerun to resume (0 = --steps)")
-    p.add_argument("--batch", type=int, default=32, help="problems per step (default: 32)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
-    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default: 200)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size (default: 128)")
-    p.add_argument("--layers", type=int, default=4, help="transformer layers (default: 4)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
-    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default: 4)")
-    p.add_argument("--intermediate", type=int, default=384, help="MLP inner size (default: 384)")
-    p.add_argument("--block-size", type=int, default=32, help="positions per answer block (default: 32)")
-    p.add_argument("--num-blocks", type=int, default=2, help="answer blocks per row (default: 2)")
-    p.add_argument("--max-prompt", type=int, default=32, help="prompt room in tokens (default: 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--save-every", type=int, default=250, help="write checkpoint + state every N steps")
-    p.add_argument(
-        "--average-from",
-        type=int,
-        default=0,
-        metavar="STEP",
-        help="export the mean of the weights saved every --save-every steps from STEP to the end (0 = the last "
-        "step's weights)",
-    )
-    p.add_argument("--eval-every", type=int, default=500, help="validation accuracy every N steps (0 = off)")
-    p.add_argument("--eval-n", type=int, default=200, help="validation problems per evaluation (default: 200)")
-    p.add_argument("--test-n", type=int, default=600, help="test problems scored at the end (0 = skip)")
-
-
-def model_config(args: argparse.Namespace, vocab_size: int, ids: dict[str, int]) -> ModelConfig:
+def model_config(args: Any, vocab_size: int, ids: dict[str, int]) -> ModelConfig:
     """The Dream architecture of the tiny model from the CLI numbers."""
     if args.hidden % args.heads or args.heads % args.kv_heads:
         raise ConfigError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads.")
@@ -94,7 +61,7 @@ def model_config(args: argparse.Namespace, vocab_size: int, ids: dict[str, int])
     )
 
 
-def lr_at(step: int, args: argparse.Namespace) -> float:
+def lr_at(step: int, args: Any) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak at ``--steps``."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -115,7 +82,7 @@ def save_state(model: Transformer, opt: torch.optim.Optimizer, meta: dict, out: 
     (d / "state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def load_state(model: Transformer, opt: torch.optim.Optimizer, out: Path, args: argparse.Namespace) -> dict | None:
+def load_state(model: Transformer, opt: torch.optim.Optimizer, out: Path, args: Any) -> dict | None:
     """Restore a previous run in ``out`` (None when there is none); refuse a different architecture."""
     d = out / STATE_DIR
     if not (d / "state.json").is_file():
@@ -174,7 +141,7 @@ def write_checkpoint(model: Transformer, tok: Tokenizer, layout: Layout, out: Pa
     save_tokenizer(tok, out)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
     if args.steps < 1 or args.batch < 1:
         raise ConfigError("--steps and --batch must be >= 1.")
     if not 0 <= args.average_from <= args.steps:

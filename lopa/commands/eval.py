@@ -1,8 +1,9 @@
 """``lopa eval``: score a model on one benchmark task and report score, TPF and tok/s.
 
-Registered in :mod:`lopa.cli` (``add_arguments`` / ``run``). Loads the task's documents first (so a missing
+Loads the task's documents first (so a missing
 data file fails before the model loads), then the model, then runs :func:`lopa.eval.runner.evaluate` and
-writes ``samples.jsonl`` and ``summary.json`` under ``--out``. ``lopa sweep`` reuses the helpers here.
+writes ``samples.jsonl`` and ``summary.json`` under ``--out``. ``lopa sweep`` (``commands/sweep.py``) reuses the
+flags and helpers here.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lopa.cli import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
+from lopa.commands.flags import add_decode_arguments, add_model_arguments, decode_config_from_args, load_llm
 from lopa.config import DecodeConfig
+from lopa.engine.protocol import Engine
 from lopa.eval.runner import evaluate, format_summary
 from lopa.eval.sandbox import Sandbox, SandboxLimits
 from lopa.eval.tasks import TASKS, Doc, Task, get_task
@@ -49,14 +51,13 @@ def load_docs(task: Task, args: argparse.Namespace) -> list[Doc]:
     return docs[: args.limit] if args.limit else docs
 
 
-def task_config(task: Task, llm: Any, args: argparse.Namespace) -> DecodeConfig:
+def task_config(task: Task, llm: Engine, args: argparse.Namespace) -> DecodeConfig:
     """The task's defaults (e.g. max_new_tokens), overridden by every decoder flag the user gave."""
-    checkpoint = getattr(llm, "checkpoint", None)
-    defaults = task.decode_defaults(dict(getattr(checkpoint, "generation_config", None) or {}))
+    defaults = task.decode_defaults(dict(llm.generation_config))
     block = getattr(args, "block_size", None) or defaults.get("block_size", DecodeConfig.block_size)
     if getattr(args, "max_new_tokens", None) is None and "max_new_tokens" in defaults:
         defaults["max_new_tokens"] = -(-defaults["max_new_tokens"] // block) * block  # a multiple of the block
-    return decode_config_from_args(args, getattr(llm, "default_config", DecodeConfig()).replace(**defaults))
+    return decode_config_from_args(args, llm.default_config.replace(**defaults))
 
 
 def check_out_dir(out: Path) -> Path:

@@ -3,16 +3,16 @@
 Each collective is started asynchronously and waited on in short slices. Between slices the monitor is asked
 whether a rank died or froze, so a dead rank is reported in seconds, not at the timeout; a live rank that never
 joins is reported when ``timeout_s`` runs out. A failed collective raises :class:`~lopa.errors.DistributedError`
-naming the rank to blame (see :mod:`lopa.dist.monitor`). With NCCL the tensors travel through the rank's GPU;
+naming the rank to blame (see :mod:`lopa.parallel.monitor`). With NCCL the tensors travel through the rank's GPU;
 callers always pass and get CPU tensors.
 
 A :class:`Comm` spans the default group (the request channel) or one sub-group of the BP x TP mesh (see
-:mod:`lopa.dist.mesh`): ``rank`` and ``size`` are then positions inside that sub-group, and ``broadcast``'s
+:mod:`lopa.parallel.mesh`): ``rank`` and ``size`` are then positions inside that sub-group, and ``broadcast``'s
 ``src`` is a position too. All-reduces (tensor parallelism) stay on the tensor's device and are counted apart
 from the mesh collectives (:meth:`Monitor.enter`), since branch groups without candidates skip their forward.
 
-Used by :class:`lopa.dist.runner.BranchParallelRunner`, the tensor-parallel all-reduce and the request channel
-in :mod:`lopa.dist.worker`.
+Used by :class:`lopa.parallel.runner.BranchParallelRunner`, the tensor-parallel all-reduce and the request channel
+in :mod:`lopa.parallel.replay`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lopa.dist.init import DistContext
-from lopa.dist.monitor import Monitor
+from lopa.parallel.monitor import Monitor
+from lopa.parallel.process_group import DistContext
 
 SLICE_S = 0.5  # how often a waiting rank looks at the heartbeats
 

@@ -1,7 +1,7 @@
 """Starting branch-parallel ranks: ``lopa generate --bp N`` (ranks on this machine), ``--branch-parallel`` (one
 rank of a torchrun launch), and :class:`BranchParallelGroup` / :func:`generate_bp` for tests and benchmarks.
 
-The launcher starts every rank as ``python -m lopa.dist.rank`` with torchrun's environment on 127.0.0.1 and a
+The launcher starts every rank as ``python -m lopa.parallel.rank`` with torchrun's environment on 127.0.0.1 and a
 free port (or the one given), and talks to rank 0 over a socket pair; rank 0 owns each request. Any failure
 kills every rank (SIGKILL also ends a frozen one), ``close`` and interpreter exit do too, and each rank ends
 itself when the launcher disappears, so no rank outlives it.
@@ -9,7 +9,6 @@ itself when the launcher disappears, so no rank outlives it.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import os
@@ -25,16 +24,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lopa.config import DecodeConfig
-from lopa.dist.faults import Fault
-from lopa.dist.init import DEFAULT_STARTUP_TIMEOUT_S, free_port, init_distributed, resolve_timeout
+from lopa.config import DecodeConfig, EngineConfig
+from lopa.engine.output import Completion
 from lopa.errors import ConfigError, DistributedError, LopaError
 from lopa.llm import Prompt
-from lopa.outputs import Completion
+from lopa.parallel.faults import Fault
+from lopa.parallel.process_group import DEFAULT_STARTUP_TIMEOUT_S, free_port, resolve_timeout
 
-SPEC_ENV, FD_ENV = "LOPA_BP_SPEC", "LOPA_BP_FD"  # read by lopa.dist.rank
+SPEC_ENV, FD_ENV = "LOPA_BP_SPEC", "LOPA_BP_FD"  # read by lopa.parallel.rank
 STARTUP_GRACE_S = 2.0  # a worker that exits during start-up is reported this long after, unless rank 0 is faster
-_CLEARED_ENV = ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID")
+
+
+RANK_COMMAND = [sys.executable, "-m", "lopa.parallel.rank"]
+
+
+def rank_spec(engine: EngineConfig, kv_dump_dir: str | Path | None = None) -> dict[str, Any]:
+    """What a launched rank reads from ``$LOPA_BP_SPEC``: the engine settings and the K/V dump directory."""
+    return {"engine": engine.to_dict(), "kv_dump_dir": str(kv_dump_dir) if kv_dump_dir is not None else None}
+
+
+def rank_env(spec: dict[str, Any], world_size: int, port: int, threads: str) -> dict[str, str]:
+    """The environment of a rank started on this machine (RANK / LOCAL_RANK still to set): torchrun's variables
+    on 127.0.0.1, the spec, and a PYTHONPATH that imports this very lopa."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    env.update(WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=threads)
+    env[SPEC_ENV] = json.dumps(spec)
+    return env
 
 
 class BranchParallelGroup:
@@ -58,20 +75,25 @@ class BranchParallelGroup:
     ) -> None:
         if bp < 1 or tp < 1:
             raise ConfigError(f"a mesh needs at least 1 branch group and 1 tensor-parallel rank, got {bp} x {tp}")
-        self.bp, self.tp, self.world_size, self.timeout_s = bp, tp, bp * tp, resolve_timeout(timeout_s)
+        self.engine = EngineConfig(
+            model=str(model_dir) if model_dir is not None else None, lora=str(lora) if lora is not None else None,
+            device=device, dtype=dtype, tp=tp, bp=bp, dist_timeout=resolve_timeout(timeout_s), dist_port=port,
+            startup_timeout=startup_timeout_s,
+        ).validate()  # fmt: skip
+        self.bp, self.tp, self.world_size, self.timeout_s = bp, tp, bp * tp, self.engine.dist_timeout or 0.0
         self.startup_timeout_s, self.port, self.threads = startup_timeout_s, port, threads
-        self.spec = {
-            "model": str(model_dir) if model_dir is not None else None,
-            "lora": str(lora) if lora is not None else None,
-            "device": device,
-            "dtype": dtype,
-            "timeout_s": self.timeout_s,
-            "startup_timeout_s": startup_timeout_s,
-            "kv_dump_dir": str(kv_dump_dir) if kv_dump_dir is not None else None,
-            "tp": tp,
-        }
+        self.spec = rank_spec(self.engine, kv_dump_dir)
         self.procs: list[subprocess.Popen] = []
         self._conn: Connection | None = None
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig, threads: int = 1) -> BranchParallelGroup:
+        """The group an EngineConfig describes (``bp`` x ``tp`` ranks; its ``model`` must be a local directory)."""
+        return cls(
+            engine.bp, engine.model, tp=engine.tp, lora=engine.lora, device=engine.device, dtype=engine.dtype,
+            timeout_s=engine.dist_timeout, port=engine.dist_port, threads=threads,
+            startup_timeout_s=engine.startup_timeout,
+        )  # fmt: skip
 
     @property
     def pids(self) -> list[int]:
@@ -81,19 +103,14 @@ class BranchParallelGroup:
         """Start the ranks and wait until rank 0 has loaded the model and the group is formed."""
         port = self.port or free_port()
         ours, theirs = socket.socketpair()
-        base_env = {k: v for k, v in os.environ.items() if k not in _CLEARED_ENV}
-        pkg_root = str(Path(__file__).resolve().parents[2])  # so the ranks import this very lopa
-        base_env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, base_env.get("PYTHONPATH")) if p)
+        base_env = rank_env(self.spec, self.world_size, port, str(self.threads))
         atexit.register(self.kill)
         for rank in range(self.world_size):
-            env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.world_size))
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(self.threads))
-            env[SPEC_ENV] = json.dumps(self.spec)
+            env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
             fds: tuple[int, ...] = ()
             if rank == 0:
                 env[FD_ENV], fds = str(theirs.fileno()), (theirs.fileno(),)
-            cmd = [sys.executable, "-m", "lopa.dist.rank"]
-            self.procs.append(subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL))
+            self.procs.append(subprocess.Popen(RANK_COMMAND, env=env, pass_fds=fds, stdin=subprocess.DEVNULL))
         theirs.close()
         self._conn = Connection(ours.detach())
         try:
@@ -213,69 +230,3 @@ def generate_bp(
     """Start ``world_size`` ranks, decode ``prompts`` with ``cfg``, stop the ranks."""
     with BranchParallelGroup(world_size, model_dir, **kwargs) as group:
         return group.generate(prompts, cfg)
-
-
-def add_dist_arguments(parser: argparse.ArgumentParser) -> None:
-    """--dist-timeout / --dist-port, for commands that take --bp / --branch-parallel."""
-    parser.add_argument("--dist-timeout", type=float, default=None, help="seconds before a silent rank is an error")
-    parser.add_argument("--dist-port", type=int, default=None, help="rendezvous port for --bp (default: a free one)")
-
-
-def add_tp_argument(parser: argparse.ArgumentParser) -> None:
-    """--tp N, for commands that can run a tensor-parallel mesh."""
-    parser.add_argument(
-        "--tp", type=int, default=1, metavar="N",
-        help="tensor-parallel ranks per branch group (with --bp M: M x N ranks; under torchrun: divides the world)",
-    )  # fmt: skip
-
-
-def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]) -> int:
-    """``lopa generate --bp M [--tp N]``, ``--tp N`` alone, or ``--branch-parallel`` (under torchrun)."""
-    from lopa.cli import local_model_arg
-    from lopa.generate_cli import emit
-
-    if args.tp < 1 or args.bp < 0:
-        raise ConfigError(f"--bp and --tp must be positive, got --bp {args.bp} --tp {args.tp}")
-    timeout = resolve_timeout(getattr(args, "dist_timeout", None))
-    if args.branch_parallel:
-        if args.bp:
-            raise ConfigError("use either --bp N (start the ranks here) or --branch-parallel (under torchrun)")
-        return _run_torchrun_rank(args, cfg, prompts, timeout)
-    port = getattr(args, "dist_port", None)
-    with BranchParallelGroup(
-        max(args.bp, 1), local_model_arg(args), tp=args.tp, lora=args.lora, device=args.device, dtype=args.dtype,
-        timeout_s=timeout, port=port,
-    ) as group:  # fmt: skip
-        for completion in group.generate(prompts, cfg, raw=args.raw):
-            emit(completion, cfg, args.json)
-    return 0
-
-
-def _run_torchrun_rank(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str], timeout: float) -> int:
-    from lopa.dist.mesh import build_mesh
-    from lopa.dist.worker import BranchParallelLLM, serve
-    from lopa.generate_cli import emit
-    from lopa.llm import LLM
-
-    try:
-        ctx = init_distributed(args.device, timeout)
-        mesh = build_mesh(ctx, args.tp)  # WORLD_SIZE = branch groups x tp
-        shard = mesh.shard if mesh.tp > 1 else None
-        llm = LLM(args.model, lora=args.lora, device=ctx.device, dtype=args.dtype, shard=shard, revision=getattr(args, "revision", None))
-        ctx.store_barrier("loaded")
-        if not ctx.is_master:
-            serve(llm, ctx, mesh=mesh)
-            return 0
-        bp = BranchParallelLLM(llm, ctx, mesh=mesh)
-        try:
-            completions = bp.generate(prompts, cfg, raw=args.raw)
-        finally:
-            if not bp.broken:
-                bp.close()  # also after a user error on rank 0: the workers are told to stop
-        for completion in completions:
-            emit(completion, cfg, args.json, llm)
-        return 0
-    except DistributedError as e:  # leave at once: the group's threads may never finish
-        print(f"lopa generate: error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)

@@ -18,17 +18,23 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lopa.checkpoint.tokenizer import check_text
-from lopa.cli import (
+from lopa.commands.flags import (
     add_decode_arguments,
+    add_dist_arguments,
     add_model_arguments,
     add_threads_argument,
+    add_tp_argument,
     apply_threads,
+    check_branch_parallel_batch,
     decode_config_from_args,
+    engine_config_from_args,
     load_llm,
+    local_model_arg,
 )
-from lopa.dist.launch import add_dist_arguments, add_tp_argument
-from lopa.errors import ConfigError, InvalidTextError
-from lopa.outputs import Completion
+from lopa.config import DecodeConfig, EngineConfig
+from lopa.engine.output import Completion
+from lopa.engine.protocol import Engine
+from lopa.errors import ConfigError, DistributedError, InvalidTextError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,11 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bp or args.branch_parallel or args.tp != 1:
         if pictures:
             raise ConfigError("--trace-plot / --trace-gif are not available with --bp / --tp / --branch-parallel")
-        from lopa.cli import check_branch_parallel_batch
-        from lopa.dist.launch import run_generate
-
         check_branch_parallel_batch(args)
-
         return run_generate(args, cfg, prompts)
     if pictures:
         cfg = cfg.replace(trace=True)
@@ -152,16 +154,56 @@ def format_trace(trace) -> str:
     return "\n".join(["trace (score per candidate, * = winner):", *lines])
 
 
-def emit(completion, cfg, as_json: bool, llm=None) -> None:
+def emit(completion: Completion, cfg: DecodeConfig, as_json: bool, llm: Engine | None = None) -> None:
+    """Print one result: a JSON line (with the settings, and ``llm``'s device and dtype), or the text on stdout
+    and the trace and the stats summary on stderr."""
     stats = completion.stats.to_dict()
     if as_json:
         d = completion.to_dict()
         d["settings"] = cfg.to_dict()
         if llm is not None:
-            d["device"], d["dtype"] = str(llm.device), str(next(llm.model.parameters()).dtype).replace("torch.", "")
+            d["device"], d["dtype"] = llm.device_name, llm.dtype_name
         print(json.dumps(d), flush=True)
     else:
         print(completion.text, flush=True)
         if completion.trace is not None:
             print(format_trace(completion.trace), file=sys.stderr, flush=True)
         print(summary(stats, cfg.describe()), file=sys.stderr, flush=True)
+
+
+def run_generate(args: argparse.Namespace, cfg: DecodeConfig, prompts: list[str]) -> int:
+    """``lopa generate --bp M [--tp N]``, ``--tp N`` alone, or ``--branch-parallel`` (under torchrun)."""
+    from lopa.parallel.launch import BranchParallelGroup
+
+    if args.tp < 1 or args.bp < 0:
+        raise ConfigError(f"--bp and --tp must be positive, got --bp {args.bp} --tp {args.tp}")
+    engine = engine_config_from_args(args)
+    if args.branch_parallel:
+        if args.bp:
+            raise ConfigError("use either --bp N (start the ranks here) or --branch-parallel (under torchrun)")
+        return _run_torchrun_rank(args, engine, cfg, prompts)
+    with BranchParallelGroup.from_config(engine.replace(model=local_model_arg(args), revision=None)) as group:
+        for completion in group.generate(prompts, cfg, raw=args.raw):
+            emit(completion, cfg, args.json)
+    return 0
+
+
+def _run_torchrun_rank(args: argparse.Namespace, engine: EngineConfig, cfg: DecodeConfig, prompts: list[str]) -> int:
+    from lopa.parallel.replicated_llm import join_mesh
+
+    try:
+        group = join_mesh(engine)  # WORLD_SIZE (from torchrun) = branch groups x tp
+        if group is None:  # a worker rank: it replayed rank 0's requests
+            return 0
+        try:
+            completions = group.generate(prompts, cfg, raw=args.raw)
+        finally:
+            if not group.broken:
+                group.close()  # also after a user error on rank 0: the workers are told to stop
+        for completion in completions:
+            emit(completion, cfg, args.json, group)
+        return 0
+    except DistributedError as e:  # leave at once: the group's threads may never finish
+        print(f"lopa generate: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)

@@ -1,16 +1,17 @@
 """Liveness of the ranks: a heartbeat thread per rank, and the diagnosis that names a dead or stuck rank.
 
 Every rank publishes ``hb/<rank>`` on the store every ``interval_s``: a beat counter, the number of collectives
-it has entered (``seq``), the tensor-parallel all-reduces it has entered (``tp_seq``), its pid, host and current stage, and reads every other rank's heartbeat. A rank whose
-process is gone or stopped (seen in /proc when it runs on this host), or whose beat has not changed for
-``stale_s``, is *unresponsive*. A rank that is alive but never reaches a collective shows up as *behind*: its
-``seq`` is lower than ours, or, for a rank of our own tensor-parallel group, the same ``seq`` and a lower
-``tp_seq`` (all-reduces are counted apart: a branch group without candidates skips its forward). A rank that gave up because of someone else's failure writes ``failed/<rank>`` first,
-so it is not blamed for the failure it reacted to. The thread also ends the process when its parent (the
-launcher or torchrun's agent) is gone, so no rank outlives its launcher.
+it has entered (``seq``), the tensor-parallel all-reduces it has entered (``tp_seq``), its pid, host and current
+stage, and reads every other rank's heartbeat. A rank whose process is gone or stopped (seen in /proc when it runs
+on this host), or whose beat has not changed for ``stale_s``, is *unresponsive*. A rank that is alive but never
+reaches a collective shows up as *behind*: its ``seq`` is lower than ours, or, for a rank of our own
+tensor-parallel group, the same ``seq`` and a lower ``tp_seq`` (all-reduces are counted apart: a branch group
+without candidates skips its forward). A rank that gave up because of someone else's failure writes
+``failed/<rank>`` first, so it is not blamed for the failure it reacted to. The thread also ends the process when
+its parent (the launcher or torchrun's agent) is gone, so no rank outlives its launcher.
 
-Used by :class:`lopa.dist.comm.Comm` (waits in slices and asks :meth:`Monitor.unresponsive` between them) and by
-the request loop of idle workers.
+Used by :class:`lopa.parallel.comm.Comm` (waits in slices and asks :meth:`Monitor.unresponsive` between them)
+and by the request loop of idle workers.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from lopa.dist.init import DistContext
 from lopa.errors import DistributedError
+from lopa.parallel.process_group import DistContext
 
 HEARTBEAT_S = 0.2
 EXIT_ORPHANED = 3  # exit status of a rank whose launcher disappeared

@@ -3,7 +3,7 @@ sets the same variables).
 
 Owns: reading RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, the rendezvous store, the startup
 barrier and ``init_process_group`` (gloo on CPU, NCCL on CUDA) with the collective timeout. Called by
-:mod:`lopa.dist.launch` (``lopa generate --branch-parallel`` and the ranks the launcher spawns).
+:mod:`lopa.parallel.launch` (``lopa generate --branch-parallel`` and the ranks the launcher spawns).
 
 Two timeouts: ``startup_timeout_s`` bounds how long ranks wait for each other to start and load the model
 (importing torch alone can take many seconds on a busy machine); ``timeout_s`` bounds every collective once
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +24,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from lopa.config import DEFAULT_DIST_TIMEOUT_S, DEFAULT_STARTUP_TIMEOUT_S
 from lopa.errors import ConfigError, DistributedError
 
-DEFAULT_TIMEOUT_S = 30.0  # every collective (and the dead-rank detection) finishes or fails within this
-DEFAULT_STARTUP_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = DEFAULT_DIST_TIMEOUT_S  # every collective (and the dead-rank detection) finishes within this
 TIMEOUT_ENV = "LOPA_DIST_TIMEOUT"  # seconds; overrides the default when no timeout is passed
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -45,6 +46,14 @@ class DistContext:
     port: int
     store: dist.Store  # lopa's own keys (heartbeats, request doorbells), prefixed apart from the group's
     agent_store: bool  # the store is torchrun's agent store (every rank is a client)
+
+    def mark_failed(self, error: Exception) -> None:
+        """Tell the other ranks this one failed with its own error (``failed/<rank>``), so a rank that merely
+        reacts to it is not blamed; the store may already be gone with rank 0."""
+        try:
+            self.store.set(f"failed/{self.rank}", f"rank {self.rank} failed: {error}")
+        except Exception as e:
+            print(f"lopa rank {self.rank}: could not report the failure: {e}", file=sys.stderr, flush=True)
 
     @property
     def is_master(self) -> bool:

@@ -1,8 +1,11 @@
-"""Entry point of one rank started by :class:`lopa.dist.launch.BranchParallelGroup` (``python -m lopa.dist.rank``).
+"""Entry point of one rank started by :class:`lopa.parallel.launch.BranchParallelGroup`
+(``python -m lopa.parallel.rank``).
 
 The launcher sets torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), the group's
-settings as JSON in ``LOPA_BP_SPEC`` and, for rank 0 only, ``LOPA_BP_FD``: one end of a socket pair to the
-launcher. Each rank joins the BP x TP mesh (``tp`` in the spec) and loads only its tensor-parallel shard.
+settings as JSON in ``LOPA_BP_SPEC`` (``{"engine": EngineConfig.to_dict(), "kv_dump_dir": ...}``, see
+:func:`~lopa.parallel.launch.rank_spec`) and, for rank 0 only, ``LOPA_BP_FD``: one end of a socket pair to the
+launcher. Each rank joins the BP x TP mesh through :func:`~lopa.parallel.replicated_llm.join_mesh` and loads only
+its tensor-parallel shard.
 Rank 0 answers the launcher's messages (``generate``, ``forward``, ``fault``, ``close``) with ``("ok", value)`` or
 ``("error", exception)``; the other ranks serve rank 0. Ranks always leave through ``os._exit``: after a failure,
 the process group's background threads may never finish, and a rank must not wait for them.
@@ -18,12 +21,12 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from lopa.dist.faults import Fault
-from lopa.dist.init import DistContext, init_distributed
-from lopa.dist.launch import FD_ENV, SPEC_ENV
-from lopa.dist.mesh import build_mesh
-from lopa.dist.worker import BranchParallelLLM, serve
+from lopa.config import EngineConfig
 from lopa.errors import DistributedError, LopaError
+from lopa.parallel.faults import Fault
+from lopa.parallel.launch import FD_ENV, SPEC_ENV
+from lopa.parallel.process_group import DistContext
+from lopa.parallel.replicated_llm import BranchParallelLLM, join_mesh
 
 
 def main() -> int:
@@ -31,17 +34,12 @@ def main() -> int:
     conn = Connection(int(os.environ[FD_ENV])) if FD_ENV in os.environ else None
     ctx: DistContext | None = None
     try:
-        from lopa.llm import LLM
-
-        ctx = init_distributed(spec["device"], spec["timeout_s"], spec["startup_timeout_s"])
-        mesh = build_mesh(ctx, spec.get("tp", 1))
-        shard = mesh.shard if mesh.tp > 1 else None  # each rank reads only its own slices of the weights
-        llm = LLM(spec["model"], lora=spec["lora"], device=ctx.device, dtype=spec["dtype"], shard=shard)
-        ctx.store_barrier("loaded", spec["startup_timeout_s"])
-        if conn is None:
-            serve(llm, ctx, spec["kv_dump_dir"], mesh)
+        bp = join_mesh(EngineConfig.from_dict(spec["engine"]), spec["kv_dump_dir"])
+        if bp is None:  # a worker rank: it served rank 0's requests until told to stop
             return 0
-        bp = BranchParallelLLM(llm, ctx, spec["kv_dump_dir"], mesh)
+        ctx = bp.ctx
+        if conn is None:
+            raise DistributedError("rank 0 of a launched group needs the launcher's connection ($LOPA_BP_FD)")
         conn.send(("ready", os.getpid()))
         return _answer_launcher(bp, conn)
     except LopaError as e:
@@ -87,10 +85,7 @@ def _report(ctx: DistContext | None, conn: Connection | None, error: LopaError) 
     rank = ctx.rank if ctx is not None else os.environ.get("RANK")
     print(f"lopa rank {rank}: error: {error}", file=sys.stderr, flush=True)
     if ctx is not None and not isinstance(error, DistributedError):
-        try:
-            ctx.store.set(f"failed/{ctx.rank}", f"rank {ctx.rank} failed: {error}")
-        except Exception as e:  # the store may be gone with rank 0
-            print(f"lopa rank {rank}: could not report the failure: {e}", file=sys.stderr, flush=True)
+        ctx.mark_failed(error)
     if conn is not None:
         with contextlib.suppress(OSError):  # the launcher is gone
             conn.send(("error", error))

@@ -15,7 +15,7 @@ the engine and the decoders cannot tell it from :class:`lopa.engine.runner.Runne
   of every layer together with the frozen last logit (when the model's shift keeps one) in ONE tensor; the
   others overwrite their cache. All ranks' committed caches stay bit-identical.
 
-In a BP x TP mesh (:mod:`lopa.dist.mesh`) "rank" above means *branch group*: the runner's ``comm`` is the
+In a BP x TP mesh (:mod:`lopa.parallel.mesh`) "rank" above means *branch group*: the runner's ``comm`` is the
 cross group of this rank's TP rank, the local runner drives a tensor-parallel shard whose cache holds only
 this rank's kv heads, and each collective above moves only that shard's share (the K/V shard) or the
 replicated numbers (scores, prediction, last logit).
@@ -32,13 +32,13 @@ import time
 import torch
 from torch import Tensor
 
-from lopa.model.cache import StaticKVCache
 from lopa.decoding.confidence import Prediction, Sampler
-from lopa.dist.comm import Comm
-from lopa.dist.faults import Fault
-from lopa.dist.mesh import TensorParallel
 from lopa.engine.runner import Candidate, Runner
 from lopa.errors import DistributedError
+from lopa.model.cache import StaticKVCache
+from lopa.parallel.comm import Comm
+from lopa.parallel.faults import Fault
+from lopa.parallel.mesh import TensorParallel
 
 _GATHER_FIELDS = 4  # score, branch id, iteration, window start
 

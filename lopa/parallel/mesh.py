@@ -24,11 +24,11 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lopa.dist.comm import Comm
-from lopa.dist.init import DistContext
-from lopa.dist.monitor import Monitor
 from lopa.errors import ConfigError
 from lopa.model.tp import TPShard
+from lopa.parallel.comm import Comm
+from lopa.parallel.monitor import Monitor
+from lopa.parallel.process_group import DistContext
 
 
 @dataclass

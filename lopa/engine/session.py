@@ -10,78 +10,33 @@ Completion. :meth:`cancel` drops a sequence at once (its KV slot is free for the
 - :class:`IteratorSession` runs per-prompt ``stream`` iterators round-robin, ``max_active`` at a time; used
   when a runner cannot batch (branch-parallel decoding runs one sequence at a time).
 
-:class:`TextStream` turns one sequence's Steps into StreamEvents: text is never revised (only the contiguous
-decoded prefix of the answer is shown), an incomplete multi-byte character is held back, and so is the tail
-that could still turn into a stop string. With ``DecodeConfig.trace`` each event also carries the trace steps
-recorded since the previous event (the per-step hook for live views).
+Text assembly (:class:`~lopa.engine.output.TextStream`) lives in ``engine/output.py``; a session only drives
+the sequences.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lopa.config import DecodeConfig
-from lopa.engine.sequence import Step
-from lopa.outputs import Completion, TraceStep
+from lopa.engine.output import StreamEvent, TextOutput, TextStream
 
 if TYPE_CHECKING:
+    from lopa.engine.protocol import Engine
     from lopa.engine.scheduler import Scheduler
-    from lopa.llm import LLM
 
-
-@dataclass
-class StreamEvent:
-    """Text that became final since the previous event ('' if none); ``completion`` on the last event.
-
-    With ``DecodeConfig.trace`` on, ``trace`` holds the trace steps recorded since the previous event (one per
-    forward), so a client can show the decoding live; it is empty otherwise.
-    """
-
-    text: str
-    token_ids: list[int]
-    completion: Completion | None = None
-    trace: list[TraceStep] = field(default_factory=list)
-
-
-class TextStream:
-    """One sequence's Steps → StreamEvents (see the module docstring)."""
-
-    def __init__(self, llm: LLM, ids: list[int], cfg: DecodeConfig) -> None:
-        self.llm, self.ids, self.cfg = llm, ids, cfg
-        self.t0 = time.perf_counter()
-        self.shown_text, self.shown_ids = "", 0
-        self.hold = max((len(s) for s in cfg.stop), default=1) - 1
-        self.traced = 0  # trace records already handed out (one per forward)
-
-    def feed(self, step: Step) -> StreamEvent:
-        cfg = self.cfg
-        completion = None
-        if step.done:
-            completion = self.llm._completion(step, cfg, self.ids, time.perf_counter() - self.t0)
-            out_ids, text = completion.token_ids, completion.text
-        else:
-            out_ids, text, _, _ = self.llm._answer(step, cfg)
-            text = text.rstrip("\ufffd")  # an incomplete multi-byte character may still change
-            text = text[: max(len(text) - self.hold, len(self.shown_text))] if cfg.stop else text
-        delta = text[len(self.shown_text) :] if text.startswith(self.shown_text) else ""
-        self.shown_text += delta
-        new_ids = out_ids[self.shown_ids :]
-        self.shown_ids = max(self.shown_ids, len(out_ids))
-        steps = step.trace[self.traced :] if step.trace is not None else []
-        self.traced += len(steps)
-        return StreamEvent(delta, new_ids, completion, steps)
+__all__ = ["BatchSession", "IteratorSession", "StreamEvent"]
 
 
 class BatchSession:
-    """Prompts decoded together by the LLM's scheduler: one batched forward per :meth:`step`."""
+    """Prompts decoded together by an engine's scheduler: one batched forward per :meth:`step`. ``llm`` encodes
+    and checks the prompts, ``output`` turns each sequence's Steps into text."""
 
-    def __init__(self, llm: LLM, scheduler: Scheduler) -> None:
-        self.llm, self.scheduler = llm, scheduler
+    def __init__(self, llm: Engine, scheduler: Scheduler, output: TextOutput) -> None:
+        self.llm, self.scheduler, self.output = llm, scheduler, output
         self._streams: dict[int, TextStream] = {}
         self._ids = itertools.count()
 
@@ -102,8 +57,8 @@ class BatchSession:
         ids = llm.encode_prompt(prompt, raw)
         llm.check_fits(ids, cfg)
         rid = next(self._ids)
-        self.scheduler.add(rid, ids, cfg, llm._stop_check(cfg) if cfg.stop else None)
-        self._streams[rid] = TextStream(llm, ids, cfg)
+        self.scheduler.add(rid, ids, cfg, self.output.stop_check(cfg))
+        self._streams[rid] = TextStream(self.output, ids, cfg)
         return rid
 
     def step(self) -> list[tuple[int, StreamEvent | Exception]]:

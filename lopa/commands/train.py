@@ -1,0 +1,44 @@
+"""``lopa train``: train the bundled tiny dLLM from scratch (:mod:`lopa.tiny.train`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory: checkpoint + resumable training state")
+    p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default: 4000)")
+    p.add_argument("--until", type=int, default=0, help="stop after this step for now; rerun to resume (0 = --steps)")
+    p.add_argument("--batch", type=int, default=32, help="problems per step (default: 32)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default: 200)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size (default: 128)")
+    p.add_argument("--layers", type=int, default=4, help="transformer layers (default: 4)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default: 4)")
+    p.add_argument("--intermediate", type=int, default=384, help="MLP inner size (default: 384)")
+    p.add_argument("--block-size", type=int, default=32, help="positions per answer block (default: 32)")
+    p.add_argument("--num-blocks", type=int, default=2, help="answer blocks per row (default: 2)")
+    p.add_argument("--max-prompt", type=int, default=32, help="prompt room in tokens (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--save-every", type=int, default=250, help="write checkpoint + state every N steps")
+    p.add_argument(
+        "--average-from",
+        type=int,
+        default=0,
+        metavar="STEP",
+        help="export the mean of the weights saved every --save-every steps from STEP to the end (0 = the last "
+        "step's weights)",
+    )
+    p.add_argument("--eval-every", type=int, default=500, help="validation accuracy every N steps (0 = off)")
+    p.add_argument("--eval-n", type=int, default=200, help="validation problems per evaluation (default: 200)")
+    p.add_argument("--test-n", type=int, default=600, help="test problems scored at the end (0 = skip)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lopa.tiny.train import run as run_train
+
+    return run_train(args)
