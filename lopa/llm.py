@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from lopa.config import DEFAULT_MAX_MODEL_LEN, DecodeConfig, default_max_num_seqs
+from lopa.engine.block_layout import default_block, layout_block
 from lopa.engine.engine import Step, answer_ids, decode
 from lopa.engine.fast import make_runner
 from lopa.engine.runner import Runner
@@ -85,7 +86,7 @@ class LLM:
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
         self.default_config = DecodeConfig.recommended(
-            {**self.config.family.decode_defaults, **self.checkpoint.generation_config}
+            {**self.config.family.decode_defaults, **default_block(self.config), **self.checkpoint.generation_config}
         )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
         self.max_num_seqs = default_max_num_seqs(self.device.type) if max_num_seqs is None else max_num_seqs
@@ -144,6 +145,7 @@ class LLM:
 
     def check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
         """Raise PromptTooLongError unless the prompt plus max_new_tokens fits the model's context."""
+        layout_block(self.config, cfg)  # a block-causal model decodes only with its own attention block
         need = len(ids) + cfg.max_new_tokens
         if need > self.max_context:
             raise PromptTooLongError(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from lopa.errors import UnsupportedModelError
+from lopa.errors import LopaError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from lopa.model.config import ModelConfig
@@ -163,4 +163,12 @@ def recommended_settings(config_json: dict[str, Any], generation_config: dict[st
         defaults = dict(family_for_model_type(config_json.get("model_type")).decode_defaults)
     except UnsupportedModelError:  # reported by the loader, with the full story
         defaults = {}
+    from lopa.model.config import ModelConfig
+
+    try:  # a block-causal model decodes with its own attention block
+        config = ModelConfig.from_hf_dict(config_json)
+        if config.attention == "block_causal":
+            defaults["block_size"] = config.block_size
+    except LopaError:  # reported by the loader
+        pass
     return {**defaults, **generation_config}
