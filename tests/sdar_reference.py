@@ -141,3 +141,18 @@ def block_diffusion_generate(
             break
     run.tokens = x.tolist()
     return run
+
+
+@torch.no_grad()
+def fresh_kv(model: torch.nn.Module, tokens: list[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one block-causal forward of ``tokens`` from scratch: (layers, kv_heads, L, head_dim) each,
+    keys after q/k norm and RoPE (what a cache holds)."""
+    n = len(tokens)
+    out = model(
+        torch.tensor([tokens]),
+        attention_mask=block_causal_additive(n, block),
+        position_ids=torch.arange(n)[None],
+        use_cache=True,
+    )
+    layers = out.past_key_values.layers
+    return torch.stack([layer.keys[0] for layer in layers]), torch.stack([layer.values[0] for layer in layers])

@@ -61,3 +61,23 @@ def test_threshold_equals_sdar_block_diffusion_generate(tmp_path: Path, block: i
     if min_fill > 1:
         assert fallback_fills > 0  # min_fill's top-k fallback filled two positions somewhere
     assert early_stops > 0  # the end-of-block stop was exercised
+
+
+def test_vanilla_equals_one_fill_per_step(tmp_path: Path) -> None:
+    """vanilla on a block-causal model = block by block, one position per forward: the reference with a threshold
+    nothing passes and ``denoising_steps = block`` (one top-confidence fill per step)."""
+    block = 4
+    ckpt = sdar_checkpoint(tmp_path / "sdar", block)
+    mask, eos = special_ids(ckpt)
+    ours, theirs = load_model(ckpt), load_qwen3(ckpt)
+    for prompt in prompts_for(block):
+        for ends in ({eos}, {eos, STOP_EXTRA}):
+            cfg = DecodeConfig(decoder="vanilla", block_size=block, max_new_tokens=16)
+            step = lopa_decode(ours, prompt, cfg, mask, ends)
+            tail = len(prompt) % block
+            ref = block_diffusion_generate(theirs, prompt, mask, 16 - tail, block, block, 1.0, ends)
+            assert ref.min_gap > 1e-5, prompt
+            got = step.state.tokens.tolist()
+            assert got == ref.tokens[: len(got)] and set(ref.tokens[len(got) :]) <= {mask}, (prompt, ends)
+            assert all(len(s) == 1 for s in ref.steps)
+            assert step.stats.forwards == len(ref.steps) == ref.forwards - ref.blocks - int(len(prompt) >= block)
