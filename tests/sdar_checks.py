@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,11 +17,11 @@ from lopa.model.loader import load_checkpoint
 from lopa.testing import make_tiny_checkpoint
 
 
-def sdar_checkpoint(path: Path, block: int, tie: bool = False, seed: int = 0) -> Path:
+def sdar_checkpoint(path: Path, block: int, tie: bool = False, seed: int = 0, **shape: Any) -> Path:
     """A random SDAR checkpoint, sharpened so that greedy decoding is neither all-fallback nor all-above-τ: the
     head is scaled by 3 (untied only), V/O by sqrt(8) each and the MLP output by 4, so the output depends on the
-    context and the confidences spread over (0, 1)."""
-    ckpt = make_tiny_checkpoint(path, family="sdar", block_size=block, tie_word_embeddings=tie, seed=seed)
+    context and the confidences spread over (0, 1). ``shape``: make_tiny_checkpoint's size arguments."""
+    ckpt = make_tiny_checkpoint(path, family="sdar", block_size=block, tie_word_embeddings=tie, seed=seed, **shape)
     for f in ckpt.glob("*.safetensors"):
         st = load_file(str(f))
         for name, t in st.items():

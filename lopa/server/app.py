@@ -68,7 +68,7 @@ def create_app(
         raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
     if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) or not body_timeout_s > 0:
         raise ConfigError(f"body_timeout_s must be a number > 0, got {body_timeout_s!r}")
-    default = (default_config or DecodeConfig()).validate()
+    default = (default_config or llm.default_config).validate()  # the checkpoint's recommended settings
     limits = (limits or ServerLimits()).validate()
     # a cache larger than a request at the server's defaults needs is freed after the request that grew it
     llm.max_idle_cache_bytes = kv_cache_bytes(llm, max(1, cache_rows(default)), llm.max_context)
