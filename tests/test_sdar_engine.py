@@ -186,3 +186,26 @@ def test_other_block_sizes_are_refused_and_the_default_is_the_models(ckpt: Path,
         llm.generate("hi", llm.decode_config(block_size=8))
     bidirectional = dataclasses.replace(model.config, attention="bidirectional", block_size=None)
     assert layout_block(bidirectional, BASE.replace(block_size=8)) is None  # any block size, today's layout
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_equal_eager_on_a_block_causal_model(ckpt: Path, model: torch.nn.Module) -> None:
+    """The captured graphs carry the block rule (built from device tensors): one sequence and many."""
+    mask, ends = _ids(ckpt)
+    dev = torch.device("cuda")
+    base = copy.deepcopy(model).to(dev)
+    fast = FastRunner(fuse(copy.deepcopy(base)), dev)
+    assert fast.use_graphs
+    wants = []
+    for prompt, cfg in _jobs():
+        want = run(decode(Runner(base, dev), prompt, cfg.validate(), mask, frozenset(ends)))
+        got = run(decode(fast, prompt, cfg.validate(), mask, frozenset(ends)))
+        assert got.state.tokens.tolist() == want.state.tokens.tolist(), cfg.decoder
+        assert got.stats.forwards == want.stats.forwards
+        wants.append(want)
+    assert fast.replays > len(fast.captured) > 0
+    batch = FastBatchRunner(fuse(copy.deepcopy(base)), 8, 64, dev)
+    for rid, (step, _) in _batched(batch, _jobs(), mask, ends).items():
+        assert step.state.tokens.tolist() == wants[rid].state.tokens.tolist(), rid
+        assert step.stats.forwards == wants[rid].stats.forwards
+    assert len(batch.captured) > 0
