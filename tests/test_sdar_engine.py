@@ -209,3 +209,50 @@ def test_cuda_graphs_equal_eager_on_a_block_causal_model(ckpt: Path, model: torc
         assert step.state.tokens.tolist() == wants[rid].state.tokens.tolist(), rid
         assert step.stats.forwards == wants[rid].stats.forwards
     assert len(batch.captured) > 0
+
+
+def test_every_kv_access_strategy_gives_transformers_logits(ckpt: Path, model: torch.nn.Module) -> None:
+    """A window crossing a block boundary after a committed prefix of two blocks, through CacheWrite (eager),
+    StaticRows (the graph path, a padded window and kv length) and PoolSlots (two rows of different widths, so the
+    packed path), equals transformers' Qwen3ForCausalLM on the whole sequence with a 4-D block-causal mask."""
+    from sdar_reference import block_causal_additive
+
+    from lopa.cache import KVPool, StaticKVCache
+    from lopa.model.kv_access import StaticRows, block_causal
+    from lopa.model.pooled import pooled_forward
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (1, 14), generator=gen)  # prefix [0, 8), window [8, 14) crosses block 2 -> 3
+    pos = torch.arange(14)[None]
+    hf = load_qwen3(ckpt)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=block_causal_additive(14, BLOCK), position_ids=pos).logits[0, 8:]  # (6, vocab)
+        cfg = model.config
+        shape = (cfg.num_hidden_layers, 1, 32, cfg.num_key_value_heads, cfg.head_dim)
+        cache = StaticKVCache(*shape)  # CacheWrite
+        model(ids[:, :8], pos[:, :8], cache)
+        cache.commit(8)
+        eager = model(ids[:, 8:], pos[:, 8:], cache)[0]
+        fused = fuse(copy.deepcopy(model))
+        static = StaticKVCache(*shape)  # StaticRows: a padded window of 8, over 24 slots
+        for lo, hi in ((0, 8), (8, 16)):
+            window = torch.arange(lo, hi)[None]
+            tokens = torch.where(window < 14, ids[:, window.clamp_max(13)[0]], 0)
+            kv = StaticRows.build(static, window, window < 14, 24, BLOCK)
+            out = fused(tokens, window, kv)[0]
+        graph = out[:6]
+        pool = KVPool(cfg.num_hidden_layers, 1, 32, cfg.num_key_value_heads, cfg.head_dim)  # PoolSlots
+        slot = torch.zeros(1, dtype=torch.long)
+        _, k, v = pooled_forward(model, ids[:, :8], pos[:, :8], None, torch.arange(8)[None], pool.k, pool.v, slot, slot)
+        pool.commit(0, k[:, 0], v[:, 0])
+        rows = torch.stack([ids[0, 8:], torch.cat([ids[0, 8:12], ids[0, :2]])])  # row 1: 4 real tokens
+        valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+        prefix = torch.full((2,), 8)
+        logits, _, _ = pooled_forward(
+            model, rows, pos[:, 8:].expand(2, 6), valid, torch.arange(6)[None].expand(2, 6), pool.k, pool.v,
+            torch.zeros(2, dtype=torch.long), prefix,
+        )  # fmt: skip
+    for got in (eager, graph, logits[0], logits[1, :4]):
+        assert (got - want[: got.shape[0]]).abs().max() <= 1e-4
+    rule = block_causal(torch.tensor([[0, 3, 4, 9]]), torch.arange(12)[None], BLOCK)[0]  # (4, 12)
+    assert rule.sum(dim=1).tolist() == [4, 4, 8, 12]  # query i sees every key of its own block and the earlier ones
