@@ -51,11 +51,18 @@ def test_completions_stream_and_trace_equal_the_engine(base_url: str, llm: LLM) 
             if line.startswith("data: ") and line != "data: [DONE]":
                 streamed += [c["text"] for c in json.loads(line.removeprefix("data: "))["choices"]]
     assert "".join(streamed) == want.text
-    events = []
+    events, data = [], []
     with httpx.stream("POST", f"{base_url}/v1/trace", json={"prompt": PROMPT, "lopa": {"max_new_tokens": 16}}) as t:
         assert t.status_code == 200
-        events = [line.removeprefix("event: ") for line in t.iter_lines() if line.startswith("event: ")]
+        for line in t.iter_lines():
+            if line.startswith("event: "):
+                events.append(line.removeprefix("event: "))
+            elif line.startswith("data: "):
+                data.append(json.loads(line.removeprefix("data: ")))
     assert events[0] == "start" and events[-1] == "done" and events.count("step") == want.stats.forwards
+    tail = data[0]["prompt_tokens"] % 4  # the first block holds the prompt's tail: the live view draws it shorter
+    assert (data[0]["block_size"], data[0]["first_block"], data[0]["positions"]) == (4, 4 - tail, 16 - tail)
+    assert tail  # this prompt does end inside a block
     bad = httpx.post(f"{base_url}/v1/completions", json={"prompt": PROMPT, "lopa": {"block_size": 8}}, timeout=60)
     assert bad.status_code == 400 and "attention blocks of 4" in bad.text
 

@@ -38,6 +38,7 @@ from pydantic import (
 
 from lopa import DecodeConfig
 from lopa.config import BASES, CONFIDENCES, DECODERS
+from lopa.engine.block_layout import layout_block
 from lopa.errors import DistributedError, LopaError
 from lopa.outputs import TraceStep
 from lopa.server.handlers import ModelNotFoundError
@@ -280,11 +281,18 @@ def add_trace_routes(
             "settings": config.replace(trace=False).to_dict(),
             "chat": chat,
             "prompt_tokens": len(ids),
-            "positions": config.max_new_tokens,
-            "block_size": config.block_size if config.uses_blocks else config.max_new_tokens,
+            **_answer_blocks(llm, config, len(ids)),
             "branches": config.num_branches,
         }
         return TraceStreamResponse(_events(job, start, StepConverter(llm, len(ids))), job)
+
+
+def _answer_blocks(llm: LLM, config: DecodeConfig, prompt_len: int) -> dict[str, int]:
+    """The answer's positions, its block size and the length of its first block: a block-causal model's first
+    block also holds the prompt's tail (``lopa.engine.block_layout``), so it is shorter by that much."""
+    block = config.block_size if config.uses_blocks or layout_block(llm.config, config) else config.max_new_tokens
+    tail = prompt_len % block if layout_block(llm.config, config) else 0
+    return {"positions": config.max_new_tokens - tail, "block_size": block, "first_block": block - tail}
 
 
 async def _events(job: Job, start: dict, convert: StepConverter) -> AsyncIterator[tuple[str, dict]]:
