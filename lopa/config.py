@@ -77,6 +77,8 @@ HELP: dict[str, str] = {
     "trace": "record a per-step trace (fills, candidates, confidences, winner)",
     "branch_score": "lopa branch score: mean over each branch's own masked positions (paper) | shared positions",
     "extra_fill": "also fill this many extra most-confident positions per step (the no-search control)",
+    "min_fill": "threshold, d2f: when fewer than this many positions of a block pass tau, fill this many of the most "
+    "confident (SDAR's block_size // denoising_steps)",
     "force_anchor": "lopa: the anchor always wins verification (diagnostic; equals the base decoder)",
     "max_iterations": "safety cap on decoding iterations per request (0 = automatic)",
 }
@@ -104,6 +106,7 @@ class DecodeConfig:
     trace: bool = False
     branch_score: BranchScore = "mean"
     extra_fill: int = 0
+    min_fill: int = 1
     force_anchor: bool = False
     max_iterations: int = 0
 
@@ -163,6 +166,7 @@ class DecodeConfig:
         _int("top_k", self.top_k, 0)
         _int("seed", self.seed, 0)
         _int("extra_fill", self.extra_fill, 0)
+        _int("min_fill", self.min_fill, 1)
         _int("max_iterations", self.max_iterations, 0)
         for name in ("threshold", "tau_add", "tau_act"):
             value = getattr(self, name)

@@ -28,6 +28,10 @@ class MaskTokenInPromptError(ConfigError):
     """The prompt contains the mask token: lopa continues prompts, it does not infill them (docs/algorithm.md)."""
 
 
+class BlockSizeError(ConfigError):
+    """A block-causal model is asked to decode with blocks other than the attention blocks it was trained with."""
+
+
 class InvalidTextError(ConfigError):
     """Text is not valid Unicode: it holds a lone UTF-16 surrogate, or came from bytes that are not UTF-8."""
 

@@ -26,6 +26,7 @@ from lopa.checkpoint.bundled import BUNDLED_MODEL_NAME, default_checkpoint_dir
 from lopa.checkpoint.hub import model_name_for, resolve_model
 from lopa.checkpoint.loader import load_checkpoint
 from lopa.config import DecodeConfig, EngineConfig
+from lopa.engine.block_layout import default_block, layout_block
 from lopa.engine.fast import make_runner
 from lopa.engine.loop import decode, run
 from lopa.engine.output import Completion, StreamEvent, TextOutput, TextStream
@@ -35,6 +36,7 @@ from lopa.engine.runner import Runner
 from lopa.engine.session import BatchSession, IteratorSession
 from lopa.errors import ConfigError, PromptTooLongError
 from lopa.model.families import family_named
+from lopa.model.kv_access import attention_block
 from lopa.model.tp import TPShard
 
 if TYPE_CHECKING:
@@ -83,9 +85,10 @@ class LLM(Engine):
         self.max_context: int = self.engine_config.max_model_len  # type: ignore[assignment]  # resolved: an int
         self.mask_id = int(self.tokenizer.mask_token_id)
         self.end_ids = frozenset(self.tokenizer.end_token_ids)
+        self.attention_block = attention_block(self.config)
         self.output = TextOutput(self.tokenizer, self.end_ids)  # Steps -> text, Completions, stop checks
         self.default_config = DecodeConfig.recommended(
-            {**family_named(self.config.family).decode_defaults, **self.generation_config}
+            {**family_named(self.config.family).decode_defaults, **default_block(self.config), **self.generation_config}
         )
         self.runner = make_runner(self.model, self.device, enforce_eager)  # None: fast path on CUDA, eager on CPU
         self._scheduler: Scheduler | None = None
@@ -137,6 +140,7 @@ class LLM(Engine):
 
     def check_fits(self, ids: list[int], cfg: DecodeConfig) -> None:
         """Raise PromptTooLongError unless the prompt plus max_new_tokens fits the model's context."""
+        layout_block(self.config, cfg)  # a block-causal model decodes only with its own attention block
         need = len(ids) + cfg.max_new_tokens
         if need > self.max_context:
             raise PromptTooLongError(

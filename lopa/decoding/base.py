@@ -32,13 +32,15 @@ def in_block(pred: Prediction, block: Block) -> Tensor:
     return (pred.positions >= block.start) & (pred.positions < block.end)
 
 
-def fill_block(pred: Prediction, block: Block, threshold: float, fallback: bool) -> Tensor:
-    """Positions of ``block`` whose p(chosen) > threshold; if none and ``fallback``, its most confident one."""
+def fill_block(pred: Prediction, block: Block, threshold: float, fallback: bool, min_fill: int = 1) -> Tensor:
+    """Positions of ``block`` whose p(chosen) > threshold; with ``fallback``, when fewer than ``min_fill`` pass,
+    its ``min_fill`` most confident ones instead (capped by what is masked): SDAR's ``low_confidence_dynamic``."""
     inside = in_block(pred, block)
     keep = inside & (pred.prob > threshold)
-    if fallback and not keep.any() and inside.any():
+    if fallback and int(keep.sum()) < min_fill and inside.any():
         conf = torch.where(inside, pred.conf, torch.full_like(pred.conf, float("-inf")))
-        keep[rank(conf)[0]] = True
+        keep = torch.zeros_like(keep)
+        keep[rank(conf)[: min(min_fill, int(inside.sum()))]] = True
     return keep
 
 

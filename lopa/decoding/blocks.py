@@ -9,6 +9,11 @@ Block states move ACTIVE → READY → CACHED and never back:
 
 The prompt is block 0 and starts READY. READY blocks always precede ACTIVE ones, so the window (READY then
 ACTIVE blocks) is one contiguous span ``[window_start, len)`` and its first ``ready_len`` positions get committed.
+
+Block-aligned layout (``align``, block-causal models): generated blocks sit at absolute multiples of ``align``.
+Block 0 is then the prompt's whole blocks ``[0, P - P % align)`` (possibly empty), and the first generated block
+is the aligned block holding the end of the prompt: its prompt tokens are fixed (never masked, never filled) and
+only its remaining positions are generated.
 """
 
 from __future__ import annotations
@@ -49,9 +54,11 @@ class GenState:
     end_seen: bool = False  # an end token was filled: no new blocks
 
     @classmethod
-    def from_prompt(cls, prompt: list[int] | Tensor, mask_id: int) -> GenState:
+    def from_prompt(cls, prompt: list[int] | Tensor, mask_id: int, align: int | None = None) -> GenState:
+        """The prompt as READY block 0: all of it, or (``align``) its whole blocks of ``align`` positions."""
         tokens = torch.as_tensor(prompt, dtype=torch.long).clone()
-        return cls(tokens, len(tokens), mask_id, [Block(0, len(tokens), BlockState.READY, True)])
+        end = len(tokens) if align is None else len(tokens) - len(tokens) % align
+        return cls(tokens, len(tokens), mask_id, [Block(0, end, BlockState.READY, True)])
 
     def copy(self) -> GenState:
         blocks = [Block(b.start, b.end, b.state, b.fully_activated) for b in self.blocks]
@@ -99,8 +106,11 @@ class GenState:
 
     # ---- transitions ---------------------------------------------------------------------------------
     def add_block(self, size: int, fully_activated: bool = False) -> None:
-        start = self.length
-        self.tokens = torch.cat([self.tokens, torch.full((size,), self.mask_id, dtype=torch.long)])
+        """Append the block after the last one; positions it adds beyond the tokens start masked (a block-aligned
+        layout's first block also holds the prompt's tail, which stays as it is)."""
+        start = self.blocks[-1].end
+        masks = start + size - self.length
+        self.tokens = torch.cat([self.tokens, torch.full((masks,), self.mask_id, dtype=torch.long)])
         self.blocks.append(Block(start, start + size, BlockState.ACTIVE, fully_activated))
 
     def fill(self, positions: Tensor, tokens: Tensor, end_ids: frozenset[int]) -> None:

@@ -2,9 +2,9 @@
 
 Before the forward: append a block when the last one's decoded ratio reaches τ_add (no end token seen, limit
 allows), and fully activate every block whose predecessor's ratio reaches τ_act. After it: each active block
-fills positions with p(chosen) > τ_conf; a fully activated block that filled nothing fills its single most
-confident position; semi-activated blocks fill only above-threshold positions. With τ_add = τ_act = 1 this is
-threshold decoding.
+fills positions with p(chosen) > τ_conf; a fully activated block that filled fewer than ``min_fill`` (1: nothing)
+fills its ``min_fill`` most confident positions; semi-activated blocks fill only above-threshold positions. With
+τ_add = τ_act = 1 this is threshold decoding.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class D2FDecoder:
     tau_add: float
     tau_act: float
     extra_fill: int = 0
+    min_fill: int = 1
     name: str = "d2f"
 
     def prepare(self, state: GenState) -> None:
@@ -41,5 +42,5 @@ class D2FDecoder:
     def select(self, state: GenState, pred: Prediction) -> Tensor:
         keep = torch.zeros(pred.positions.numel(), dtype=torch.bool)
         for block in state.active_blocks():
-            keep |= fill_block(pred, block, self.threshold, fallback=block.fully_activated)
+            keep |= fill_block(pred, block, self.threshold, block.fully_activated, self.min_fill)
         return add_extra(keep, pred, torch.ones_like(keep), self.extra_fill)

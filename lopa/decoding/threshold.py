@@ -1,5 +1,7 @@
 """Fast-dLLM threshold decoding: one block at a time; fill every masked position of the current block whose
-p(chosen) > τ, or its single most confident position if none passes. The committed prefix is cached.
+p(chosen) > τ, or its ``min_fill`` most confident positions if fewer pass (1 by default: the single most
+confident one; SDAR's ``low_confidence_dynamic`` with ``min_fill = block_size // denoising_steps``). The
+committed prefix is cached.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class ThresholdDecoder:
     max_blocks: int
     threshold: float
     extra_fill: int = 0
+    min_fill: int = 1
     name: str = "threshold"
 
     def prepare(self, state: GenState) -> None:
@@ -30,6 +33,6 @@ class ThresholdDecoder:
         keep = torch.zeros(pred.positions.numel(), dtype=torch.bool)
         active = state.active_blocks()
         if active:
-            keep = fill_block(pred, active[0], self.threshold, fallback=True)
+            keep = fill_block(pred, active[0], self.threshold, fallback=True, min_fill=self.min_fill)
             keep = add_extra(keep, pred, in_block(pred, active[0]), self.extra_fill)
         return keep

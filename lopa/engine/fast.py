@@ -30,7 +30,7 @@ from lopa.engine.graphs import GraphBuckets, GraphCounters, Key, round_up
 from lopa.engine.runner import Batch, Candidate, Runner, build_batch
 from lopa.errors import ConfigError
 from lopa.model.fused import fuse
-from lopa.model.kv_access import StaticRows
+from lopa.model.kv_access import StaticRows, attention_block
 from lopa.model.transformer import Transformer
 
 
@@ -98,7 +98,7 @@ class FastRunner(GraphCounters, Runner):
         """The padded forward on device inputs (4, rows, L): logits (rows, L, vocab). Captured as is."""
         ids, valid, idx, positions = packed[0], packed[1].bool(), packed[2], packed[3]
         assert self.cache is not None
-        kv = StaticRows.build(self.cache, positions, valid, kv_len)
+        kv = StaticRows.build(self.cache, positions, valid, kv_len, attention_block(self.model.config))
         return (self.model(ids, positions, kv, logits_idx=idx, out=out[0] if out else None),)
 
     def _shapes(self, key: Key) -> list[tuple[int, ...]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from lopa.config import DecodeConfig
+from lopa.engine.block_layout import layout_block
 from lopa.engine.runner import Runner
 from lopa.engine.sequence import Step, StopCheck, new_sequence
 
@@ -30,7 +31,7 @@ def decode(
     stop: StopCheck | None = None,
 ) -> Iterator[Step]:
     """Decode one prompt with ``cfg``; yields a Step after every forward, the last one with done=True."""
-    seq = new_sequence(prompt, cfg, mask_id, end_ids, stop)
+    seq = new_sequence(prompt, cfg, mask_id, end_ids, stop, layout_block(runner.model.config, cfg))
     runner.begin(seq.max_len, rows=seq.rows, use_cache=seq.uses_cache)
     while (plan := seq.plan()) is not None:
         scores = runner.verify(plan.window_start, plan.commit_len, plan.cands, seq.sampler, plan.iteration)

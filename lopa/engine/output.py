@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from lopa.state import GenState
-
     from lopa.config import DecodeConfig
+    from lopa.decoding.blocks import GenState
 
 FinishReason = Literal["stop", "length"]
 StopCheck = Callable[[list[int]], bool]

@@ -13,7 +13,7 @@ from lopa.errors import ConfigError, MaskTokenInPromptError
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt | Messages, raw: bool, vocab_size: int, mask_id: int) -> list[int]:
-    """Token ids of ``prompt`` for ``tokenizer`` (a :class:`lopa.tokenizer.Tokenizer`): ids verbatim (each in
+    """Token ids of ``prompt`` for ``tokenizer`` (a :class:`lopa.checkpoint.tokenizer.Tokenizer`): ids verbatim (each in
     ``[0, vocab_size)``), messages or text through the chat template (unless ``raw`` or it has none)."""
     if isinstance(prompt, str):
         if raw or not tokenizer.has_chat_template:

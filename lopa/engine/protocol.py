@@ -20,7 +20,7 @@ Messages = list[dict[str, str]]
 
 
 class Tokenizes(Protocol):
-    """The tokenizer surface an engine's callers use (``lopa.tokenizer.Tokenizer`` has more)."""
+    """The tokenizer surface an engine's callers use (``lopa.checkpoint.tokenizer.Tokenizer`` has more)."""
 
     has_chat_template: bool
 
@@ -57,6 +57,7 @@ class Engine(Protocol):
     default_config: DecodeConfig  # engine defaults + the checkpoint's recommendations
     engine_config: EngineConfig  # how it was loaded and sized, resolved for its device
     end_ids: frozenset[int]
+    attention_block: int | None  # a block-causal model's attention block (answers align to it); None: bidirectional
     generation_config: dict[str, Any]  # the checkpoint's generation_config.json ({} when it has none)
     max_idle_cache_bytes: int | None  # a KV cache above this is freed after its request (None: kept)
 

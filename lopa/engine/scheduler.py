@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from lopa.config import DecodeConfig
 from lopa.engine.batch import BatchRunner, SlotView
+from lopa.engine.block_layout import layout_block
 from lopa.engine.sequence import BlockSequence, Plan, Step, StopCheck, VanillaSequence, new_sequence
 from lopa.errors import PromptTooLongError
 
@@ -46,7 +47,7 @@ class Scheduler:
 
     def add(self, rid: Hashable, prompt: list[int], cfg: DecodeConfig, stop: StopCheck | None = None) -> None:
         """Queue a sequence; it joins the batch at a later :meth:`step` when a slot is free."""
-        seq = new_sequence(prompt, cfg, self.mask_id, self.end_ids, stop)
+        seq = new_sequence(prompt, cfg, self.mask_id, self.end_ids, stop, layout_block(self.runner.model.config, cfg))
         if seq.max_len > self.runner.max_model_len:
             raise PromptTooLongError(
                 f"prompt ({len(prompt)} tokens) + max_new_tokens ({cfg.max_new_tokens}) = {seq.max_len} exceeds "

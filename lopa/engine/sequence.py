@@ -13,7 +13,8 @@ A sequence alternates two calls around every model forward (docs/algorithm.md §
 
 The single-sequence loop (``engine.decode``) and the batched scheduler (``engine/scheduler.py``) both drive
 these objects, so a sequence does exactly the same work, forward for forward, whether it runs alone or in a
-batch. Vanilla decoding (whole answer masked, no cache) is :class:`VanillaSequence`.
+batch. Vanilla decoding (whole answer masked, no cache) is :class:`VanillaSequence`; on a block-causal model
+(``align``) every decoder, vanilla included, is a :class:`BlockSequence` over block-aligned blocks.
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ class RunnerView(Protocol):
 
 
 def make_decoder(cfg: DecodeConfig) -> BlockDecoder:
-    """The block decoder that fills positions: lopa's base, or the decoder itself."""
+    """The block decoder that fills positions: lopa's base, or the decoder itself. Vanilla on a block-causal model
+    is threshold with a τ nothing passes: one position per forward, block by block."""
     max_blocks = cfg.max_new_tokens // cfg.block_size
+    if cfg.decoder == "vanilla":
+        return ThresholdDecoder(cfg.block_size, max_blocks, float("inf"), name="vanilla")
     if cfg.base_decoder == "threshold":
-        return ThresholdDecoder(cfg.block_size, max_blocks, cfg.threshold, cfg.extra_fill)
-    return D2FDecoder(cfg.block_size, max_blocks, cfg.threshold, cfg.tau_add, cfg.tau_act, cfg.extra_fill)
+        return ThresholdDecoder(cfg.block_size, max_blocks, cfg.threshold, cfg.extra_fill, cfg.min_fill)
+    return D2FDecoder(cfg.block_size, max_blocks, cfg.threshold, cfg.tau_add, cfg.tau_act, cfg.extra_fill, cfg.min_fill)
 
 
 def sampler_for(cfg: DecodeConfig, mask_id: int, confidence: str | None = None) -> Sampler:
@@ -74,11 +78,19 @@ def iteration_cap(cfg: DecodeConfig) -> int:
 
 
 def new_sequence(
-    prompt: list[int], cfg: DecodeConfig, mask_id: int, end_ids: frozenset[int], stop: StopCheck | None = None
+    prompt: list[int],
+    cfg: DecodeConfig,
+    mask_id: int,
+    end_ids: frozenset[int],
+    stop: StopCheck | None = None,
+    align: int | None = None,
 ) -> BlockSequence | VanillaSequence:
-    """The state machine that decodes ``prompt`` with ``cfg``."""
-    kind = VanillaSequence if cfg.decoder == "vanilla" else BlockSequence
-    return kind(prompt, cfg, mask_id, end_ids, stop)
+    """The state machine that decodes ``prompt`` with ``cfg``. ``align``: the attention block of a block-causal
+    model (:func:`lopa.engine.blocks.layout_block`): generated blocks are aligned to its multiples, and vanilla
+    decodes block by block over the exact cache (a :class:`BlockSequence` filling one position per forward)."""
+    if cfg.decoder == "vanilla" and align is None:
+        return VanillaSequence(prompt, cfg, mask_id, end_ids, stop)
+    return BlockSequence(prompt, cfg, mask_id, end_ids, stop, align)
 
 
 class BlockSequence:
@@ -87,14 +99,24 @@ class BlockSequence:
     uses_cache = True
 
     def __init__(
-        self, prompt: list[int], cfg: DecodeConfig, mask_id: int, end_ids: frozenset[int], stop: StopCheck | None
+        self,
+        prompt: list[int],
+        cfg: DecodeConfig,
+        mask_id: int,
+        end_ids: frozenset[int],
+        stop: StopCheck | None,
+        align: int | None = None,
     ) -> None:
         self.cfg, self.end_ids, self.stop = cfg, end_ids, stop
-        self.decoder, self.sampler, self.k = make_decoder(cfg), sampler_for(cfg, mask_id), cfg.num_branches
-        self.max_len, self.rows = len(prompt) + cfg.max_new_tokens, cfg.cache_rows
+        confidence = ORDER_TO_CONFIDENCE[cfg.order] if cfg.decoder == "vanilla" else None
+        self.decoder, self.sampler, self.k = make_decoder(cfg), sampler_for(cfg, mask_id, confidence), cfg.num_branches
+        # aligned: the prompt's tail shares the first block, so the last block ends max_new_tokens after the
+        # prompt's whole blocks (the answer gets max_new_tokens - P % align positions; never more than asked)
+        tail = len(prompt) % align if align else 0
+        self.max_len, self.rows = len(prompt) - tail + cfg.max_new_tokens, self.k + 1
         self.stats = Stats(prompt_tokens=len(prompt))
         self.trace: list[TraceStep] | None = [] if cfg.trace else None
-        self.branches = [Branch(GenState.from_prompt(prompt, mask_id), "anchor")]
+        self.branches = [Branch(GenState.from_prompt(prompt, mask_id, align), "anchor")]
         self.final: Step | None = None
         self.t0 = 0.0  # trace times count from the first plan (a batch may admit the sequence later)
 

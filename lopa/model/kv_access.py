@@ -14,6 +14,11 @@ The strategies differ only in that:
   :class:`~lopa.model.cache.KVPool` plus its own window; the window's K/V land in buffers the caller commits from.
   Eagerly, rows of different widths run their token-wise work on the packed real tokens only.
 
+Block-causal models (``ModelConfig.attention == "block_causal"``, SDAR) add one rule, built by
+:func:`block_causal` for every strategy from absolute positions (device tensors only, so it can be captured): the
+query at position ``i`` sees the key at position ``j`` iff ``j // block <= i // block``. The committed prefix holds
+whole earlier blocks only, so it stays fully visible; the rule acts inside the window.
+
 A strategy is built per forward; it holds no state across forwards beyond the caches it points into.
 """
 
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lopa.model.cache import StaticKVCache
+from lopa.model.config import ModelConfig
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -32,6 +38,23 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     rows, heads, length, dim = q.shape
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != heads)
     return out.transpose(1, 2).reshape(rows, length, heads * dim)
+
+
+def attention_block(cfg: ModelConfig) -> int | None:
+    """The attention block of a block-causal model; None for a bidirectional one."""
+    if cfg.attention != "block_causal":
+        return None
+    assert cfg.block_size, "a block-causal config carries its block_size"
+    return int(cfg.block_size)
+
+
+def block_causal(q_pos: Tensor, k_pos: Tensor, block: int) -> Tensor:
+    """Which keys each query may see under block-causal attention (blocks aligned to absolute position 0).
+
+    q_pos: (rows, L) absolute query positions; k_pos: (rows or 1, S) absolute key positions. Returns (rows, L, S)
+    bool, True where ``k_pos // block <= q_pos // block``. Device tensors only: safe inside a captured graph.
+    """
+    return (k_pos // block)[:, None, :] <= (q_pos // block)[:, :, None]
 
 
 class KVAccess:
@@ -60,18 +83,28 @@ class CacheWrite(KVAccess):
 
     @classmethod
     def build(
-        cls, ids: Tensor, cache: StaticKVCache | None, valid: Tensor | None, window_mask: Tensor | None
+        cls,
+        ids: Tensor,
+        cache: StaticKVCache | None,
+        valid: Tensor | None,
+        window_mask: Tensor | None,
+        positions: Tensor | None = None,
+        block: int | None = None,
     ) -> CacheWrite:
-        """ids (rows, L); valid (rows, L) bool, False on padded keys; window_mask (rows, L, L) bool, an extra
-        restriction among window positions (True = may attend). No mask at all when nothing is restricted."""
+        """ids, positions (rows, L); valid (rows, L) bool, False on padded keys; window_mask (rows, L, L) bool, an
+        extra restriction among window positions (True = may attend); block: the attention block of a
+        block-causal model (needs ``positions``). No mask at all when nothing is restricted."""
         mask = None
-        if valid is not None or window_mask is not None:
+        if valid is not None or window_mask is not None or block is not None:
             rows, length = ids.shape
             inner = torch.ones(rows, length, length, dtype=torch.bool, device=ids.device)  # (rows, L, L)
             if valid is not None:
                 inner = inner & valid[:, None, :]
             if window_mask is not None:
                 inner = inner & window_mask
+            if block is not None:
+                assert positions is not None, "block-causal attention needs the window's positions"
+                inner = inner & block_causal(positions, positions, block)
             prefix = cache.committed if cache is not None else 0
             outer = torch.ones(rows, length, prefix, dtype=torch.bool, device=ids.device)  # (rows, L, prefix)
             mask = torch.cat([outer, inner], dim=-1)[:, None]  # (rows, 1, L, prefix + L)
@@ -100,14 +133,32 @@ class StaticRows(KVAccess):
     """The one-sequence graph path: window K/V at device-given slots of the first rows of a static cache,
     attention over its first ``kv_len`` slots with a key mask."""
 
-    def __init__(self, cache: StaticKVCache, slots: Tensor, kv_len: int, mask: Tensor) -> None:
+    def __init__(
+        self, cache: StaticKVCache, slots: Tensor, kv_len: int, mask: Tensor, block: Tensor | None = None
+    ) -> None:
         self.cache, self.slots, self.kv_len, self.mask = cache, slots, kv_len, mask
+        self.block = block  # (1, L, S) bool block-causal rule among window queries and cache slots, or None
+        self._folded: Tensor | None = None  # mask with the block rule repeated over each KV group's query heads
 
     @classmethod
-    def build(cls, cache: StaticKVCache, positions: Tensor, valid: Tensor, kv_len: int) -> StaticRows:
-        """positions, valid: (rows, L); every row's window sits at the same absolute positions ``positions[0]``."""
+    def build(
+        cls, cache: StaticKVCache, positions: Tensor, valid: Tensor, kv_len: int, block: int | None = None
+    ) -> StaticRows:
+        """positions, valid: (rows, L); every row's window sits at the same absolute positions ``positions[0]``.
+        Cache slot ``s`` holds absolute position ``s``, so a block-causal rule compares slots with positions."""
         slots = positions[0]  # (L,)
-        return cls(cache, slots, kv_len, key_mask(slots[:1], valid, kv_len))
+        rule = None
+        if block is not None:
+            rule = block_causal(slots[None], torch.arange(kv_len, device=slots.device)[None], block)  # (1, L, S)
+        return cls(cache, slots, kv_len, key_mask(slots[:1], valid, kv_len), rule)
+
+    def _mask(self, groups: int) -> Tensor:
+        """(rows, 1, 1 or G * L, S): the key mask, and the block rule for the folded query axis (g * L + l)."""
+        if self.block is None:
+            return self.mask
+        if self._folded is None:
+            self._folded = self.mask & self.block.repeat(1, groups, 1)[:, None]  # (rows, 1, G * L, S)
+        return self._folded
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         rows, heads, length, dim = q.shape
@@ -119,7 +170,7 @@ class StaticRows(KVAccess):
         # masked SDPA reads every K/V head once on any backend, with or without GQA support.
         groups = heads // kv_heads
         q = q.reshape(rows, kv_heads, groups * length, dim)  # (rows, Hkv, G * L, D)
-        out = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=self.mask)  # (rows, Hkv, G * L, D)
+        out = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=self._mask(groups))  # (rows, Hkv, G * L, D)
         # Unfold with reshape, never view: CUDA's kernels return this output strided (query axis outermost), and
         # a view cannot merge (Hkv, G) of such a layout. Head h = kv * G + g, as folded above; one copy at most.
         out = out.reshape(rows, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)  # (rows, L, Hkv, G, D)

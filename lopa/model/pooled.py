@@ -6,7 +6,8 @@ masked out). Prefixes of different lengths are padded to the longest one and mas
 serves sequences at any point of their decoding. Nothing is written to the pool here: the window's K/V come
 back to the caller, who commits the winner's span into its slot (``cache.KVPool``). Works on a plain or fused
 :class:`~lopa.model.transformer.Transformer` (the same layer loop, with the :class:`~lopa.model.kv_access.PoolSlots`
-strategy); the logits are the raw (unshifted) logits, like ``forward``.
+strategy); the logits are the raw (unshifted) logits, like ``forward``. A block-causal model's block rule
+(:func:`lopa.model.kv_access.block_causal`) is added to the mask from absolute positions.
 
 Eagerly, windows that differ in length (a joining sequence's first window holds its whole prompt, lookahead
 branches hold one block) run their token-wise work (embeddings, norms, projections, MLP: nearly all the FLOPs) on
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lopa.model.kv_access import PoolSlots
+from lopa.model.kv_access import PoolSlots, attention_block, block_causal
 from lopa.model.transformer import Transformer
 
 
@@ -55,6 +56,11 @@ def pooled_forward(
         in_prefix = torch.arange(prefix, device=dev)[None, :] < prefix_len[:, None]  # (R, P)
         window = valid if valid is not None else torch.ones(rows, width, dtype=torch.bool, device=dev)
         mask = torch.cat([in_prefix, window], dim=1)[:, None, None, :]  # (R, 1, 1, P + W)
+    block = attention_block(model.config)
+    if block is not None:  # block-causal: the rule over absolute positions, prefix slot s at position s
+        keys = torch.cat([torch.arange(prefix, device=dev)[None].expand(rows, prefix), positions], dim=1)  # (R, P+W)
+        rule = block_causal(positions, keys, block)[:, None]  # (R, 1, W, P + W)
+        mask = rule if mask is None else mask & rule
     if out is not None:
         logits, win_k, win_v = out
     else:

@@ -5,7 +5,8 @@ them. A block-causal family's attention pattern reaches the forward as the calle
 
 ``forward(ids, positions, cache, valid, logits_idx)`` runs a batch of branch *rows*. Every row sees the
 committed prefix held in ``cache`` (if any) and attends fully inside its own window; keys of padded window
-positions (``valid == False``) are masked out. An optional boolean ``attn_mask`` narrows attention further
+positions (``valid == False``) are masked out. A block-causal model (``config.attention``) also applies its block
+rule (:func:`lopa.model.kv_access.block_causal`). An optional boolean ``attn_mask`` narrows attention further
 (training uses it for the block-causal layout). Logits are computed only at ``logits_idx``.
 
 This is the one layer loop of every runner: eager or graph-captured, one sequence or many, they differ only in
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from lopa.model.cache import StaticKVCache
 from lopa.model.config import ModelConfig
-from lopa.model.kv_access import CacheWrite, KVAccess
+from lopa.model.kv_access import CacheWrite, KVAccess, attention_block
 from lopa.model.layers import RMSNorm, Rotary, apply_rotary
 from lopa.model.moe import feed_forward
 
@@ -123,7 +124,9 @@ class Transformer(nn.Module):
         out: a contiguous (rows, n, vocab) buffer the head writes into (graphs share one); needs a bias-free head.
         Returns raw (unshifted) logits (rows, n, vocab) in the model dtype.
         """
-        kv = cache if isinstance(cache, KVAccess) else CacheWrite.build(ids, cache, valid, attn_mask)
+        if not isinstance(cache, KVAccess):
+            cache = CacheWrite.build(ids, cache, valid, attn_mask, positions, attention_block(self.config))
+        kv = cache
         x = self.model.embed_tokens(kv.tokens(ids))  # (B, T, hidden): (rows, L) unless the strategy packs
         cos, sin = self.rotary(kv.tokens(positions), x.dtype)
         for layer in self.model.layers:

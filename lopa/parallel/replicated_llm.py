@@ -104,6 +104,10 @@ class BranchParallelLLM(Engine):
         return self.llm.end_ids
 
     @property
+    def attention_block(self) -> int | None:  # type: ignore[override]
+        return self.llm.attention_block
+
+    @property
     def generation_config(self) -> dict[str, Any]:  # type: ignore[override]
         return self.llm.generation_config
 

@@ -61,6 +61,11 @@ class BranchParallelRunner:
         return self.local.device
 
     @property
+    def model(self) -> torch.nn.Module:
+        """The local runner's model (its config says how the engine lays out blocks)."""
+        return self.local.model
+
+    @property
     def timing(self) -> dict[str, float]:
         out = {**self.local.timing, **self._timing}
         if self.tp is not None and self.tp.comm.size > 1:  # the forward's all-reduces, reported apart from it

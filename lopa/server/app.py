@@ -65,7 +65,7 @@ def create_app(
     settings = (server or ServerConfig()).replace(**{k: v for k, v in given.items() if v is not None}).validate()
     queue_limit, max_body_bytes, api_docs = settings.queue_limit, settings.max_body_bytes, settings.api_docs
     body_timeout_s, served_model_name = settings.body_timeout, settings.served_model_name
-    default = (default_config or DecodeConfig()).validate()
+    default = (default_config or llm.default_config).validate()  # the checkpoint's recommended settings
     limits = ServerLimits.of(settings).validate()
     # a cache larger than a request at the server's defaults needs is freed after the request that grew it
     llm.max_idle_cache_bytes = kv_cache_bytes(llm, max(1, default.cache_rows), llm.max_context)

@@ -77,6 +77,7 @@ def lopa_schema(max_branches: int, max_context: int) -> dict[str, Any]:
         "top_k": (0, None),
         "seed": (0, None),
         "extra_fill": (0, None),
+        "min_fill": (1, None),
         "max_iterations": (0, None),
     }
     props: dict[str, Any] = {name: {"type": "string", "enum": list(values)} for name, values in _ENUMS.items()}

@@ -53,6 +53,7 @@ class FakeLLM(Engine):
         self.default_config = DecodeConfig()
         self.engine_config = EngineConfig(max_num_seqs=1, max_model_len=max_context)
         self.end_ids: frozenset[int] = frozenset()
+        self.attention_block: int | None = None
         self.generation_config: dict[str, Any] = {}
         self.max_idle_cache_bytes: int | None = None
         self.chars_per_forward = chars_per_forward

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lopa.errors import CorruptCheckpointError, UnsupportedModelError
+from lopa.errors import CorruptCheckpointError, LopaError, UnsupportedModelError
 from lopa.model.config import ModelConfig, check_config
 from lopa.model.families import dream, llada, sdar
 from lopa.model.families.base import Family
@@ -76,11 +76,18 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def recommended_settings(config_json: dict[str, Any], generation_config: dict[str, Any]) -> dict[str, Any]:
-    """Decoding settings recommended for a checkpoint: its family's, overridden by its generation_config's."""
+    """Decoding settings recommended for a checkpoint: its family's (and a block-causal model's own attention block),
+    overridden by its generation_config's."""
     try:
         defaults = dict(family_for_model_type(config_json.get("model_type")).decode_defaults)
     except UnsupportedModelError:  # reported by the loader, with the full story
         defaults = {}
+    try:  # a block-causal model decodes with its own attention block
+        config = config_from_hf(config_json)
+        if config.attention == "block_causal":
+            defaults["block_size"] = config.block_size
+    except LopaError:  # reported by the loader
+        pass
     return {**defaults, **generation_config}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
-from lopa.config import BASES, CONFIDENCES, DECODERS
+from lopa.config import BASES, CONFIDENCES, DECODERS, DecodeConfig
 from lopa.errors import DistributedError, LopaError
 from lopa.server.handlers import ModelNotFoundError
 from lopa.server.jobs import Closed, Failed, Finished, Job, Trace
@@ -81,11 +81,18 @@ async def trace(body: TraceRequest, request: Request) -> Response:
         "settings": config.replace(trace=False).to_dict(),
         "chat": chat,
         "prompt_tokens": len(ids),
-        "positions": config.max_new_tokens,
-        "block_size": config.block_size if config.uses_blocks else config.max_new_tokens,
+        **_answer_blocks(llm.attention_block, config, len(ids)),
         "branches": config.num_branches,
     }
     return TraceStreamResponse(_events(job, start, StepConverter(llm, len(ids))), job)
+
+
+def _answer_blocks(aligned: int | None, config: DecodeConfig, prompt_len: int) -> dict[str, int]:
+    """The answer's positions, its block size and the length of its first block: a block-causal model's first
+    block also holds the prompt's tail (``lopa.engine.block_layout``), so it is shorter by that much."""
+    block = config.block_size if config.uses_blocks or aligned else config.max_new_tokens
+    tail = prompt_len % block if aligned else 0
+    return {"positions": config.max_new_tokens - tail, "block_size": block, "first_block": block - tail}
 
 
 async def _events(job: Job, start: dict, convert: StepConverter) -> AsyncIterator[tuple[str, dict]]:

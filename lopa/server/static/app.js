@@ -92,7 +92,10 @@ class Run {
     this.info = info;
     const grid = $(".grid", this.node);
     grid.replaceChildren();
-    for (let b = 0; b * info.block_size < info.positions; b++) {
+    const first = info.first_block ?? info.block_size;  // a block-causal model's first block holds the prompt's tail
+    for (let b = 0; b === 0 || first + (b - 1) * info.block_size < info.positions; b++) {
+      const lo = b === 0 ? 0 : first + (b - 1) * info.block_size;
+      const hi = Math.min(b === 0 ? first : lo + info.block_size, info.positions);
       const row = document.createElement("div");
       row.className = "block";
       row.dataset.block = b;
@@ -100,7 +103,7 @@ class Run {
       label.className = "block-label";
       label.textContent = `block ${b + 1}`;
       row.append(label);
-      for (let p = b * info.block_size; p < Math.min((b + 1) * info.block_size, info.positions); p++) {
+      for (let p = lo; p < hi; p++) {
         const cell = document.createElement("span");
         cell.className = "cell empty";
         cell.dataset.pos = p;
