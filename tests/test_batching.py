@@ -9,13 +9,13 @@ import random
 
 import pytest
 import torch
-from engine_utils import END, EOS, FAMILIES, MASK, peaky_model, run_decode
 
 from lopa.cache import KVPool
 from lopa.config import DecodeConfig
 from lopa.engine.batch import BatchRunner
 from lopa.engine.scheduler import Scheduler
 from lopa.errors import ConfigError, PromptTooLongError
+from tests.support.engine_utils import END, EOS, FAMILIES, MASK, peaky_model, run_decode
 
 MIXED = [
     DecodeConfig(decoder="threshold", threshold=0.6, block_size=8, max_new_tokens=32),

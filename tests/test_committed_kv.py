@@ -1,6 +1,6 @@
 """After a LoPA decode the committed K/V is what the winners' windows produce, recomputed independently.
 
-The reference decoder (tests/reference_decoder.py) records, for every forward that committed something, the
+The reference decoder (tests/support/reference_decoder.py) records, for every forward that committed something, the
 winner's whole window; :func:`reference_decoder.replay` recomputes the committed prefix from those windows with its
 own hand-written transformer. Each path must hold exactly that prefix (and, Dream, the frozen last logit):
 
@@ -22,8 +22,15 @@ import threading
 
 import pytest
 import torch
-from engine_utils import END, FAMILIES, MASK
-from reference_checks import (
+
+from lopa.config import DecodeConfig
+from lopa.dist.runner import BranchParallelRunner
+from lopa.engine.batch import BatchRunner
+from lopa.engine.engine import decode, run
+from lopa.engine.runner import Runner
+from lopa.engine.scheduler import Scheduler
+from tests.support.engine_utils import END, FAMILIES, MASK
+from tests.support.reference_checks import (
     KV_TOL,
     assert_same_decode,
     engine_decode,
@@ -32,14 +39,7 @@ from reference_checks import (
     prompt_for,
     replayed_kv,
 )
-from reference_decoder import ReferenceTransformer, RefResult, reference_decode, replay
-
-from lopa.config import DecodeConfig
-from lopa.dist.runner import BranchParallelRunner
-from lopa.engine.batch import BatchRunner
-from lopa.engine.engine import decode, run
-from lopa.engine.runner import Runner
-from lopa.engine.scheduler import Scheduler
+from tests.support.reference_decoder import ReferenceTransformer, RefResult, reference_decode, replay
 
 CONFIGS = [  # d2f with a low tau_add keeps several blocks in flight, so lookahead winners also commit blocks
     DecodeConfig(decoder="lopa", base="threshold", branches=2, block_size=4, max_new_tokens=16, threshold=0.8),

@@ -8,13 +8,13 @@ import random
 
 import pytest
 import torch
-from engine_utils import END, FAMILIES, MASK, ChainMock, CountingModel, answer, peaky_model, run_decode
-from plain_block_loop import plain_block_decode
 
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Sampler
 from lopa.engine.engine import decode, run
 from lopa.engine.runner import Candidate, Runner
+from tests.support.engine_utils import END, FAMILIES, MASK, ChainMock, CountingModel, answer, peaky_model, run_decode
+from tests.support.plain_block_loop import plain_block_decode
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:

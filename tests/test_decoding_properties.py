@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from engine_utils import END, EOS, MASK, CountingModel, answer, peaky_model, run_decode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lopa.config import DecodeConfig
 from lopa.engine.engine import decode, run
 from lopa.engine.runner import Runner
+from tests.support.engine_utils import END, EOS, MASK, CountingModel, answer, peaky_model, run_decode
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ decoding gives the single-process tokens, forward count and winners, and every r
 committed K/V as the single-process cache; for both model families (Dream freezes a last logit and sends it
 with the committed K/V, LLaDA has no shift and sends none).
 Over 2 ranks the committed K/V also equals what the winners' windows produce, recomputed by the independent
-reference decoder (tests/reference_decoder.py).
+reference decoder (tests/support/reference_decoder.py).
 A killed rank, and a live rank that never joins a collective, make
 rank 0 raise DistributedError naming that rank within the timeout, and no rank process is left behind.
 Ranks are started once per world size and shared by the tests of this module (starting torch dominates).
@@ -25,8 +25,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from reference_checks import lookahead_commits, replayed_kv
-from reference_decoder import ReferenceTransformer, reference_decode
 from safetensors.torch import load_file
 
 from lopa import LLM, DecodeConfig
@@ -35,6 +33,8 @@ from lopa.dist.launch import BranchParallelGroup
 from lopa.dist.monitor import process_state
 from lopa.errors import DistributedError, PromptTooLongError
 from lopa.testing import make_tiny_checkpoint
+from tests.support.reference_checks import lookahead_commits, replayed_kv
+from tests.support.reference_decoder import ReferenceTransformer, reference_decode
 
 TIMEOUT_S = 6.0
 PROMPTS = [[5, 17, 3, 99, 42, 7], [260, 11, 12]]
@@ -142,7 +142,8 @@ def test_branch_parallel_equals_single_process(world, family, groups, references
 
 def test_branch_parallel_cache_is_the_winners_windows(groups, reference):
     """Over gloo, every rank's committed K/V is what the winners' windows produce, recomputed by the independent
-    reference decoder (tests/reference_decoder.py): k + 1 = 4 candidates on 2 ranks, lookahead winners committing."""
+    reference decoder (tests/support/reference_decoder.py): k + 1 = 4 candidates on 2 ranks, lookahead winners
+    committing."""
     cfg = DecodeConfig(
         decoder="lopa",
         base="d2f",

@@ -9,12 +9,12 @@ import random
 
 import pytest
 import torch
-from engine_utils import END, EOS, MASK, FakeGraphPools, peaky_model, strided_attention
 
 from lopa.config import DecodeConfig
 from lopa.engine.batch import BatchRunner
 from lopa.engine.fast_batch import FastBatchRunner
 from lopa.engine.scheduler import Scheduler
+from tests.support.engine_utils import END, EOS, MASK, FakeGraphPools, peaky_model, strided_attention
 
 CONFIGS = [
     DecodeConfig(decoder="threshold", threshold=0.6, block_size=8, max_new_tokens=24),
@@ -88,7 +88,7 @@ def test_fast_batched_decode_survives_strided_attention_output(model, monkeypatc
 
 def test_batch_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, monkeypatch) -> None:
     """Growing the shared output buffers drops every graph; the next capture starts a fresh pool (see
-    engine_utils.FakeGraphPools), while graphs that live together share one."""
+    tests/support/engine_utils.py: FakeGraphPools), while graphs that live together share one."""
     pools = FakeGraphPools().install(monkeypatch)
     fast = FastBatchRunner(copy.deepcopy(model), 4, 128, window_granularity=16, kv_granularity=32)
     fast.graphs.enabled = True  # torch.cuda's graph API is the model above

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_utils import END, FAMILIES, MASK, FakeGraphPools, answer, peaky_model, strided_attention
 
 from lopa.cache import StaticKVCache
 from lopa.config import DecodeConfig
@@ -28,6 +27,7 @@ from lopa.model.dream import DreamModel
 from lopa.model.fused import FusedAttention, FusedMLP, fuse, is_fused
 from lopa.model.kv_access import StaticRows, key_mask
 from lopa.testing import random_model
+from tests.support.engine_utils import END, FAMILIES, MASK, FakeGraphPools, answer, peaky_model, strided_attention
 
 SETTINGS = [
     dict(decoder="threshold", threshold=0.9, block_size=4, max_new_tokens=16),
@@ -257,9 +257,9 @@ def test_fast_decode_survives_strided_attention_output_with_gqa(model, fused, mo
 
 
 def test_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, fused, monkeypatch):
-    """The real capture code against a model of the allocator's pool bookkeeping (engine_utils.FakeGraphPools):
-    graphs share one pool while any of them lives, and a capture after every graph was dropped (a larger cache,
-    a grown logits buffer) starts a fresh pool instead of reusing the dead one."""
+    """The real capture code against a model of the allocator's pool bookkeeping (FakeGraphPools in
+    tests/support/engine_utils.py): graphs share one pool while any of them lives, and a capture after every graph
+    was dropped (a larger cache, a grown logits buffer) starts a fresh pool instead of reusing the dead one."""
     pools = FakeGraphPools().install(monkeypatch)
     fast = FastRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=128)
     fast.graphs.enabled = True  # torch.cuda's graph API is the model above

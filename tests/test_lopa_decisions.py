@@ -21,14 +21,14 @@ import math
 
 import pytest
 import torch
-from engine_utils import FAMILIES, ScriptedModel
-from reference_checks import graded_model, prompt_for
 from torch import Tensor
 
 from lopa.config import DecodeConfig
 from lopa.decoding.confidence import Prediction
 from lopa.engine.engine import decode, run
 from lopa.engine.runner import Runner
+from tests.support.engine_utils import FAMILIES, ScriptedModel
+from tests.support.reference_checks import graded_model, prompt_for
 
 H = [0.95, 0.93, 0.96, 0.92, 0.85, 0.94, 0.97, 0.91]  # p when the previous position is decoded
 L = [0.50, 0.30, 0.60, 0.40, 0.20, 0.45, 0.88, 0.86]  # p when it is masked

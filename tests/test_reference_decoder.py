@@ -1,4 +1,5 @@
-"""The engine equals the independent reference decoder (tests/reference_decoder.py) token for token and step for step.
+"""The engine equals the independent reference decoder (tests/support/reference_decoder.py) token for token and step for
+step.
 
 Every decision the engine makes is compared with a re-implementation that shares no code with it: per iteration
 the lookahead positions it spawned (in creation order), every candidate's score, the winner, the positions the
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_utils import END, FAMILIES, MASK
-from reference_checks import assert_same_decode, engine_decode, graded_model, prompt_for
-from reference_decoder import ReferenceTransformer, guess, reference_decode
 
 from lopa.config import DecodeConfig
 from lopa.testing import transformers_bidirectional_logits, transformers_twin
+from tests.support.engine_utils import END, FAMILIES, MASK
+from tests.support.reference_checks import assert_same_decode, engine_decode, graded_model, prompt_for
+from tests.support.reference_decoder import ReferenceTransformer, guess, reference_decode
 
 # (k, block_size, threshold, confidence): every k, block size and confidence kind, spread over thresholds
 GRID = [

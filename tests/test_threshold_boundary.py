@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_utils import FAMILIES, ScriptedModel, answer
 from torch import Tensor
 
 from lopa.config import DecodeConfig
@@ -15,6 +14,7 @@ from lopa.decoding.confidence import Prediction
 from lopa.engine.engine import decode, run
 from lopa.engine.runner import Runner
 from lopa.state import GenState
+from tests.support.engine_utils import FAMILIES, ScriptedModel, answer
 
 MASK, EOS = 15, 14
 PROMPT = [8, 9, 10]

@@ -1,5 +1,6 @@
-"""Helpers shared by the tests that compare the engine with tests/reference_decoder.py: graded random checkpoints,
-prompts, an engine decode with its runner, and the step-for-step comparison of a decode with the reference's."""
+"""Helpers shared by the tests that compare the engine with tests/support/reference_decoder.py: graded random
+checkpoints, prompts, an engine decode with its runner, and the step-for-step comparison of a decode with the
+reference's."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import random
 
 import pytest
 import torch
-from engine_utils import END, EOS, MASK, peaky_model
-from reference_decoder import Commit, ReferenceTransformer, RefResult, replay
 
 from lopa.config import DecodeConfig
 from lopa.engine.engine import decode, run
 from lopa.engine.runner import Runner
 from lopa.engine.sequence import Step
+from tests.support.engine_utils import END, EOS, MASK, peaky_model
+from tests.support.reference_decoder import Commit, ReferenceTransformer, RefResult, replay
 
 SCORE_TOL = 1e-4  # scores are means of fp32 confidences from two independent fp32 forwards
 KV_TOL = 1e-5
