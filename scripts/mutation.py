@@ -40,7 +40,7 @@ AREAS = {
     "decoding": Area(
         ("lopa/decoding/*",),
         ("lopa.decoding.*",),
-        ("tests/test_pinned_decoding.py",),
+        ("tests/decoding/test_pinned_decoding.py",),
     ),
     "sequence": Area(
         ("lopa/engine/sequence.py",),
