@@ -45,7 +45,7 @@ AREAS = {
     "sequence": Area(
         ("lopa/engine/sequence.py",),
         ("lopa.engine.sequence.*",),
-        ("tests/test_pinned_sequence.py",),
+        ("tests/engine/test_pinned_sequence.py",),
     ),
     "aup": Area(
         ("lopa/eval/aup.py",),

@@ -19,7 +19,7 @@ import torch
 from lopa.engine.fast import FastRunner
 from lopa.engine.runner import Runner
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

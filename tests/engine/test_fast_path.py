@@ -315,7 +315,7 @@ def test_llm_enforce_eager_selects_the_runner(tiny_ckpt):
 # ---- the benchmark -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["dream", "llada"])
 def test_gpu_step_bench_runs_on_cpu(capsys, family):
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_step.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_step.py"
     spec = importlib.util.spec_from_file_location("gpu_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
