@@ -23,7 +23,7 @@ from lopa.testing import make_tiny_checkpoint
 
 REPO = "acme/tiny-dream"
 MAIN, V2 = "a" * 40, "b" * 40  # commit hashes of the two snapshots
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
