@@ -242,7 +242,7 @@ def test_mesh_2x2_names_a_stuck_rank_at_the_timeout(tmp_path, single_thread):
 def test_bench_bp_measures_every_term_on_nccl():
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs")
-    bench = Path(__file__).resolve().parents[1] / "bench" / "bp.py"
+    bench = Path(__file__).resolve().parents[2] / "bench" / "bp.py"
     cmd = [sys.executable, str(bench), "--device", "cuda", "--mesh", "1x1,1x2,2x1,2x2", "--max-new-tokens", "32"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900).stdout
     rows = json.loads(out.strip().splitlines()[-1])["rows"]

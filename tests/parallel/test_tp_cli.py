@@ -18,7 +18,7 @@ import psutil
 from lopa import LLM, DecodeConfig
 from lopa.cli import main
 from lopa.dist.init import free_port
-from tests.test_tp import TIMEOUT_S, checkpoint
+from tests.parallel.test_tp import TIMEOUT_S, checkpoint
 
 
 def test_cli_generate_tp2_prints_the_single_process_answer(tmp_path, capsys, monkeypatch, single_thread):
