@@ -59,7 +59,7 @@ AREAS = {
             "lopa.server.protocol.x_sum_usage__mutmut_*",
             "lopa.server.worker.xǁOutputCutterǁ*",
         ),
-        ("tests/test_pinned_usage.py",),
+        ("tests/server/test_pinned_usage.py",),
     ),
 }
 
