@@ -50,7 +50,7 @@ AREAS = {
     "aup": Area(
         ("lopa/eval/aup.py",),
         ("lopa.eval.aup.*",),
-        ("tests/test_pinned_aup.py",),
+        ("tests/eval/test_pinned_aup.py",),
     ),
     "usage": Area(
         ("lopa/server/protocol.py", "lopa/server/worker.py"),

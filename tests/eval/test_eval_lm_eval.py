@@ -59,7 +59,7 @@ def test_simple_evaluate_on_an_offline_local_task(tmp_path: Path, monkeypatch: p
         monkeypatch.setenv(var, "1")  # read when datasets is first imported, which is below
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(3)))
-    yaml = (Path(__file__).resolve().parents[1] / "docs" / "eval.md").read_text().split("```yaml\n")[1].split("```")[0]
+    yaml = (Path(__file__).resolve().parents[2] / "docs" / "eval.md").read_text().split("```yaml\n")[1].split("```")[0]
     (tmp_path / "gsm8k_local.yaml").write_text(yaml.replace("/data/gsm8k/test.jsonl", str(data)))
     llm = FakeLLM(lambda p: f" so #### {int(p.rsplit('Question: ', 1)[1].split('+')[0]) + 1}")
     lm = LopaLM(llm=llm)
