@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
 
-import pytest
 import torch
 
 from lopa import LLM
 from lopa.cli import build_parser, main
-from lopa.model.loader import save_checkpoint
 
 SMALL = ["--block-size", "8", "--max-new-tokens", "16"]
 
@@ -89,26 +85,3 @@ def test_eval_console_shows_prompts_that_were_too_long(tiny_ckpt, tmp_path, caps
     summary = json.loads((out / "summary.json").read_text())
     assert summary["prompt_too_long"] == 2
     assert "prompt_too_long 2/2" in console
-
-
-def test_saved_weights_are_readable_by_others(tiny_checkpoint, tmp_path) -> None:
-    old = os.umask(0o022)
-    try:
-        single = save_checkpoint(tiny_checkpoint.model, tmp_path / "one")
-        sharded = save_checkpoint(tiny_checkpoint.model, tmp_path / "two", max_shard_bytes=200_000)
-    finally:
-        os.umask(old)
-    files = [*single.glob("*.safetensors"), *sharded.glob("*.safetensors")]
-    assert len(files) > 2
-    for f in files:
-        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
-
-
-@pytest.mark.parametrize("umask", [0o077])
-def test_weight_mode_follows_the_umask(tiny_checkpoint, tmp_path, umask: int) -> None:
-    old = os.umask(umask)
-    try:
-        out = save_checkpoint(tiny_checkpoint.model, tmp_path / "private")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o600

@@ -1,25 +1,29 @@
-"""Checkpoint loading: formats that load, and every user-caused failure with its named error and message."""
+"""Checkpoint loading and saving: formats that load, the device named on the command line, the file modes of saved
+weights, and every user-caused failure with its named error and message."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lopa.cli import main
 from lopa.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    DeviceUnavailableError,
     TensorMismatchError,
     UnsafeWeightsError,
     UnsupportedModelError,
 )
-from lopa.model.loader import INDEX_FILE, load_checkpoint, save_checkpoint
+from lopa.model.loader import INDEX_FILE, load_checkpoint, resolve_device, save_checkpoint
 from lopa.testing import make_tiny_checkpoint
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])  # (1, 7)
@@ -30,12 +34,6 @@ def _logits(ckpt_dir: Path, **kw) -> torch.Tensor:
     ck = load_checkpoint(ckpt_dir, **kw)
     with torch.no_grad():
         return ck.model(IDS, POS).float()  # (1, 7, vocab)
-
-
-@pytest.fixture
-def ckpt(tiny_ckpt: Path, tmp_path: Path) -> Path:
-    """A private, mutable copy of the shared tiny checkpoint."""
-    return Path(shutil.copytree(tiny_ckpt, tmp_path / "ckpt"))
 
 
 def _edit_json(path: Path, **changes) -> None:
@@ -255,3 +253,53 @@ def test_mask_id_outside_vocab(ckpt: Path) -> None:
 def test_unknown_dtype(tiny_ckpt: Path) -> None:
     with pytest.raises(ConfigError, match="dtype 'int8' is not supported"):
         load_checkpoint(tiny_ckpt, dtype="int8")
+
+
+def _generate(ckpt, *extra: str) -> list[str]:
+    return ["generate", "--model", str(ckpt), "--block-size", "8", "--max-new-tokens", "8", *extra, "hi"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_says_the_device_is_unavailable(tiny_ckpt, capsys) -> None:
+    assert main(_generate(tiny_ckpt, "--device", "cuda")) == 2
+    err = capsys.readouterr().err
+    assert "no cuda device is available" in err and "safetensors" not in err
+    with pytest.raises(DeviceUnavailableError, match="cuda"):
+        load_checkpoint(tiny_ckpt, device="cuda:0")
+
+
+@pytest.mark.parametrize(("device", "words"), [("tpu", "not a device torch knows"), ("meta", "meta holds no data")])
+def test_unknown_or_dataless_devices_get_a_named_error(tiny_ckpt, capsys, device: str, words: str) -> None:
+    assert main(_generate(tiny_ckpt, "--device", device)) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "safetensors" not in err
+
+
+def test_cpu_device_still_resolves() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailableError, match="numbered"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_saved_weights_are_readable_by_others(tiny_checkpoint, tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        single = save_checkpoint(tiny_checkpoint.model, tmp_path / "one")
+        sharded = save_checkpoint(tiny_checkpoint.model, tmp_path / "two", max_shard_bytes=200_000)
+    finally:
+        os.umask(old)
+    files = [*single.glob("*.safetensors"), *sharded.glob("*.safetensors")]
+    assert len(files) > 2
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+@pytest.mark.parametrize("umask", [0o077])
+def test_weight_mode_follows_the_umask(tiny_checkpoint, tmp_path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        out = save_checkpoint(tiny_checkpoint.model, tmp_path / "private")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o600

@@ -38,12 +38,6 @@ def _edit_config(lora: Path, **changes) -> None:
     (lora / "adapter_config.json").write_text(json.dumps(cfg))
 
 
-@pytest.fixture
-def lora(tiny_lora: Path, tmp_path: Path) -> Path:
-    """A private, mutable copy of the shared tiny adapter."""
-    return Path(shutil.copytree(tiny_lora, tmp_path / "lora"))
-
-
 def test_merge_equals_peft_merge_and_unload(tiny_ckpt: Path, tiny_lora: Path) -> None:
     ours = _ours(tiny_ckpt, tiny_lora)
     assert (ours - _ours(tiny_ckpt, None)).abs().max() > 1e-2  # the adapter really changes the model
@@ -154,3 +148,26 @@ def test_a_bad_adapter_leaves_the_model_untouched(tiny_checkpoint, tmp_path: Pat
         merge_lora(model, lora)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_adapter_whose_declared_rank_disagrees_with_its_tensors_is_refused(ckpt: Path, lora: Path) -> None:
+    r = json.loads((lora / "adapter_config.json").read_text())["r"]
+    _edit_config(lora, r=r * 2)
+    with pytest.raises(AdapterError, match=rf"r={r * 2}.*rank {r}"):
+        load_checkpoint(ckpt, lora=lora)
+
+
+def test_adapter_rank_pattern_is_checked_too(ckpt: Path, lora: Path) -> None:
+    r = json.loads((lora / "adapter_config.json").read_text())["r"]
+    _edit_config(lora, rank_pattern={"q_proj": r + 1})
+    with pytest.raises(AdapterError, match="q_proj"):
+        load_checkpoint(ckpt, lora=lora)
+
+
+def test_adapter_with_nan_is_refused(ckpt: Path, lora: Path) -> None:
+    tensors = load_file(str(lora / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(lora / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="NaN"):
+        load_checkpoint(ckpt, lora=lora)
