@@ -1,16 +1,19 @@
 """Decoder invariants (docs/algorithm.md §3): LoPA k=0 / forced anchor equal the base decoder, batched
 verification equals separate forwards, exact forward counting, d2f(1, 1) equals threshold, and a mock model
-where LoPA's search provably saves forwards. Every test runs for both model families (Dream and LLaDA)."""
+where LoPA's search provably saves forwards: each runs for both model families (Dream and LLaDA). Tiny temperatures are
+numerically safe and make every decoder greedy (on the tiny checkpoint, through the Python API)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 
-from lopa.config import DecodeConfig
-from lopa.decoding.confidence import Sampler
+from lopa import LLM
+from lopa.config import DECODERS, DecodeConfig
+from lopa.decoding.confidence import Sampler, filtered_probs, predict
 from lopa.engine.engine import decode, run
 from lopa.engine.runner import Candidate, Runner
 from tests.support.engine_utils import END, FAMILIES, MASK, ChainMock, CountingModel, answer, peaky_model, run_decode
@@ -138,3 +141,60 @@ def test_mock_lopa_saves_forwards_exactly(family):
     for step in results.values():
         assert answer(step) == target
     assert [results[k].stats.forwards for k in ("threshold", "k1", "k2")] == [8, 5, 4]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt) -> LLM:
+    return LLM(tiny_ckpt)
+
+
+def _cfg(decoder: str, **kw) -> DecodeConfig:
+    return DecodeConfig(decoder=decoder, block_size=8, max_new_tokens=16, branches=2, **kw)
+
+
+@pytest.mark.parametrize("temperature", [1e-7, 1e-40, 1e-300, 5e-324])
+def test_tiny_temperatures_are_numerically_safe(temperature: float) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 10  # (m, vocab)
+    s = Sampler(mask_id=3, temperature=temperature, top_p=0.9, top_k=5)
+    probs = filtered_probs(logits, s)  # (m, vocab)
+    assert torch.isfinite(probs).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(6))
+    masked = logits.clone()
+    masked[:, 3] = -math.inf
+    assert torch.equal(probs.argmax(-1), masked.argmax(-1))  # the limit T -> 0 is greedy
+    pred = predict(logits, torch.arange(6), s, torch.Generator().manual_seed(1))
+    assert torch.equal(pred.tokens, masked.argmax(-1)) and torch.isfinite(pred.conf).all()
+
+
+def _greedy(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Argmax token per position of ``ids`` from one plain full forward (Dream's shift: output i−1 predicts i),
+    the mask token excluded; entry i is the prediction for position i (entry 0 is unused)."""
+    with torch.no_grad():
+        logits = llm.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]  # (L, vocab)
+    logits[:, llm.mask_id] = -math.inf
+    return torch.cat([torch.tensor([-1]), logits[:-1].argmax(-1)])
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_every_decoder_runs_at_a_tiny_temperature(llm: LLM, decoder: str) -> None:
+    """At T → 0 sampling is greedy and every chosen token has p = 1. So the seed does not matter; a block decoder
+    fills a whole block per forward (p = 1 > τ everywhere): 2 forwards for 16 positions in blocks of 8, the first block
+    being the argmax of one plain forward over prompt + 8 masks; vanilla's ties (all p = 1) go to the lower position,
+    so it fills left to right, each token the argmax of a plain forward over what is decoded so far."""
+    runs = [
+        llm.generate("hello", _cfg(decoder, temperature=1e-40, confidence="neg_entropy", seed=s))[0] for s in (0, 9)
+    ]
+    out = runs[0]
+    assert out.token_ids == runs[1].token_ids and out.token_ids
+    prompt, m = out.prompt_token_ids, llm.mask_id
+    p = len(prompt)
+    if decoder == "vanilla":
+        ids, want = prompt + [m] * 16, []
+        for i in range(len(out.token_ids)):
+            ids[p + i] = int(_greedy(llm, ids)[p + i])
+            want.append(ids[p + i])
+        assert out.token_ids == want and out.stats.forwards == len(want)
+    else:
+        assert out.stats.forwards == 2
+        assert out.token_ids[:8] == _greedy(llm, prompt + [m] * 8)[p:].tolist()

@@ -1,17 +1,25 @@
-"""The public API and `lopa generate`: prompts, chat template, stop strings, streaming, validation, CLI."""
+"""The public API and `lopa generate`: prompts, chat template, stop strings, streaming, validation, CLI, the mask
+token refused in prompts, and the same effective defaults (the checkpoint's recommendations) from API and CLI."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from lopa import LLM, DecodeConfig
-from lopa.cli import main
-from lopa.errors import ConfigError, PromptTooLongError
+from lopa.cli import build_parser, decode_config_from_args, main
+from lopa.config import DECODERS
+from lopa.engine.engine import answer_ids, decode, run
+from lopa.engine.runner import Runner
+from lopa.errors import ConfigError, MaskTokenInPromptError, PromptTooLongError
 
 FAST = DecodeConfig(decoder="lopa", branches=2, block_size=8, max_new_tokens=16)
+SMALL = ["--block-size", "8", "--max-new-tokens", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +183,102 @@ def test_checkpoint_recommendations_replace_engine_defaults(tmp_path):
     bundled = checkpoint_decode_defaults(None)
     assert (bundled.decoder, bundled.block_size, bundled.max_new_tokens) == ("threshold", 32, 64)
     assert checkpoint_decode_defaults(str(tmp_path / "missing")) == DecodeConfig()
+
+
+def test_generate_checks_every_prompt_before_decoding(tiny_ckpt, capsys) -> None:
+    assert main(["generate", "--model", str(tiny_ckpt), *SMALL, "--raw", "fine", "a <|mask|> b"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "mask token" in captured.err
+
+
+def test_threads_flag_sets_torch_threads(tiny_ckpt) -> None:
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(tiny_ckpt), *SMALL, "--threads", "1", "hi"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["generate", "--model", str(tiny_ckpt), "--threads", "0", "hi"]) == 2
+    finally:
+        torch.set_num_threads(before)
+    args = build_parser(["serve"]).parse_args(["serve", "--threads", "3"])
+    assert args.threads == 3
+
+
+def _cfg(decoder: str, **kw) -> DecodeConfig:
+    return DecodeConfig(decoder=decoder, block_size=8, max_new_tokens=16, branches=2, **kw)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_every_decoder_refuses_a_mask_token_in_the_prompt(llm: LLM, decoder: str) -> None:
+    m = llm.mask_id
+    for prompt in ([m, 5, 6], [5, m, 6], [5, 6, m]):
+        with pytest.raises(MaskTokenInPromptError, match="mask token") as e:
+            llm.generate([prompt], _cfg(decoder))
+        assert isinstance(e.value, ConfigError)  # the server answers 400
+    with pytest.raises(MaskTokenInPromptError):
+        llm.generate("<|mask|>Q: 1 + 1? A:", _cfg(decoder), raw=True)
+    with pytest.raises(MaskTokenInPromptError):
+        llm.chat([{"role": "user", "content": "a <|mask|> b"}], _cfg(decoder))
+    with pytest.raises(MaskTokenInPromptError):
+        next(iter(llm.stream([m, 1], _cfg(decoder))))
+
+
+def test_a_prompt_without_the_mask_token_still_decodes(llm: LLM) -> None:
+    """The ids either side of the mask id are ordinary prompt tokens: the output is the engine's own decode of them,
+    run below the facade that refuses the mask token."""
+    m = llm.mask_id
+    ids = [t for t in (m - 1, 5, m + 1) if 0 <= t < llm.config.vocab_size]
+    cfg = _cfg("lopa")
+    out = llm.generate([ids], cfg)[0]
+    want = run(decode(Runner(llm.model), ids, cfg.validate(), m, llm.end_ids))
+    assert out.prompt_token_ids == ids
+    assert out.token_ids == answer_ids(want.state, llm.end_ids)[0] and out.stats.forwards == want.stats.forwards
+
+
+RECOMMENDS = {"decoder": "threshold", "block_size": 8, "max_new_tokens": 24, "threshold": 0.8}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with recommended decoding settings that differ from the engine defaults."""
+    path = Path(shutil.copytree(tiny_ckpt, tmp_path_factory.mktemp("recommends") / "ckpt"))
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, **RECOMMENDS}))
+    return path
+
+
+def test_api_and_cli_build_the_same_config(ckpt: Path) -> None:
+    llm = LLM(ckpt)
+    argv = ["generate", "--model", str(ckpt), "--decoder", "lopa", "--branches", "2", "x"]
+    from_cli = decode_config_from_args(build_parser(argv).parse_args(argv))
+    from_api = llm.decode_config(decoder="lopa", branches=2)
+    assert from_cli == from_api
+    assert (from_api.block_size, from_api.max_new_tokens, from_api.threshold) == (8, 24, 0.8)
+    assert llm.default_config == decode_config_from_args(build_parser(argv[:3]).parse_args(argv[:3] + ["x"]))
+
+
+def test_api_and_cli_answer_alike(ckpt: Path, capsys) -> None:
+    prompt = "Q: 1 + 1? A:"
+    assert (
+        main(["generate", "--model", str(ckpt), "--raw", "--json", "--decoder", "lopa", "--branches", "2", prompt]) == 0
+    )
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    llm = LLM(ckpt)
+    api = llm.generate([prompt], llm.decode_config(decoder="lopa", branches=2), raw=True)[0]
+    assert cli["settings"] == llm.decode_config(decoder="lopa", branches=2).to_dict()
+    assert cli["token_ids"] == api.token_ids and cli["text"] == api.text
+
+
+def test_help_says_defaults_come_from_the_checkpoint(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "checkpoint's generation_config.json, else 16" in text  # --block-size
+    assert "checkpoint's generation_config.json, else 128" in text  # --max-new-tokens
+
+
+def test_invalid_generation_config_warns(ckpt: Path, tmp_path: Path) -> None:
+    bad = Path(shutil.copytree(ckpt, tmp_path / "bad"))
+    (bad / "generation_config.json").write_text(json.dumps({"block_size": 8, "max_new_tokens": 20}))
+    with pytest.warns(UserWarning, match=r"generation_config.json recommends invalid.*multiple of block_size"):
+        llm = LLM(bad)
+    assert llm.default_config == DecodeConfig()

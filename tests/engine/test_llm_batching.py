@@ -1,8 +1,11 @@
 """LLM.generate decodes prompts together: on the bundled model and a random checkpoint every prompt's tokens and
 forward count equal decoding it alone; per-prompt configs; sessions stream like ``LLM.stream``; knobs and the
-branch-parallel refusal are named errors."""
+branch-parallel refusal are named errors; ``lopa generate`` prints each result as soon as it and those before it
+are ready."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -12,6 +15,7 @@ from lopa.errors import BatchingError, ConfigError, PromptTooLongError
 from lopa.session import BatchSession
 
 FAST = DecodeConfig(decoder="lopa", branches=2, block_size=8, max_new_tokens=16)
+SMALL = ["--block-size", "8", "--max-new-tokens", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +158,40 @@ def test_session_events_carry_each_iterations_trace(llm) -> None:
                 final[rid] = event.completion
     for rid in rids:
         assert traces[rid] == final[rid].trace and len(traces[rid]) == final[rid].stats.forwards
+
+
+def test_generate_prints_each_prompt_as_it_finishes(tiny_ckpt, monkeypatch, capsys) -> None:
+    """The prompts decode together; each result is printed, in input order, as soon as it and every result
+    before it are ready (never held back until the whole batch is done)."""
+    import lopa.generate_cli as generate_cli
+
+    log: list[tuple[str, int]] = []
+    real_each, real_emit = LLM.generate_each, generate_cli.emit
+
+    def generate_each(self, prompts, *a, **kw):
+        for index, completion in real_each(self, prompts, *a, **kw):
+            log.append(("done", index))
+            yield index, completion
+
+    def emit(completion, *a, **kw):
+        log.append(("print", len(completion.prompt_token_ids)))
+        return real_emit(completion, *a, **kw)
+
+    monkeypatch.setattr(LLM, "generate_each", generate_each)
+    monkeypatch.setattr(generate_cli, "emit", emit)
+    prompts = ["one", "two two", "three three three"]
+    args = ["generate", "--model", str(tiny_ckpt), "--raw", "--max-num-seqs", "3", *SMALL, "--json", *prompts]
+    assert main(args) == 0
+    lengths = [len(LLM(tiny_ckpt).encode_prompt(p, raw=True)) for p in prompts]
+    assert [n for kind, n in log if kind == "print"] == lengths  # input order
+    replay, ready, shown = [], set(), 0
+    for kind, index in log:  # after each finished prompt, everything printable is printed before the next finishes
+        if kind == "done":
+            replay.append((kind, index))
+            ready.add(index)
+            while shown in ready:
+                replay.append(("print", lengths[shown]))
+                shown += 1
+    assert log == replay
+    out = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(out) == 3 and max(o["stats"]["batch_size"] for o in out) > 1

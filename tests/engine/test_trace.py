@@ -2,7 +2,8 @@
 
 Checked against the engine's own outputs on the tiny random checkpoint: the fills of a trace cover every decoded
 position exactly once and spell the completion's tokens; the streamed steps equal the completion's trace; the
-PNG and GIF files open with the expected size and one frame per forward.
+PNG and GIF files open with the expected size and one frame per forward; ``--trace`` without ``--json`` prints a
+readable table.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lopa.cli import main
 from lopa.outputs import TraceStep
 from lopa.trace_plot import fill_order, save_trace_gif, save_trace_plot
 
+SMALL = ["--block-size", "8", "--max-new-tokens", "16"]
 PROMPTS = ["def add(a, b):", "x = 1", "hello there"]
 SETTINGS = [
     DecodeConfig(decoder="vanilla", max_new_tokens=12),
@@ -128,3 +130,13 @@ def test_generate_cli_writes_numbered_pictures(tiny_ckpt, tmp_path, capsys) -> N
         assert Image.open(tmp_path / f"m-{i}.png").format == "PNG"
         assert Image.open(tmp_path / f"m-{i}.gif").n_frames == n
     assert not (tmp_path / "m.png").exists()
+
+
+def test_trace_without_json_is_printed_readably(tiny_ckpt, capsys) -> None:
+    argv = ["generate", "--model", str(tiny_ckpt), *SMALL, "--decoder", "lopa", "--branches", "2", "--trace", "hi"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "trace (score per candidate, * = winner):" in err
+    lines = [line for line in err.splitlines() if line.strip().startswith("iter")]
+    assert lines and all("*" in line and "filled" in line for line in lines)
+    assert "lookahead@" in err

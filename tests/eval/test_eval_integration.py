@@ -1,6 +1,7 @@
 """``lopa eval`` end to end on a tiny random checkpoint: files, counts, metric identities, repeatability.
 
-The random model writes garbage, so these tests assert on consistency, never on the score.
+The random model writes garbage, so these tests assert on consistency, never on the score. Also what the console
+shows (prompts that were too long) and an ``--out`` that cannot be written, refused before the model loads.
 """
 
 import json
@@ -60,3 +61,28 @@ def test_humaneval_end_to_end_runs_the_sandbox(checkpoint: Path, tmp_path: Path)
     assert "def has_close_elements" in samples[0]["prompt"]
     assert all(s["status"] in ("pass", "fail", "timeout", "error") for s in samples)
     assert summary["correct"] == sum(s["correct"] for s in samples)
+
+
+def test_eval_out_that_cannot_be_written_fails_before_the_run(tiny_ckpt, tmp_path, capsys, monkeypatch) -> None:
+    import lopa.eval.cli as eval_cli
+
+    def no_model(_args):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(eval_cli, "load_llm", no_model)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    argv = ["eval", "--model", str(tiny_ckpt), "--task", "tiny", "--limit", "1", "--out", str(blocker / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot be written" in err
+
+
+def test_eval_console_shows_prompts_that_were_too_long(tiny_ckpt, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_ckpt), "--task", "tiny", "--limit", "2", "--no-progress"]
+    assert main([*argv, "--block-size", "8", "--max-new-tokens", "2048", "--out", str(out)]) == 0
+    console = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompt_too_long"] == 2
+    assert "prompt_too_long 2/2" in console

@@ -1,4 +1,4 @@
-"""`lopa bench` end to end: the table, the JSON line and the plot."""
+"""`lopa bench` end to end: the table, the JSON line and the plot; a bench of zero problems is a usage error."""
 
 from __future__ import annotations
 
@@ -182,3 +182,8 @@ def test_agreement_by_hand():
     alone = [_answers_row("d2f", [1])]
     _set_agreement(alone)
     assert alone[0].agreement is None  # threshold was not run
+
+
+def test_bench_with_zero_problems_is_a_usage_error(tiny_ckpt, capsys) -> None:
+    assert main(["bench", "--model", str(tiny_ckpt), "--n", "0"]) == 2
+    assert "--n must be >= 1" in capsys.readouterr().err
