@@ -1,9 +1,13 @@
 """Malformed requests against a real server on the tiny checkpoint: each one gets a 4xx with an OpenAI-style
-error body and a message, never a 5xx, and the server keeps answering afterwards."""
+error body and a message, never a 5xx, and the server keeps answering afterwards. Prompts and settings that used to
+give a 500 or exhaust memory (a mask token in the prompt, a tiny temperature, branches or K/V over the operator's
+limits) are refused or served; a 500 from an engine bug is counted apart and leaves the keep-alive connection usable."""
 
 from __future__ import annotations
 
+import http.client
 import json
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -11,6 +15,7 @@ import pytest
 from lopa import LLM, DecodeConfig
 from lopa.server import create_app
 from lopa.server.background import serve_in_background
+from lopa.server.limits import ServerLimits
 
 MAX_BODY = 64 * 1024
 C, CC = "/v1/completions", "/v1/chat/completions"
@@ -164,3 +169,111 @@ def test_chunked_body_over_the_limit_is_refused(base_url: str) -> None:
 
     r = httpx.post(base_url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+class BoomLLM(LLM):
+    """The tiny model, except that the prompt 'boom' hits an engine bug (a plain exception: a 500) when its
+    first tokens are turned into text, whether it decodes alone or in a batch."""
+
+    def _answer(self, step, cfg):
+        state = step.state
+        if "boom" in self.tokenizer.decode(state.tokens[: state.prompt_len].tolist()):
+            raise RuntimeError("a simulated engine bug")
+        return super()._answer(step, cfg)
+
+
+@pytest.fixture(scope="module")
+def boom_llm(tiny_ckpt) -> BoomLLM:
+    return BoomLLM(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def boom_url(boom_llm):
+    app = create_app(
+        boom_llm,
+        default_config=DecodeConfig(block_size=8, max_new_tokens=8),
+        limits=ServerLimits(max_branches=8, max_kv_cache_mb=1),
+    )
+    with serve_in_background(app) as url:
+        yield url
+
+
+def _post(base_url: str, body: dict) -> httpx.Response:
+    return httpx.post(base_url + C, json=body, timeout=60)
+
+
+@pytest.mark.parametrize("decoder", ["vanilla", "threshold", "d2f", "lopa"])
+@pytest.mark.parametrize("prompt", ["<|mask|>hi", "mask-first-id", "mask-later-id"])
+def test_mask_token_in_the_prompt_is_a_400_for_every_decoder(boom_url, boom_llm, decoder: str, prompt) -> None:
+    prompt = {"mask-first-id": [boom_llm.mask_id, 5], "mask-later-id": [5, boom_llm.mask_id, 6]}.get(prompt, prompt)
+    r = _post(boom_url, {"prompt": prompt, "max_tokens": 8, "lopa": {"decoder": decoder}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "mask_token_in_prompt"
+    chat = {"messages": [{"role": "user", "content": "a <|mask|> b"}], "max_tokens": 8}
+    r = httpx.post(boom_url + "/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 400 and "mask token" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324])
+def test_tiny_temperature_is_served(boom_url, temperature: float) -> None:
+    for stream in (False, True):
+        r = _post(boom_url, {"prompt": "hi", "max_tokens": 8, "temperature": temperature, "stream": stream})
+        assert r.status_code == 200, r.text
+        assert '"error"' not in r.text
+
+
+@pytest.mark.parametrize("branches", [9, 20000, 10**12])
+def test_branches_over_the_operator_limit_are_a_400_naming_it(boom_url, branches: int) -> None:
+    r = _post(boom_url, {"prompt": "hi", "max_tokens": 8, "lopa": {"decoder": "lopa", "branches": branches}})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "limit_exceeded" and "--max-branches" in error["message"] and "8" in error["message"]
+
+
+def test_the_trace_route_enforces_the_same_limits(boom_url) -> None:
+    body = {"prompt": "hi", "max_tokens": 8, "lopa": {"decoder": "lopa", "branches": 20000}}
+    r = httpx.post(f"{boom_url}/v1/trace", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "limit_exceeded" and "--max-branches" in r.json()["error"]["message"]
+
+
+def test_kv_cache_budget_is_a_400_naming_it(boom_url, boom_llm) -> None:
+    # tiny model: 2 layers x 2 kv heads x 16 head dims x fp32 x (K, V) = 512 bytes per row-position
+    per_position = (
+        2 * boom_llm.config.num_hidden_layers * boom_llm.config.num_key_value_heads * boom_llm.config.head_dim * 4
+    )
+    fits = (1 << 20) // (per_position * 9) - 8  # 9 rows (8 branches + anchor) within the 1 MiB budget
+    body = {"prompt": [5] * fits, "max_tokens": 8, "lopa": {"decoder": "lopa", "branches": 8}}
+    assert _post(boom_url, body).status_code == 200
+    body["prompt"] = [5] * (fits + 64)
+    r = _post(boom_url, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "limit_exceeded" and "--max-kv-cache-mb" in r.json()["error"]["message"]
+
+
+def test_health_counts_failures_apart_from_completions(boom_url) -> None:
+    before = httpx.get(boom_url + "/health").json()
+    assert _post(boom_url, {"prompt": "boom", "max_tokens": 8}).status_code == 500
+    assert _post(boom_url, {"prompt": "fine", "max_tokens": 8}).status_code == 200
+    after = httpx.get(boom_url + "/health").json()
+    assert after["failed"] == before["failed"] + 1
+    assert after["completed"] == before["completed"] + 1
+
+
+def test_a_500_does_not_poison_the_keep_alive_connection(boom_url) -> None:
+    url = urlparse(boom_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+    try:
+        for _ in range(5):
+            for prompt, status in (("boom", 500), ("fine", 200)):
+                conn.request("POST", C, body=json.dumps({"prompt": prompt, "max_tokens": 8}), headers=headers)
+                sock = conn.sock
+                r = conn.getresponse()
+                body = json.loads(r.read())
+                assert r.status == status, body
+                assert r.getheader("connection", "").lower() != "close"
+                assert conn.sock is sock  # the same TCP connection carries the next request
+        assert body["choices"][0]["text"] is not None
+    finally:
+        conn.close()

@@ -1,5 +1,6 @@
 """One request cannot monopolise the engine: prompts per request are capped, the queue limit and the KV budget
-are charged per prompt, and admission takes turns between requests one prompt at a time."""
+are charged per prompt, admission takes turns between requests one prompt at a time, and one large request does
+not leave the cache inflated for the next."""
 
 from __future__ import annotations
 
@@ -125,3 +126,32 @@ def test_a_too_long_prompt_anywhere_in_the_request_fails_it_before_any_prompt_ru
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "context_length_exceeded" and "prompt 2 " in r.json()["error"]["message"]
     assert client.get("/health").json()["failed"] == 0  # refused before it was queued
+
+
+def test_one_large_request_does_not_leave_the_cache_inflated(tmp_path) -> None:
+    import psutil
+
+    from lopa.testing import make_tiny_checkpoint
+
+    # 4 layers x 8 kv heads x 32 dims x fp32 x (K, V) = 8 KiB per row-position: 65 rows x 316 positions = 160 MiB
+    path = make_tiny_checkpoint(tmp_path / "wide", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=8)
+    llm = LLM(path)
+    small = DecodeConfig(decoder="threshold", block_size=8, max_new_tokens=16)
+    large = DecodeConfig(decoder="lopa", branches=64, block_size=8, max_new_tokens=16, max_iterations=2)
+    prompt = list(range(5, 305))
+    create_app(llm, default_config=small)  # the server's setting: keep no cache larger than its defaults need
+    assert llm.max_idle_cache_bytes is not None
+    llm.generate([prompt], small)
+    process = psutil.Process()
+    before = process.memory_info().rss
+    llm.generate([prompt], large)
+    grown = process.memory_info().rss - before
+    cache_bytes = 2 * 4 * 65 * 8 * 316 * 32 * 4
+    assert llm.runner.cache is None  # freed, not kept for the next request
+    assert grown < cache_bytes / 4, f"RSS grew by {grown / 2**20:.0f} MiB after the request"
+    llm.generate([prompt], small)  # the next request allocates what it needs
+    assert llm.runner.cache is not None and llm.runner.cache.rows == 1
+
+    llm.max_idle_cache_bytes = None  # the library default keeps the cache for reuse
+    llm.generate([prompt], large)
+    assert llm.runner.cache.rows == 65
