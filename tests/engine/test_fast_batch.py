@@ -86,10 +86,10 @@ def test_fast_batched_decode_survives_strided_attention_output(model, monkeypatc
     assert calls and fast.eager_forwards > 0
 
 
-def test_batch_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, monkeypatch) -> None:
+def test_batch_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, fake_cuda_graphs) -> None:
     """Growing the shared output buffers drops every graph; the next capture starts a fresh pool (see
     tests/support/engine_utils.py: FakeGraphPools), while graphs that live together share one."""
-    pools = FakeGraphPools().install(monkeypatch)
+    pools = fake_cuda_graphs
     fast = FastBatchRunner(copy.deepcopy(model), 4, 128, window_granularity=16, kv_granularity=32)
     fast.graphs.enabled = True  # torch.cuda's graph API is the model above
     slots = [fast.alloc() for _ in range(4)]

@@ -256,11 +256,11 @@ def test_fast_decode_survives_strided_attention_output_with_gqa(model, fused, mo
     assert calls and fast.eager_forwards > 0  # the padded static forward ran on the strided outputs
 
 
-def test_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, fused, monkeypatch):
+def test_graph_captures_never_reuse_a_pool_whose_graphs_are_gone(model, fused, fake_cuda_graphs):
     """The real capture code against a model of the allocator's pool bookkeeping (FakeGraphPools in
     tests/support/engine_utils.py): graphs share one pool while any of them lives, and a capture after every graph
     was dropped (a larger cache, a grown logits buffer) starts a fresh pool instead of reusing the dead one."""
-    pools = FakeGraphPools().install(monkeypatch)
+    pools = fake_cuda_graphs
     fast = FastRunner(fused, window_granularity=16, kv_granularity=32, max_graph_window=128)
     fast.graphs.enabled = True  # torch.cuda's graph API is the model above
     eager = Runner(model)

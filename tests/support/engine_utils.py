@@ -158,7 +158,8 @@ class FakeGraphPools:
     Two ways in: :meth:`stand_in` replaces a runner's capture (``GraphBuckets.capture``) with a graph whose replay
     reruns the captured function on the static buffers; :meth:`install` replaces ``torch.cuda``'s graph, stream
     and pool-handle API, so the runners' real capture code runs on CPU (its graphs' replay does nothing: the
-    output holds the capture step's values; use it for bookkeeping, not for replayed values).
+    output holds the capture step's values; use it for bookkeeping, not for replayed values); the engine tests get
+    it installed as the ``fake_cuda_graphs`` fixture (tests/engine/conftest.py).
     """
 
     def __init__(self) -> None:
