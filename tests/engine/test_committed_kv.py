@@ -9,8 +9,8 @@ own hand-written transformer. Each path must hold exactly that prefix (and, Drea
   (``model/pooled.py``), several sequences with different k sharing one forward, each in its own slot;
 - branch parallelism: :class:`lopa.dist.runner.BranchParallelRunner` at world sizes 2 and 3, every rank a thread
   with its own runner and cache, the collectives done by an in-process exchange (the gloo transport itself is
-  covered by test_dist.py, which compares the ranks' caches with the single-process one); every rank must end
-  with the replayed prefix, so the winner's owner must have broadcast the winner's span.
+  covered by tests/parallel/test_dist.py, which compares the ranks' caches with the single-process one); every
+  rank must end with the replayed prefix, so the winner's owner must have broadcast the winner's span.
 
 Every case checks that some committing forward was won by a lookahead branch, so committing another row (the
 anchor's) would show.
