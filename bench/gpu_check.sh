@@ -54,7 +54,7 @@ if ! "$PY" -c "import transformers" 2>/dev/null; then
     HF="--no-hf"
     echo "gpu_check: transformers is not installed: the hf columns are skipped (pip install 'transformers>=4.45')"
 fi
-GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
+GPU_TESTS=$(grep -rl --include='test_*.py' "pytest.mark.gpu" tests | sort | tr '\n' ' ')
 
 RESULTS=()
 FAILED=0

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRATCH = ROOT / ".mutation"
-SUPPORT = ["tests/conftest.py", "tests/engine_utils.py"]  # imported by the test files
+SUPPORT = ["tests/conftest.py", "tests/support/engine_utils.py"]  # imported by the test files
 
 
 @dataclass(frozen=True)
@@ -40,17 +40,17 @@ AREAS = {
     "decoding": Area(
         ("lopa/decoding/*",),
         ("lopa.decoding.*",),
-        ("tests/test_pinned_decoding.py",),
+        ("tests/decoding/test_pinned_decoding.py",),
     ),
     "sequence": Area(
         ("lopa/engine/sequence.py",),
         ("lopa.engine.sequence.*",),
-        ("tests/test_pinned_sequence.py",),
+        ("tests/engine/test_pinned_sequence.py",),
     ),
     "aup": Area(
         ("lopa/metrics.py",),
         ("lopa.metrics.*",),
-        ("tests/test_pinned_aup.py",),
+        ("tests/eval/test_pinned_aup.py",),
     ),
     "usage": Area(
         ("lopa/server/protocol.py", "lopa/server/output_cut.py"),
@@ -59,7 +59,7 @@ AREAS = {
             "lopa.server.protocol.x_sum_usage__mutmut_*",
             "lopa.server.output_cut.xǁOutputCutterǁ*",
         ),
-        ("tests/test_pinned_usage.py",),
+        ("tests/server/test_pinned_usage.py",),
     ),
 }
 
@@ -70,13 +70,19 @@ def toml_list(values: tuple[str, ...] | list[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
+def package_files(rels: tuple[str, ...]) -> list[str]:
+    """``rels`` and the ``__init__.py`` of every folder above them up to ``tests/`` (the tests are a package)."""
+    folders = {parent for rel in rels for parent in Path(rel).parents if parent.parts[:1] == ("tests",)}
+    return [*sorted(str(folder / "__init__.py") for folder in folders), *rels]
+
+
 def prepare(name: str, area: Area) -> Path:
     """A fresh scratch copy for ``area``: lopa/, its tests and a pyproject.toml with only mutmut's section."""
     work = SCRATCH / name
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(ROOT / "lopa", work / "lopa", ignore=shutil.ignore_patterns("__pycache__"))
-    (work / "tests").mkdir()
-    for rel in (*SUPPORT, *area.tests):
+    for rel in package_files((*SUPPORT, *area.tests)):
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, work / rel)
     (work / "pyproject.toml").write_text(
         "[tool.mutmut]\n"

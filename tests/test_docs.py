@@ -1,4 +1,4 @@
-"""The docs the code cites exist and say what the code does."""
+"""The docs the code cites exist and say what the code does; the README's install and the docs' Python example hold."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lopa.checkpoint.bundled import BUNDLED_MODEL_NAME
 from lopa.checkpoint.tokenizer import IM_END_TOKEN
+from lopa.commands.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 ALGORITHM = ROOT / "docs" / "algorithm.md"
@@ -87,3 +88,30 @@ def test_batching_page_labels_v1_as_history() -> None:
     text = (ROOT / "docs" / "batching.md").read_text(encoding="utf-8")
     history = text.index("## History: bundled model v1")
     assert "v1" not in text[:history]
+
+
+def test_readme_installs_the_cpu_torch_that_ci_uses() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci_version = re.search(r"torch==([\d.]+)", (ROOT / ".ci" / "run").read_text())
+    assert ci_version is not None
+    install = readme[readme.index("## Install") : readme.index("## The two commands")]
+    torch_line = next(line for line in install.splitlines() if line.startswith("pip install torch"))
+    assert f"torch=={ci_version.group(1)}" in torch_line and "whl/cpu" in torch_line
+    assert install.index("pip install torch") < install.index('pip install -e ".[dev]"')
+
+
+def test_docs_python_example_answers_like_the_cli(capsys) -> None:
+    decoding = (ROOT / "docs" / "decoding.md").read_text()  # the Python API example the README links to
+    code = decoding[
+        decoding.index("```python") + len("```python") : decoding.index("```\n", decoding.index("```python"))
+    ]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (the README's own example)
+    out, cfg = scope["out"], scope["cfg"]
+    prompt = re.search(r'llm\.generate\(\["(.+?)"\]', code).group(1)
+    capsys.readouterr()
+    flags = ["--decoder", cfg.decoder, "--base", cfg.base, "--branches", str(cfg.branches)]
+    assert main(["generate", "--raw", "--json", *flags, prompt]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli["settings"] == cfg.to_dict()
+    assert cli["token_ids"] == out.token_ids
