@@ -126,7 +126,7 @@ def room_of(module: str) -> str:
 
 def main() -> int:
     verbose = "--verbose" in sys.argv
-    files = sorted(p for p in ROOT.rglob("*.py") if "checkpoint" not in p.parts or p.parent.name != "checkpoint")
+    files = sorted(ROOT.rglob("*.py"))
     modules = {module_name(p) for p in files}
     edges: list[tuple[str, str, str]] = []
     for p in files:
