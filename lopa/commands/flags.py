@@ -1,7 +1,7 @@
 """The flags shared by several commands, and what turns them into objects: model, decoding, threads, mesh.
 
 Decoder flags are generated from :class:`~lopa.config.DecodeConfig`'s fields, so defaults and help texts live
-once, in ``config.py``. A flag left out is None here and takes the config's (or the checkpoint's) default.
+once, in ``lopa/config/``. A flag left out is None here and takes the config's (or the checkpoint's) default.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The engine on a block-causal (SDAR) checkpoint: the decoders agree with each other where the definitions say they
 must, every runner (eager, fast, batched, fast batched) decodes the same, and the committed K/V are EXACT: equal to
-a fresh block-causal forward of the final tokens in transformers' Qwen3ForCausalLM (tests/sdar_reference.py),
+a fresh block-causal forward of the final tokens in transformers' Qwen3ForCausalLM (tests/support/sdar_reference.py),
 which is the point of block diffusion. Block sizes other than the model's attention block are refused by name.
 """
 

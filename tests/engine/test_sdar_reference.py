@@ -1,5 +1,5 @@
 """Greedy ``threshold`` with ``min_fill`` on a block-causal (SDAR) checkpoint equals an independent implementation of
-SDAR's official ``block_diffusion_generate`` (tests/sdar_reference.py: transformers' Qwen3ForCausalLM with a 4-D
+SDAR's official ``block_diffusion_generate`` (tests/support/sdar_reference.py: transformers' Qwen3ForCausalLM with a 4-D
 block-causal mask, ``low_confidence_dynamic``) token for token, and spends exactly one forward less per decoded
 block (lopa commits a finished block's exact K/V in the next block's first forward) and no prefill forward (the
 prompt's whole blocks are committed by the first forward).

@@ -1,6 +1,6 @@
 """The SDAR family's model side, dense and MoE, against transformers (an independent implementation).
 
-- Checkpoints laid out like the official release (tests/sdar_checkpoints.py) load; their logits under a
+- Checkpoints laid out like the official release (tests/support/sdar_checkpoints.py) load; their logits under a
   block-causal mask equal transformers' ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` built by transformers'
   own loader from the same tensors (a 4-D additive mask), within 1e-4: GQA, MHA and one kv head, tied and untied
   heads, several blocks with L a multiple of block_size and not; MoE with a layer in ``mlp_only_layers``,
