@@ -86,7 +86,7 @@ def new_sequence(
     align: int | None = None,
 ) -> BlockSequence | VanillaSequence:
     """The state machine that decodes ``prompt`` with ``cfg``. ``align``: the attention block of a block-causal
-    model (:func:`lopa.engine.blocks.layout_block`): generated blocks are aligned to its multiples, and vanilla
+    model (:func:`lopa.engine.block_layout.layout_block`): generated blocks are aligned to its multiples, and vanilla
     decodes block by block over the exact cache (a :class:`BlockSequence` filling one position per forward)."""
     if cfg.decoder == "vanilla" and align is None:
         return VanillaSequence(prompt, cfg, mask_id, end_ids, stop)
