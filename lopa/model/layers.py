@@ -1,8 +1,7 @@
 """Building blocks of the Qwen2/Dream backbone: RMSNorm, rotary embeddings, SwiGLU MLP.
 
 Attention lives in ``transformer.py`` (and reaches K/V through ``kv_access.py``) because it is where the cache
-and the branch layout meet. Everything here is
-stateless apart from parameters and the RoPE frequency buffer.
+and the branch layout meet. Everything here is stateless apart from parameters and the RoPE frequency buffer.
 """
 
 from __future__ import annotations
