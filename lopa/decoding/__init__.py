@@ -1,1 +1,1 @@
-"""Decoding strategies: pure tensor logic over GenState and predictions (never the model, cache or dist)."""
+"""Decoding strategies: pure tensor logic over GenState and predictions (never the model, cache or parallel)."""

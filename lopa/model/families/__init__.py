@@ -15,7 +15,7 @@ adapted from an autoregressive model and keeps its next-token offset (shift 1: t
 predicted by the last committed one, so the engine keeps that "frozen" logit at each commit); LLaDA and SDAR
 predict each position from its own output (shift 0). :func:`predicting_index` is the one place that applies it.
 The family's parser writes its name and shift into the ModelConfig once (``config.family``,
-``config.logit_shift``); the engine, decoders, cache, server, eval and dist code read those fields and never
+``config.logit_shift``); the engine, decoders, cache, server, eval and parallel code read those fields and never
 branch on a family's name.
 
 Adding a family = adding one file here that declares ``FAMILY`` and listing its module in ``_MODULES``.
