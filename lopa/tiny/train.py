@@ -9,6 +9,9 @@ run continues exactly where it stopped.
 generation_config.json: loadable by ``lopa.model.loader.load_checkpoint``) at every save, plus the training
 state in ``DIR/train_state`` (safetensors for weights and optimizer moments, JSON for the step and settings;
 never pickle) and a JSON-lines log. Rerunning the same command resumes. Called by ``lopa.cli``.
+
+``--family sdar`` trains the block-diffusion model instead (SDAR's objective and checkpoint format, an EMA of the
+weights exported): :mod:`lopa.tiny.block_train`, which shares this module's arguments and state format.
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each avera
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory: checkpoint + resumable training state")
+    p.add_argument(
+        "--family",
+        choices=("dream", "sdar"),
+        default="dream",
+        help="dream (default): the bidirectional Dream model; sdar: the block-diffusion model (SDAR objective, "
+        "block-causal attention, no logit shift; lopa.tiny.block_train)",
+    )
+    p.add_argument("--ema", type=float, default=0.999, help="sdar: EMA decay of the exported weights (0 = off)")
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default: 4000)")
     p.add_argument("--until", type=int, default=0, help="stop after this step for now; rerun to resume (0 = --steps)")
     p.add_argument("--batch", type=int, default=32, help="problems per step (default: 32)")
@@ -120,8 +131,8 @@ def load_state(model: DreamModel, opt: torch.optim.Optimizer, out: Path, args: a
     if not (d / "state.json").is_file():
         return None
     meta = json.loads((d / "state.json").read_text(encoding="utf-8"))
-    for key in ARCH_KEYS + ("seed", "batch"):
-        if meta["args"].get(key) != getattr(args, key):
+    for key in ARCH_KEYS + ("seed", "batch", "family"):
+        if meta["args"].get(key, "dream" if key == "family" else None) != getattr(args, key):
             raise ConfigError(
                 f"{out} holds a run with --{key.replace('_', '-')} {meta['args'].get(key)}, not "
                 f"{getattr(args, key)}; use the same settings to resume or a new --out."
@@ -174,6 +185,10 @@ def write_checkpoint(model: DreamModel, tok: Tokenizer, layout: Layout, out: Pat
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.family == "sdar":
+        from lopa.tiny import block_train
+
+        return block_train.run(args)
     if args.steps < 1 or args.batch < 1:
         raise ConfigError("--steps and --batch must be >= 1.")
     if not 0 <= args.average_from <= args.steps:
