@@ -217,6 +217,48 @@ def test_evaluator_stops_after_the_block_that_holds_the_end_token() -> None:
     assert forwards == [2] and all(int(c[2][0, 0]) < 12 for c in model.calls)  # block 3 never decoded
 
 
+class _Chain(torch.nn.Module):
+    """Predicts token ``10 + position``; sure (logit 20) where the position before is not masked, else unsure
+    (logit ~5 among 281 tokens: p ~ 0.35, lower positions slightly surer): a left-to-right dependency."""
+
+    def __init__(self, mask_id: int, vocab: int = 281) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.mask_id, self.vocab, self.rows = mask_id, vocab, 0
+
+    def forward(self, ids, positions, attn_mask=None, logits_idx=None):  # noqa: ANN001
+        self.rows += ids.shape[0]
+        pos = positions.gather(1, logits_idx)  # (n, k)
+        sure = ids.gather(1, logits_idx - 1) != self.mask_id
+        logits = torch.zeros(*pos.shape, self.vocab)
+        return logits.scatter_(2, (10 + pos)[..., None], torch.where(sure, 20.0, 5.0 - pos * 1e-3)[..., None])
+
+
+def test_threshold_plus_one_and_lopa_on_a_chain_model_by_hand() -> None:
+    tok = build_tokenizer()
+    ids = special_ids(tok)
+    layout = BlockLayout(8, 8, 4, ids["eos_token_id"], ids["mask_token_id"])  # blocks 4-7 (6, 7 open), 8-11, 12-15
+    problem = task.fixed_set("validation", 1)[0]
+    enc = lambda t: tok.encode(t).ids[:6]  # noqa: E731
+    right = [10 + p for p in range(6, 16)]
+
+    def run(**kw: int) -> tuple[list[int], int, int]:
+        model = _Chain(layout.mask_id)
+        outs, forwards = greedy_decode(model, [problem], enc, layout, 0.9, **kw)
+        return outs[0], forwards[0], model.rows
+
+    # threshold: one sure position per forward (each fill makes the next one sure): 10 forwards
+    assert run() == (right, 10, 10)
+    assert run(branches=0) == (right, 10, 10)
+    # threshold+1: the sure one plus the next most confident (the lower position): 6+7, 8+9, 10+11, 12+13, 14+15
+    assert run(extra_fill=1) == (right, 5, 5)
+    # LoPA k = 2. block 1: fill 6; then anchor {7 open} scores 1 - 6e-7, branch +7 has nothing open (1.0) and
+    # wins: 2 forwards. block 2: fill 8, branches +9 and +10; then anchor (9 sure, 10, 11 unsure) 0.57, +9 (10
+    # sure, 11 unsure) 0.67, +10 (9 and 11 sure) 1.0 wins and fills both: 2 forwards. block 3 likewise: 2.
+    # Verification rows: 1 + 2 (block 1), 1 + 3, 1 + 3 = 11 rows in 6 forwards.
+    assert run(branches=2) == (right, 6, 11)
+
+
 def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
