@@ -298,3 +298,14 @@ def test_sdar_resume_refuses_the_other_family(tmp_path: Path) -> None:
     assert main(["train", "--steps", "2", "--save-every", "1", "--out", out, *MICRO]) == 0
     dream = [a for a in MICRO if a not in ("--family", "sdar", "--ema", "0.9")]
     assert main(["train", "--steps", "4", "--out", out, *dream]) == 2  # ConfigError -> exit code 2
+
+
+def test_bundled_names_resolve_to_the_shipped_directories() -> None:
+    from lopa.model.hub import model_name_for, resolve_model
+    from lopa.tiny import bundled_checkpoint_dir, default_checkpoint_dir
+
+    assert resolve_model("lopa-tiny") == default_checkpoint_dir()
+    block = resolve_model("lopa-tiny-block")
+    assert block == bundled_checkpoint_dir("lopa-tiny-block") and block.name == "checkpoint-block"
+    assert model_name_for("lopa-tiny-block", block) == "lopa-tiny-block"
+    assert bundled_checkpoint_dir("lopa-tiny-blocks") is None

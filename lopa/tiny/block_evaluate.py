@@ -150,3 +150,62 @@ def score(
     model.train(was_training)
     n = max(len(problems), 1)
     return {"accuracy": correct / n, "wellformed": wellformed / n, "tpf": tokens / max(forwards, 1), "n": len(problems)}
+
+
+SWEEP = {  # name -> (threshold, extra_fill, branches): the rows of `lopa bench`'s table this loop can run
+    "threshold@0.95": (0.95, 0, 0),
+    "threshold": (0.9, 0, 0),
+    "threshold@0.8": (0.8, 0, 0),
+    "threshold@0.7": (0.7, 0, 0),
+    "threshold@0.5": (0.5, 0, 0),
+    "threshold+1": (0.9, 1, 0),
+    "lopa-threshold-k2": (0.9, 0, 2),
+    "lopa-threshold-k4": (0.9, 0, 4),
+    "lopa-threshold-k8": (0.9, 0, 8),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lopa.tiny.block_evaluate DIR``: a block model's table on the test split (one JSON line each)."""
+    import argparse
+    import json
+
+    from lopa.eval.aup import aup
+    from lopa.model.loader import load_checkpoint
+    from lopa.tiny import task
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("model", help="checkpoint directory of a block model (lopa train --family sdar)")
+    p.add_argument("--n", type=int, default=400, help="test problems (default: 400)")
+    p.add_argument("--split", default="test", choices=("test", "validation"))
+    p.add_argument("--decoders", nargs="+", default=list(SWEEP), choices=list(SWEEP))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.model)
+    gen, cfg = ckpt.generation_config, ckpt.config
+    tok = ckpt.tokenizer
+    layout = BlockLayout(32, int(gen["max_new_tokens"]), int(cfg.block_size), cfg.eos_token_id, cfg.mask_token_id)
+    problems = task.fixed_set(args.split, args.n)
+
+    def encode(text: str) -> list[int]:
+        return tok.encode(text)
+
+    rows = {}
+    for name in args.decoders:
+        tau, extra, k = SWEEP[name]
+        rows[name] = score(ckpt.model, problems, encode, tok.decode, layout, tau, 64, extra_fill=extra, branches=k)
+        print(json.dumps({"decoder": name, **rows[name]}), flush=True)
+    y_max = 100 * max(r["accuracy"] for r in rows.values())
+    for family, members in (
+        ("threshold (tau sweep)", [n for n in SWEEP if n.startswith("threshold@")] + ["threshold"]),
+        ("lopa over threshold (k sweep)", ["threshold"] + [n for n in SWEEP if n.startswith("lopa")]),
+    ):
+        pts = [(rows[m]["tpf"], 100 * rows[m]["accuracy"]) for m in members if m in rows]
+        if pts:
+            print(json.dumps({"family": family, "aup": round(aup(pts, y_max).value, 2), "points": pts}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
