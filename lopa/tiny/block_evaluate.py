@@ -166,23 +166,24 @@ SWEEP = {  # name -> (threshold, extra_fill, branches): the rows of `lopa bench`
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lopa.tiny.block_evaluate DIR``: a block model's table on the test split (one JSON line each)."""
+    """``python -m lopa.tiny.block_evaluate MODEL``: a block model's rows on the test split (one JSON line each)."""
     import argparse
     import json
 
     from lopa.eval.aup import aup
+    from lopa.model.hub import resolve_model
     from lopa.model.loader import load_checkpoint
     from lopa.tiny import task
 
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("model", help="checkpoint directory of a block model (lopa train --family sdar)")
+    p.add_argument("model", help="a block model: lopa-tiny-block or a directory written by lopa train --family sdar")
     p.add_argument("--n", type=int, default=400, help="test problems (default: 400)")
     p.add_argument("--split", default="test", choices=("test", "validation"))
     p.add_argument("--decoders", nargs="+", default=list(SWEEP), choices=list(SWEEP))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.model)
+    ckpt = load_checkpoint(resolve_model(args.model))
     gen, cfg = ckpt.generation_config, ckpt.config
     tok = ckpt.tokenizer
     layout = BlockLayout(32, int(gen["max_new_tokens"]), int(cfg.block_size), cfg.eos_token_id, cfg.mask_token_id)
