@@ -2,10 +2,10 @@
 
 A value that is an existing local directory is used as it is (so a local directory wins over a hub id of the
 same spelling). The names of the checkpoints shipped inside the package (``lopa-tiny``, ``lopa-tiny-block``:
-``lopa.tiny.BUNDLED_CHECKPOINTS``) come next. Otherwise a value shaped like a Hugging Face hub id (``ORG/NAME``) is fetched through
-``huggingface_hub``'s standard cache (``snapshot_download``: ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``,
-``HF_TOKEN`` all work as for transformers and vLLM), at ``revision`` (a branch, tag or commit; default
-``main``). Only the files lopa reads are downloaded (configs, tokenizer, chat template, safetensors weights).
+``lopa.tiny.BUNDLED_CHECKPOINTS``) come next. Otherwise a value shaped like a Hugging Face hub id (``ORG/NAME``)
+is fetched through ``huggingface_hub``'s standard cache (``snapshot_download``: ``HF_HOME`` / ``HF_HUB_CACHE``,
+``HF_HUB_OFFLINE``, ``HF_TOKEN`` all work as for transformers and vLLM), at ``revision`` (a branch, tag or commit;
+default ``main``). Only the files lopa reads are downloaded (configs, tokenizer, chat template, safetensors weights).
 ``huggingface_hub`` is the optional ``hub`` extra (``pip install 'lopa[hub]'``).
 """
 

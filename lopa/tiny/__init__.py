@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 BUNDLED_CHECKPOINTS = {"lopa-tiny": "checkpoint", "lopa-tiny-block": "checkpoint-block"}  # name -> directory
 
 
