@@ -309,3 +309,21 @@ def test_bundled_names_resolve_to_the_shipped_directories() -> None:
     assert block == bundled_checkpoint_dir("lopa-tiny-block") and block.name == "checkpoint-block"
     assert model_name_for("lopa-tiny-block", block) == "lopa-tiny-block"
     assert bundled_checkpoint_dir("lopa-tiny-blocks") is None
+
+
+def test_shipped_block_checkpoint_loads_by_name_and_decodes() -> None:
+    from lopa import LLM
+    from lopa.tiny import bundled_checkpoint_dir
+
+    path = bundled_checkpoint_dir("lopa-tiny-block")
+    assert (path / "model.safetensors").is_file() and (path / "MODEL_CARD.md").is_file()
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 8 * 2**20  # a few MB
+    llm = LLM("lopa-tiny-block")
+    cfg, gen = llm.config, llm.checkpoint.generation_config
+    assert llm.model_name == "lopa-tiny-block" and cfg.model_type == "sdar"
+    assert (cfg.attention, cfg.block_size, cfg.qk_norm, cfg.attention_bias) == ("block_causal", 32, True, False)
+    assert (gen["decoder"], gen["threshold"], gen["block_size"], gen["max_new_tokens"]) == ("threshold", 0.9, 32, 64)
+    layout = BlockLayout(32, 64, 32, cfg.eos_token_id, cfg.mask_token_id)
+    outs, forwards = greedy_decode(llm.model, task.fixed_set("test", 8), llm.tokenizer.encode, layout, 0.9)
+    assert all(o and layout.mask_id not in o for o in outs)
+    assert all(0 < f <= layout.length for f in forwards)
