@@ -1,10 +1,11 @@
 """Model names → local checkpoint directories: THE one place a ``--model`` value is resolved.
 
 A value that is an existing local directory is used as it is (so a local directory wins over a hub id of the
-same spelling). Otherwise a value shaped like a Hugging Face hub id (``ORG/NAME``) is fetched through
-``huggingface_hub``'s standard cache (``snapshot_download``: ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``,
-``HF_TOKEN`` all work as for transformers and vLLM), at ``revision`` (a branch, tag or commit; default
-``main``). Only the files lopa reads are downloaded (configs, tokenizer, chat template, safetensors weights).
+same spelling). The names of the checkpoints shipped inside the package (``lopa-tiny``, ``lopa-tiny-block``:
+``lopa.checkpoint.bundled``) come next. Otherwise a value shaped like a Hugging Face hub id (``ORG/NAME``)
+is fetched through ``huggingface_hub``'s standard cache (``snapshot_download``: ``HF_HOME`` / ``HF_HUB_CACHE``,
+``HF_HUB_OFFLINE``, ``HF_TOKEN`` all work as for transformers and vLLM), at ``revision`` (a branch, tag or commit;
+default ``main``). Only the files lopa reads are downloaded (configs, tokenizer, chat template, safetensors weights).
 ``huggingface_hub`` is the optional ``hub`` extra (``pip install 'lopa[hub]'``).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from lopa.checkpoint.bundled import bundled_checkpoint_dir
 from lopa.errors import CheckpointNotFoundError, HubModelNotFoundError, HubNotInstalledError
 
 # what lopa reads from a checkpoint; *.bin / *.pt / *.gguf duplicates of the weights are never downloaded
@@ -26,16 +28,20 @@ def is_hub_id(name: str) -> bool:
 
 
 def model_name_for(model: str | Path, path: Path) -> str:
-    """The id a model is served under: a hub id as given, a local directory's own name."""
+    """The id a model is served under: a hub id or bundled name as given, a local directory's own name."""
     return str(model) if path != Path(model).expanduser() else path.resolve().name
 
 
 def resolve_model(model: str | Path, revision: str | None = None) -> Path:
-    """The local checkpoint directory for ``model``: a local directory, else a hub id from the hub cache."""
+    """The local checkpoint directory for ``model``: a local directory, a bundled name (``lopa-tiny``,
+    ``lopa-tiny-block``), else a hub id from the hub cache."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     name = str(model)
+    bundled = bundled_checkpoint_dir(name)  # lopa-tiny, lopa-tiny-block: shipped inside the package
+    if bundled is not None:
+        return bundled
     if not is_hub_id(name):
         raise CheckpointNotFoundError(
             f"checkpoint directory {path} does not exist; pass a local directory holding config.json and "

@@ -7,6 +7,14 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory: checkpoint + resumable training state")
+    p.add_argument(
+        "--family",
+        choices=("dream", "sdar"),
+        default="dream",
+        help="dream (default): the bidirectional Dream model; sdar: the block-diffusion model (SDAR objective, "
+        "block-causal attention, no logit shift; lopa.tiny.block_train)",
+    )
+    p.add_argument("--ema", type=float, default=0.999, help="sdar: EMA decay of the exported weights (0 = off)")
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default: 4000)")
     p.add_argument("--until", type=int, default=0, help="stop after this step for now; rerun to resume (0 = --steps)")
     p.add_argument("--batch", type=int, default=32, help="problems per step (default: 32)")
@@ -39,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.family == "sdar":  # the block-diffusion model (SDAR's objective)
+        from lopa.tiny.block_train import run as run_block_train
+
+        return run_block_train(args)
     from lopa.tiny.train import run as run_train
 
     return run_train(args)

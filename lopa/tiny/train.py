@@ -9,6 +9,9 @@ run continues exactly where it stopped.
 generation_config.json: loadable by ``lopa.checkpoint.loader.load_checkpoint``) at every save, plus the training
 state in ``DIR/train_state`` (safetensors for weights and optimizer moments, JSON for the step and settings;
 never pickle) and a JSON-lines log. Rerunning the same command resumes. Called by ``commands/train.py``.
+
+``lopa train --family sdar`` trains the block-diffusion model instead (SDAR's objective and checkpoint format, an EMA
+of the weights exported): :mod:`lopa.tiny.block_train`, which shares this module's arguments and state format.
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ def load_state(model: Transformer, opt: torch.optim.Optimizer, out: Path, args: 
     if not (d / "state.json").is_file():
         return None
     meta = json.loads((d / "state.json").read_text(encoding="utf-8"))
-    for key in ARCH_KEYS + ("seed", "batch"):
-        if meta["args"].get(key) != getattr(args, key):
+    for key in ARCH_KEYS + ("seed", "batch", "family"):
+        if meta["args"].get(key, "dream" if key == "family" else None) != getattr(args, key):
             raise ConfigError(
                 f"{out} holds a run with --{key.replace('_', '-')} {meta['args'].get(key)}, not "
                 f"{getattr(args, key)}; use the same settings to resume or a new --out."

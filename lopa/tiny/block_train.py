@@ -1,0 +1,211 @@
+"""``lopa train --family sdar``: train the tiny block-diffusion (SDAR-format) model on the word-problem task.
+
+Objective: SDAR's (``lopa.tiny.block_data``): ``[noisy | clean]`` copies under the block-diffusion training
+mask, one mask ratio per row, ``1 / p``-weighted cross-entropy on the masked positions, no logit shift. The
+model is an SDAR checkpoint (Qwen3 layer: per-head q/k RMSNorm, no attention biases; block-causal attention with
+``--block-size`` blocks aligned to absolute position 0). Batches are a pure function of (seed, step) and a rerun
+of the same command resumes, as for the Dream model (``lopa.tiny.train``, whose state format this shares).
+
+An exponential moving average of the weights (``--ema``, kept in ``DIR/train_state/ema.safetensors``) is what is
+validated and exported. Every validation scores the average with ``lopa.tiny.block_evaluate``'s exact
+block-causal threshold loop; the best one so far is also written to ``DIR/best`` (the save to ship), the latest
+to ``DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch import Tensor
+from tqdm import tqdm
+
+from lopa.checkpoint.save import save_checkpoint
+from lopa.errors import ConfigError
+from lopa.model.config import ModelConfig
+from lopa.model.families import family_named
+from lopa.model.transformer import Transformer
+from lopa.tiny import task
+from lopa.tiny.block_data import BlockLayout, noisy_logits_idx, training_batch, training_mask, weighted_loss
+from lopa.tiny.block_evaluate import score
+from lopa.tiny.train import STATE_DIR, load_state, lr_at, save_state
+from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
+
+EMA_FILE = "ema.safetensors"
+RECOMMENDED_THRESHOLD = 0.9
+
+
+def model_config(args: Any, vocab_size: int, ids: dict[str, int]) -> ModelConfig:
+    """The SDAR architecture of the tiny block model from the CLI numbers."""
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        raise ConfigError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads.")
+    return family_named("sdar").make_config(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        attention_bias=False,
+        model_type="sdar",
+        attention="block_causal",
+        block_size=args.block_size,
+        qk_norm=True,
+        **ids,
+    )
+
+
+def layout_for(args: Any, ids: dict[str, int]) -> BlockLayout:
+    """Prompt room ``--max-prompt``, answer room ``--block-size * --num-blocks`` (the recommended max_new_tokens)."""
+    return BlockLayout(
+        args.max_prompt, args.block_size * args.num_blocks, args.block_size, ids["eos_token_id"], ids["mask_token_id"]
+    )
+
+
+def update_ema(ema: dict[str, Tensor], model: Transformer, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * weights``, in place (float32)."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
+
+
+def write_checkpoint(model: Transformer, tok: Tokenizer, layout: BlockLayout, out: Path) -> None:
+    """The SDAR-format checkpoint directory, with the recommended decoding settings."""
+    gen = {
+        **special_ids(tok),
+        "block_size": layout.block_size,
+        "max_new_tokens": layout.answer_room,
+        "decoder": "threshold",
+        "threshold": RECOMMENDED_THRESHOLD,
+    }
+    save_checkpoint(model, out, generation_config=gen)
+    save_tokenizer(tok, out)
+
+
+def run(args: Any) -> int:
+    if args.steps < 1 or args.batch < 1:
+        raise ConfigError("--steps and --batch must be >= 1.")
+    if not 0.0 <= args.ema < 1.0:
+        raise ConfigError(f"--ema must be in [0, 1), got {args.ema}.")
+    if args.average_from:
+        raise ConfigError("--average-from is for the Dream model; the block model exports an EMA (--ema).")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    out = Path(args.out)
+    tok = build_tokenizer()
+    ids = special_ids(tok)
+    layout = layout_for(args, ids)
+    torch.manual_seed(args.seed)
+    model = Transformer(model_config(args, tok.get_vocab_size(), ids)).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    meta = load_state(model, opt, out, args) or {"step": 0, "seconds": 0.0, "tokens": 0}
+    meta["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    ema_path = out / STATE_DIR / EMA_FILE
+    if ema_path.is_file():
+        ema = {k: v.to(device) for k, v in load_file(str(ema_path)).items()}
+    else:
+        ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    averaged = Transformer(model.config).to(device)  # holds the EMA for validation and export
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"lopa train --family sdar: {n_params:,} parameters on {device}, step {meta['step']}/{args.steps}, out={out}")
+
+    def encode(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def decode(token_ids: list[int]) -> str:
+        return tok.decode(token_ids, skip_special_tokens=True)
+
+    def export(target: Path) -> Transformer:
+        averaged.load_state_dict(ema)
+        write_checkpoint(averaged, tok, layout, target)
+        return averaged
+
+    def save_all() -> None:
+        """Weights, optimizer, meta and the EMA of this step, then the exported checkpoint in ``out``."""
+        save_state(model, opt, meta, out)
+        save_file({k: v.cpu() for k, v in ema.items()}, str(ema_path.with_suffix(".tmp")))
+        ema_path.with_suffix(".tmp").replace(ema_path)
+        export(out)
+
+    validation = task.fixed_set("validation", args.eval_n) if args.eval_every else []
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "train_log.jsonl").open("a", encoding="utf-8")
+    bar = tqdm(total=args.steps, initial=meta["step"], desc="train", dynamic_ncols=True)
+    attn = training_mask(layout.length, layout.block_size, device)  # (2L - B, 2L - B), the same for every row
+    logits_idx = noisy_logits_idx(args.batch, layout, device)  # (rows, L)
+    loss_ema, window_t, window_tok = None, time.perf_counter(), 0
+    model.train()
+    stop = min(args.until, args.steps) if args.until else args.steps
+    while meta["step"] < stop:
+        step = meta["step"]
+        t0 = time.perf_counter()
+        rng = random.Random(args.seed * 1_000_003 + step)  # batches are a pure function of (seed, step)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        batch = training_batch(rng, gen, lambda r: task.sample(r, "train"), encode, layout, args.batch)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(
+                batch["ids"],
+                batch["positions"],
+                attn_mask=attn[None].expand(args.batch, -1, -1),
+                logits_idx=logits_idx,
+            )  # (rows, L, vocab): the noisy copy
+        loss = weighted_loss(logits, batch["targets"], batch["loss_mask"], batch["ratio"], batch["prompt_mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        update_ema(ema, model, args.ema if step >= args.warmup else 0.0)
+        n_tok = args.batch * (2 * layout.length - layout.block_size)
+        meta["step"], meta["tokens"] = step + 1, meta["tokens"] + n_tok
+        meta["seconds"] += time.perf_counter() - t0
+        window_tok += n_tok
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        bar.update(1)
+        if meta["step"] % 20 == 0:
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_ema:.4f}", tok_s=f"{window_tok / (now - window_t):,.0f}")
+            window_t, window_tok = now, 0
+        record = {"step": meta["step"], "loss": round(loss_ema, 5), "seconds": round(meta["seconds"], 1)}
+        if meta["step"] % args.save_every == 0 or meta["step"] == stop:
+            save_all()
+        if args.eval_every and meta["step"] % args.eval_every == 0:
+            averaged.load_state_dict(ema)
+            record["validation"] = score(averaged, validation, encode, decode, layout, RECOMMENDED_THRESHOLD)
+            bar.write(f"step {meta['step']}: validation (EMA) {record['validation']}")
+            best = meta.get("best")
+            if best is None or record["validation"]["accuracy"] >= best["validation"]["accuracy"]:
+                meta["best"] = {"step": meta["step"], "validation": record["validation"]}
+                export(out / "best")
+                save_all()  # the state must hold the new best, with the EMA of the same step
+        if meta["step"] % 20 == 0 or "validation" in record:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    bar.close()
+    log.close()
+    if meta["step"] < args.steps:
+        print(f"stopped at step {meta['step']}/{args.steps}; rerun the same command to resume")
+        return 0
+    final = export(out)
+    if args.test_n:
+        meta["test"] = score(final, task.fixed_set("test", args.test_n), encode, decode, layout, RECOMMENDED_THRESHOLD)
+        print(f"test of the EMA ({args.test_n} problems, greedy, threshold {RECOMMENDED_THRESHOLD}): {meta['test']}")
+        save_state(model, opt, meta, out)
+    tokens_per_s = meta["tokens"] / max(meta["seconds"], 1e-9)
+    print(f"done: {meta['step']} steps, {meta['seconds'] / 60:.1f} min training, {tokens_per_s:,.0f} tok/s -> {out}")
+    return 0
