@@ -45,6 +45,7 @@ import torch
 from lopa import LLM, DecodeConfig
 from lopa.checkpoint.loader import Checkpoint
 from lopa.checkpoint.tokenizer import Tokenizer
+from lopa.engine.output import TextOutput
 from lopa.model.config import ModelConfig
 from lopa.model.transformer import Transformer
 from lopa.testing import SPECIAL_TOKENS, byte_level_tokenizer
@@ -85,6 +86,7 @@ def random_llm(
     ):
         llm = LLM(name, device=device, max_num_seqs=max_num_seqs, max_model_len=max_model_len, **llm_args)
     llm.end_ids = frozenset()  # random weights: ignore end tokens, so every sequence decodes max_new_tokens
+    llm.output = TextOutput(llm.tokenizer, llm.end_ids)  # ... and the answers are not cut at one either
     return llm
 
 

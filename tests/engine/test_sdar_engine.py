@@ -215,11 +215,10 @@ def test_every_kv_access_strategy_gives_transformers_logits(ckpt: Path, model: t
     """A window crossing a block boundary after a committed prefix of two blocks, through CacheWrite (eager),
     StaticRows (the graph path, a padded window and kv length) and PoolSlots (two rows of different widths, so the
     packed path), equals transformers' Qwen3ForCausalLM on the whole sequence with a 4-D block-causal mask."""
-    from sdar_reference import block_causal_additive
-
     from lopa.model.cache import KVPool, StaticKVCache
     from lopa.model.kv_access import StaticRows, block_causal
     from lopa.model.pooled import pooled_forward
+    from tests.support.sdar_reference import block_causal_additive
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 300, (1, 14), generator=gen)  # prefix [0, 8), window [8, 14) crosses block 2 -> 3
