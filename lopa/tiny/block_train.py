@@ -14,8 +14,6 @@ to ``DIR``.
 
 from __future__ import annotations
 
-import json
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -24,17 +22,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import Tensor
-from tqdm import tqdm
 
 from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
-from lopa.model.families import family_named
 from lopa.model.transformer import Transformer
 from lopa.tiny import task
 from lopa.tiny.block_data import BlockLayout, noisy_logits_idx, training_batch, training_mask, weighted_loss
 from lopa.tiny.block_evaluate import score
 from lopa.tiny.train import STATE_DIR, load_state, lr_at, save_state
+from lopa.tiny.train import model_config as tiny_model_config
+from lopa.tiny.train_loop import Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
 from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
 
 EMA_FILE = "ema.safetensors"
@@ -42,25 +40,10 @@ RECOMMENDED_THRESHOLD = 0.9
 
 
 def model_config(args: Any, vocab_size: int, ids: dict[str, int]) -> ModelConfig:
-    """The SDAR architecture of the tiny block model from the CLI numbers."""
-    if args.hidden % args.heads or args.heads % args.kv_heads:
-        raise ConfigError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads.")
-    return family_named("sdar").make_config(
-        vocab_size=vocab_size,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        attention_bias=False,
-        model_type="sdar",
-        attention="block_causal",
-        block_size=args.block_size,
-        qk_norm=True,
-        **ids,
+    """The SDAR architecture of the tiny block model from the CLI numbers: Qwen3 (q/k norm, no attention biases),
+    block-causal attention in blocks of ``--block-size``."""
+    return tiny_model_config(
+        args, vocab_size, ids, "sdar", attention_bias=False, block_size=args.block_size, qk_norm=True
     )
 
 
@@ -100,17 +83,14 @@ def run(args: Any) -> int:
         raise ConfigError("--average-from is for the Dream model; the block model exports an EMA (--ema).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = device_for(args)
     out = Path(args.out)
     tok = build_tokenizer()
     ids = special_ids(tok)
     layout = layout_for(args, ids)
     torch.manual_seed(args.seed)
     model = Transformer(model_config(args, tok.get_vocab_size(), ids)).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    opt = optimizer(model, args)
     meta = load_state(model, opt, out, args) or {"step": 0, "seconds": 0.0, "tokens": 0}
     meta["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     ema_path = out / STATE_DIR / EMA_FILE
@@ -122,11 +102,7 @@ def run(args: Any) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"lopa train --family sdar: {n_params:,} parameters on {device}, step {meta['step']}/{args.steps}, out={out}")
 
-    def encode(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False).ids
-
-    def decode(token_ids: list[int]) -> str:
-        return tok.decode(token_ids, skip_special_tokens=True)
+    encode, decode = text_codec(tok)
 
     def export(target: Path) -> Transformer:
         averaged.load_state_dict(ema)
@@ -141,19 +117,15 @@ def run(args: Any) -> int:
         export(out)
 
     validation = task.fixed_set("validation", args.eval_n) if args.eval_every else []
-    out.mkdir(parents=True, exist_ok=True)
-    log = (out / "train_log.jsonl").open("a", encoding="utf-8")
-    bar = tqdm(total=args.steps, initial=meta["step"], desc="train", dynamic_ncols=True)
+    progress = Progress(meta, args.steps, out)
     attn = training_mask(layout.length, layout.block_size, device)  # (2L - B, 2L - B), the same for every row
     logits_idx = noisy_logits_idx(args.batch, layout, device)  # (rows, L)
-    loss_ema, window_t, window_tok = None, time.perf_counter(), 0
     model.train()
     stop = min(args.until, args.steps) if args.until else args.steps
     while meta["step"] < stop:
         step = meta["step"]
         t0 = time.perf_counter()
-        rng = random.Random(args.seed * 1_000_003 + step)  # batches are a pure function of (seed, step)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        rng, gen = step_sources(args.seed, step)
         batch = training_batch(rng, gen, lambda r: task.sample(r, "train"), encode, layout, args.batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         for g in opt.param_groups:
@@ -166,38 +138,22 @@ def run(args: Any) -> int:
                 logits_idx=logits_idx,
             )  # (rows, L, vocab): the noisy copy
         loss = weighted_loss(logits, batch["targets"], batch["loss_mask"], batch["ratio"], batch["prompt_mask"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(model, opt, loss)
         update_ema(ema, model, args.ema if step >= args.warmup else 0.0)
-        n_tok = args.batch * (2 * layout.length - layout.block_size)
-        meta["step"], meta["tokens"] = step + 1, meta["tokens"] + n_tok
-        meta["seconds"] += time.perf_counter() - t0
-        window_tok += n_tok
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        bar.update(1)
-        if meta["step"] % 20 == 0:
-            now = time.perf_counter()
-            bar.set_postfix(loss=f"{loss_ema:.4f}", tok_s=f"{window_tok / (now - window_t):,.0f}")
-            window_t, window_tok = now, 0
-        record = {"step": meta["step"], "loss": round(loss_ema, 5), "seconds": round(meta["seconds"], 1)}
+        record = progress.done(step, loss.item(), args.batch * (2 * layout.length - layout.block_size), t0)
         if meta["step"] % args.save_every == 0 or meta["step"] == stop:
             save_all()
         if args.eval_every and meta["step"] % args.eval_every == 0:
             averaged.load_state_dict(ema)
             record["validation"] = score(averaged, validation, encode, decode, layout, RECOMMENDED_THRESHOLD)
-            bar.write(f"step {meta['step']}: validation (EMA) {record['validation']}")
+            progress.bar.write(f"step {meta['step']}: validation (EMA) {record['validation']}")
             best = meta.get("best")
             if best is None or record["validation"]["accuracy"] >= best["validation"]["accuracy"]:
                 meta["best"] = {"step": meta["step"], "validation": record["validation"]}
                 export(out / "best")
                 save_all()  # the state must hold the new best, with the EMA of the same step
-        if meta["step"] % 20 == 0 or "validation" in record:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-    bar.close()
-    log.close()
+        progress.write(record)
+    progress.close()
     if meta["step"] < args.steps:
         print(f"stopped at step {meta['step']}/{args.steps}; rerun the same command to resume")
         return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import Tensor
-from tqdm import tqdm
 
 from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import ConfigError
@@ -39,6 +37,7 @@ from lopa.model.transformer import Transformer
 from lopa.tiny import task
 from lopa.tiny.data import Layout, answer_logits_idx, masked_loss, training_batch
 from lopa.tiny.evaluate import score
+from lopa.tiny.train_loop import Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
 from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
 
 ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_size", "num_blocks", "max_prompt")
@@ -46,11 +45,11 @@ STATE_DIR = "train_state"
 AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
 
 
-def model_config(args: Any, vocab_size: int, ids: dict[str, int]) -> ModelConfig:
-    """The Dream architecture of the tiny model from the CLI numbers."""
+def model_config(args: Any, vocab_size: int, ids: dict[str, int], family: str = "dream", **extra: Any) -> ModelConfig:
+    """The architecture of a tiny model of ``family`` from the CLI numbers (``extra``: the family's own fields)."""
     if args.hidden % args.heads or args.heads % args.kv_heads:
         raise ConfigError("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads.")
-    return family_named("dream").make_config(
+    return family_named(family).make_config(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -61,6 +60,7 @@ def model_config(args: Any, vocab_size: int, ids: dict[str, int]) -> ModelConfig
         max_position_embeddings=256,
         rope_theta=10000.0,
         **ids,
+        **extra,
     )
 
 
@@ -151,43 +151,28 @@ def run(args: Any) -> int:
         raise ConfigError(f"--average-from must be between 0 and --steps ({args.steps}), got {args.average_from}.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = device_for(args)
     out = Path(args.out)
     tok = build_tokenizer()
     ids = special_ids(tok)
     layout = Layout(args.max_prompt, args.block_size, args.num_blocks, ids["eos_token_id"], ids["mask_token_id"])
     torch.manual_seed(args.seed)
     model = Transformer(model_config(args, tok.get_vocab_size(), ids)).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    opt = optimizer(model, args)
     meta = load_state(model, opt, out, args) or {"step": 0, "seconds": 0.0, "tokens": 0}
     meta["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"lopa train: {n_params:,} parameters on {device}, step {meta['step']}/{args.steps}, out={out}")
 
-    def encode(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False).ids
-
-    def decode(token_ids: list[int]) -> str:
-        return tok.decode(token_ids, skip_special_tokens=True)
-
+    encode, decode = text_codec(tok)
     validation = task.fixed_set("validation", args.eval_n) if args.eval_every else []
-    out.mkdir(parents=True, exist_ok=True)
-    log = (out / "train_log.jsonl").open("a", encoding="utf-8")
-    bar = tqdm(total=args.steps, initial=meta["step"], desc="train", dynamic_ncols=True)
-    loss_ema, window_t, window_tok = None, time.perf_counter(), 0
+    progress = Progress(meta, args.steps, out)
     model.train()
     stop = min(args.until, args.steps) if args.until else args.steps
     while meta["step"] < stop:
         step = meta["step"]
         t0 = time.perf_counter()
-        rng = random.Random(args.seed * 1_000_003 + step)  # batches are a pure function of (seed, step)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        rng, gen = step_sources(args.seed, step)
         batch = training_batch(rng, gen, lambda r: task.sample(r, "train"), encode, layout, args.batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         for g in opt.param_groups:
@@ -200,35 +185,19 @@ def run(args: Any) -> int:
                 logits_idx=answer_logits_idx(args.batch, layout, device),
             )  # (rows, answer_len, vocab)
         loss = masked_loss(logits, batch["targets"], batch["loss_mask"], layout)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        n_tok = args.batch * layout.length
-        meta["step"], meta["tokens"] = step + 1, meta["tokens"] + n_tok
-        meta["seconds"] += time.perf_counter() - t0
-        window_tok += n_tok
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        bar.update(1)
-        if meta["step"] % 20 == 0:
-            now = time.perf_counter()
-            bar.set_postfix(loss=f"{loss_ema:.4f}", tok_s=f"{window_tok / (now - window_t):,.0f}")
-            window_t, window_tok = now, 0
-        record = {"step": meta["step"], "loss": round(loss_ema, 5), "seconds": round(meta["seconds"], 1)}
+        optimizer_step(model, opt, loss)
+        record = progress.done(step, loss.item(), args.batch * layout.length, t0)
         if args.eval_every and meta["step"] % args.eval_every == 0:
             record["validation"] = score(model, validation, encode, decode, layout)
-            bar.write(f"step {meta['step']}: validation {record['validation']}")
+            progress.bar.write(f"step {meta['step']}: validation {record['validation']}")
         if meta["step"] % args.save_every == 0 or meta["step"] == stop:
             regular = meta["step"] % args.save_every == 0 or meta["step"] == args.steps  # not an --until stop
             if args.average_from and meta["step"] >= args.average_from and regular:
                 add_to_average(model.state_dict(), meta["step"], out)
             save_state(model, opt, meta, out)
             write_checkpoint(model, tok, layout, out)
-        if meta["step"] % 20 == 0 or "validation" in record:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-    bar.close()
-    log.close()
+        progress.write(record)
+    progress.close()
     if meta["step"] < args.steps:
         print(f"stopped at step {meta['step']}/{args.steps}; rerun the same command to resume")
         return 0
