@@ -22,8 +22,8 @@ from torch import Tensor
 
 from lopa.model.transformer import Transformer
 from lopa.tiny.block_data import BlockLayout, block_causal_mask, encode_rows
-from lopa.tiny.grammar import parse
-from lopa.tiny.task import Problem, extract_answer
+from lopa.tiny.evaluate import tally
+from lopa.tiny.task import Problem
 
 
 def _predict(model: Transformer, rows: Tensor, start: int, block_size: int, mask_id: int) -> tuple[Tensor, Tensor]:
@@ -136,20 +136,11 @@ def score(
 ) -> dict[str, float]:
     """Exact-answer accuracy, well-formedness (``lopa.tiny.grammar``) and tokens per forward (greedy), of
     threshold decoding (``extra_fill`` 1: the no-search control ``threshold+1``; ``branches`` k: LoPA over it)."""
-    was_training = model.training
-    model.eval()
-    correct = wellformed = tokens = forwards = 0
-    for i in range(0, len(problems), batch):
-        chunk = problems[i : i + batch]
-        outs, fw = greedy_decode(model, chunk, encode, layout, threshold, extra_fill=extra_fill, branches=branches)
-        for p, ids, f in zip(chunk, outs, fw, strict=True):
-            text = decode(ids)
-            correct += extract_answer(text) == p.answer
-            wellformed += parse(text)
-            tokens, forwards = tokens + len(ids), forwards + f
-    model.train(was_training)
-    n = max(len(problems), 1)
-    return {"accuracy": correct / n, "wellformed": wellformed / n, "tpf": tokens / max(forwards, 1), "n": len(problems)}
+
+    def decode_chunk(chunk: list[Problem]) -> tuple[list[list[int]], list[int]]:
+        return greedy_decode(model, chunk, encode, layout, threshold, extra_fill=extra_fill, branches=branches)
+
+    return tally(model, problems, decode_chunk, decode, batch)
 
 
 SWEEP = {  # name -> (threshold, extra_fill, branches): the rows of `lopa bench`'s table this loop can run

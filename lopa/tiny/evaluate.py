@@ -73,12 +73,24 @@ def score(
     batch: int = 256,
 ) -> dict[str, float]:
     """Exact-answer accuracy, well-formedness (``lopa.tiny.grammar``) and tokens per forward (greedy)."""
+    return tally(model, problems, lambda chunk: greedy_decode(model, chunk, encode, layout, threshold), decode, batch)
+
+
+def tally(
+    model: Transformer,
+    problems: list[Problem],
+    decode_chunk: Callable[[list[Problem]], tuple[list[list[int]], list[int]]],
+    decode: Callable[[list[int]], str],
+    batch: int,
+) -> dict[str, float]:
+    """Score a decoding loop: ``decode_chunk`` turns up to ``batch`` problems into (answer ids, forwards) each, in
+    eval mode; returns exact-answer accuracy, well-formedness and tokens per forward over ``problems``."""
     was_training = model.training
     model.eval()
     correct = wellformed = tokens = forwards = 0
     for i in range(0, len(problems), batch):
         chunk = problems[i : i + batch]
-        outs, fw = greedy_decode(model, chunk, encode, layout, threshold)
+        outs, fw = decode_chunk(chunk)
         for p, ids, f in zip(chunk, outs, fw, strict=True):
             text = decode(ids)
             correct += extract_answer(text) == p.answer
