@@ -17,6 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"held-out test problems per decoder (default: {QUICK_N}; {FULL_N} with --full)",
     )
     p.add_argument(
+        "--problem-seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="a fresh test set drawn from seed S (none of the fixed set's first 600 problems) instead of the fixed one",
+    )
+    p.add_argument(
         "--full", action="store_true", help=f"the complete sweep: all {len(FULL)} decoder rows (default: {len(QUICK)})"
     )
     p.add_argument("--decoders", nargs="+", default=None, metavar="NAME", help="subset of: " + " ".join(FULL))

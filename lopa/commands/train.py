@@ -14,7 +14,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="dream (default): the bidirectional Dream model; sdar: the block-diffusion model (SDAR objective, "
         "block-causal attention, no logit shift; lopa.tiny.block_train)",
     )
-    p.add_argument("--ema", type=float, default=0.999, help="sdar: EMA decay of the exported weights (0 = off)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the validated and exported weights (0 = off)")
+    p.add_argument(
+        "--on-policy",
+        type=float,
+        default=0.5,
+        help="dream: fraction of each batch drawn from the states the model's own threshold and D2F decoding visit, "
+        "with the reference tokens (lopa.tiny.trajectory; 0 = off; default: 0.5)",
+    )
+    p.add_argument(
+        "--on-policy-from", type=int, default=500, metavar="STEP", help="dream: first step with visited states"
+    )
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default: 4000)")
     p.add_argument("--until", type=int, default=0, help="stop after this step for now; rerun to resume (0 = --steps)")
     p.add_argument("--batch", type=int, default=32, help="problems per step (default: 32)")
@@ -38,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="STEP",
-        help="export the mean of the weights saved every --save-every steps from STEP to the end (0 = the last "
-        "step's weights)",
+        help="dream, with --ema 0: export the mean of the weights saved every --save-every steps from STEP to the "
+        "end (0 = the last step's weights)",
     )
     p.add_argument("--eval-every", type=int, default=500, help="validation accuracy every N steps (0 = off)")
     p.add_argument("--eval-n", type=int, default=200, help="validation problems per evaluation (default: 200)")

@@ -9,7 +9,8 @@ Prints one table (decoder, settings, exact-answer accuracy with its binomial sta
 forwards/sample, aggregate tok/s, mean latency, agreement of final answers with threshold τ=0.9), then the AUP of
 each decoder family over its sweep (τ for threshold and d2f, k for lopa, k = 0 being the base decoder itself), then
 one JSON line with the same numbers plus device, dtype and versions. ``--plot`` draws accuracy vs TPF, one curve
-per family. The problems are the test split's fixed set, so every run and every decoder sees the same ones. Each
+per family. The problems are the test split's fixed set, so every run and every decoder sees the same ones
+(``--problem-seed S``: a fresh test set drawn from seed S, disjoint from the fixed set's first 600). Each
 decoder's prompts go to ``LLM.generate`` together, which batches them. On CPU the decoders are spread over
 ``--workers`` processes (default: one per core, one torch thread each): the tiny model's forwards are too small for
 intra-op threads to pay, while separate processes scale with the cores. The progress bar advances by each finished
@@ -57,7 +58,7 @@ def run(args: Any, load_llm: Callable[[], Any], local_model: Callable[[], str | 
     """The bench of the parsed ``lopa bench`` flags (``commands/bench.py``); ``load_llm`` loads the model they
     name, ``local_model`` gives it as a local directory (for the ranks of --bp / --tp)."""
     from lopa.errors import ConfigError
-    from lopa.tiny.task import fixed_set
+    from lopa.tiny.task import fixed_set, fresh_set
 
     names, families_of, args.n, min_points = selection(args)
     if args.n < 1:
@@ -71,7 +72,7 @@ def run(args: Any, load_llm: Callable[[], Any], local_model: Callable[[], str | 
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ConfigError(f"unknown bench decoder(s) {unknown}; choose from {list(table)}")
-    problems = fixed_set("test", args.n)
+    problems = fixed_set("test", args.n) if args.problem_seed is None else fresh_set("test", args.n, args.problem_seed)
     prompts = [p.prompt for p in problems]
     t_start = time.perf_counter()
     workers = worker_count(args, llm.device, len(names))
@@ -103,6 +104,7 @@ def run(args: Any, load_llm: Callable[[], Any], local_model: Callable[[], str | 
     header = {
         "model": llm.model_name,
         "n": len(problems),
+        "problem_seed": args.problem_seed,  # None: the test split's fixed set
         "device": str(llm.device),
         "dtype": dtype,
         "threads": torch.get_num_threads(),

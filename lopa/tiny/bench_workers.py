@@ -56,7 +56,7 @@ def run_workers(
         load[i] += _cost(name, table[name])
     base = [sys.executable, "-m", "lopa", "bench", "--n", str(args.n), "--json-only", "--emit-answers"]
     base += ["--threads", str(max(1, args.threads)), "--block-size", str(block), "--max-new-tokens", str(max_new)]
-    for flag in ("model", "revision", "lora", "device", "dtype", "max_num_seqs", "max_model_len"):
+    for flag in ("model", "revision", "lora", "device", "dtype", "max_num_seqs", "max_model_len", "problem_seed"):
         value = getattr(args, flag, None)
         if value is not None:
             base += [f"--{flag.replace('_', '-')}", str(value)]

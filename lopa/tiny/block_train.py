@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
-from torch import Tensor
 
 from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import ConfigError
@@ -30,12 +28,11 @@ from lopa.model.transformer import Transformer
 from lopa.tiny import task
 from lopa.tiny.block_data import BlockLayout, noisy_logits_idx, training_batch, training_mask, weighted_loss
 from lopa.tiny.block_evaluate import score
-from lopa.tiny.train import STATE_DIR, load_state, lr_at, save_state
+from lopa.tiny.train import EMA_FILE, STATE_DIR, load_state, lr_at, save_state
 from lopa.tiny.train import model_config as tiny_model_config
-from lopa.tiny.train_loop import Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
+from lopa.tiny.train_loop import Ema, Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
 from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
 
-EMA_FILE = "ema.safetensors"
 RECOMMENDED_THRESHOLD = 0.9
 
 
@@ -52,13 +49,6 @@ def layout_for(args: Any, ids: dict[str, int]) -> BlockLayout:
     return BlockLayout(
         args.max_prompt, args.block_size * args.num_blocks, args.block_size, ids["eos_token_id"], ids["mask_token_id"]
     )
-
-
-def update_ema(ema: dict[str, Tensor], model: Transformer, decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * weights``, in place (float32)."""
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
 
 
 def write_checkpoint(model: Transformer, tok: Tokenizer, layout: BlockLayout, out: Path) -> None:
@@ -93,11 +83,7 @@ def run(args: Any) -> int:
     opt = optimizer(model, args)
     meta = load_state(model, opt, out, args) or {"step": 0, "seconds": 0.0, "tokens": 0}
     meta["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    ema_path = out / STATE_DIR / EMA_FILE
-    if ema_path.is_file():
-        ema = {k: v.to(device) for k, v in load_file(str(ema_path)).items()}
-    else:
-        ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    ema = Ema(model, out / STATE_DIR / EMA_FILE, args.ema)
     averaged = Transformer(model.config).to(device)  # holds the EMA for validation and export
     n_params = sum(p.numel() for p in model.parameters())
     print(f"lopa train --family sdar: {n_params:,} parameters on {device}, step {meta['step']}/{args.steps}, out={out}")
@@ -105,15 +91,14 @@ def run(args: Any) -> int:
     encode, decode = text_codec(tok)
 
     def export(target: Path) -> Transformer:
-        averaged.load_state_dict(ema)
+        ema.load_into(averaged)
         write_checkpoint(averaged, tok, layout, target)
         return averaged
 
     def save_all() -> None:
         """Weights, optimizer, meta and the EMA of this step, then the exported checkpoint in ``out``."""
         save_state(model, opt, meta, out)
-        save_file({k: v.cpu() for k, v in ema.items()}, str(ema_path.with_suffix(".tmp")))
-        ema_path.with_suffix(".tmp").replace(ema_path)
+        ema.save()
         export(out)
 
     validation = task.fixed_set("validation", args.eval_n) if args.eval_every else []
@@ -139,12 +124,12 @@ def run(args: Any) -> int:
             )  # (rows, L, vocab): the noisy copy
         loss = weighted_loss(logits, batch["targets"], batch["loss_mask"], batch["ratio"], batch["prompt_mask"])
         optimizer_step(model, opt, loss)
-        update_ema(ema, model, args.ema if step >= args.warmup else 0.0)
+        ema.update(model, step, args.warmup)
         record = progress.done(step, loss.item(), args.batch * (2 * layout.length - layout.block_size), t0)
         if meta["step"] % args.save_every == 0 or meta["step"] == stop:
             save_all()
         if args.eval_every and meta["step"] % args.eval_every == 0:
-            averaged.load_state_dict(ema)
+            ema.load_into(averaged)
             record["validation"] = score(averaged, validation, encode, decode, layout, RECOMMENDED_THRESHOLD)
             progress.bar.write(f"step {meta['step']}: validation (EMA) {record['validation']}")
             best = meta.get("best")

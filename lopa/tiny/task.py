@@ -236,8 +236,23 @@ _EVAL_SEEDS: dict[Split, int] = {"train": 11, "validation": 22, "test": 33}
 
 def fixed_set(split: Split, n: int) -> list[Problem]:
     """The first ``n`` distinct problems of a split from its fixed seed, ops balanced (deterministic)."""
-    rng = random.Random(_EVAL_SEEDS[split])
-    seen: set[str] = set()
+    return drawn_set(split, n, _EVAL_SEEDS[split])
+
+
+FRESH_EXCLUDES = 600  # a fresh set never repeats the first 600 problems of its split's fixed set (lopa bench --full)
+
+
+def fresh_set(split: Split, n: int, seed: int) -> list[Problem]:
+    """``n`` distinct problems of a split drawn from ``seed``, none of them among the first ``FRESH_EXCLUDES`` of
+    :func:`fixed_set` (so a fresh-set figure is measured on problems the default bench never showed)."""
+    return drawn_set(split, n, seed, exclude={p.question for p in fixed_set(split, FRESH_EXCLUDES)})
+
+
+def drawn_set(split: Split, n: int, seed: int, exclude: set[str] | None = None) -> list[Problem]:
+    """The first ``n`` distinct problems of a split drawn from ``seed`` whose question is not in ``exclude``, two-
+    and three-operation problems alternating."""
+    rng = random.Random(seed)
+    seen: set[str] = set(exclude or ())
     out: list[Problem] = []
     while len(out) < n:
         p = sample(rng, split, num_ops=MIN_OPS + len(out) % (MAX_OPS - MIN_OPS + 1))

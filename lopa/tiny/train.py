@@ -2,8 +2,13 @@
 
 Objective (D2F style, see ``lopa.tiny.data``): block-wise masks whose ratios never decrease along the answer, a
 block-causal attention layout matching the block decoders, cross-entropy on masked answer positions with
-Dream's shifted logits. Batches are a pure function of (seed, step), so training is reproducible and a resumed
-run continues exactly where it stopped.
+Dream's shifted logits. From ``--on-policy-from`` on, a fraction ``--on-policy`` of every batch is drawn from the
+states the model's own threshold and D2F decoding visit, with the reference answer's tokens
+(``lopa.tiny.trajectory``), re-collected every ``VISIT_EVERY`` steps with the current weights. An exponential
+moving average of the weights (``--ema``) is what is validated and exported; the best validation so far is also
+written to ``DIR/best``.
+Random batches are a pure function of (seed, step), the visited pool of (seed, step, weights), and the pool in
+use is saved with the state, so training is reproducible and a resumed run continues exactly where it stopped.
 
 ``--out DIR`` receives the Dream checkpoint (config.json, model.safetensors, tokenizer.json,
 generation_config.json: loadable by ``lopa.checkpoint.loader.load_checkpoint``) at every save, plus the training
@@ -35,14 +40,19 @@ from lopa.model.config import ModelConfig
 from lopa.model.families import family_named
 from lopa.model.transformer import Transformer
 from lopa.tiny import task
-from lopa.tiny.data import Layout, answer_logits_idx, masked_loss, training_batch
+from lopa.tiny.data import Layout, answer_logits_idx, encode_rows, masked_loss, training_batch
 from lopa.tiny.evaluate import score
-from lopa.tiny.train_loop import Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
+from lopa.tiny.train_loop import Ema, Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
+from lopa.tiny.trajectory import Visited, visit, visited_batch
 from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
 
+VISIT_EVERY = 100  # steps between two collections of visited states
+VISIT_PROBLEMS = 32  # trajectories per collection, half in each order (a trained model: about 22 states each)
 ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_size", "num_blocks", "max_prompt")
 STATE_DIR = "train_state"
 AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
+EMA_FILE = "ema.safetensors"
+POOL_FILE = "visited.safetensors"  # the visited states in use at the last save
 
 
 def model_config(args: Any, vocab_size: int, ids: dict[str, int], family: str = "dream", **extra: Any) -> ModelConfig:
@@ -144,11 +154,47 @@ def write_checkpoint(model: Transformer, tok: Tokenizer, layout: Layout, out: Pa
     save_tokenizer(tok, out)
 
 
-def run(args: Any) -> int:
+def check_args(args: Any) -> None:
+    """Refuse settings that cannot train (named errors, nothing written)."""
     if args.steps < 1 or args.batch < 1:
         raise ConfigError("--steps and --batch must be >= 1.")
     if not 0 <= args.average_from <= args.steps:
         raise ConfigError(f"--average-from must be between 0 and --steps ({args.steps}), got {args.average_from}.")
+    if not 0.0 <= args.ema < 1.0:
+        raise ConfigError(f"--ema must be in [0, 1), got {args.ema}.")
+    if args.average_from and args.ema:
+        raise ConfigError("--average-from exports a mean of saves; it needs --ema 0.")
+    if not 0.0 <= args.on_policy < 1.0:
+        raise ConfigError(f"--on-policy must be in [0, 1), got {args.on_policy}.")
+
+
+def collect(model: Transformer, args: Any, step: int, encode: Any, layout: Layout) -> Visited:
+    """The visited states of ``VISIT_PROBLEMS`` training problems drawn from (seed, step): half of them filled in
+    threshold order, half in D2F's."""
+    rng, _ = step_sources(args.seed + 7919, step)
+    problems = [task.sample(rng, "train") for _ in range(VISIT_PROBLEMS)]
+    half = VISIT_PROBLEMS // 2
+    return Visited.merge(
+        [
+            visit(model, *encode_rows(problems[:half], encode, layout), layout, "threshold"),
+            visit(model, *encode_rows(problems[half:], encode, layout), layout, "d2f"),
+        ]
+    )
+
+
+def batch_at(step: int, args: Any, encode: Any, layout: Layout, pool: Visited | None) -> dict[str, Tensor]:
+    """Step ``step``'s rows: D2F-noised random problems, and from ``--on-policy-from`` visited states."""
+    rng, gen = step_sources(args.seed, step)
+    n_visited = round(args.batch * args.on_policy) if pool is not None else 0
+    batch = training_batch(rng, gen, lambda r: task.sample(r, "train"), encode, layout, args.batch - n_visited)
+    if n_visited:
+        extra = visited_batch(pool, layout, gen, n_visited)
+        batch = {k: torch.cat([batch[k], extra[k]]) for k in batch}
+    return batch
+
+
+def run(args: Any) -> int:
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_for(args)
@@ -161,8 +207,24 @@ def run(args: Any) -> int:
     opt = optimizer(model, args)
     meta = load_state(model, opt, out, args) or {"step": 0, "seconds": 0.0, "tokens": 0}
     meta["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    ema = Ema(model, out / STATE_DIR / EMA_FILE, args.ema) if args.ema else None
+    averaged = Transformer(model.config).to(device)  # holds the EMA for validation and export
     n_params = sum(p.numel() for p in model.parameters())
     print(f"lopa train: {n_params:,} parameters on {device}, step {meta['step']}/{args.steps}, out={out}")
+
+    def exported() -> Transformer:
+        return ema.load_into(averaged) if ema is not None else model
+
+    pool_path = out / STATE_DIR / POOL_FILE
+    pool = Visited.load(pool_path) if pool_path.is_file() and meta["step"] > 0 else None
+
+    def save_all() -> None:
+        save_state(model, opt, meta, out)
+        if ema is not None:
+            ema.save()
+        if pool is not None:
+            pool.save(pool_path)
+        write_checkpoint(exported(), tok, layout, out)
 
     encode, decode = text_codec(tok)
     validation = task.fixed_set("validation", args.eval_n) if args.eval_every else []
@@ -172,9 +234,10 @@ def run(args: Any) -> int:
     while meta["step"] < stop:
         step = meta["step"]
         t0 = time.perf_counter()
-        rng, gen = step_sources(args.seed, step)
-        batch = training_batch(rng, gen, lambda r: task.sample(r, "train"), encode, layout, args.batch)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        if args.on_policy and step >= args.on_policy_from and (pool is None or step % VISIT_EVERY == 0):
+            pool = collect(model, args, step, encode, layout)
+        batch = {k: v.to(device) for k, v in batch_at(step, args, encode, layout, pool).items()}
+        rows = batch["ids"].shape[0]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -182,26 +245,32 @@ def run(args: Any) -> int:
                 batch["ids"],
                 batch["positions"],
                 attn_mask=batch["attn_mask"],
-                logits_idx=answer_logits_idx(args.batch, layout, device),
+                logits_idx=answer_logits_idx(rows, layout, device),
             )  # (rows, answer_len, vocab)
         loss = masked_loss(logits, batch["targets"], batch["loss_mask"], layout)
         optimizer_step(model, opt, loss)
-        record = progress.done(step, loss.item(), args.batch * layout.length, t0)
-        if args.eval_every and meta["step"] % args.eval_every == 0:
-            record["validation"] = score(model, validation, encode, decode, layout)
-            progress.bar.write(f"step {meta['step']}: validation {record['validation']}")
+        if ema is not None:
+            ema.update(model, step, args.warmup)
+        record = progress.done(step, loss.item(), rows * layout.length, t0)
         if meta["step"] % args.save_every == 0 or meta["step"] == stop:
             regular = meta["step"] % args.save_every == 0 or meta["step"] == args.steps  # not an --until stop
             if args.average_from and meta["step"] >= args.average_from and regular:
                 add_to_average(model.state_dict(), meta["step"], out)
-            save_state(model, opt, meta, out)
-            write_checkpoint(model, tok, layout, out)
+            save_all()
+        if args.eval_every and meta["step"] % args.eval_every == 0:
+            record["validation"] = score(exported(), validation, encode, decode, layout)
+            progress.bar.write(f"step {meta['step']}: validation {record['validation']}")
+            best = meta.get("best")
+            if best is None or record["validation"]["accuracy"] >= best["validation"]["accuracy"]:
+                meta["best"] = {"step": meta["step"], "validation": record["validation"]}
+                write_checkpoint(exported(), tok, layout, out / "best")
+                save_all()  # the state must hold the new best
         progress.write(record)
     progress.close()
     if meta["step"] < args.steps:
         print(f"stopped at step {meta['step']}/{args.steps}; rerun the same command to resume")
         return 0
-    final = model
+    final = exported()
     if args.average_from:
         weights, count = averaged_weights(out)
         final = copy.deepcopy(model)  # the run's state keeps the last step's weights; the export is the mean

@@ -1,6 +1,7 @@
 """What both tiny trainers share (``lopa train``, Dream and ``--family sdar``): the device, the optimiser, the
-per-step random sources, the optimiser step, and the progress bookkeeping (tokens, time, smoothed loss, the
-progress bar and the JSON-lines log). Each trainer keeps its own batch, forward, loss, saving and validation.
+per-step random sources, the optimiser step, the EMA of the weights, and the progress bookkeeping (tokens, time,
+smoothed loss, the progress bar and the JSON-lines log). Each trainer keeps its own batch, forward, loss, saving
+and validation.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 
@@ -43,6 +45,38 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Ten
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+
+
+class Ema:
+    """An exponential moving average of a model's weights (float32), kept in ``path`` between runs.
+
+    ``update`` after every optimiser step: ``ema = decay * ema + (1 - decay) * weights``, with decay 0 (a copy)
+    during the learning-rate warm-up, so the average starts from trained weights.
+    """
+
+    def __init__(self, model: nn.Module, path: Path, decay: float) -> None:
+        self.path, self.decay = path, decay
+        device = next(model.parameters()).device
+        if path.is_file():
+            self.weights: dict[str, Tensor] = {k: v.to(device) for k, v in load_file(str(path)).items()}
+        else:
+            self.weights = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    def update(self, model: nn.Module, step: int, warmup: int) -> None:
+        decay = self.decay if step >= warmup else 0.0
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                self.weights[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.cpu() for k, v in self.weights.items()}, str(self.path.with_suffix(".tmp")))
+        self.path.with_suffix(".tmp").replace(self.path)
+
+    def load_into(self, target: nn.Module) -> nn.Module:
+        """``target`` (a model of the same architecture) holding the average; returns it."""
+        target.load_state_dict(self.weights)
+        return target
 
 
 def text_codec(tok: Tokenizer) -> tuple[Any, Any]:

@@ -48,6 +48,18 @@ def test_bench_on_a_random_checkpoint(tiny_ckpt, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+@pytest.mark.skipif(not (default_checkpoint_dir() / "config.json").exists(), reason="bundled checkpoint not built")
+def test_bench_on_a_fresh_problem_set_passes_the_seed_to_its_workers(capsys):
+    runs = {}
+    for extra in ([], ["--problem-seed", "7"], ["--problem-seed", "7", "--workers", "2"]):
+        assert main(["bench", "--n", "8", "--decoders", "threshold", "threshold+1", *extra]) == 0
+        runs[" ".join(extra)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fixed, one, two = runs[""], runs["--problem-seed 7"], runs["--problem-seed 7 --workers 2"]
+    assert fixed["problem_seed"] is None and one["problem_seed"] == 7 and two["workers"] == 2
+    lengths = [[(r["tpf"], r["forwards"]) for r in run["rows"]] for run in (fixed, one, two)]
+    assert lengths[1] == lengths[2] and lengths[0] != lengths[1]  # other problems, the same in every worker
+
+
 def test_bench_rejects_unknown_decoder(tiny_ckpt, capsys):
     assert main(["bench", "--model", str(tiny_ckpt), "--n", "1", "--decoders", "beam"]) == 2
     assert "unknown bench decoder" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
@@ -29,6 +30,17 @@ def test_fixed_splits_are_disjoint_and_deterministic() -> None:
     for s, ps in sets.items():
         assert {task.split_of(p.question) for p in ps} == {s}
     assert task.fixed_set("test", 150) == sets["test"]
+
+
+def test_a_fresh_set_is_drawn_from_its_seed_and_never_repeats_the_fixed_set() -> None:
+    fixed = {p.question for p in task.fixed_set("test", task.FRESH_EXCLUDES)}
+    a, b = task.fresh_set("test", 300, 1), task.fresh_set("test", 300, 2)
+    assert a == task.fresh_set("test", 300, 1) and a != b  # deterministic per seed, different across seeds
+    for fresh in (a, b):
+        questions = {p.question for p in fresh}
+        assert len(questions) == 300 and not questions & fixed
+        assert all(task.split_of(q) == "test" for q in questions)
+        assert [p.num_ops for p in fresh[:4]] == [2, 3, 2, 3]  # ops alternate as in the fixed set
 
 
 def test_training_sampler_never_yields_held_out_questions() -> None:
@@ -153,3 +165,24 @@ def test_shipped_checkpoint_loads_and_answers_test_problems() -> None:
         answers = [task.extract_answer(o.text) for o in outs]
         assert answers[0] == problems[0].answer and parse(outs[0].text), (cfg.decoder, outs[0].text)
         assert sum(a == p.answer for a, p in zip(answers, problems, strict=True)) >= 6, [o.text for o in outs]  # ~70%+
+
+
+LIVE_VIEW = Path(__file__).resolve().parents[2] / "lopa" / "server" / "static" / "index.html"
+
+
+def test_the_live_views_default_prompt_is_answered_right_by_both_compare_settings() -> None:
+    """The page a user opens first: its prompt box's text, run with the defaults of compare mode (``app.js``: the
+    server's default decoder, and LoPA over it with the default k), on the bundled model."""
+    from lopa import LLM
+
+    textarea = re.search(r"<textarea[^>]*>([^<]*)</textarea>", LIVE_VIEW.read_text(encoding="utf-8"))
+    assert textarea is not None
+    prompt = textarea.group(1).strip()
+    assert prompt.startswith("Q: Kim has 48 eggs. She buys 3 more. She then eats 2. She finds 4 more. How many")
+    llm = LLM()
+    a = llm.default_config
+    b = llm.decode_config(decoder="lopa", base=a.decoder, branches=max(a.branches, 1))
+    assert a.decoder == "threshold" and b.branches == 4
+    for cfg in (a, b):
+        text = llm.generate([prompt], cfg)[0].text
+        assert task.extract_answer(text) == 48 + 3 - 2 + 4 and parse(text), (cfg.decoder, text)

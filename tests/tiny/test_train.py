@@ -13,6 +13,7 @@ from lopa.commands.main import main
 from lopa.tiny import task
 from lopa.tiny.data import Layout, block_causal_mask, block_ratios, encode_rows, noise, open_fresh_blocks
 from lopa.tiny.evaluate import greedy_decode
+from lopa.tiny.train_loop import Ema
 from lopa.tiny.vocab import build_tokenizer, special_ids
 
 MICRO = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "64"]
@@ -75,20 +76,27 @@ def _log(out: Path) -> list[dict]:
 
 def test_train_decreases_loss_resumes_exactly_and_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["train", "--steps", "40", "--save-every", "10", *MICRO]
+    common = ["train", "--steps", "60", "--save-every", "10", "--on-policy-from", "10", *MICRO]
     assert main([*common, "--out", str(straight)]) == 0
     losses = [r["loss"] for r in _log(straight)]
     assert losses[-1] < losses[0] - 0.3, losses
 
-    assert main([*common, "--out", str(resumed), "--until", "25"]) == 0
+    assert main([*common, "--out", str(resumed), "--until", "25"]) == 0  # between two collections of states
     state = json.loads((resumed / "train_state" / "state.json").read_text())
     assert state["step"] == 25
     assert main([*common, "--out", str(resumed)]) == 0  # the same command continues from step 25
-    a = load_file(str(straight / "model.safetensors"))
-    b = load_file(str(resumed / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    names = ("model.safetensors", "train_state/weights.safetensors", "train_state/ema.safetensors")
+    for name in (*names, "train_state/visited.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
+    exported, ema = load_file(str(straight / names[0])), load_file(str(straight / names[2]))
+    last = load_file(str(straight / names[1]))
+    assert all(torch.equal(exported[k], ema[k]) for k in exported)  # the export is the EMA ...
+    assert not torch.equal(exported["lm_head.weight"], last["lm_head.weight"])  # ... not the last step
+    pool = load_file(str(straight / "train_state/visited.safetensors"))
+    assert pool["row"].numel() > 32 and pool["masks"].any()  # the pool collected at step 50 (32 problems)
 
     ckpt = load_checkpoint(straight)
     layout, tok = _layout()
@@ -110,7 +118,7 @@ def test_resume_refuses_a_different_architecture(tmp_path: Path) -> None:
 
 def test_average_from_exports_the_mean_of_the_saves_and_resumes_exactly(tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["train", "--steps", "40", "--save-every", "10", "--average-from", "20", "--test-n", "0", *MICRO]
+    common = ["train", "--steps", "40", "--save-every", "10", "--average-from", "20", "--ema", "0", *MICRO]
     assert main([*common, "--out", str(straight)]) == 0
     saved = []
     for until in ("20", "25", "30"):  # stops at 20 and 30 are saves of the average; 25 is only a pause
@@ -133,3 +141,28 @@ def test_average_from_exports_the_mean_of_the_saves_and_resumes_exactly(tmp_path
 def test_average_from_past_the_end_is_refused(tmp_path: Path, capsys) -> None:
     assert main(["train", "--steps", "10", "--average-from", "11", "--out", str(tmp_path / "x"), *MICRO]) == 2
     assert "--average-from" in capsys.readouterr().err
+
+
+def test_average_from_needs_ema_off_and_bad_fractions_are_refused(tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "x")
+    assert main(["train", "--steps", "10", "--average-from", "5", "--out", out, *MICRO]) == 2
+    assert "--ema 0" in capsys.readouterr().err
+    assert main(["train", "--steps", "10", "--on-policy", "1.0", "--out", out, *MICRO]) == 2
+    assert "--on-policy" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_ema_follows_its_formula_and_resumes_from_its_file(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    path = tmp_path / "ema.safetensors"
+    ema = Ema(model, path, 0.5)
+    seen = []
+    for step, w in enumerate([1.0, 2.0, 4.0, 8.0]):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        ema.update(model, step, warmup=2)  # steps 0 and 1: a copy; then 0.5 * ema + 0.5 * w
+        seen.append(float(ema.weights["weight"][0, 0]))
+    assert seen == [1.0, 2.0, 3.0, 5.5]
+    ema.save()
+    again = Ema(torch.nn.Linear(2, 1, bias=False), path, 0.5)
+    assert torch.equal(again.load_into(torch.nn.Linear(2, 1, bias=False)).weight, torch.full((1, 2), 5.5))

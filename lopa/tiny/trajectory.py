@@ -1,0 +1,184 @@
+"""On-policy training states for the tiny Dream model: the partial answers that the decoders visit.
+
+Random block-wise masks (``lopa.tiny.data.noise``) almost never show the model the states its own
+confidence-ordered filling produces: the end tail fixed before the content, a step's numbers before its wording,
+the next block's first positions guessed while the block before it is still half masked. The model is then
+confidently wrong in exactly those states. A *trajectory* here runs a decoder's filling rule with the model being
+trained, but at every position the model chooses to fill it writes the reference answer's token (the model picks
+the order, the data picks the content) and records the answer's mask before each fill. Every recorded state is
+therefore consistent with the reference answer, so cross-entropy on its masked positions trains the model's
+confidence toward the task's posterior in the states decoding actually reaches (D2F, dParallel and d3LLM train on
+decoding trajectories for the same reason).
+
+Two orders, both under the block-causal layout of training (``lopa.tiny.data``), full-row forwards:
+
+- ``threshold``: one block at a time; every masked position of the block whose probability (mask token excluded)
+  exceeds τ is filled, else its single most confident one; a row stops after the block holding its end token.
+- ``d2f``: D2F's pipeline (``lopa.decoding.d2f``) with its defaults: the next block joins, semi-activated, once
+  the last block is ``tau_add`` decoded and no end token has been filled, and is fully activated once its
+  predecessor is ``tau_act`` decoded; semi-activated blocks fill only above τ, the others also their most
+  confident position when nothing passes.
+
+A :class:`Visited` pool holds the states of one batch of trajectories; training rows are drawn from it by
+:func:`visited_batch` with the same row layout, attention and loss as ``lopa.tiny.data.training_batch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lopa.model.transformer import Transformer
+from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, open_fresh_blocks
+
+D2F_TAU_ADD = 0.1  # lopa.config.decode.DecodeConfig's defaults
+D2F_TAU_ACT = 0.95
+
+
+@dataclass(frozen=True)
+class Visited:
+    """States of a batch of trajectories: row ``row[s]`` of ``clean`` with its answer masked where ``masks[s]``."""
+
+    clean: Tensor  # (problems, L) reference rows (answer + end/pad tail)
+    positions: Tensor  # (problems, L)
+    valid: Tensor  # (problems, L) bool, False on left padding
+    row: Tensor  # (states,) long
+    masks: Tensor  # (states, answer_len) bool: True = masked (blocks not yet in the window are all masked)
+
+    def __len__(self) -> int:
+        return int(self.row.numel())
+
+    def save(self, path: Path) -> None:
+        """Write the pool (safetensors), so that a resumed run draws from the same states."""
+        tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self)}
+        save_file(tensors, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Visited:
+        return cls(**load_file(str(path)))
+
+    @staticmethod
+    def merge(pools: list[Visited]) -> Visited:
+        """One pool of several (their rows renumbered)."""
+        offsets = torch.tensor([0] + [p.clean.shape[0] for p in pools[:-1]]).cumsum(0).tolist()
+        return Visited(
+            torch.cat([p.clean for p in pools]),
+            torch.cat([p.positions for p in pools]),
+            torch.cat([p.valid for p in pools]),
+            torch.cat([p.row + o for p, o in zip(pools, offsets, strict=True)]),
+            torch.cat([p.masks for p in pools]),
+        )
+
+
+def _confidence(model: Transformer, ids: Tensor, positions: Tensor, attn: Tensor, layout: Layout) -> Tensor:
+    """(rows, answer_len) probability of the most likely non-mask token at every answer position."""
+    logits = model(ids, positions, attn_mask=attn, logits_idx=answer_logits_idx(ids.shape[0], layout, ids.device))
+    logits = logits.float()  # (rows, answer_len, vocab)
+    logits[..., layout.mask_id] = float("-inf")
+    return logits.softmax(-1).amax(-1)
+
+
+def _top1(conf: Tensor, allowed: Tensor) -> Tensor:
+    """(rows, n) bool: the most confident allowed position of each row that has one (lower position on ties)."""
+    scored = torch.where(allowed, conf, torch.full_like(conf, -1.0))
+    pick = torch.zeros_like(allowed)
+    has = allowed.any(1)
+    pick[has, scored[has].argmax(1)] = True
+    return pick
+
+
+@torch.no_grad()
+def visit(
+    model: Transformer,
+    clean: Tensor,
+    positions: Tensor,
+    valid: Tensor,
+    layout: Layout,
+    order: str = "threshold",
+    threshold: float = 0.9,
+) -> Visited:
+    """Run teacher-forced trajectories in ``order`` ("threshold" or "d2f") for the rows of ``clean`` (rows, L) and
+    record every state (the answer's mask before each forward)."""
+    if order not in ("threshold", "d2f"):
+        raise ValueError(f"order must be 'threshold' or 'd2f', got {order!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    clean, positions, valid = clean.to(device), positions.to(device), valid.to(device)
+    p, bs, nb = layout.max_prompt, layout.block_size, layout.num_blocks
+    ids = clean.clone()
+    ids[:, p:] = layout.mask_id
+    attn = block_causal_mask(valid, layout)  # (rows, L, L)
+    rows = clean.shape[0]
+    target = clean[:, p:]  # (rows, answer_len)
+    in_block = torch.arange(layout.answer_len, device=device) // bs  # (answer_len,)
+    blocks = in_block[None] == torch.arange(nb, device=device)[:, None]  # (nb, answer_len)
+    present = torch.zeros(rows, nb, dtype=torch.bool, device=device)  # blocks in the window
+    present[:, 0] = True
+    full = present.clone()  # fully activated (d2f); the threshold order has one block, always full
+    end_seen = torch.zeros(rows, dtype=torch.bool, device=device)
+    states_row, states_mask = [], []
+    for _ in range(layout.answer_len + nb):
+        masked = ids[:, p:] == layout.mask_id  # (rows, answer_len)
+        left = (masked[:, None, :] & blocks[None]).sum(-1)  # (rows, nb) masked positions per block
+        if order == "threshold":  # the first block with masks is the window
+            done_blocks = left == 0
+            first = (~done_blocks).float().argmax(1)  # (rows,)
+            present = torch.arange(nb, device=device)[None] == first[:, None]
+            finished = done_blocks.all(1) | (done_blocks & (target.view(rows, nb, bs) == layout.end_id).any(-1)).any(1)
+            present &= ~finished[:, None]
+            full = present
+        else:
+            ratio = 1.0 - left.float() / bs  # (rows, nb)
+            last = nb - 1 - present.flip(1).float().argmax(1)  # (rows,) index of the last block in the window
+            can_add = ~end_seen & (last + 1 < nb) & (ratio.gather(1, last[:, None]).squeeze(1) >= D2F_TAU_ADD)
+            add_at = (last + 1).clamp_max(nb - 1)
+            present[can_add, add_at[can_add]] = True
+            full[:, 1:] |= present[:, 1:] & (ratio[:, :-1] >= D2F_TAU_ACT)
+        open_pos = (present.float() @ blocks.float()).bool() & masked  # (rows, answer_len) fillable now
+        active = open_pos.any(1).nonzero().squeeze(1)  # (n,)
+        if active.numel() == 0:
+            break
+        states_row.append(active)
+        states_mask.append(masked[active])
+        conf = _confidence(model, ids[active], positions[active], attn[active], layout)  # (n, answer_len)
+        fill = open_pos[active] & (conf > threshold)
+        for b in range(nb):
+            in_b = blocks[b][None] & open_pos[active]  # (n, answer_len)
+            need = full[active, b] & ~(fill & in_b).any(1)  # a full block that filled nothing
+            fill |= _top1(conf, in_b) & need[:, None]
+        ids[active, p:] = torch.where(fill, target[active], ids[active, p:])
+        end_seen[active] |= (fill & (target[active] == layout.end_id)).any(1)
+    model.train(was_training)
+    return Visited(clean.cpu(), positions.cpu(), valid.cpu(), torch.cat(states_row).cpu(), torch.cat(states_mask).cpu())
+
+
+def visited_batch(pool: Visited, layout: Layout, gen: torch.Generator, rows: int) -> dict[str, Tensor]:
+    """``rows`` states drawn uniformly from ``pool`` as training rows (the keys of ``data.training_batch``).
+
+    When a state's first masked block is all-mask and so is everything after it, that block is the engine's fresh
+    block in half of the draws (the block before it sees it, ``data.open_fresh_blocks``), as in the random rows.
+    """
+    pick = torch.randint(0, len(pool), (rows,), generator=gen)  # (rows,)
+    r, masked = pool.row[pick], pool.masks[pick]  # (rows,), (rows, answer_len)
+    clean, positions, valid = pool.clean[r], pool.positions[r], pool.valid[r]  # (rows, L) each
+    loss_mask = torch.zeros_like(clean, dtype=torch.bool)
+    loss_mask[:, layout.max_prompt :] = masked
+    noisy = torch.where(loss_mask, torch.full_like(clean, layout.mask_id), clean)
+    per_block = masked.view(rows, layout.num_blocks, layout.block_size)
+    first = per_block.any(-1).float().argmax(1)  # (rows,) first block with a masked position
+    after = torch.arange(layout.answer_len)[None] >= (first * layout.block_size)[:, None]  # (rows, answer_len)
+    opens = (masked | ~after).all(1) & (torch.rand(rows, generator=gen) < 0.5)  # all-mask from the first on
+    fresh = torch.where(opens, first, torch.full_like(first, -1))
+    return {
+        "ids": noisy,  # (rows, L)
+        "positions": positions,  # (rows, L)
+        "attn_mask": open_fresh_blocks(block_causal_mask(valid, layout), valid, fresh, layout),  # (rows, L, L)
+        "targets": clean,  # (rows, L)
+        "loss_mask": loss_mask,  # (rows, L)
+    }

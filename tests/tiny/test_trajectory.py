@@ -1,0 +1,131 @@
+"""The visited states of ``lopa.tiny.trajectory``: every trajectory replayed state by state against a plain
+re-statement of the threshold and D2F rules with a full-row forward, and the states turned into training rows
+with the layout of the random rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lopa.model.transformer import Transformer
+from lopa.tiny import task
+from lopa.tiny.data import Layout, block_causal_mask, encode_rows, open_fresh_blocks
+from lopa.tiny.train import model_config
+from lopa.tiny.trajectory import Visited, visit, visited_batch
+from lopa.tiny.vocab import build_tokenizer, special_ids
+
+THRESHOLD = 0.82
+
+
+def _setup(block_size: int = 16, num_blocks: int = 4) -> tuple[Transformer, Layout, tuple]:
+    tok = build_tokenizer()
+    ids = special_ids(tok)
+    layout = Layout(32, block_size, num_blocks, ids["eos_token_id"], ids["mask_token_id"])
+    args = SimpleNamespace(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    torch.manual_seed(0)
+    model = Transformer(model_config(args, tok.get_vocab_size(), ids))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # random logits with confidences spread around 0.8
+    problems = task.fixed_set("validation", 6)
+    return model, layout, encode_rows(problems, lambda t: tok.encode(t, add_special_tokens=False).ids, layout)
+
+
+def _confidence(model: Transformer, ids: torch.Tensor, positions, valid, layout: Layout) -> list[float]:
+    """Per answer position: the largest probability among non-mask tokens, from a full-row forward."""
+    attn = block_causal_mask(valid[None], layout)
+    with torch.no_grad():
+        probs = model(ids[None], positions[None], attn_mask=attn).float()[0].softmax(-1)  # (L, vocab)
+    probs[:, layout.mask_id] = 0.0
+    probs = probs / probs.sum(-1, keepdim=True)
+    p = layout.max_prompt
+    return probs[p - 1 : layout.length - 1].max(-1).values.tolist()  # Dream's shift: output i - 1 predicts i
+
+
+@pytest.mark.parametrize("order", ["threshold", "d2f"])
+def test_states_follow_the_decoders_rule_with_the_reference_tokens(order: str) -> None:
+    model, layout, (clean, positions, valid) = _setup()
+    pool = visit(model, clean, positions, valid, layout, order, THRESHOLD)
+    assert model.training  # restored
+    p, bs, nb = layout.max_prompt, layout.block_size, layout.num_blocks
+    multi = semi = 0
+    for r in range(clean.shape[0]):
+        target = clean[r, p:].tolist()
+        states = [pool.masks[s].tolist() for s in range(len(pool)) if int(pool.row[s]) == r]
+        assert all(states[0])  # the answer starts all-mask
+        window, full, end_seen = [0], {0: True}, False
+        for i, masked in enumerate(states):
+            left = [sum(masked[b * bs : (b + 1) * bs]) for b in range(nb)]
+            if order == "threshold":  # one block: the first one with masks
+                window = [next(b for b in range(nb) if left[b])]
+                full = {window[0]: True}
+            else:  # D2F: append at tau_add = 0.1, fully activate at tau_act = 0.95 (the predecessor's ratio)
+                last = window[-1]
+                if not end_seen and last + 1 < nb and 1 - left[last] / bs >= 0.1:
+                    window.append(last + 1)
+                    full[last + 1] = False
+                for b in window[1:]:
+                    full[b] = full[b] or 1 - left[b - 1] / bs >= 0.95
+            ids = clean[r].clone()
+            ids[p:][torch.tensor(masked)] = layout.mask_id
+            conf = _confidence(model, ids, positions[r], valid[r], layout)
+            fill = []
+            for b in window:
+                open_ = [j for j in range(b * bs, (b + 1) * bs) if masked[j]]
+                above = [j for j in open_ if conf[j] > THRESHOLD]
+                if not above and full[b] and open_:
+                    above = [max(open_, key=lambda j: (conf[j], -j))]
+                semi += not full[b] and bool(above)
+                fill += above
+            assert fill, (r, i)
+            multi += len(fill) > 1
+            after = [m and j not in fill for j, m in enumerate(masked)]
+            end_seen = end_seen or any(target[j] == layout.end_id for j in fill)
+            if i + 1 < len(states):
+                assert states[i + 1] == after, (order, r, i)
+            else:  # the last forward completes the window, and the row ends there
+                assert not any(after[j] for b in window for j in range(b * bs, (b + 1) * bs))
+                done = [b for b in range(nb) if not any(after[b * bs : (b + 1) * bs])]
+                ended = any(target[j] == layout.end_id for b in done for j in range(b * bs, (b + 1) * bs))
+                assert not any(after) or (ended if order == "threshold" else end_seen), (order, r)
+    assert multi > 0
+    assert order == "threshold" or semi > 0  # semi-activated blocks filled above-threshold positions
+
+
+def test_an_unknown_order_is_refused() -> None:
+    model, layout, rows = _setup()
+    with pytest.raises(ValueError, match="order"):
+        visit(model, *rows, layout, "vanilla")
+
+
+def test_visited_rows_have_the_random_rows_layout(tmp_path: Path) -> None:
+    model, layout, rows = _setup()
+    pool = Visited.merge([visit(model, *rows, layout, "threshold"), visit(model, *rows, layout, "d2f")])
+    assert int(pool.row.max()) == 2 * rows[0].shape[0] - 1 and torch.equal(pool.clean[6:], pool.clean[:6])
+    pool.save(tmp_path / "pool.safetensors")
+    again = Visited.load(tmp_path / "pool.safetensors")
+    assert all(torch.equal(getattr(pool, k), getattr(again, k)) for k in ("clean", "positions", "row", "masks"))
+    batch = visited_batch(again, layout, torch.Generator().manual_seed(0), 400)
+    twice = visited_batch(again, layout, torch.Generator().manual_seed(0), 400)
+    assert all(torch.equal(batch[k], twice[k]) for k in batch)  # a pure function of the generator
+    p, bs = layout.max_prompt, layout.block_size
+    assert torch.equal(batch["loss_mask"], batch["ids"] == layout.mask_id)
+    assert not batch["loss_mask"][:, :p].any()
+    states = {tuple(m.tolist()) for m in pool.masks}
+    fresh_rows = 0
+    for i in range(400):
+        masked = batch["loss_mask"][i, p:]
+        assert tuple(masked.tolist()) in states  # a recorded state, unchanged
+        keep = ~batch["loss_mask"][i]
+        assert torch.equal(batch["ids"][i][keep], batch["targets"][i][keep])
+        valid = batch["attn_mask"][i, -1]  # the last answer query sees every real key and no pad
+        base = block_causal_mask(valid[None], layout)[0]
+        if not torch.equal(batch["attn_mask"][i], base):  # opened: only for a fresh block, as the engine does
+            first = int(masked.nonzero()[0]) // bs
+            assert first * bs == int(masked.nonzero()[0]) and masked[first * bs :].all()
+            opened = open_fresh_blocks(base[None], valid[None], torch.tensor([first]), layout)[0]
+            assert torch.equal(batch["attn_mask"][i], opened)
+            fresh_rows += 1
+    assert fresh_rows > 0
