@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,6 +17,7 @@ from lopa.tiny.evaluate import greedy_decode
 from lopa.tiny.train_loop import Ema
 from lopa.tiny.vocab import build_tokenizer, special_ids
 
+ROOT = Path(__file__).resolve().parents[2]
 MICRO = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "64"]
 MICRO += ["--batch", "8", "--warmup", "5", "--lr", "3e-3", "--threads", "1", "--eval-every", "0", "--test-n", "0"]
 
@@ -166,3 +168,24 @@ def test_ema_follows_its_formula_and_resumes_from_its_file(tmp_path: Path) -> No
     ema.save()
     again = Ema(torch.nn.Linear(2, 1, bias=False), path, 0.5)
     assert torch.equal(again.load_into(torch.nn.Linear(2, 1, bias=False)).weight, torch.full((1, 2), 5.5))
+
+
+def test_training_curves_reads_the_validations_and_the_late_drop(tmp_path: Path, capsys) -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("training_curves", ROOT / "scripts" / "training_curves.py")
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 20, "loss": 1.0}]
+    for step, acc in ((300, 0.5), (600, 0.9), (700, 0.85), (800, 0.95), (900, 0.91)):
+        records.append({"step": step, "loss": 0.5, "validation": {"accuracy": acc, "wellformed": acc - 0.1}})
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    points = curves.validations(run)
+    assert [p[0] for p in points] == [300, 600, 700, 800, 900] and points[1][1:] == (90.0, 80.0)
+    assert curves.largest_late_drop(points) == pytest.approx(5.0)  # from step 600: 90 -> 85 (5), 95 -> 91 (4)
+    sys.argv = ["training_curves.py", str(run)]
+    assert curves.main() == 0
+    assert "| run | 300 | 600 | 700 | 800 | 900 |" in capsys.readouterr().out
