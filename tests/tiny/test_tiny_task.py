@@ -163,8 +163,9 @@ def test_shipped_checkpoint_loads_and_answers_test_problems() -> None:
     ):
         outs = llm.generate([p.prompt for p in problems], cfg)
         answers = [task.extract_answer(o.text) for o in outs]
-        assert answers[0] == problems[0].answer and parse(outs[0].text), (cfg.decoder, outs[0].text)
-        assert sum(a == p.answer for a, p in zip(answers, problems, strict=True)) >= 6, [o.text for o in outs]  # ~70%+
+        right = sum(a == p.answer for a, p in zip(answers, problems, strict=True))
+        well_formed = sum(bool(parse(o.text)) for o in outs)
+        assert right >= 9 and well_formed >= 8, (cfg.decoder, [o.text for o in outs])  # v3: 90% right on 600
 
 
 LIVE_VIEW = Path(__file__).resolve().parents[2] / "lopa" / "server" / "static" / "index.html"
