@@ -152,12 +152,21 @@ def training_batch(
     problems = [sampler(rng) for _ in range(rows)]
     clean, positions, valid = encode_rows(problems, encode, layout)
     noisy, loss_mask, fresh = noise(clean, layout, gen)
+    return training_rows(clean, noisy, positions, valid, loss_mask, fresh, layout)
+
+
+def training_rows(
+    clean: Tensor, noisy: Tensor, positions: Tensor, valid: Tensor, loss_mask: Tensor, fresh: Tensor, layout: Layout
+) -> dict[str, Tensor]:
+    """The batch dict the trainer consumes: ids (the noisy rows), positions, the block-causal attention with each
+    row's fresh block opened (:func:`open_fresh_blocks`), targets (the clean rows) and the loss mask; all (rows, L)
+    but attn_mask (rows, L, L)."""
     return {
-        "ids": noisy,  # (rows, L)
-        "positions": positions,  # (rows, L)
-        "attn_mask": open_fresh_blocks(block_causal_mask(valid, layout), valid, fresh, layout),  # (rows, L, L)
-        "targets": clean,  # (rows, L)
-        "loss_mask": loss_mask,  # (rows, L)
+        "ids": noisy,
+        "positions": positions,
+        "attn_mask": open_fresh_blocks(block_causal_mask(valid, layout), valid, fresh, layout),
+        "targets": clean,
+        "loss_mask": loss_mask,
     }
 
 

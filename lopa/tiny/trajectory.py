@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lopa.model.transformer import Transformer
-from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, open_fresh_blocks
+from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, training_rows
 
 D2F_TAU_ADD = 0.1  # lopa.config.decode.DecodeConfig's defaults
 D2F_TAU_ACT = 0.95
@@ -175,10 +175,4 @@ def visited_batch(pool: Visited, layout: Layout, gen: torch.Generator, rows: int
     after = torch.arange(layout.answer_len)[None] >= (first * layout.block_size)[:, None]  # (rows, answer_len)
     opens = (masked | ~after).all(1) & (torch.rand(rows, generator=gen) < 0.5)  # all-mask from the first on
     fresh = torch.where(opens, first, torch.full_like(first, -1))
-    return {
-        "ids": noisy,  # (rows, L)
-        "positions": positions,  # (rows, L)
-        "attn_mask": open_fresh_blocks(block_causal_mask(valid, layout), valid, fresh, layout),  # (rows, L, L)
-        "targets": clean,  # (rows, L)
-        "loss_mask": loss_mask,  # (rows, L)
-    }
+    return training_rows(clean, noisy, positions, valid, loss_mask, fresh, layout)
