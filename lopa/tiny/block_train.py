@@ -28,7 +28,7 @@ from lopa.model.transformer import Transformer
 from lopa.tiny import task
 from lopa.tiny.block_data import BlockLayout, noisy_logits_idx, training_batch, training_mask, weighted_loss
 from lopa.tiny.block_evaluate import score
-from lopa.tiny.train import EMA_FILE, STATE_DIR, load_state, lr_at, save_state
+from lopa.tiny.train import EMA_FILE, STATE_DIR, check_common_args, load_state, lr_at, save_state
 from lopa.tiny.train import model_config as tiny_model_config
 from lopa.tiny.train_loop import Ema, Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
 from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
@@ -65,10 +65,7 @@ def write_checkpoint(model: Transformer, tok: Tokenizer, layout: BlockLayout, ou
 
 
 def run(args: Any) -> int:
-    if args.steps < 1 or args.batch < 1:
-        raise ConfigError("--steps and --batch must be >= 1.")
-    if not 0.0 <= args.ema < 1.0:
-        raise ConfigError(f"--ema must be in [0, 1), got {args.ema}.")
+    check_common_args(args)
     if args.average_from:
         raise ConfigError("--average-from is for the Dream model; the block model exports an EMA (--ema).")
     if args.threads:

@@ -154,14 +154,19 @@ def write_checkpoint(model: Transformer, tok: Tokenizer, layout: Layout, out: Pa
     save_tokenizer(tok, out)
 
 
-def check_args(args: Any) -> None:
-    """Refuse settings that cannot train (named errors, nothing written)."""
+def check_common_args(args: Any) -> None:
+    """The checks both tiny trainers make (Dream here, ``--family sdar`` in ``block_train``)."""
     if args.steps < 1 or args.batch < 1:
         raise ConfigError("--steps and --batch must be >= 1.")
-    if not 0 <= args.average_from <= args.steps:
-        raise ConfigError(f"--average-from must be between 0 and --steps ({args.steps}), got {args.average_from}.")
     if not 0.0 <= args.ema < 1.0:
         raise ConfigError(f"--ema must be in [0, 1), got {args.ema}.")
+
+
+def check_args(args: Any) -> None:
+    """Refuse settings that cannot train (named errors, nothing written)."""
+    check_common_args(args)
+    if not 0 <= args.average_from <= args.steps:
+        raise ConfigError(f"--average-from must be between 0 and --steps ({args.steps}), got {args.average_from}.")
     if args.average_from and args.ema:
         raise ConfigError("--average-from exports a mean of saves; it needs --ema 0.")
     if not 0.0 <= args.on_policy < 1.0:
