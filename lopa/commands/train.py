@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lopa.errors import ConfigError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory: checkpoint + resumable training state")
@@ -42,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="dream: processes that build the random rows of the next steps ahead (the same batches, faster on a "
+        "GPU; default: 0, built in the training process)",
+    )
     p.add_argument("--save-every", type=int, default=250, help="write checkpoint + state every N steps")
     p.add_argument(
         "--average-from",
@@ -58,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.family == "sdar":  # the block-diffusion model (SDAR's objective)
+        if args.workers:
+            raise ConfigError("--workers is for the Dream trainer; --family sdar builds its batches in-process.")
         from lopa.tiny.block_train import run as run_block_train
 
         return run_block_train(args)

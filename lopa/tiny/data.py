@@ -58,25 +58,27 @@ def encode_rows(
     Returns ids (rows, L) with the answer + end/pad tail (or all-mask answers when ``with_answer`` is False),
     positions (rows, L) and valid (rows, L) bool (False on left padding).
     """
-    rows, length = len(problems), layout.length
-    ids = torch.full((rows, length), layout.end_id, dtype=torch.long)  # (rows, L)
-    valid = torch.ones(rows, length, dtype=torch.bool)  # (rows, L)
-    positions = torch.zeros(rows, length, dtype=torch.long)  # (rows, L)
-    for r, p in enumerate(problems):
-        prompt = encode(p.prompt)
-        if len(prompt) > layout.max_prompt:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the layout's {layout.max_prompt}")
-        pad = layout.max_prompt - len(prompt)
-        ids[r, pad : layout.max_prompt] = torch.tensor(prompt)
-        valid[r, :pad] = False
-        positions[r, pad:] = torch.arange(length - pad)
+    length, p = layout.length, layout.max_prompt
+    id_rows, pos_rows, valid_rows = [], [], []  # built as lists, one tensor each at the end
+    for problem in problems:
+        prompt = encode(problem.prompt)
+        if len(prompt) > p:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the layout's {p}")
+        pad = p - len(prompt)
         if with_answer:
-            answer = encode(" " + p.target) + [layout.end_id]
+            answer = encode(" " + problem.target) + [layout.end_id]
             if len(answer) > layout.answer_len:
                 raise ValueError(f"answer of {len(answer)} tokens exceeds the layout's {layout.answer_len}")
-            ids[r, layout.max_prompt : layout.max_prompt + len(answer)] = torch.tensor(answer)
+            answer += [layout.end_id] * (layout.answer_len - len(answer))  # end/pad tail
         else:
-            ids[r, layout.max_prompt :] = layout.mask_id
+            answer = [layout.mask_id] * layout.answer_len
+        id_rows.append([layout.end_id] * pad + prompt + answer)
+        pos_rows.append([0] * pad + list(range(length - pad)))
+        valid_rows.append([False] * pad + [True] * (length - pad))
+    shape = (len(problems), length)
+    ids = torch.tensor(id_rows, dtype=torch.long).view(shape)  # (rows, L)
+    positions = torch.tensor(pos_rows, dtype=torch.long).view(shape)  # (rows, L)
+    valid = torch.tensor(valid_rows, dtype=torch.bool).view(shape)  # (rows, L)
     return ids, positions, valid
 
 

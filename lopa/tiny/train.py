@@ -40,14 +40,14 @@ from lopa.model.config import ModelConfig
 from lopa.model.families import family_named
 from lopa.model.transformer import Transformer
 from lopa.tiny import task
-from lopa.tiny.data import Layout, answer_logits_idx, encode_rows, masked_loss, training_batch
+from lopa.tiny.batches import complete, random_row_stream, visited_rows
+from lopa.tiny.data import Layout, answer_logits_idx, encode_rows, masked_loss
 from lopa.tiny.evaluate import score
 from lopa.tiny.train_loop import Ema, Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
-from lopa.tiny.trajectory import Visited, visit, visited_batch
+from lopa.tiny.trajectory import Visited, visit
 from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
 
 VISIT_EVERY = 100  # steps between two collections of visited states
-VISIT_PROBLEMS = 32  # trajectories per collection, half in each order (a trained model: about 22 states each)
 ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_size", "num_blocks", "max_prompt")
 STATE_DIR = "train_state"
 AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
@@ -171,31 +171,22 @@ def check_args(args: Any) -> None:
         raise ConfigError("--average-from exports a mean of saves; it needs --ema 0.")
     if not 0.0 <= args.on_policy < 1.0:
         raise ConfigError(f"--on-policy must be in [0, 1), got {args.on_policy}.")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}.")
 
 
 def collect(model: Transformer, args: Any, step: int, encode: Any, layout: Layout) -> Visited:
-    """The visited states of ``VISIT_PROBLEMS`` training problems drawn from (seed, step): half of them filled in
-    threshold order, half in D2F's."""
+    """The visited states of a batch's worth (``--batch``) of training problems drawn from (seed, step): half of them
+    filled in threshold order, half in D2F's (a trained model visits about 22 states per problem)."""
     rng, _ = step_sources(args.seed + 7919, step)
-    problems = [task.sample(rng, "train") for _ in range(VISIT_PROBLEMS)]
-    half = VISIT_PROBLEMS // 2
+    problems = [task.sample(rng, "train") for _ in range(args.batch)]
+    half = args.batch // 2
     return Visited.merge(
         [
             visit(model, *encode_rows(problems[:half], encode, layout), layout, "threshold"),
             visit(model, *encode_rows(problems[half:], encode, layout), layout, "d2f"),
         ]
     )
-
-
-def batch_at(step: int, args: Any, encode: Any, layout: Layout, pool: Visited | None) -> dict[str, Tensor]:
-    """Step ``step``'s rows: D2F-noised random problems, and from ``--on-policy-from`` visited states."""
-    rng, gen = step_sources(args.seed, step)
-    n_visited = round(args.batch * args.on_policy) if pool is not None else 0
-    batch = training_batch(rng, gen, lambda r: task.sample(r, "train"), encode, layout, args.batch - n_visited)
-    if n_visited:
-        extra = visited_batch(pool, layout, gen, n_visited)
-        batch = {k: torch.cat([batch[k], extra[k]]) for k in batch}
-    return batch
 
 
 def run(args: Any) -> int:
@@ -236,12 +227,15 @@ def run(args: Any) -> int:
     progress = Progress(meta, args.steps, out)
     model.train()
     stop = min(args.until, args.steps) if args.until else args.steps
+    stream = random_row_stream(args, layout, meta["step"], stop)  # step by step, built ahead with --workers
     while meta["step"] < stop:
         step = meta["step"]
         t0 = time.perf_counter()
-        if args.on_policy and step >= args.on_policy_from and (pool is None or step % VISIT_EVERY == 0):
+        if visited_rows(step, args) and (pool is None or step % VISIT_EVERY == 0):
             pool = collect(model, args, step, encode, layout)
-        batch = {k: v.to(device) for k, v in batch_at(step, args, encode, layout, pool).items()}
+        random_part, gen_state = next(stream)
+        batch = complete(step, args, layout, random_part, gen_state, pool)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         rows = batch["ids"].shape[0]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)

@@ -98,7 +98,7 @@ def test_train_decreases_loss_resumes_exactly_and_writes_a_loadable_checkpoint(t
     assert all(torch.equal(exported[k], ema[k]) for k in exported)  # the export is the EMA ...
     assert not torch.equal(exported["lm_head.weight"], last["lm_head.weight"])  # ... not the last step
     pool = load_file(str(straight / "train_state/visited.safetensors"))
-    assert pool["row"].numel() > 32 and pool["masks"].any()  # the pool collected at step 50 (32 problems)
+    assert pool["row"].numel() > 32 and pool["masks"].any()  # the pool collected at step 50 (8 problems: --batch)
 
     ckpt = load_checkpoint(straight)
     layout, tok = _layout()
@@ -108,6 +108,19 @@ def test_train_decreases_loss_resumes_exactly_and_writes_a_loadable_checkpoint(t
     outs, forwards = greedy_decode(ckpt.model, task.fixed_set("test", 3), lambda t: tok.encode(t).ids, layout, 0.9)
     assert all(1 <= len(o) <= layout.answer_len and layout.mask_id not in o for o in outs)
     assert all(1 <= f <= layout.answer_len for f in forwards)
+
+
+def test_worker_processes_build_the_same_batches(tmp_path: Path) -> None:
+    """--workers builds the random rows in other processes: the run must be bit-identical to the in-process one."""
+    common = ["train", "--steps", "30", "--save-every", "10", "--on-policy-from", "10", *MICRO]
+    assert main([*common, "--out", str(tmp_path / "here")]) == 0
+    assert main([*common, "--out", str(tmp_path / "workers"), "--workers", "2"]) == 0
+    for name in ("train_state/weights.safetensors", "train_state/ema.safetensors", "train_state/visited.safetensors"):
+        a, b = load_file(str(tmp_path / "here" / name)), load_file(str(tmp_path / "workers" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert main([*common, "--out", str(tmp_path / "bad"), "--workers", "-1"]) == 2
+    assert main([*common, "--out", str(tmp_path / "bad"), "--family", "sdar", "--workers", "1"]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_resume_refuses_a_different_architecture(tmp_path: Path) -> None:

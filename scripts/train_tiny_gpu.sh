@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Train the bundled tiny model's recipe on one GPU: two seeds side by side, sized to a time budget, with the
+# checkpoints packed for copying back. `lopa train` is the trainer; this script only sizes and runs it.
+#
+#   scripts/train_tiny_gpu.sh OUTDIR             # on one GPU: at most ~8 minutes (TINY_GPU_MINUTES=6 of training)
+#   scripts/train_tiny_gpu.sh --dry-run OUTDIR   # the same steps on CPU with a micro model (CI runs this)
+#
+# Steps: env (nvidia-smi, torch, CUDA), calibrate (both seeds for CAL steps, on-policy collection included, to
+# measure steps per second with both sharing the GPU), train (both seeds with --steps sized to the budget: 85 % of
+# it at the calibrated rate, the rest for validation and saves; the LR schedule spans exactly those steps), pack
+# (OUTDIR/seed<N>.tar.gz: runs/gpu-s<N> with the final and best checkpoints, train_log.jsonl and state.json, never
+# the optimiser state, plus the seed's logs) and summary (scripts/training_curves.py and the trainer's own test
+# score of each seed). OUTDIR/report.txt holds env, calibration and summary: three files in all.
+# Settings (environment): TINY_GPU_MINUTES (training budget, default 6), TINY_GPU_BATCH (default 128),
+# TINY_GPU_WORKERS (row-building processes per seed, default 3), TINY_GPU_SEEDS (default "0 1"),
+# TINY_GPU_ARGS (more `lopa train` flags, e.g. "--hidden 192 --lr 1e-3"). Exit status: 0 when every seed trained
+# to its last step, 1 otherwise (what was saved is still packed), 2 on bad usage or no CUDA device.
+# After copying back: tar xzf seed0.tar.gz, then `lopa bench --model runs/gpu-s0/best` (CPU) measures it.
+set -uo pipefail
+
+DRY=0
+OUT=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        -h | --help) sed -n '4,5p' "$0" | sed 's/^# *//'; exit 0 ;;
+        -*) echo "train_tiny_gpu: unknown option $1" >&2; exit 2 ;;
+        *) [ -z "$OUT" ] || { echo "train_tiny_gpu: one OUTDIR only" >&2; exit 2; }; OUT="$1" ;;
+    esac
+    shift
+done
+[ -n "$OUT" ] || { echo "train_tiny_gpu: OUTDIR is missing" >&2; exit 2; }
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT" || exit 2
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)" || exit 2
+MINUTES="${TINY_GPU_MINUTES:-6}"
+BATCH="${TINY_GPU_BATCH:-128}"
+WORKERS="${TINY_GPU_WORKERS:-3}"
+SEEDS="${TINY_GPU_SEEDS:-0 1}"
+# shellcheck disable=SC2206  # a list of flags
+EXTRA=(${TINY_GPU_ARGS:-})
+RUNS="$ROOT/runs"
+CAL=400          # calibration steps (on-policy from step 100: four collections of visited states)
+EVAL=(--eval-every 1000 --eval-n 400 --test-n 600 --save-every 1000)
+DEVICE=(--device cuda --threads 2)
+ARCH=(--layers 5)
+if [ "$DRY" = 1 ]; then
+    echo "train_tiny_gpu: DRY RUN on CPU with a micro model (no figure here is a GPU figure)"
+    MINUTES=0.3 BATCH=8 WORKERS=1 CAL=20
+    EVAL=(--eval-every 40 --eval-n 8 --test-n 8 --save-every 40)
+    DEVICE=(--device cpu --threads 1)
+    ARCH=(--hidden 32 --layers 1 --heads 2 --kv-heads 1 --intermediate 64)
+    RUNS="$OUT/runs"
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "train_tiny_gpu: torch sees no CUDA device here; run with --dry-run for the CPU rehearsal" >&2
+    exit 2
+fi
+mkdir -p "$RUNS"
+COMMON=(-m lopa train "${DEVICE[@]}" "${ARCH[@]}" --batch "$BATCH" --workers "$WORKERS" "${EXTRA[@]}")
+
+{
+    date -u +"date %Y-%m-%dT%H:%M:%SZ"
+    git log -1 --format="commit %H %s" 2>/dev/null || true
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    echo "budget ${MINUTES} min of training, batch $BATCH, workers $WORKERS per seed, seeds $SEEDS, extra: ${EXTRA[*]}"
+} 2>&1 | tee "$OUT/report.txt"
+
+# calibrate: every seed for CAL steps at once, the same flags as the real run
+for s in $SEEDS; do
+    rm -rf "$RUNS/cal-s$s"
+    timeout 180 "$PY" "${COMMON[@]}" --seed "$s" --steps 1000000 --until "$CAL" --on-policy-from 100 \
+        --eval-every 0 --test-n 0 --save-every "$CAL" --out "$RUNS/cal-s$s" >"$RUNS/calibrate-s$s.log" 2>&1 &
+done
+wait
+SIZED=$("$PY" - "$RUNS" "$MINUTES" "$CAL" $SEEDS 2>&1 <<'EOF'
+import json, sys
+from pathlib import Path
+runs, minutes, cal, seeds = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+seconds = []
+for s in seeds:
+    state = runs / f"cal-s{s}" / "train_state" / "state.json"
+    if not state.is_file():
+        sys.exit(f"calibration of seed {s} wrote no state (see runs/calibrate-s{s}.log)")
+    meta = json.loads(state.read_text())
+    seconds.append(meta["seconds"] / max(meta["step"], 1))
+per_step = max(seconds)  # the slowest seed sets the pace
+steps = int(0.85 * minutes * 60 / per_step)
+steps = max(steps - steps % 100, 100)
+print(f"calibration: {per_step * 1000:.1f} ms per step with {len(seeds)} seeds side by side -> steps {steps}")
+EOF
+) || {
+    echo "train_tiny_gpu: calibration failed: $SIZED" | tee -a "$OUT/report.txt" >&2
+    tail -c 2000 "$RUNS"/calibrate-s*.log | tee -a "$OUT/report.txt" >&2
+    exit 1
+}
+echo "$SIZED" | tee -a "$OUT/report.txt"
+STEPS="${SIZED##* }"
+
+LIMIT=$("$PY" -c "print(int($MINUTES * 60 * 1.25 + 60))")  # a run that overruns still leaves its best save
+FAILED=0
+for s in $SEEDS; do
+    rm -rf "$RUNS/gpu-s$s"
+    timeout --kill-after=5 "$LIMIT" "$PY" "${COMMON[@]}" --seed "$s" --steps "$STEPS" "${EVAL[@]}" \
+        --out "$RUNS/gpu-s$s" >"$RUNS/train-s$s.log" 2>&1 &
+done
+for job in $(jobs -p); do wait "$job" || FAILED=1; done
+
+for s in $SEEDS; do
+    run="$RUNS/gpu-s$s"
+    [ -d "$run" ] || { FAILED=1; continue; }
+    tar czf "$OUT/seed$s.tar.gz" -C "$RUNS" --exclude="gpu-s$s/train_state/*.safetensors" "gpu-s$s" \
+        "calibrate-s$s.log" "train-s$s.log"
+done
+{
+    "$PY" scripts/training_curves.py "$RUNS"/gpu-s* 2>&1
+    for s in $SEEDS; do echo "seed $s:"; grep -aE "^(test|done|stopped|Traceback|.*Error)" "$RUNS/train-s$s.log"; done
+    echo "exit $FAILED"
+} | tee -a "$OUT/report.txt"
+exit "$FAILED"
