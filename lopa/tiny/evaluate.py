@@ -12,6 +12,7 @@ so the engine's numbers are the ones to report; this loop tracks training progre
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -20,12 +21,21 @@ from lopa.tiny.data import Layout, block_causal_mask, encode_rows
 from lopa.tiny.grammar import parse
 from lopa.tiny.task import Problem, extract_answer
 
+Order = Literal["confidence", "left-to-right"]
+
 
 @torch.no_grad()
 def greedy_decode(
-    model: Transformer, problems: list[Problem], encode: Callable[[str], list[int]], layout: Layout, threshold: float
+    model: Transformer,
+    problems: list[Problem],
+    encode: Callable[[str], list[int]],
+    layout: Layout,
+    threshold: float,
+    order: Order = "confidence",
 ) -> tuple[list[list[int]], list[int]]:
     """Decode every problem; returns the generated ids (up to and including the first end token) and forwards."""
+    if order not in ("confidence", "left-to-right"):
+        raise ValueError(f"order must be 'confidence' or 'left-to-right', got {order!r}")
     device = next(model.parameters()).device
     ids, positions, valid = (t.to(device) for t in encode_rows(problems, encode, layout, with_answer=False))
     attn = block_causal_mask(valid, layout)  # (rows, L, L)
@@ -50,9 +60,13 @@ def greedy_decode(
             conf, tok = logits.softmax(-1).max(-1)  # (n, bs)
             block = ids[active, start:end]  # (n, bs)
             conf = torch.where(block == layout.mask_id, conf, torch.full_like(conf, -1.0))
-            fill = conf > threshold
-            none = ~fill.any(1)
-            fill[none, conf[none].argmax(1)] = True
+            if order == "left-to-right":  # the leftmost masked position: conf is -1 exactly where filled
+                fill = torch.zeros_like(block, dtype=torch.bool)
+                fill[torch.arange(len(active), device=device), (conf >= 0).float().argmax(1)] = True
+            else:
+                fill = conf > threshold
+                none = ~fill.any(1)
+                fill[none, conf[none].argmax(1)] = True
             ids[active, start:end] = torch.where(fill, tok, block)
             forwards[active] += 1
         done |= (ids[:, start:end] == layout.end_id).any(1)
@@ -71,9 +85,12 @@ def score(
     layout: Layout,
     threshold: float = 0.9,
     batch: int = 256,
+    order: Order = "confidence",
 ) -> dict[str, float]:
     """Exact-answer accuracy, well-formedness (``lopa.tiny.grammar``) and tokens per forward (greedy)."""
-    return tally(model, problems, lambda chunk: greedy_decode(model, chunk, encode, layout, threshold), decode, batch)
+    return tally(
+        model, problems, lambda chunk: greedy_decode(model, chunk, encode, layout, threshold, order), decode, batch
+    )
 
 
 def tally(
