@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=task.SPLITS, default="test", help="problem split (default: test)")
     p.add_argument("--problem-seed", type=int, default=None, help="a fresh set drawn from this seed (task.fresh_set)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | threshold TPF | " + " | ".join(f"{r}: exact / well-formed %" for r in RULES) + " |")
     print("|---|---|" + "---|" * len(RULES))
     for path in args.models:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, device=args.device)
         gen = ckpt.generation_config
         block = int(gen.get("block_size", 32))
         blocks = int(gen.get("max_new_tokens", 64)) // block

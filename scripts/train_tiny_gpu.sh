@@ -10,7 +10,8 @@
 # it at the calibrated rate, the rest for validation and saves; the LR schedule spans exactly those steps), pack
 # (OUTDIR/seed<N>.tar.gz: runs/gpu-s<N> with the final and best checkpoints, train_log.jsonl and state.json, never
 # the optimiser state, plus the seed's logs) and summary (scripts/training_curves.py and the trainer's own test
-# score of each seed). OUTDIR/report.txt holds env, calibration and summary: three files in all.
+# score of each seed, and scripts/decoding_order.py on each best save: threshold, confidence order and left to
+# right on the 600 test problems). OUTDIR/report.txt holds env, calibration and summary: three files in all.
 # Settings (environment): TINY_GPU_MINUTES (training budget, default 6), TINY_GPU_BATCH (default 128),
 # TINY_GPU_WORKERS (row-building processes per seed, default 3), TINY_GPU_SEEDS (default "0 1"),
 # TINY_GPU_ARGS (more `lopa train` flags, e.g. "--hidden 192 --lr 1e-3"). Exit status: 0 when every seed trained
@@ -44,12 +45,13 @@ SEEDS="${TINY_GPU_SEEDS:-0 1}"
 EXTRA=(${TINY_GPU_ARGS:-})
 RUNS="$ROOT/runs"
 CAL=400          # calibration steps (on-policy from step 100: four collections of visited states)
+ORDER_N=600      # test problems for scripts/decoding_order.py on each seed's best save
 EVAL=(--eval-every 1000 --eval-n 400 --test-n 600 --save-every 1000)
 DEVICE=(--device cuda --threads 2)
 ARCH=(--layers 5)
 if [ "$DRY" = 1 ]; then
     echo "train_tiny_gpu: DRY RUN on CPU with a micro model (no figure here is a GPU figure)"
-    MINUTES=0.3 BATCH=8 WORKERS=1 CAL=20
+    MINUTES=0.3 BATCH=8 WORKERS=1 CAL=20 ORDER_N=4
     EVAL=(--eval-every 40 --eval-n 8 --test-n 8 --save-every 40)
     DEVICE=(--device cpu --threads 1)
     ARCH=(--hidden 32 --layers 1 --heads 2 --kv-heads 1 --intermediate 64)
@@ -115,8 +117,15 @@ for s in $SEEDS; do
     tar czf "$OUT/seed$s.tar.gz" -C "$RUNS" --exclude="gpu-s$s/train_state/*.safetensors" "gpu-s$s" \
         "calibrate-s$s.log" "train-s$s.log"
 done
+ORDER_DEVICE=cuda
+[ "$DRY" = 1 ] && ORDER_DEVICE=cpu
+BEST=()
+for s in $SEEDS; do [ -d "$RUNS/gpu-s$s/best" ] && BEST+=("$RUNS/gpu-s$s/best"); done
 {
     "$PY" scripts/training_curves.py "$RUNS"/gpu-s* 2>&1
+    # each seed's best save on the 600 test problems: threshold, confidence order and left to right (what it knows)
+    [ ${#BEST[@]} -gt 0 ] && timeout 120 "$PY" scripts/decoding_order.py "${BEST[@]}" --n "$ORDER_N" \
+        --device "$ORDER_DEVICE" 2>&1 | grep -v '^{' 
     for s in $SEEDS; do echo "seed $s:"; grep -aE "^(test|done|stopped|Traceback|.*Error)" "$RUNS/train-s$s.log"; done
     echo "exit $FAILED"
 } | tee -a "$OUT/report.txt"

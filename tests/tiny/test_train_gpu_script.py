@@ -36,6 +36,7 @@ def test_dry_run_trains_both_seeds_to_the_calibrated_steps_and_packs_loadable_ch
     steps = int(report.split("calibration: ")[1].split("steps ")[1].split()[0])
     assert steps >= 100 and steps % 100 == 0
     assert report.rstrip().endswith("exit 0")
+    assert "left-to-right: exact / well-formed" in report and "/gpu-s1/best |" in report  # scripts/decoding_order.py
     for seed in (0, 1):
         unpacked = tmp_path / f"unpacked{seed}"
         with tarfile.open(out / f"seed{seed}.tar.gz") as tar:
