@@ -176,7 +176,10 @@ def test_full_queue_answers_503_with_retry_after(served) -> None:
         return httpx.post(f"{url}/v1/completions", json={"prompt": "wait"}, timeout=30)
 
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(ask, i) for i in range(3)]  # one runs (blocked on the gate), two wait
+        # one runs (blocked on the gate), then two wait: sent together, the third could find the first still queued
+        futures = [pool.submit(ask, 0)]
+        _wait_for(lambda: _health(url)["running"] == 1)
+        futures += [pool.submit(ask, i) for i in (1, 2)]
         _wait_for(lambda: _health(url)["running"] == 1 and _health(url)["waiting"] == 2)
         refused = httpx.post(f"{url}/v1/completions", json={"prompt": "short"}, timeout=10)
         assert refused.status_code == 503
