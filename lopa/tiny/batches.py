@@ -55,11 +55,6 @@ def complete(step: int, args: Any, layout: Layout, rows: Batch, gen_state: Tenso
     return {k: torch.cat([rows[k], extra[k]]) for k in rows}
 
 
-def batch_at(step: int, args: Any, layout: Layout, pool: Visited | None) -> Batch:
-    """Step ``step``'s whole batch, built here."""
-    return complete(step, args, layout, *random_rows(step, args, layout), pool)
-
-
 class _Steps(torch.utils.data.Dataset):
     """Random rows of steps ``first`` .. ``stop - 1``, for a DataLoader's workers."""
 

@@ -7,8 +7,9 @@ states the model's own threshold and D2F decoding visit, with the reference answ
 (``lopa.tiny.trajectory``), re-collected every ``VISIT_EVERY`` steps with the current weights. An exponential
 moving average of the weights (``--ema``) is what is validated and exported; the best validation so far is also
 written to ``DIR/best``.
-Random batches are a pure function of (seed, step), the visited pool of (seed, step, weights), and the pool in
-use is saved with the state, so training is reproducible and a resumed run continues exactly where it stopped.
+Random batches are a pure function of (seed, step) (``lopa.tiny.batches``; ``--workers`` processes build them
+ahead), the visited pool of (seed, step, weights), and the pool in use is saved with the state, so training is
+reproducible and a resumed run continues exactly where it stopped.
 
 ``--out DIR`` receives the Dream checkpoint (config.json, model.safetensors, tokenizer.json,
 generation_config.json: loadable by ``lopa.checkpoint.loader.load_checkpoint``) at every save, plus the training
