@@ -2,7 +2,7 @@
 # Train the bundled tiny model's recipe on one GPU: two seeds side by side, sized to a time budget, with the
 # checkpoints packed for copying back. `lopa train` is the trainer; this script only sizes and runs it.
 #
-#   scripts/train_tiny_gpu.sh OUTDIR             # on one GPU: at most ~8 minutes (TINY_GPU_MINUTES=6 of training)
+#   scripts/train_tiny_gpu.sh OUTDIR             # on one GPU: about 7-8 minutes (TINY_GPU_MINUTES=6 of training)
 #   scripts/train_tiny_gpu.sh --dry-run OUTDIR   # the same steps on CPU with a micro model (CI runs this)
 #
 # Steps: env (nvidia-smi, torch, CUDA), calibrate (both seeds for CAL steps, on-policy collection included, to
@@ -24,7 +24,7 @@ OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
-        -h | --help) sed -n '4,5p' "$0" | sed 's/^# *//'; exit 0 ;;
+        -h | --help) sed -n '5,6p' "$0" | sed 's/^# *//'; exit 0 ;;
         -*) echo "train_tiny_gpu: unknown option $1" >&2; exit 2 ;;
         *) [ -z "$OUT" ] || { echo "train_tiny_gpu: one OUTDIR only" >&2; exit 2; }; OUT="$1" ;;
     esac
@@ -102,7 +102,7 @@ EOF
 echo "$SIZED" | tee -a "$OUT/report.txt"
 STEPS="${SIZED##* }"
 
-LIMIT=$("$PY" -c "print(int($MINUTES * 60 * 1.25 + 60))")  # a run that overruns still leaves its best save
+LIMIT=$("$PY" -c "print(int($MINUTES * 60 * 1.15 + 30))")  # a run that overruns still leaves its best save
 FAILED=0
 for s in $SEEDS; do
     rm -rf "$RUNS/gpu-s$s"
@@ -124,7 +124,7 @@ for s in $SEEDS; do [ -d "$RUNS/gpu-s$s/best" ] && BEST+=("$RUNS/gpu-s$s/best");
 {
     "$PY" scripts/training_curves.py "$RUNS"/gpu-s* 2>&1
     # each seed's best save on the 600 test problems: threshold, confidence order and left to right (what it knows)
-    [ ${#BEST[@]} -gt 0 ] && timeout 120 "$PY" scripts/decoding_order.py "${BEST[@]}" --n "$ORDER_N" \
+    [ ${#BEST[@]} -gt 0 ] && timeout 60 "$PY" scripts/decoding_order.py "${BEST[@]}" --n "$ORDER_N" \
         --device "$ORDER_DEVICE" 2>&1 | grep -v '^{' 
     for s in $SEEDS; do echo "seed $s:"; grep -aE "^(test|done|stopped|Traceback|.*Error)" "$RUNS/train-s$s.log"; done
     echo "exit $FAILED"
