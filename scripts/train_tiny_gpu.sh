@@ -48,12 +48,14 @@ CAL=400          # calibration steps (on-policy from step 100: four collections 
 ORDER_N=600      # test problems for scripts/decoding_order.py on each seed's best save
 EVAL=(--eval-every 1000 --eval-n 400 --test-n 600 --save-every 1000)
 DEVICE=(--device cuda --threads 2)
+ORDER_DEVICE=cuda
 ARCH=(--layers 5)
 if [ "$DRY" = 1 ]; then
     echo "train_tiny_gpu: DRY RUN on CPU with a micro model (no figure here is a GPU figure)"
     MINUTES=0.3 BATCH=8 WORKERS=1 CAL=20 ORDER_N=4
     EVAL=(--eval-every 40 --eval-n 8 --test-n 8 --save-every 40)
     DEVICE=(--device cpu --threads 1)
+    ORDER_DEVICE=cpu
     ARCH=(--hidden 32 --layers 1 --heads 2 --kv-heads 1 --intermediate 64)
     RUNS="$OUT/runs"
 elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -117,15 +119,16 @@ for s in $SEEDS; do
     tar czf "$OUT/seed$s.tar.gz" -C "$RUNS" --exclude="gpu-s$s/train_state/*.safetensors" "gpu-s$s" \
         "calibrate-s$s.log" "train-s$s.log"
 done
-ORDER_DEVICE=cuda
-[ "$DRY" = 1 ] && ORDER_DEVICE=cpu
-BEST=()
-for s in $SEEDS; do [ -d "$RUNS/gpu-s$s/best" ] && BEST+=("$RUNS/gpu-s$s/best"); done
+TRAINED=() BEST=()  # this call's seeds only: runs/ may hold other seeds from an earlier call
+for s in $SEEDS; do
+    [ -f "$RUNS/gpu-s$s/train_log.jsonl" ] && TRAINED+=("$RUNS/gpu-s$s")
+    [ -d "$RUNS/gpu-s$s/best" ] && BEST+=("$RUNS/gpu-s$s/best")
+done
 {
-    "$PY" scripts/training_curves.py "$RUNS"/gpu-s* 2>&1
+    [ ${#TRAINED[@]} -gt 0 ] && "$PY" scripts/training_curves.py "${TRAINED[@]}" 2>&1
     # each seed's best save on the 600 test problems: threshold, confidence order and left to right (what it knows)
     [ ${#BEST[@]} -gt 0 ] && timeout 60 "$PY" scripts/decoding_order.py "${BEST[@]}" --n "$ORDER_N" \
-        --device "$ORDER_DEVICE" 2>&1 | grep -v '^{' 
+        --device "$ORDER_DEVICE" 2>&1 | grep -v '^{'
     for s in $SEEDS; do echo "seed $s:"; grep -aE "^(test|done|stopped|Traceback|.*Error)" "$RUNS/train-s$s.log"; done
     echo "exit $FAILED"
 } | tee -a "$OUT/report.txt"

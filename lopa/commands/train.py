@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from lopa.errors import ConfigError
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory: checkpoint + resumable training state")
@@ -67,8 +65,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.family == "sdar":  # the block-diffusion model (SDAR's objective)
-        if args.workers:
-            raise ConfigError("--workers is for the Dream trainer; --family sdar builds its batches in-process.")
         from lopa.tiny.block_train import run as run_block_train
 
         return run_block_train(args)

@@ -68,6 +68,8 @@ def run(args: Any) -> int:
     check_common_args(args)
     if args.average_from:
         raise ConfigError("--average-from is for the Dream model; the block model exports an EMA (--ema).")
+    if args.workers:
+        raise ConfigError("--workers is for the Dream model; the block model builds its batches in-process.")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_for(args)
