@@ -25,6 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--on-policy-from", type=int, default=500, metavar="STEP", help="dream: first step with visited states"
     )
+    p.add_argument(
+        "--on-policy-tokens",
+        choices=("reference", "model"),
+        default="reference",
+        help="dream: what the visited states' filled positions hold: the reference answer's tokens (default) or the "
+        "model's own, with targets drawn from the task's exact posterior (lopa.tiny.posterior)",
+    )
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default: 4000)")
     p.add_argument("--until", type=int, default=0, help="stop after this step for now; rerun to resume (0 = --steps)")
     p.add_argument("--batch", type=int, default=32, help="problems per step (default: 32)")

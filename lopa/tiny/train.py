@@ -3,8 +3,9 @@
 Objective (D2F style, see ``lopa.tiny.data``): block-wise masks whose ratios never decrease along the answer, a
 block-causal attention layout matching the block decoders, cross-entropy on masked answer positions with
 Dream's shifted logits. From ``--on-policy-from`` on, a fraction ``--on-policy`` of every batch is drawn from the
-states the model's own threshold and D2F decoding visit, with the reference answer's tokens
-(``lopa.tiny.trajectory``), re-collected every ``VISIT_EVERY`` steps with the current weights. An exponential
+states the model's own threshold and D2F decoding visit, filled with the reference answer's tokens or
+(``--on-policy-tokens model``) with the model's own and posterior targets (``lopa.tiny.trajectory``), re-collected
+every ``VISIT_EVERY`` steps with the current weights. An exponential
 moving average of the weights (``--ema``) is what is validated and exported; the best validation so far is also
 written to ``DIR/best``.
 Random batches are a pure function of (seed, step) (``lopa.tiny.batches``; ``--workers`` processes build them
@@ -44,6 +45,7 @@ from lopa.tiny import task
 from lopa.tiny.batches import complete, random_row_stream, visited_rows
 from lopa.tiny.data import Layout, answer_logits_idx, encode_rows, masked_loss
 from lopa.tiny.evaluate import score
+from lopa.tiny.posterior import Phrasings
 from lopa.tiny.train_loop import Ema, Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
 from lopa.tiny.trajectory import Visited, visit
 from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
@@ -182,12 +184,14 @@ def collect(model: Transformer, args: Any, step: int, encode: Any, layout: Layou
     rng, _ = step_sources(args.seed + 7919, step)
     problems = [task.sample(rng, "train") for _ in range(args.batch)]
     half = args.batch // 2
-    return Visited.merge(
-        [
-            visit(model, *encode_rows(problems[:half], encode, layout), layout, "threshold"),
-            visit(model, *encode_rows(problems[half:], encode, layout), layout, "d2f"),
-        ]
-    )
+    parts = [(problems[:half], "threshold"), (problems[half:], "d2f")]
+    if getattr(args, "on_policy_tokens", "reference") == "model":
+        pools = []
+        for chunk, order in parts:
+            phrasings = [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in chunk]
+            pools.append(visit(model, *encode_rows(chunk, encode, layout), layout, order, phrasings=phrasings, rng=rng))
+        return Visited.merge(pools)
+    return Visited.merge([visit(model, *encode_rows(chunk, encode, layout), layout, order) for chunk, order in parts])
 
 
 def run(args: Any) -> int:

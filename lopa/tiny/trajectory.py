@@ -19,12 +19,19 @@ Two orders, both under the block-causal layout of training (``lopa.tiny.data``),
   predecessor is ``tau_act`` decoded; semi-activated blocks fill only above τ, the others also their most
   confident position when nothing passes.
 
+With ``phrasings`` (one :class:`lopa.tiny.posterior.Phrasings` per row) the filled positions hold the *model's own*
+tokens instead, the states decoding really reaches, its early end tails and numbers placed by its own guess of the
+wording included. Such a state need not agree with the reference, so each one's target is a phrasing drawn from the
+task's exact posterior given its fixed positions; a fill that no phrasing agrees with is replaced by that draw's
+tokens at the filled positions, so every state keeps at least one consistent answer.
+
 A :class:`Visited` pool holds the states of one batch of trajectories; training rows are drawn from it by
 :func:`visited_batch` with the same row layout, attention and loss as ``lopa.tiny.data.training_batch``.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -34,6 +41,7 @@ from torch import Tensor
 
 from lopa.model.transformer import Transformer
 from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, training_rows
+from lopa.tiny.posterior import FREE, Phrasings
 
 D2F_TAU_ADD = 0.1  # lopa.config.decode.DecodeConfig's defaults
 D2F_TAU_ACT = 0.95
@@ -43,9 +51,9 @@ D2F_TAU_ACT = 0.95
 class Visited:
     """States of a batch of trajectories: row ``row[s]`` of ``clean`` with its answer masked where ``masks[s]``."""
 
-    clean: Tensor  # (problems, L) reference rows (answer + end/pad tail)
-    positions: Tensor  # (problems, L)
-    valid: Tensor  # (problems, L) bool, False on left padding
+    clean: Tensor  # (rows, L) target rows (answer + end/pad tail): one per problem, or one per state (own tokens)
+    positions: Tensor  # (rows, L)
+    valid: Tensor  # (rows, L) bool, False on left padding
     row: Tensor  # (states,) long
     masks: Tensor  # (states, answer_len) bool: True = masked (blocks not yet in the window are all masked)
 
@@ -75,12 +83,14 @@ class Visited:
         )
 
 
-def _confidence(model: Transformer, ids: Tensor, positions: Tensor, attn: Tensor, layout: Layout) -> Tensor:
-    """(rows, answer_len) probability of the most likely non-mask token at every answer position."""
+def _confidence(
+    model: Transformer, ids: Tensor, positions: Tensor, attn: Tensor, layout: Layout
+) -> tuple[Tensor, Tensor]:
+    """(rows, answer_len) probability of the most likely non-mask token at every answer position, and that token."""
     logits = model(ids, positions, attn_mask=attn, logits_idx=answer_logits_idx(ids.shape[0], layout, ids.device))
     logits = logits.float()  # (rows, answer_len, vocab)
     logits[..., layout.mask_id] = float("-inf")
-    return logits.softmax(-1).amax(-1)
+    return logits.softmax(-1).max(-1)
 
 
 def _top1(conf: Tensor, allowed: Tensor) -> Tensor:
@@ -101,11 +111,16 @@ def visit(
     layout: Layout,
     order: str = "threshold",
     threshold: float = 0.9,
+    phrasings: list[Phrasings] | None = None,
+    rng: random.Random | None = None,
 ) -> Visited:
-    """Run teacher-forced trajectories in ``order`` ("threshold" or "d2f") for the rows of ``clean`` (rows, L) and
-    record every state (the answer's mask before each forward)."""
+    """Run trajectories in ``order`` ("threshold" or "d2f") for the rows of ``clean`` (rows, L) and record every
+    state (the answer's mask before each forward). The filled positions get the reference's tokens, or with
+    ``phrasings`` (one per row; ``rng`` draws the targets) the model's own (module docstring)."""
     if order not in ("threshold", "d2f"):
         raise ValueError(f"order must be 'threshold' or 'd2f', got {order!r}")
+    if phrasings is not None and (len(phrasings) != clean.shape[0] or rng is None):
+        raise ValueError("phrasings needs one entry per row of clean, and an rng")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -122,7 +137,7 @@ def visit(
     present[:, 0] = True
     full = present.clone()  # fully activated (d2f); the threshold order has one block, always full
     end_seen = torch.zeros(rows, dtype=torch.bool, device=device)
-    states_row, states_mask = [], []
+    states_row, states_mask, states_clean = [], [], []
     for _ in range(layout.answer_len + nb):
         masked = ids[:, p:] == layout.mask_id  # (rows, answer_len)
         left = (masked[:, None, :] & blocks[None]).sum(-1)  # (rows, nb) masked positions per block
@@ -130,7 +145,8 @@ def visit(
             done_blocks = left == 0
             first = (~done_blocks).float().argmax(1)  # (rows,)
             present = torch.arange(nb, device=device)[None] == first[:, None]
-            finished = done_blocks.all(1) | (done_blocks & (target.view(rows, nb, bs) == layout.end_id).any(-1)).any(1)
+            has_end = (ids[:, p:].view(rows, nb, bs) == layout.end_id).any(-1)  # a done block holds its tokens
+            finished = done_blocks.all(1) | (done_blocks & has_end).any(1)
             present &= ~finished[:, None]
             full = present
         else:
@@ -146,16 +162,49 @@ def visit(
             break
         states_row.append(active)
         states_mask.append(masked[active])
-        conf = _confidence(model, ids[active], positions[active], attn[active], layout)  # (n, answer_len)
+        if phrasings is not None:  # this state's target: a draw from the posterior given its fixed positions
+            drawn = [_draw(phrasings[r], ids[r, p:], layout, rng) for r in active.tolist()]
+            states_clean.append(torch.cat([clean[active, :p], torch.tensor(drawn, device=device)], 1))
+        conf, tok = _confidence(model, ids[active], positions[active], attn[active], layout)  # (n, answer_len) each
         fill = open_pos[active] & (conf > threshold)
         for b in range(nb):
             in_b = blocks[b][None] & open_pos[active]  # (n, answer_len)
             need = full[active, b] & ~(fill & in_b).any(1)  # a full block that filled nothing
             fill |= _top1(conf, in_b) & need[:, None]
-        ids[active, p:] = torch.where(fill, target[active], ids[active, p:])
-        end_seen[active] |= (fill & (target[active] == layout.end_id)).any(1)
+        if phrasings is None:
+            ids[active, p:] = torch.where(fill, target[active], ids[active, p:])
+        else:
+            ids[active, p:] = _own_fill(phrasings, active, ids[active, p:], fill, tok, states_clean[-1][:, p:], layout)
+        end_seen[active] |= (fill & (ids[active, p:] == layout.end_id)).any(1)
     model.train(was_training)
-    return Visited(clean.cpu(), positions.cpu(), valid.cpu(), torch.cat(states_row).cpu(), torch.cat(states_mask).cpu())
+    row, masks = torch.cat(states_row).cpu(), torch.cat(states_mask).cpu()
+    if phrasings is not None:  # one target row per state
+        clean, row = torch.cat(states_clean), torch.arange(len(row))
+        positions, valid = positions[torch.cat(states_row)], valid[torch.cat(states_row)]
+    return Visited(clean.cpu(), positions.cpu(), valid.cpu(), row, masks)
+
+
+def _fixed(answer: Tensor, layout: Layout) -> list[int]:
+    return [FREE if t == layout.mask_id else t for t in answer.tolist()]
+
+
+def _draw(phrasings: Phrasings, answer: Tensor, layout: Layout, rng: random.Random) -> list[int]:
+    drawn = phrasings.sample(_fixed(answer, layout), rng)
+    if drawn is None:  # the fills below keep every state consistent, so only a foreign start gets here
+        raise ValueError("a visited state agrees with no phrasing of its problem")
+    return drawn
+
+
+def _own_fill(
+    phrasings: list[Phrasings], active: Tensor, answer: Tensor, fill: Tensor, tok: Tensor, drawn: Tensor, layout: Layout
+) -> Tensor:
+    """(n, answer_len) answers after a forward: the model's tokens where they still fit some phrasing, else the
+    state's drawn target's tokens at the filled positions."""
+    out = torch.where(fill, tok, answer)
+    for i, r in enumerate(active.tolist()):
+        if not phrasings[r].count(_fixed(out[i], layout)):
+            out[i] = torch.where(fill[i], drawn[i], answer[i])
+    return out
 
 
 def visited_batch(pool: Visited, layout: Layout, gen: torch.Generator, rows: int) -> dict[str, Tensor]:

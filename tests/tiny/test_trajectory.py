@@ -4,15 +4,19 @@ with the layout of the random rows."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import lopa.tiny
+from lopa.checkpoint.loader import load_checkpoint
 from lopa.model.transformer import Transformer
 from lopa.tiny import task
 from lopa.tiny.data import Layout, block_causal_mask, encode_rows, open_fresh_blocks
+from lopa.tiny.posterior import Phrasings
 from lopa.tiny.train import model_config
 from lopa.tiny.trajectory import Visited, visit, visited_batch
 from lopa.tiny.vocab import build_tokenizer, special_ids
@@ -129,3 +133,75 @@ def test_visited_rows_have_the_random_rows_layout(tmp_path: Path) -> None:
             assert torch.equal(batch["attn_mask"][i], opened)
             fresh_rows += 1
     assert fresh_rows > 0
+
+
+def _own_token_pool(model: Transformer, layout: Layout, problems: list[task.Problem], encode) -> Visited:  # noqa: ANN001
+    phrasings = [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in problems]
+    rows = encode_rows(problems, encode, layout)
+    return visit(model, *rows, layout, "threshold", 0.9, phrasings=phrasings, rng=random.Random(0))
+
+
+def _answers(p: task.Problem, encode, layout: Layout) -> torch.Tensor:  # noqa: ANN001
+    """(phrasings, answer_len) every phrasing of ``p`` as answer ids (text, end token, end/pad tail), enumerated."""
+    out = []
+    for w in task.all_wordings(p.num_ops):
+        ids = encode(" " + task.render(p, w)) + [layout.end_id]
+        out.append(ids + [layout.end_id] * (layout.answer_len - len(ids)))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("weights", ["bundled", "random"])
+def test_own_token_states_follow_the_rule_with_the_models_tokens_or_a_posterior_draw(weights: str) -> None:
+    """Threshold order, filled with the model's own tokens: each state's target is one of the problem's phrasings
+    (by enumeration) agreeing with the state; the next state fixes exactly the positions the rule picks (replayed
+    with a full-row forward), holding the model's tokens when some phrasing agrees with them, else the target's."""
+    tok = build_tokenizer()
+    ids = special_ids(tok)
+    layout = Layout(32, 32, 2, ids["eos_token_id"], ids["mask_token_id"])
+    encode = lambda t: tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+    if weights == "bundled":
+        model = load_checkpoint(Path(lopa.tiny.__file__).parent / "checkpoint").model
+    else:
+        torch.manual_seed(0)
+        args = SimpleNamespace(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+        model = Transformer(model_config(args, tok.get_vocab_size(), ids))
+    problems = [p for p in task.fixed_set("validation", 12) if p.num_ops == 2][:4]  # 2,160 phrasings each
+    pool = _own_token_pool(model, layout, problems, encode)
+    p, bs = layout.max_prompt, layout.block_size
+    own = drawn = 0
+    for prob in problems:
+        answers = _answers(prob, encode, layout)
+        prompt = encode_rows([prob], encode, layout)[0][0, :p]
+        states = [s for s in range(len(pool)) if torch.equal(pool.clean[s, :p], prompt)]
+        assert all(pool.masks[states[0]])  # the answer starts all-mask
+        for i, s in enumerate(states):
+            target, masked = pool.clean[s, p:], pool.masks[s]
+            assert (answers == target).all(1).any()  # a phrasing of this problem, agreeing with the state
+            row = pool.clean[s].clone()
+            row[p:][masked] = layout.mask_id
+            attn = block_causal_mask(pool.valid[s][None], layout)
+            with torch.no_grad():
+                logits = model(row[None], pool.positions[s][None], attn_mask=attn).float()[0, p - 1 : -1]
+            logits[:, layout.mask_id] = float("-inf")
+            conf, best = logits.softmax(-1).max(-1)  # (answer_len,) each; Dream's shift
+            window = int(masked.nonzero()[0]) // bs
+            open_ = [j for j in range(window * bs, (window + 1) * bs) if masked[j]]
+            fill = [j for j in open_ if conf[j] > 0.9] or [max(open_, key=lambda j: (float(conf[j]), -j))]
+            if i + 1 == len(states):
+                continue
+            nxt = pool.clean[states[i + 1], p:]
+            assert pool.masks[states[i + 1]].tolist() == [m and j not in fill for j, m in enumerate(masked.tolist())]
+            proposal = torch.where(masked, best, target)  # the model's tokens on every masked position
+            fixed = ~masked
+            fixed[fill] = True
+            fits = bool(((answers == proposal) | ~fixed).all(1).any())  # some phrasing agrees with the fills
+            if fits:
+                own += 1
+                assert all(int(nxt[j]) == int(best[j]) for j in fill)
+            else:
+                drawn += 1
+                assert all(int(nxt[j]) == int(target[j]) for j in fill)
+    if weights == "bundled":
+        assert own > 10 * max(drawn, 1)  # a trained model's fills mostly fit
+    else:
+        assert drawn > own  # a random model's rarely do
