@@ -70,7 +70,7 @@ def run(args: Any) -> int:
         raise ConfigError("--average-from is for the Dream model; the block model exports an EMA (--ema).")
     if args.workers:
         raise ConfigError("--workers is for the Dream model; the block model builds its batches in-process.")
-    if getattr(args, "on_policy_tokens", "reference") != "reference":
+    if args.on_policy_tokens != "reference":
         raise ConfigError("--on-policy-tokens is for the Dream model; the block model trains on random rows only.")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -60,7 +60,7 @@ class Phrasings:
             for o, w in ways[-1].items():
                 for ids in choices:
                     e = o + len(ids)
-                    if e < self.room and all(fixed[o + k] in (FREE, t) for k, t in enumerate(ids)):
+                    if e < self.room and _agrees(fixed, o, ids):
                         nxt[e] = nxt.get(e, 0) + w
             ways.append(nxt)
         return ways
@@ -91,14 +91,18 @@ class Phrasings:
             options = [
                 (ids, w)
                 for ids in self.segments[s]
-                if (w := ways[s].get(o - len(ids), 0))
-                and all(fixed[o - len(ids) + k] in (FREE, t) for k, t in enumerate(ids))
+                if (w := ways[s].get(o - len(ids), 0)) and _agrees(fixed, o - len(ids), ids)
             ]
             ids = _pick(options, rng)
             parts.append(ids)
             o -= len(ids)
         answer = [t for ids in reversed(parts) for t in ids]
         return answer + [self.end_id] * (self.room - len(answer))
+
+
+def _agrees(fixed: Sequence[int], start: int, ids: list[int]) -> bool:
+    """``ids`` placed at ``start`` agrees with every fixed position it covers."""
+    return all(fixed[start + k] in (FREE, t) for k, t in enumerate(ids))
 
 
 def _pick(options: list[tuple[T, int]], rng: random.Random) -> T:

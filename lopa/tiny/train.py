@@ -184,14 +184,13 @@ def collect(model: Transformer, args: Any, step: int, encode: Any, layout: Layou
     rng, _ = step_sources(args.seed + 7919, step)
     problems = [task.sample(rng, "train") for _ in range(args.batch)]
     half = args.batch // 2
-    parts = [(problems[:half], "threshold"), (problems[half:], "d2f")]
-    if getattr(args, "on_policy_tokens", "reference") == "model":
-        pools = []
-        for chunk, order in parts:
-            phrasings = [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in chunk]
-            pools.append(visit(model, *encode_rows(chunk, encode, layout), layout, order, phrasings=phrasings, rng=rng))
-        return Visited.merge(pools)
-    return Visited.merge([visit(model, *encode_rows(chunk, encode, layout), layout, order) for chunk, order in parts])
+    pools = []
+    for chunk, order in ((problems[:half], "threshold"), (problems[half:], "d2f")):
+        own: dict[str, Any] = {}  # --on-policy-tokens model: the model's tokens, posterior targets
+        if args.on_policy_tokens == "model":
+            own = {"phrasings": [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in chunk], "rng": rng}
+        pools.append(visit(model, *encode_rows(chunk, encode, layout), layout, order, **own))
+    return Visited.merge(pools)
 
 
 def run(args: Any) -> int:

@@ -177,11 +177,11 @@ def visit(
             ids[active, p:] = _own_fill(phrasings, active, ids[active, p:], fill, tok, states_clean[-1][:, p:], layout)
         end_seen[active] |= (fill & (ids[active, p:] == layout.end_id)).any(1)
     model.train(was_training)
-    row, masks = torch.cat(states_row).cpu(), torch.cat(states_mask).cpu()
+    row, masks = torch.cat(states_row), torch.cat(states_mask)  # (states,), (states, answer_len)
     if phrasings is not None:  # one target row per state
-        clean, row = torch.cat(states_clean), torch.arange(len(row))
-        positions, valid = positions[torch.cat(states_row)], valid[torch.cat(states_row)]
-    return Visited(clean.cpu(), positions.cpu(), valid.cpu(), row, masks)
+        clean, positions, valid = torch.cat(states_clean), positions[row], valid[row]
+        row = torch.arange(len(row), device=device)
+    return Visited(clean.cpu(), positions.cpu(), valid.cpu(), row.cpu(), masks.cpu())
 
 
 def _fixed(answer: Tensor, layout: Layout) -> list[int]:
