@@ -32,6 +32,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="dream: what the visited states' filled positions hold: the reference answer's tokens (default) or the "
         "model's own, with targets drawn from the task's exact posterior (lopa.tiny.posterior)",
     )
+    p.add_argument(
+        "--visit-window",
+        action="store_true",
+        help="dream: the D2F trajectories' blocks in flight see each other, as in the engine's window (default: "
+        "block-causal)",
+    )
+    p.add_argument(
+        "--lookahead",
+        type=int,
+        default=0,
+        metavar="K",
+        help="dream, with --on-policy-tokens model: also train on one LoPA branch of every visited state (an extra "
+        "fill at a j-th most confident position, j <= K); branches no answer agrees with get a flat target (0 = off)",
+    )
+    p.add_argument(
+        "--flat-share",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="dream, with --lookahead: the share of the visited rows drawn from the branches no answer agrees with "
+        "(default: 0, drawn like any state)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="dream: start from this checkpoint's weights (same architecture) instead of a random initialisation",
+    )
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default: 4000)")
     p.add_argument("--until", type=int, default=0, help="stop after this step for now; rerun to resume (0 = --steps)")
     p.add_argument("--batch", type=int, default=32, help="problems per step (default: 32)")

@@ -51,7 +51,7 @@ def complete(step: int, args: Any, layout: Layout, rows: Batch, gen_state: Tenso
         raise RuntimeError(f"step {step} needs {n} visited rows but no pool was collected")
     gen = torch.Generator()
     gen.set_state(gen_state)
-    extra = visited_batch(pool, layout, gen, n)
+    extra = visited_batch(pool, layout, gen, n, args.flat_share)
     return {k: torch.cat([rows[k], extra[k]]) for k in rows}
 
 

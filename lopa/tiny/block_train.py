@@ -70,8 +70,13 @@ def run(args: Any) -> int:
         raise ConfigError("--average-from is for the Dream model; the block model exports an EMA (--ema).")
     if args.workers:
         raise ConfigError("--workers is for the Dream model; the block model builds its batches in-process.")
-    if args.on_policy_tokens != "reference":
-        raise ConfigError("--on-policy-tokens is for the Dream model; the block model trains on random rows only.")
+    if args.on_policy_tokens != "reference" or args.visit_window or args.lookahead or args.flat_share:
+        raise ConfigError(
+            "--on-policy-tokens, --visit-window, --lookahead and --flat-share are for the Dream model; the block model "
+            "trains on random rows only."
+        )
+    if args.init_from:
+        raise ConfigError("--init-from is for the Dream model.")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_for(args)

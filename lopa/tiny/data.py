@@ -126,6 +126,18 @@ def open_fresh_blocks(mask: Tensor, valid: Tensor, fresh: Tensor, layout: Layout
     return mask | (before[:, :, None] & (after & valid)[:, None, :])
 
 
+def open_window(mask: Tensor, window: Tensor, layout: Layout) -> Tensor:
+    """Full attention among each row's window blocks, as in the engine's D2F forward over blocks in flight.
+
+    mask: (rows, L, L); window: (rows, num_blocks) bool, True for the answer blocks of the window (answer positions
+    only: left padding belongs to block 0, never in a window).
+    """
+    blocks = block_ids(layout, mask.device)  # (L,)
+    padded = torch.cat([torch.zeros_like(window[:, :1]), window], 1)  # (rows, 1 + num_blocks): block 0 = prompt
+    inside = padded.gather(1, blocks[None].expand(window.shape[0], -1))  # (rows, L)
+    return mask | (inside[:, :, None] & inside[:, None, :])
+
+
 def noise(ids: Tensor, layout: Layout, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """Mask answer positions by block ratio.
 
@@ -158,17 +170,31 @@ def training_batch(
 
 
 def training_rows(
-    clean: Tensor, noisy: Tensor, positions: Tensor, valid: Tensor, loss_mask: Tensor, fresh: Tensor, layout: Layout
+    clean: Tensor,
+    noisy: Tensor,
+    positions: Tensor,
+    valid: Tensor,
+    loss_mask: Tensor,
+    fresh: Tensor,
+    layout: Layout,
+    window: Tensor | None = None,
+    flat: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The batch dict the trainer consumes: ids (the noisy rows), positions, the block-causal attention with each
-    row's fresh block opened (:func:`open_fresh_blocks`), targets (the clean rows) and the loss mask; all (rows, L)
-    but attn_mask (rows, L, L)."""
+    row's fresh block opened (:func:`open_fresh_blocks`) and its window blocks, if any, seeing each other
+    (:func:`open_window`), targets (the clean rows), the loss mask, and ``flat`` (rows,) bool: rows trained toward
+    a flat distribution instead of their targets (:func:`masked_loss`). All (rows, L) but attn_mask (rows, L, L)
+    and flat."""
+    attn = open_fresh_blocks(block_causal_mask(valid, layout), valid, fresh, layout)
+    if window is not None:
+        attn = open_window(attn, window, layout)
     return {
         "ids": noisy,
         "positions": positions,
-        "attn_mask": open_fresh_blocks(block_causal_mask(valid, layout), valid, fresh, layout),
+        "attn_mask": attn,
         "targets": clean,
         "loss_mask": loss_mask,
+        "flat": flat if flat is not None else torch.zeros(clean.shape[0], dtype=torch.bool),
     }
 
 
@@ -178,11 +204,26 @@ def answer_logits_idx(rows: int, layout: Layout, device: torch.device | str = "c
     return idx[None].expand(rows, -1)
 
 
-def masked_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor, layout: Layout) -> Tensor:
+def masked_loss(
+    logits: Tensor, targets: Tensor, loss_mask: Tensor, layout: Layout, flat: Tensor | None = None
+) -> Tensor:
     """Mean cross-entropy over masked answer positions.
 
     logits: (rows, answer_len, vocab) from :func:`answer_logits_idx` (output ``i - 1`` predicts token ``i``);
-    targets, loss_mask: (rows, L).
+    targets, loss_mask: (rows, L). ``flat`` (rows,) bool: rows whose masked positions are trained toward the uniform
+    distribution over every token but the mask (the decoders' candidates) instead of their targets: states that no
+    answer agrees with, where a decoder's verification should find nothing to be sure of.
     """
     tgt, sel = targets[:, layout.max_prompt :], loss_mask[:, layout.max_prompt :]  # (rows, answer_len)
-    return torch.nn.functional.cross_entropy(logits[sel].float(), tgt[sel])
+    if flat is None or not bool(flat.any()):
+        return torch.nn.functional.cross_entropy(logits[sel].float(), tgt[sel])
+    picked = logits[sel].float()  # (n, vocab)
+    ce = torch.nn.functional.cross_entropy(picked, tgt[sel], reduction="none")  # (n,)
+    candidates = picked.clone()
+    candidates[:, layout.mask_id] = float("-inf")
+    logp = candidates.log_softmax(-1)
+    keep = torch.ones(picked.shape[1], dtype=torch.bool, device=picked.device)
+    keep[layout.mask_id] = False
+    to_uniform = -logp[:, keep].mean(-1)  # (n,) cross-entropy against the uniform distribution
+    on_flat = flat[:, None].expand_as(sel)[sel]  # (n,)
+    return torch.where(on_flat, to_uniform, ce).mean()

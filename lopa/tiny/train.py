@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from lopa.checkpoint.loader import load_checkpoint
 from lopa.checkpoint.save import save_checkpoint
 from lopa.errors import ConfigError
 from lopa.model.config import ModelConfig
@@ -157,6 +158,21 @@ def write_checkpoint(model: Transformer, tok: Tokenizer, layout: Layout, out: Pa
     save_tokenizer(tok, out)
 
 
+def init_weights(model: Transformer, source: Path) -> None:
+    """``--init-from``: load a Dream checkpoint's weights (safetensors) into ``model``; refuse another architecture."""
+    loaded = load_checkpoint(source).model
+    ours, theirs = model.config, loaded.config
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    for key in keys + ("num_key_value_heads",):
+        if getattr(ours, key) != getattr(theirs, key):
+            raise ConfigError(
+                f"--init-from {source} has {key} {getattr(theirs, key)}, this run {getattr(ours, key)}; pass the "
+                "checkpoint's architecture (--hidden, --layers, ...)."
+            )
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in loaded.state_dict().items()})
+
+
 def check_common_args(args: Any) -> None:
     """The checks both tiny trainers make (Dream here, ``--family sdar`` in ``block_train``)."""
     if args.steps < 1 or args.batch < 1:
@@ -176,6 +192,14 @@ def check_args(args: Any) -> None:
         raise ConfigError(f"--on-policy must be in [0, 1), got {args.on_policy}.")
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}.")
+    if args.lookahead < 0:
+        raise ConfigError(f"--lookahead must be >= 0, got {args.lookahead}.")
+    if not 0.0 <= args.flat_share < 1.0 or (args.flat_share and not args.lookahead):
+        raise ConfigError(f"--flat-share must be in [0, 1) and needs --lookahead, got {args.flat_share}.")
+    if args.lookahead and args.on_policy_tokens != "model":
+        raise ConfigError("--lookahead needs --on-policy-tokens model (a branch's target is drawn from the posterior).")
+    if args.init_from and not (Path(args.init_from) / "config.json").is_file():
+        raise ConfigError(f"--init-from {args.init_from}: no checkpoint there (config.json missing).")
 
 
 def collect(model: Transformer, args: Any, step: int, encode: Any, layout: Layout) -> Visited:
@@ -189,7 +213,9 @@ def collect(model: Transformer, args: Any, step: int, encode: Any, layout: Layou
         own: dict[str, Any] = {}  # --on-policy-tokens model: the model's tokens, posterior targets
         if args.on_policy_tokens == "model":
             own = {"phrasings": [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in chunk], "rng": rng}
-        pools.append(visit(model, *encode_rows(chunk, encode, layout), layout, order, **own))
+            own["lookahead"] = args.lookahead
+        rows = encode_rows(chunk, encode, layout)
+        pools.append(visit(model, *rows, layout, order, window_attention=args.visit_window, **own))
     return Visited.merge(pools)
 
 
@@ -205,7 +231,11 @@ def run(args: Any) -> int:
     torch.manual_seed(args.seed)
     model = Transformer(model_config(args, tok.get_vocab_size(), ids)).to(device)
     opt = optimizer(model, args)
-    meta = load_state(model, opt, out, args) or {"step": 0, "seconds": 0.0, "tokens": 0}
+    meta = load_state(model, opt, out, args)
+    if meta is None:
+        meta = {"step": 0, "seconds": 0.0, "tokens": 0}
+        if args.init_from:
+            init_weights(model, Path(args.init_from))
     meta["args"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     ema = Ema(model, out / STATE_DIR / EMA_FILE, args.ema) if args.ema else None
     averaged = Transformer(model.config).to(device)  # holds the EMA for validation and export
@@ -250,7 +280,7 @@ def run(args: Any) -> int:
                 attn_mask=batch["attn_mask"],
                 logits_idx=answer_logits_idx(rows, layout, device),
             )  # (rows, answer_len, vocab)
-        loss = masked_loss(logits, batch["targets"], batch["loss_mask"], layout)
+        loss = masked_loss(logits, batch["targets"], batch["loss_mask"], layout, batch["flat"])
         optimizer_step(model, opt, loss)
         if ema is not None:
             ema.update(model, step, args.warmup)

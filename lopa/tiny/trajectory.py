@@ -25,6 +25,13 @@ wording included. Such a state need not agree with the reference, so each one's 
 task's exact posterior given its fixed positions; a fill that no phrasing agrees with is replaced by that draw's
 tokens at the filled positions, so every state keeps at least one consistent answer.
 
+Two options bring the states closer to the engine's. ``window_attention``: D2F's forwards let the blocks in flight
+see each other (the engine's window has full attention), so a block sees the next one's partial fills, as at
+inference; block-causal trajectories never show that. ``lookahead``: after every forward, one LoPA branch of the
+filled state is recorded too (one more token, the model's own, at a j-th most confident remaining position); a
+branch that no phrasing agrees with is trained toward a flat distribution, so that LoPA's verification, which keeps
+the branch whose remaining positions are surest, can tell it from a branch that still has an answer.
+
 A :class:`Visited` pool holds the states of one batch of trajectories; training rows are drawn from it by
 :func:`visited_batch` with the same row layout, attention and loss as ``lopa.tiny.data.training_batch``.
 """
@@ -40,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lopa.model.transformer import Transformer
-from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, training_rows
+from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, open_window, training_rows
 from lopa.tiny.posterior import FREE, Phrasings
 
 D2F_TAU_ADD = 0.1  # lopa.config.decode.DecodeConfig's defaults
@@ -56,6 +63,8 @@ class Visited:
     valid: Tensor  # (rows, L) bool, False on left padding
     row: Tensor  # (states,) long
     masks: Tensor  # (states, answer_len) bool: True = masked (blocks not yet in the window are all masked)
+    window: Tensor  # (states, num_blocks) bool: blocks that see each other (all False: block-causal)
+    flat: Tensor  # (states,) bool: no answer agrees with the state; trained toward a flat distribution
 
     def __len__(self) -> int:
         return int(self.row.numel())
@@ -68,7 +77,11 @@ class Visited:
 
     @classmethod
     def load(cls, path: Path) -> Visited:
-        return cls(**load_file(str(path)))
+        """A saved pool (one written before ``window`` and ``flat`` existed gets their no-op values)."""
+        t = load_file(str(path))
+        t.setdefault("flat", torch.zeros(t["row"].shape[0], dtype=torch.bool))
+        t.setdefault("window", torch.zeros(t["row"].shape[0], 0, dtype=torch.bool))
+        return cls(**t)
 
     @staticmethod
     def merge(pools: list[Visited]) -> Visited:
@@ -80,6 +93,8 @@ class Visited:
             torch.cat([p.valid for p in pools]),
             torch.cat([p.row + o for p, o in zip(pools, offsets, strict=True)]),
             torch.cat([p.masks for p in pools]),
+            torch.cat([p.window for p in pools]),
+            torch.cat([p.flat for p in pools]),
         )
 
 
@@ -113,14 +128,22 @@ def visit(
     threshold: float = 0.9,
     phrasings: list[Phrasings] | None = None,
     rng: random.Random | None = None,
+    window_attention: bool = False,
+    lookahead: int = 0,
 ) -> Visited:
     """Run trajectories in ``order`` ("threshold" or "d2f") for the rows of ``clean`` (rows, L) and record every
     state (the answer's mask before each forward). The filled positions get the reference's tokens, or with
-    ``phrasings`` (one per row; ``rng`` draws the targets) the model's own (module docstring)."""
+    ``phrasings`` (one per row; ``rng`` draws the targets) the model's own (module docstring).
+
+    ``window_attention``: the D2F order's forwards let the blocks in flight see each other, as the engine's window
+    does, and its states keep that window for training. ``lookahead`` (> 0, with ``phrasings``): after every forward
+    also record a LoPA branch of the filled state (:func:`_branch_states`)."""
     if order not in ("threshold", "d2f"):
         raise ValueError(f"order must be 'threshold' or 'd2f', got {order!r}")
     if phrasings is not None and (len(phrasings) != clean.shape[0] or rng is None):
         raise ValueError("phrasings needs one entry per row of clean, and an rng")
+    if lookahead < 0 or (lookahead and phrasings is None):
+        raise ValueError("lookahead must be >= 0, and its branch states need phrasings (the model's own tokens)")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -137,7 +160,8 @@ def visit(
     present[:, 0] = True
     full = present.clone()  # fully activated (d2f); the threshold order has one block, always full
     end_seen = torch.zeros(rows, dtype=torch.bool, device=device)
-    states_row, states_mask, states_clean = [], [], []
+    windowed = window_attention and order == "d2f"
+    states = _States()
     for _ in range(layout.answer_len + nb):
         masked = ids[:, p:] == layout.mask_id  # (rows, answer_len)
         left = (masked[:, None, :] & blocks[None]).sum(-1)  # (rows, nb) masked positions per block
@@ -160,12 +184,14 @@ def visit(
         active = open_pos.any(1).nonzero().squeeze(1)  # (n,)
         if active.numel() == 0:
             break
-        states_row.append(active)
-        states_mask.append(masked[active])
+        window = present[active] & windowed  # (n, nb)
+        drawn = None
         if phrasings is not None:  # this state's target: a draw from the posterior given its fixed positions
-            drawn = [_draw(phrasings[r], ids[r, p:], layout, rng) for r in active.tolist()]
-            states_clean.append(torch.cat([clean[active, :p], torch.tensor(drawn, device=device)], 1))
-        conf, tok = _confidence(model, ids[active], positions[active], attn[active], layout)  # (n, answer_len) each
+            answers = [_draw(phrasings[r], ids[r, p:], layout, rng) for r in active.tolist()]
+            drawn = torch.cat([clean[active, :p], torch.tensor(answers, device=device)], 1)  # (n, L)
+        states.add(active, masked[active], window, drawn)
+        seen = open_window(attn[active], window, layout) if windowed else attn[active]
+        conf, tok = _confidence(model, ids[active], positions[active], seen, layout)  # (n, answer_len) each
         fill = open_pos[active] & (conf > threshold)
         for b in range(nb):
             in_b = blocks[b][None] & open_pos[active]  # (n, answer_len)
@@ -174,14 +200,87 @@ def visit(
         if phrasings is None:
             ids[active, p:] = torch.where(fill, target[active], ids[active, p:])
         else:
-            ids[active, p:] = _own_fill(phrasings, active, ids[active, p:], fill, tok, states_clean[-1][:, p:], layout)
+            ids[active, p:] = _own_fill(phrasings, active, ids[active, p:], fill, tok, drawn[:, p:], layout)
+            if lookahead:
+                rest = open_pos[active] & ~fill  # (n, answer_len) still masked in the window
+                _branch_states(states, phrasings, active, ids[active], rest, conf, tok, window, lookahead, layout, rng)
         end_seen[active] |= (fill & (ids[active, p:] == layout.end_id)).any(1)
     model.train(was_training)
-    row, masks = torch.cat(states_row), torch.cat(states_mask)  # (states,), (states, answer_len)
-    if phrasings is not None:  # one target row per state
-        clean, positions, valid = torch.cat(states_clean), positions[row], valid[row]
-        row = torch.arange(len(row), device=device)
-    return Visited(clean.cpu(), positions.cpu(), valid.cpu(), row.cpu(), masks.cpu())
+    return states.pool(clean, positions, valid, own=phrasings is not None)
+
+
+class _States:
+    """The states :func:`visit` records, collected as per-forward chunks."""
+
+    def __init__(self) -> None:
+        self.row: list[Tensor] = []  # (n,) each
+        self.masks: list[Tensor] = []  # (n, answer_len)
+        self.window: list[Tensor] = []  # (n, nb)
+        self.clean: list[Tensor] = []  # (n, L) own tokens: one target row per state
+        self.flat: list[Tensor] = []  # (n,)
+
+    def add(self, row: Tensor, masks: Tensor, window: Tensor, clean: Tensor | None, flat: Tensor | None = None) -> None:
+        self.row.append(row)
+        self.masks.append(masks)
+        self.window.append(window)
+        if clean is not None:
+            self.clean.append(clean)
+        self.flat.append(flat if flat is not None else torch.zeros_like(row, dtype=torch.bool))
+
+    def pool(self, clean: Tensor, positions: Tensor, valid: Tensor, own: bool) -> Visited:
+        row, masks = torch.cat(self.row), torch.cat(self.masks)  # (states,), (states, answer_len)
+        if own:  # one target row per state
+            clean, positions, valid = torch.cat(self.clean), positions[row], valid[row]
+            row = torch.arange(len(row), device=row.device)
+        window, flat = torch.cat(self.window), torch.cat(self.flat)
+        return Visited(clean.cpu(), positions.cpu(), valid.cpu(), row.cpu(), masks.cpu(), window.cpu(), flat.cpu())
+
+
+def _branch_states(
+    states: _States,
+    phrasings: list[Phrasings],
+    active: Tensor,
+    filled: Tensor,
+    rest: Tensor,
+    conf: Tensor,
+    tok: Tensor,
+    window: Tensor,
+    lookahead: int,
+    layout: Layout,
+    rng: random.Random,
+) -> None:
+    """Record one LoPA lookahead branch per row: the filled row (n, L) plus the model's token at its j-th most
+    confident position still masked in the window (``rest``, (n, answer_len)), j drawn uniformly from 1 ..
+    min(``lookahead``, positions left). The branch's target is a draw from the posterior given its fixed positions;
+    a branch that no phrasing agrees with is a ``flat`` state: the model should find nothing to be sure of there, so
+    that LoPA's verification (the mean confidence of a branch's masked positions) ranks it last."""
+    p = layout.max_prompt
+    ranked = torch.sort(torch.where(rest, conf, torch.full_like(conf, -1.0)), stable=True, dim=1, descending=True)
+    keep, branches, targets, flats = [], [], [], []
+    for i, r in enumerate(active.tolist()):
+        n_left = int(rest[i].sum())
+        if not n_left:
+            continue
+        pos = int(ranked.indices[i, rng.randint(1, min(lookahead, n_left)) - 1])
+        branch = filled[i].clone()  # (L,)
+        branch[p + pos] = tok[i, pos]
+        fixed = _fixed(branch[p:], layout)
+        drawn = phrasings[r].sample(fixed, rng)
+        keep.append(i)
+        branches.append(branch)
+        flats.append(drawn is None)
+        targets.append(branch if drawn is None else torch.cat([branch[:p], torch.tensor(drawn, device=branch.device)]))
+    if not keep:
+        return
+    pick = torch.tensor(keep, device=active.device)
+    stacked = torch.stack(branches)  # (m, L)
+    states.add(
+        active[pick],
+        stacked[:, p:] == layout.mask_id,
+        window[pick],
+        torch.stack(targets),
+        torch.tensor(flats, device=active.device),
+    )
 
 
 def _fixed(answer: Tensor, layout: Layout) -> list[int]:
@@ -207,13 +306,21 @@ def _own_fill(
     return out
 
 
-def visited_batch(pool: Visited, layout: Layout, gen: torch.Generator, rows: int) -> dict[str, Tensor]:
-    """``rows`` states drawn uniformly from ``pool`` as training rows (the keys of ``data.training_batch``).
+def visited_batch(
+    pool: Visited, layout: Layout, gen: torch.Generator, rows: int, flat_share: float = 0.0
+) -> dict[str, Tensor]:
+    """``rows`` states drawn uniformly from ``pool`` as training rows (the keys of ``data.training_batch``), with the
+    window and flat flag of each state. ``flat_share``: each row is drawn from the pool's flat states only with this
+    probability (when it has any), since a decoder seldom makes a state that no answer agrees with.
 
     When a state's first masked block is all-mask and so is everything after it, that block is the engine's fresh
     block in half of the draws (the block before it sees it, ``data.open_fresh_blocks``), as in the random rows.
     """
     pick = torch.randint(0, len(pool), (rows,), generator=gen)  # (rows,)
+    flats = pool.flat.nonzero().flatten()  # (n_flat,)
+    if flat_share and flats.numel():  # a share of the rows drawn from the flat states only
+        from_flat = torch.rand(rows, generator=gen) < flat_share
+        pick = torch.where(from_flat, flats[torch.randint(0, flats.numel(), (rows,), generator=gen)], pick)
     r, masked = pool.row[pick], pool.masks[pick]  # (rows,), (rows, answer_len)
     clean, positions, valid = pool.clean[r], pool.positions[r], pool.valid[r]  # (rows, L) each
     loss_mask = torch.zeros_like(clean, dtype=torch.bool)
@@ -224,4 +331,5 @@ def visited_batch(pool: Visited, layout: Layout, gen: torch.Generator, rows: int
     after = torch.arange(layout.answer_len)[None] >= (first * layout.block_size)[:, None]  # (rows, answer_len)
     opens = (masked | ~after).all(1) & (torch.rand(rows, generator=gen) < 0.5)  # all-mask from the first on
     fresh = torch.where(opens, first, torch.full_like(first, -1))
-    return training_rows(clean, noisy, positions, valid, loss_mask, fresh, layout)
+    window = pool.window[pick] if pool.window.shape[1] else None  # (rows, num_blocks); none in an older pool
+    return training_rows(clean, noisy, positions, valid, loss_mask, fresh, layout, window, pool.flat[pick])

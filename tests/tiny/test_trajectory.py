@@ -37,9 +37,14 @@ def _setup(block_size: int = 16, num_blocks: int = 4) -> tuple[Transformer, Layo
     return model, layout, encode_rows(problems, lambda t: tok.encode(t, add_special_tokens=False).ids, layout)
 
 
-def _confidence(model: Transformer, ids: torch.Tensor, positions, valid, layout: Layout) -> list[float]:
-    """Per answer position: the largest probability among non-mask tokens, from a full-row forward."""
-    attn = block_causal_mask(valid[None], layout)
+def _confidence(model: Transformer, ids: torch.Tensor, positions, valid, layout: Layout, window=()) -> list[float]:  # noqa: ANN001
+    """Per answer position: the largest probability among non-mask tokens, from a full-row forward in which the
+    ``window`` blocks (0-based) see each other."""
+    attn = block_causal_mask(valid[None], layout).clone()
+    block = [0] * layout.max_prompt + [1 + j // layout.block_size for j in range(layout.answer_len)]
+    for q in range(layout.length):
+        for k in range(layout.length):
+            attn[0, q, k] |= block[q] - 1 in window and block[k] - 1 in window
     with torch.no_grad():
         probs = model(ids[None], positions[None], attn_mask=attn).float()[0].softmax(-1)  # (L, vocab)
     probs[:, layout.mask_id] = 0.0
@@ -48,16 +53,19 @@ def _confidence(model: Transformer, ids: torch.Tensor, positions, valid, layout:
     return probs[p - 1 : layout.length - 1].max(-1).values.tolist()  # Dream's shift: output i - 1 predicts i
 
 
-@pytest.mark.parametrize("order", ["threshold", "d2f"])
-def test_states_follow_the_decoders_rule_with_the_reference_tokens(order: str) -> None:
+@pytest.mark.parametrize(("order", "windowed"), [("threshold", False), ("d2f", False), ("d2f", True)])
+def test_states_follow_the_decoders_rule_with_the_reference_tokens(order: str, windowed: bool) -> None:
+    """Every state replayed; with ``windowed`` (the engine's window attention) the D2F forward lets the blocks in
+    flight see each other and each state keeps that window for its training rows."""
     model, layout, (clean, positions, valid) = _setup()
-    pool = visit(model, clean, positions, valid, layout, order, THRESHOLD)
+    pool = visit(model, clean, positions, valid, layout, order, THRESHOLD, window_attention=windowed)
     assert model.training  # restored
     p, bs, nb = layout.max_prompt, layout.block_size, layout.num_blocks
     multi = semi = 0
     for r in range(clean.shape[0]):
         target = clean[r, p:].tolist()
-        states = [pool.masks[s].tolist() for s in range(len(pool)) if int(pool.row[s]) == r]
+        index = [s for s in range(len(pool)) if int(pool.row[s]) == r]
+        states = [pool.masks[s].tolist() for s in index]
         assert all(states[0])  # the answer starts all-mask
         window, full, end_seen = [0], {0: True}, False
         for i, masked in enumerate(states):
@@ -72,9 +80,10 @@ def test_states_follow_the_decoders_rule_with_the_reference_tokens(order: str) -
                     full[last + 1] = False
                 for b in window[1:]:
                     full[b] = full[b] or 1 - left[b - 1] / bs >= 0.95
+            assert pool.window[index[i]].tolist() == [windowed and b in window for b in range(nb)]
             ids = clean[r].clone()
             ids[p:][torch.tensor(masked)] = layout.mask_id
-            conf = _confidence(model, ids, positions[r], valid[r], layout)
+            conf = _confidence(model, ids, positions[r], valid[r], layout, window if windowed else ())
             fill = []
             for b in window:
                 open_ = [j for j in range(b * bs, (b + 1) * bs) if masked[j]]
