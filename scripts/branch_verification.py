@@ -30,10 +30,10 @@ from torch import Tensor
 from lopa.checkpoint.loader import load_checkpoint
 from lopa.model.transformer import Transformer
 from lopa.tiny import task
-from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, encode_rows
+from lopa.tiny.data import Layout, block_causal_mask, encode_rows
 from lopa.tiny.posterior import FREE, Phrasings
 from lopa.tiny.train_loop import text_codec
-from lopa.tiny.trajectory import visit
+from lopa.tiny.trajectory import confidence, visit
 from lopa.tiny.vocab import build_tokenizer, special_ids
 
 THRESHOLD = 0.9
@@ -44,17 +44,11 @@ CHUNK = 256  # rows per forward
 def _confidence(
     model: Transformer, ids: Tensor, positions: Tensor, valid: Tensor, layout: Layout
 ) -> tuple[Tensor, Tensor]:
-    """(rows, answer_len) probability of the most likely non-mask token, and that token; forwards of CHUNK rows."""
-    confs, toks = [], []
-    for i in range(0, ids.shape[0], CHUNK):
-        sl = slice(i, i + CHUNK)
-        idx = answer_logits_idx(ids[sl].shape[0], layout)
-        logits = model(ids[sl], positions[sl], attn_mask=block_causal_mask(valid[sl], layout), logits_idx=idx).float()
-        logits[..., layout.mask_id] = float("-inf")
-        conf, tok = logits.softmax(-1).max(-1)
-        confs.append(conf)
-        toks.append(tok)
-    return torch.cat(confs), torch.cat(toks)
+    """(rows, answer_len) probability of the most likely non-mask token, and that token (the trajectories' own
+    confidence, ``trajectory.confidence``), in forwards of CHUNK rows under the training layout."""
+    chunks = [slice(i, i + CHUNK) for i in range(0, ids.shape[0], CHUNK)]
+    parts = [confidence(model, ids[c], positions[c], block_causal_mask(valid[c], layout), layout) for c in chunks]
+    return torch.cat([c for c, _ in parts]), torch.cat([t for _, t in parts])
 
 
 def _window(masked: Tensor, layout: Layout) -> Tensor:

@@ -98,7 +98,7 @@ class Visited:
         )
 
 
-def _confidence(
+def confidence(
     model: Transformer, ids: Tensor, positions: Tensor, attn: Tensor, layout: Layout
 ) -> tuple[Tensor, Tensor]:
     """(rows, answer_len) probability of the most likely non-mask token at every answer position, and that token."""
@@ -191,7 +191,7 @@ def visit(
             drawn = torch.cat([clean[active, :p], torch.tensor(answers, device=device)], 1)  # (n, L)
         states.add(active, masked[active], window, drawn)
         seen = open_window(attn[active], window, layout) if windowed else attn[active]
-        conf, tok = _confidence(model, ids[active], positions[active], seen, layout)  # (n, answer_len) each
+        conf, tok = confidence(model, ids[active], positions[active], seen, layout)  # (n, answer_len) each
         fill = open_pos[active] & (conf > threshold)
         for b in range(nb):
             in_b = blocks[b][None] & open_pos[active]  # (n, answer_len)
@@ -317,8 +317,8 @@ def visited_batch(
     block in half of the draws (the block before it sees it, ``data.open_fresh_blocks``), as in the random rows.
     """
     pick = torch.randint(0, len(pool), (rows,), generator=gen)  # (rows,)
-    flats = pool.flat.nonzero().flatten()  # (n_flat,)
-    if flat_share and flats.numel():  # a share of the rows drawn from the flat states only
+    flats = pool.flat.nonzero().flatten() if flat_share else pool.flat[:0]  # (n_flat,)
+    if flats.numel():  # a share of the rows drawn from the flat states only
         from_flat = torch.rand(rows, generator=gen) < flat_share
         pick = torch.where(from_flat, flats[torch.randint(0, flats.numel(), (rows,), generator=gen)], pick)
     r, masked = pool.row[pick], pool.masks[pick]  # (rows,), (rows, answer_len)
