@@ -31,9 +31,9 @@ from lopa.checkpoint.loader import load_checkpoint
 from lopa.model.transformer import Transformer
 from lopa.tiny import task
 from lopa.tiny.data import Layout, block_causal_mask, encode_rows
-from lopa.tiny.posterior import FREE, Phrasings
+from lopa.tiny.posterior import Phrasings
 from lopa.tiny.train_loop import text_codec
-from lopa.tiny.trajectory import confidence, visit
+from lopa.tiny.trajectory import confidence, fixed_positions, visit
 from lopa.tiny.vocab import build_tokenizer, special_ids
 
 THRESHOLD = 0.9
@@ -93,9 +93,8 @@ def verify(model: Transformer, problems: list[task.Problem], encode, layout: Lay
     left = _window(answers == layout.mask_id, layout) & (answers == layout.mask_id)
     score = torch.where(left.any(1), (c_conf * left).sum(1) / left.sum(1).clamp_min(1), torch.ones(len(cand)))
     live = []
-    for c, s in zip(answers.tolist(), owner, strict=True):
-        fixed = [FREE if t == layout.mask_id else t for t in c]
-        live.append(phrasings[prompt_of[tuple(pool.clean[s, :p].tolist())]].count(fixed) > 0)
+    for c, s in zip(answers, owner, strict=True):
+        live.append(phrasings[prompt_of[tuple(pool.clean[s, :p].tolist())]].count(fixed_positions(c, layout)) > 0)
     live_t = torch.tensor(live)
     steps = contested = dead_wins = 0
     for s in range(len(pool)):
@@ -137,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for path in args.models:
         ckpt = load_checkpoint(path)
-        gen = ckpt.generation_config
-        block = int(gen.get("block_size", 32))
-        layout = Layout(
-            32, block, int(gen.get("max_new_tokens", 64)) // block, ids["eos_token_id"], ids["mask_token_id"]
-        )
+        layout = Layout.of_checkpoint(ckpt.generation_config, ids)
         r = verify(ckpt.model.eval(), problems, encode, layout, args.k)
         results[str(path)] = r
         print(

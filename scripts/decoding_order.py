@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|" + "---|" * len(RULES))
     for path in args.models:
         ckpt = load_checkpoint(path, device=args.device)
-        gen = ckpt.generation_config
-        block = int(gen.get("block_size", 32))
-        blocks = int(gen.get("max_new_tokens", 64)) // block
-        layout = Layout(32, block, blocks, ids["eos_token_id"], ids["mask_token_id"])  # lopa train's prompt room
+        layout = Layout.of_checkpoint(ckpt.generation_config, ids)
         row = {}
         for rule, (threshold, order) in RULES.items():
             row[rule] = score(ckpt.model, problems, encode, decode, layout, threshold=threshold, order=order)

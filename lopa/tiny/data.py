@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,6 +45,14 @@ class Layout:
     @property
     def answer_len(self) -> int:
         return self.block_size * self.num_blocks
+
+    @classmethod
+    def of_checkpoint(cls, generation_config: dict[str, Any], ids: dict[str, int], max_prompt: int = 32) -> Layout:
+        """The layout a tiny checkpoint decodes with: its recommended blocks (``generation_config.json``; 32 and 64
+        new tokens when absent), ``lopa train``'s default prompt room, and the tokenizer's end and mask ids."""
+        block = int(generation_config.get("block_size", 32))
+        blocks = int(generation_config.get("max_new_tokens", 64)) // block
+        return cls(max_prompt, block, blocks, ids["eos_token_id"], ids["mask_token_id"])
 
     @property
     def length(self) -> int:

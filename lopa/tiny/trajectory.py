@@ -264,7 +264,7 @@ def _branch_states(
         pos = int(ranked.indices[i, rng.randint(1, min(lookahead, n_left)) - 1])
         branch = filled[i].clone()  # (L,)
         branch[p + pos] = tok[i, pos]
-        fixed = _fixed(branch[p:], layout)
+        fixed = fixed_positions(branch[p:], layout)
         drawn = phrasings[r].sample(fixed, rng)
         keep.append(i)
         branches.append(branch)
@@ -283,12 +283,13 @@ def _branch_states(
     )
 
 
-def _fixed(answer: Tensor, layout: Layout) -> list[int]:
+def fixed_positions(answer: Tensor, layout: Layout) -> list[int]:
+    """An answer (answer_len,) as ``Phrasings`` takes it: its tokens, with ``posterior.FREE`` where it is masked."""
     return [FREE if t == layout.mask_id else t for t in answer.tolist()]
 
 
 def _draw(phrasings: Phrasings, answer: Tensor, layout: Layout, rng: random.Random) -> list[int]:
-    drawn = phrasings.sample(_fixed(answer, layout), rng)
+    drawn = phrasings.sample(fixed_positions(answer, layout), rng)
     if drawn is None:  # the fills below keep every state consistent, so only a foreign start gets here
         raise ValueError("a visited state agrees with no phrasing of its problem")
     return drawn
@@ -301,7 +302,7 @@ def _own_fill(
     state's drawn target's tokens at the filled positions."""
     out = torch.where(fill, tok, answer)
     for i, r in enumerate(active.tolist()):
-        if not phrasings[r].count(_fixed(out[i], layout)):
+        if not phrasings[r].count(fixed_positions(out[i], layout)):
             out[i] = torch.where(fill[i], drawn[i], answer[i])
     return out
 
