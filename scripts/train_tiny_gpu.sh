@@ -7,15 +7,20 @@
 #
 # Steps: env (nvidia-smi, torch, CUDA), calibrate (both seeds for CAL steps, on-policy collection included, to
 # measure steps per second with both sharing the GPU), train (both seeds with --steps sized to the budget: 85 % of
-# it at the calibrated rate, the rest for validation and saves; the LR schedule spans exactly those steps), pack
-# (OUTDIR/seed<N>.tar.gz: runs/gpu-s<N> with the final and best checkpoints, train_log.jsonl and state.json, never
-# the optimiser state, plus the seed's logs) and summary (scripts/training_curves.py and the trainer's own test
+# it at the calibrated rate, the rest for validation and saves; the LR schedule spans exactly those steps; with
+# TINY_GPU_STAGE2 the steps are split and each seed's second stage starts from its first stage's best), pack
+# (OUTDIR/seed<N>.tar.gz: runs/gpu-s<N> (and runs/gpu2-s<N>) with the final and best checkpoints, train_log.jsonl
+# and state.json, never the optimiser state, plus the seed's logs) and summary (scripts/training_curves.py and the trainer's own test
 # score of each seed, and scripts/decoding_order.py on each best save: threshold, confidence order and left to
 # right on the 600 test problems). OUTDIR/report.txt holds env, calibration and summary: three files in all.
 # Settings (environment): TINY_GPU_MINUTES (training budget, default 6), TINY_GPU_BATCH (default 128),
 # TINY_GPU_WORKERS (row-building processes per seed, default 3), TINY_GPU_SEEDS (default "0 1"),
-# TINY_GPU_ARGS (more `lopa train` flags, e.g. "--hidden 192 --lr 1e-3"). Exit status: 0 when every seed trained
-# to its last step, 1 otherwise (what was saved is still packed), 2 on bad usage or no CUDA device.
+# TINY_GPU_ARGS (more `lopa train` flags, e.g. "--hidden 192 --lr 1e-3"), TINY_GPU_STAGE2 (flags of a second
+# stage: when set, each seed then trains again from its own stage-1 best save, `--init-from runs/gpu-s<N>/best`,
+# into runs/gpu2-s<N>, e.g. v4's stage 2: "--lr 2e-4 --warmup 100 --on-policy-from 0 --visit-window --lookahead 8"),
+# TINY_GPU_STAGE2_SHARE (the second stage's share of the steps and of the budget, default 0.385: v4's 5,000 of
+# 13,000). Exit status: 0 when every seed trained to its last step, 1 otherwise (what was saved is still packed), 2
+# on bad usage or no CUDA device.
 # After copying back: tar xzf seed0.tar.gz, then `lopa bench --model runs/gpu-s0/best` (CPU) measures it.
 set -uo pipefail
 
@@ -43,6 +48,9 @@ WORKERS="${TINY_GPU_WORKERS:-3}"
 SEEDS="${TINY_GPU_SEEDS:-0 1}"
 # shellcheck disable=SC2206  # a list of flags
 EXTRA=(${TINY_GPU_ARGS:-})
+# shellcheck disable=SC2206
+STAGE2=(${TINY_GPU_STAGE2:-})
+SHARE="${TINY_GPU_STAGE2_SHARE:-0.385}"
 RUNS="$ROOT/runs"
 CAL=400          # calibration steps (on-policy from step 100: four collections of visited states)
 ORDER_N=600      # test problems for scripts/decoding_order.py on each seed's best save
@@ -71,6 +79,7 @@ COMMON=(-m lopa train "${DEVICE[@]}" "${ARCH[@]}" --batch "$BATCH" --workers "$W
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
     echo "budget ${MINUTES} min of training, batch $BATCH, workers $WORKERS per seed, seeds $SEEDS, extra: ${EXTRA[*]}"
+    [ ${#STAGE2[@]} -gt 0 ] && echo "stage 2 (share $SHARE): ${STAGE2[*]}"
 } 2>&1 | tee "$OUT/report.txt"
 
 # calibrate: every seed for CAL steps at once, the same flags as the real run
@@ -80,10 +89,13 @@ for s in $SEEDS; do
         --eval-every 0 --test-n 0 --save-every "$CAL" --out "$RUNS/cal-s$s" >"$RUNS/calibrate-s$s.log" 2>&1 &
 done
 wait
-SIZED=$("$PY" - "$RUNS" "$MINUTES" "$CAL" $SEEDS 2>&1 <<'EOF'
+[ ${#STAGE2[@]} -gt 0 ] || SHARE=0
+SIZED=$("$PY" - "$RUNS" "$MINUTES" "$CAL" "$SHARE" $SEEDS 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
-runs, minutes, cal, seeds = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+runs, minutes, cal, share, seeds = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
+if not 0 <= share < 1:
+    sys.exit(f"TINY_GPU_STAGE2_SHARE must be in [0, 1), got {share}")
 seconds = []
 for s in seeds:
     state = runs / f"cal-s{s}" / "train_state" / "state.json"
@@ -92,9 +104,11 @@ for s in seeds:
     meta = json.loads(state.read_text())
     seconds.append(meta["seconds"] / max(meta["step"], 1))
 per_step = max(seconds)  # the slowest seed sets the pace
-steps = int(0.85 * minutes * 60 / per_step)
-steps = max(steps - steps % 100, 100)
-print(f"calibration: {per_step * 1000:.1f} ms per step with {len(seeds)} seeds side by side -> steps {steps}")
+steps = int(0.85 * minutes * 60 / per_step)  # both stages (v4's two collect states at about the same rate)
+second = int(steps * share) // 100 * 100 if share else 0
+second = max(second, 100) if share else 0
+first = max(steps - second - (steps - second) % 100, 100)
+print(f"calibration: {per_step * 1000:.1f} ms per step with {len(seeds)} seeds side by side -> steps {first} {second} (of {steps})")
 EOF
 ) || {
     echo "train_tiny_gpu: calibration failed: $SIZED" | tee -a "$OUT/report.txt" >&2
@@ -102,34 +116,56 @@ EOF
     exit 1
 }
 echo "$SIZED" | tee -a "$OUT/report.txt"
-STEPS="${SIZED##* }"
+read -r STEPS STEPS2 _ <<<"${SIZED##*steps }"
 
-LIMIT=$("$PY" -c "print(int($MINUTES * 60 * 1.15 + 30))")  # a run that overruns still leaves its best save
+# a run that overruns still leaves its best save
+LIMIT=$("$PY" -c "print(int($MINUTES * 60 * (1 - $SHARE) * 1.15 + 30))")
+LIMIT2=$("$PY" -c "print(int($MINUTES * 60 * $SHARE * 1.15 + 30))")
 FAILED=0
 for s in $SEEDS; do
-    rm -rf "$RUNS/gpu-s$s"
+    rm -rf "$RUNS/gpu-s$s" "$RUNS/gpu2-s$s" "$RUNS/train2-s$s.log"
     timeout --kill-after=5 "$LIMIT" "$PY" "${COMMON[@]}" --seed "$s" --steps "$STEPS" "${EVAL[@]}" \
         --out "$RUNS/gpu-s$s" >"$RUNS/train-s$s.log" 2>&1 &
 done
 for job in $(jobs -p); do wait "$job" || FAILED=1; done
+STAGES=(gpu)
+if [ "$STEPS2" -gt 0 ]; then  # stage 2: each seed from its own stage-1 best save
+    STAGES+=(gpu2)
+    for s in $SEEDS; do
+        [ -d "$RUNS/gpu-s$s/best" ] || { FAILED=1; continue; }
+        timeout --kill-after=5 "$LIMIT2" "$PY" "${COMMON[@]}" --seed "$s" --steps "$STEPS2" "${EVAL[@]}" \
+            --init-from "$RUNS/gpu-s$s/best" "${STAGE2[@]}" --out "$RUNS/gpu2-s$s" >"$RUNS/train2-s$s.log" 2>&1 &
+    done
+    for job in $(jobs -p); do wait "$job" || FAILED=1; done
+fi
 
 for s in $SEEDS; do
-    run="$RUNS/gpu-s$s"
-    [ -d "$run" ] || { FAILED=1; continue; }
-    tar czf "$OUT/seed$s.tar.gz" -C "$RUNS" --exclude="gpu-s$s/train_state/*.safetensors" "gpu-s$s" \
+    [ -d "$RUNS/gpu-s$s" ] || { FAILED=1; continue; }
+    packed=()
+    for stage in "${STAGES[@]}"; do [ -d "$RUNS/$stage-s$s" ] && packed+=("$stage-s$s"); done
+    [ "$STEPS2" -gt 0 ] && [ -f "$RUNS/train2-s$s.log" ] && packed+=("train2-s$s.log")
+    tar czf "$OUT/seed$s.tar.gz" -C "$RUNS" --exclude="*/train_state/*.safetensors" "${packed[@]}" \
         "calibrate-s$s.log" "train-s$s.log"
 done
 TRAINED=() BEST=()  # this call's seeds only: runs/ may hold other seeds from an earlier call
-for s in $SEEDS; do
-    [ -f "$RUNS/gpu-s$s/train_log.jsonl" ] && TRAINED+=("$RUNS/gpu-s$s")
-    [ -d "$RUNS/gpu-s$s/best" ] && BEST+=("$RUNS/gpu-s$s/best")
+for stage in "${STAGES[@]}"; do
+    for s in $SEEDS; do
+        [ -f "$RUNS/$stage-s$s/train_log.jsonl" ] && TRAINED+=("$RUNS/$stage-s$s")
+        [ -d "$RUNS/$stage-s$s/best" ] && BEST+=("$RUNS/$stage-s$s/best")
+    done
 done
 {
     [ ${#TRAINED[@]} -gt 0 ] && "$PY" scripts/training_curves.py "${TRAINED[@]}" 2>&1
     # each seed's best save on the 600 test problems: threshold, confidence order and left to right (what it knows)
-    [ ${#BEST[@]} -gt 0 ] && timeout 60 "$PY" scripts/decoding_order.py "${BEST[@]}" --n "$ORDER_N" \
+    [ ${#BEST[@]} -gt 0 ] && timeout 120 "$PY" scripts/decoding_order.py "${BEST[@]}" --n "$ORDER_N" \
         --device "$ORDER_DEVICE" 2>&1 | grep -v '^{'
-    for s in $SEEDS; do echo "seed $s:"; grep -aE "^(test|done|stopped|Traceback|.*Error)" "$RUNS/train-s$s.log"; done
+    for s in $SEEDS; do
+        for log in "$RUNS/train-s$s.log" "$RUNS/train2-s$s.log"; do
+            [ -f "$log" ] || continue
+            echo "seed $s, $(basename "$log" .log):"
+            grep -aE "^(test|done|stopped|Traceback|.*Error)" "$log"
+        done
+    done
     echo "exit $FAILED"
 } | tee -a "$OUT/report.txt"
 exit "$FAILED"

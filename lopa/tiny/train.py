@@ -53,6 +53,11 @@ from lopa.tiny.vocab import build_tokenizer, save_tokenizer, special_ids
 
 VISIT_EVERY = 100  # steps between two collections of visited states
 ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_size", "num_blocks", "max_prompt")
+# what else a run's batches, schedule and export follow: a resumed run must keep them to continue exactly
+RUN_KEYS = (
+    "steps", "lr", "warmup", "weight_decay", "ema", "average_from", "init_from",
+    "on_policy", "on_policy_from", "on_policy_tokens", "visit_window", "lookahead", "flat_share",
+)  # fmt: skip
 STATE_DIR = "train_state"
 AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
 EMA_FILE = "ema.safetensors"
@@ -100,17 +105,23 @@ def save_state(model: Transformer, opt: torch.optim.Optimizer, meta: dict, out: 
 
 
 def load_state(model: Transformer, opt: torch.optim.Optimizer, out: Path, args: Any) -> dict | None:
-    """Restore a previous run in ``out`` (None when there is none); refuse a different architecture."""
+    """Restore a previous run in ``out`` (None when there is none); refuse a different architecture, seed, batch
+    or any of ``RUN_KEYS`` (a run resumed with another schedule or other states would not be the run it claims)."""
     d = out / STATE_DIR
     if not (d / "state.json").is_file():
         return None
     meta = json.loads((d / "state.json").read_text(encoding="utf-8"))
-    for key in ARCH_KEYS + ("seed", "batch", "family"):
-        if meta["args"].get(key, "dream" if key == "family" else None) != getattr(args, key):
-            raise ConfigError(
-                f"{out} holds a run with --{key.replace('_', '-')} {meta['args'].get(key)}, not "
-                f"{getattr(args, key)}; use the same settings to resume or a new --out."
-            )
+    saved = meta["args"]
+    for key in ARCH_KEYS + ("seed", "batch", "family") + RUN_KEYS:
+        if key in RUN_KEYS and (key not in saved or not hasattr(args, key)):
+            continue  # a state written before the option existed, or a trainer without it
+        theirs = saved.get(key, "dream" if key == "family" else None)
+        if _same_setting(key, theirs, getattr(args, key)):
+            continue
+        raise ConfigError(
+            f"{out} holds a run with --{key.replace('_', '-')} {theirs}, not {getattr(args, key)}; use the same "
+            "settings to resume or a new --out."
+        )
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in load_file(str(d / "weights.safetensors")).items()})
     params = dict(model.named_parameters())
@@ -118,6 +129,13 @@ def load_state(model: Transformer, opt: torch.optim.Optimizer, out: Path, args: 
         name, k = key.split("::")
         opt.state[params[name]][k] = (v.reshape(()) if k == "step" else v).to(device)
     return meta
+
+
+def _same_setting(key: str, saved: Any, given: Any) -> bool:
+    """Whether a resumed run's ``--key`` matches the saved one (``--init-from``: the same directory, however spelt)."""
+    if key == "init_from" and saved and given:
+        return Path(saved).resolve() == Path(given).resolve()
+    return saved == given
 
 
 def add_to_average(weights: dict[str, Tensor], step: int, out: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,28 @@ def test_resume_refuses_a_different_architecture(tmp_path: Path) -> None:
     changed = [*MICRO]
     changed[changed.index("--hidden") + 1] = "64"
     assert main(["train", "--steps", "4", "--out", out, *changed]) == 2  # ConfigError -> exit code 2
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [["--steps", "4"], ["--lr", "1e-3"], ["--on-policy-tokens", "model"], ["--visit-window"], ["--init-from", "OTHER"]],
+)
+def test_resume_refuses_a_different_schedule_or_state_kind(tmp_path: Path, changed: list[str]) -> None:
+    """A resumed run continues exactly only with the same schedule and states: any other setting is refused, and a
+    rerun of the same command (``--init-from`` spelt another way included) still resumes."""
+    src = tmp_path / "src"
+    assert main(["train", "--steps", "2", "--save-every", "2", "--test-n", "0", "--out", str(src), *MICRO]) == 0
+    out = tmp_path / "run"
+    first = ["train", "--steps", "3", "--save-every", "1", "--test-n", "0", "--init-from", str(src), *MICRO]
+    assert main([*first, "--out", str(out), "--until", "1"]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    args = [*first, *[str(other) if a == "OTHER" else a for a in changed]]
+    assert main([*args, "--out", str(out)]) == 2  # ConfigError -> exit code 2, nothing changed
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 1
+    respelt = [str(tmp_path / "." / "src") if a == str(src) else a for a in first]
+    assert main([*respelt, "--out", str(out)]) == 0
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 3
 
 
 def test_average_from_exports_the_mean_of_the_saves_and_resumes_exactly(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""scripts/train_tiny_gpu.sh: its CPU rehearsal calibrates, trains both seeds to the sized step count and packs
-checkpoints that load; bad usage and a machine without CUDA get a clear refusal."""
+"""scripts/train_tiny_gpu.sh: its CPU rehearsal calibrates, trains both seeds to the sized step count (and a second
+stage from each seed's own best save) and packs checkpoints that load; bad usage and a machine without CUDA get a
+clear refusal."""
 
 from __future__ import annotations
 
@@ -20,38 +21,52 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train_tiny_gpu.sh"
 
 
-def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable}
+def _run(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, **settings}
     return subprocess.run(
         ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300, check=False
     )
 
 
+STAGE2 = "--lr 5e-4 --warmup 10 --on-policy-from 0 --on-policy-tokens model --visit-window --lookahead 2"
+
+
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
-def test_dry_run_trains_both_seeds_to_the_calibrated_steps_and_packs_loadable_checkpoints(tmp_path: Path) -> None:
+def test_dry_run_trains_both_seeds_in_two_stages_to_the_calibrated_steps_and_packs_loadable_checkpoints(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "out"
-    proc = _run(tmp_path, "--dry-run", str(out))
+    proc = _run(tmp_path, "--dry-run", str(out), TINY_GPU_STAGE2=STAGE2, TINY_GPU_STAGE2_SHARE="0.4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = (out / "report.txt").read_text()
-    steps = int(report.split("calibration: ")[1].split("steps ")[1].split()[0])
-    assert steps >= 100 and steps % 100 == 0
+    sized = report.split("calibration: ")[1].split("steps ")[1].split()
+    steps, steps2, total = int(sized[0]), int(sized[1]), int(sized[3].rstrip(")"))
+    assert steps >= 100 and steps % 100 == 0 and steps2 >= 100 and steps2 % 100 == 0
+    assert steps2 == max(100, int(total * 0.4) // 100 * 100) and steps + steps2 <= max(total, 200)  # the share
     assert report.rstrip().endswith("exit 0")
-    assert "left-to-right: exact / well-formed" in report and "/gpu-s1/best |" in report  # scripts/decoding_order.py
+    assert "left-to-right: exact / well-formed" in report  # scripts/decoding_order.py on all four best saves
+    assert "/gpu-s1/best |" in report and "/gpu2-s1/best |" in report
     for seed in (0, 1):
         unpacked = tmp_path / f"unpacked{seed}"
         with tarfile.open(out / f"seed{seed}.tar.gz") as tar:
             names = tar.getnames()
-            assert f"train-s{seed}.log" in names and f"calibrate-s{seed}.log" in names
-            assert f"gpu-s{seed}/best/model.safetensors" in names
-            state_files = [n for n in names if n.startswith(f"gpu-s{seed}/train_state/")]
-            assert state_files == [f"gpu-s{seed}/train_state/state.json"]  # never weights, optimiser or EMA state
+            for log in ("train", "train2", "calibrate"):
+                assert f"{log}-s{seed}.log" in names
+            for stage in ("gpu", "gpu2"):
+                assert f"{stage}-s{seed}/best/model.safetensors" in names
+                state_files = [n for n in names if n.startswith(f"{stage}-s{seed}/train_state/")]
+                assert state_files == [f"{stage}-s{seed}/train_state/state.json"]  # never weights, optimiser or EMA
             tar.extractall(unpacked, filter="data")
-        run = unpacked / f"gpu-s{seed}"
-        state = json.loads((run / "train_state" / "state.json").read_text())
-        assert state["step"] == steps and state["args"]["seed"] == seed and state["args"]["workers"] == 1
-        assert "test" in state  # the trainer's own test score, written at the end
-        for ckpt in (run, run / "best"):
-            assert sum(p.numel() for p in load_checkpoint(ckpt).model.parameters()) > 0
+        for stage, n in (("gpu", steps), ("gpu2", steps2)):
+            run = unpacked / f"{stage}-s{seed}"
+            state = json.loads((run / "train_state" / "state.json").read_text())
+            assert state["step"] == n and state["args"]["seed"] == seed and state["args"]["workers"] == 1
+            assert "test" in state  # the trainer's own test score, written at the end
+            for ckpt in (run, run / "best"):
+                assert sum(p.numel() for p in load_checkpoint(ckpt).model.parameters()) > 0
+        second = json.loads((unpacked / f"gpu2-s{seed}" / "train_state" / "state.json").read_text())["args"]
+        assert second["init_from"].endswith(f"gpu-s{seed}/best")  # each seed from its own stage-1 save
+        assert second["lookahead"] == 2 and second["visit_window"] and second["lr"] == 5e-4
 
 
 def test_refuses_bad_usage_and_a_machine_without_cuda(tmp_path: Path) -> None:
