@@ -6,15 +6,17 @@ probability exceeds ``threshold`` is filled, else the single most confident one 
 token is never a candidate. It differs from the engine's cached threshold decoder in one way: the engine
 commits a block in the forward that also runs the next, still all-mask block (full attention inside the window),
 so the engine's numbers are the ones to report; this loop tracks training progress. Called by
-``lopa.tiny.train`` (validation score at every save) and the tests.
+``lopa.tiny.train`` (validation score at every save), the tests and the analysis scripts, which watch every fill
+through ``greedy_decode``'s ``observe`` hook (``Observer``) instead of restating the rule.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
+from torch import Tensor
 
 from lopa.model.transformer import Transformer
 from lopa.tiny.data import Layout, block_causal_mask, encode_rows
@@ -22,6 +24,15 @@ from lopa.tiny.grammar import parse
 from lopa.tiny.task import Problem, extract_answer
 
 Order = Literal["confidence", "left-to-right"]
+
+
+class Observer(Protocol):
+    """Called once per forward of ``greedy_decode``, before its fill is written (every tensor on the loop's device)."""
+
+    def __call__(self, rows: Tensor, start: int, block: Tensor, fill: Tensor, tok: Tensor, conf: Tensor) -> None:
+        """``rows`` (n,): the problems' indices in this forward; ``start``: the active block's first row position;
+        ``block`` (n, bs): its ids before the fill; ``fill`` (n, bs) bool: the positions filled now; ``tok`` and
+        ``conf`` (n, bs): every position's most likely token and its probability (-1 where already filled)."""
 
 
 @torch.no_grad()
@@ -32,8 +43,10 @@ def greedy_decode(
     layout: Layout,
     threshold: float,
     order: Order = "confidence",
+    observe: Observer | None = None,
 ) -> tuple[list[list[int]], list[int]]:
-    """Decode every problem; returns the generated ids (up to and including the first end token) and forwards."""
+    """Decode every problem; returns the generated ids (up to and including the first end token) and forwards.
+    ``observe`` (optional) sees every forward's fill before it is written."""
     if order not in ("confidence", "left-to-right"):
         raise ValueError(f"order must be 'confidence' or 'left-to-right', got {order!r}")
     device = next(model.parameters()).device
@@ -67,6 +80,8 @@ def greedy_decode(
                 fill = conf > threshold
                 none = ~fill.any(1)
                 fill[none, conf[none].argmax(1)] = True
+            if observe is not None:
+                observe(active, start, block, fill, tok, conf)
             ids[active, start:end] = torch.where(fill, tok, block)
             forwards[active] += 1
         done |= (ids[:, start:end] == layout.end_id).any(1)

@@ -12,6 +12,7 @@ from lopa.tiny import task
 from lopa.tiny.posterior import FREE, Phrasings
 from lopa.tiny.train_loop import text_codec
 from lopa.tiny.vocab import build_tokenizer, special_ids
+from tests.support.wordings import agrees, all_answers
 
 ROOM = 64
 
@@ -20,19 +21,6 @@ ROOM = 64
 def codec():  # noqa: ANN201 - (encode, end id)
     tok = build_tokenizer()
     return text_codec(tok)[0], special_ids(tok)["eos_token_id"]
-
-
-def _all_answers(p: task.Problem, encode, end: int) -> list[list[int]]:  # noqa: ANN001
-    """Every phrasing of ``p`` as ROOM ids (text, end token, end/pad tail), as the training rows encode them."""
-    out = []
-    for w in task.all_wordings(p.num_ops):
-        ids = encode(" " + task.render(p, w)) + [end]
-        out.append(ids + [end] * (ROOM - len(ids)))
-    return out
-
-
-def _agrees(answer: list[int], fixed: list[int]) -> bool:
-    return all(f in (FREE, t) for f, t in zip(fixed, answer, strict=True))
 
 
 def _partial_states(answers: list[list[int]], rng: random.Random, n: int) -> list[list[int]]:
@@ -58,18 +46,18 @@ def test_count_equals_enumeration(codec, num_ops: int) -> None:  # noqa: ANN001
     encode, end = codec
     rng = random.Random(num_ops)
     p = task.sample(rng, "train", num_ops=num_ops)
-    answers = _all_answers(p, encode, end)
+    answers = all_answers(p, encode, end, ROOM)
     assert len({tuple(a) for a in answers}) == task.num_phrasings(num_ops)
     phr = Phrasings(p, encode, end, ROOM)
     assert phr.count([FREE] * ROOM) == len(answers)
     zero = nonzero = 0
     for fixed in _partial_states(answers, rng, 60 if num_ops == 2 else 12):
-        expected = sum(_agrees(a, fixed) for a in answers)
+        expected = sum(agrees(a, fixed) for a in answers)
         assert phr.count(fixed) == expected
         drawn = phr.sample(fixed, rng)
         if expected:
             nonzero += 1
-            assert drawn in answers and _agrees(drawn, fixed)
+            assert drawn in answers and agrees(drawn, fixed)
         else:
             zero += 1
             assert drawn is None
@@ -80,10 +68,10 @@ def test_draws_are_uniform_over_the_agreeing_phrasings(codec) -> None:  # noqa: 
     encode, end = codec
     rng = random.Random(7)
     p = task.sample(rng, "train", num_ops=2)
-    answers = [tuple(a) for a in _all_answers(p, encode, end)]
+    answers = [tuple(a) for a in all_answers(p, encode, end, ROOM)]
     fixed = [FREE] * ROOM
     fixed[23], fixed[24] = encode(f" {p.answer}")[0], end  # a text of 24 tokens: wordings of different lengths mix
-    agreeing = [a for a in answers if _agrees(list(a), fixed)]
+    agreeing = [a for a in answers if agrees(list(a), fixed)]
     k = len(agreeing)
     assert 50 <= k <= 400
     n = 200 * k
