@@ -42,7 +42,7 @@ from torch import Tensor
 from lopa.checkpoint.loader import load_checkpoint
 from lopa.model.transformer import Transformer
 from lopa.tiny import task
-from lopa.tiny.data import Layout, block_causal_mask, encode_rows
+from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, encode_rows
 from lopa.tiny.evaluate import greedy_decode
 from lopa.tiny.grammar import parse
 from lopa.tiny.posterior import FREE, Phrasings
@@ -76,15 +76,15 @@ class Judge:
             if count == 0:  # dead already: nothing after the first death is judged
                 continue
             fallback = len(where) == 1 and float(conf[r, where[0]]) <= self.tau
-            dead_alone = []
+            dead_alone, alone = [], 0
             for j in where:
                 one = list(before)
                 one[offset + j] = int(tok[r, j])
-                pi = self.phrasings[i].count(one) / count
-                self.fills.append((float(conf[r, j]), pi, fallback))
-                if pi == 0:
+                alone = self.phrasings[i].count(one)
+                self.fills.append((float(conf[r, j]), alone / count, fallback))
+                if alone == 0:
                     dead_alone.append(j)
-            self.alive[i] = self.phrasings[i].count(after)
+            self.alive[i] = alone if len(where) == 1 else self.phrasings[i].count(after)  # one fill: `one` is `after`
             if self.alive[i] == 0:
                 kind = KINDS[0] if fallback else KINDS[1] if dead_alone else KINDS[2]
                 j = dead_alone[0] if dead_alone else max(where)
@@ -99,9 +99,10 @@ def judge(model: Transformer, problems: list[task.Problem], encode, decode, layo
     phrasings = [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in problems]
     j = Judge(phrasings, layout, tau)
     outs, forwards = greedy_decode(model, problems, encode, layout, tau, observe=j)
-    right = [task.extract_answer(decode(o)) == p.answer for o, p in zip(outs, problems, strict=True)]
-    formed = [parse(decode(o)) for o in outs]
-    named = [set(decode(o).split()) & set(task.NAMES) for o in outs]  # the people an answer names
+    texts = [decode(o) for o in outs]
+    right = [task.extract_answer(t) == p.answer for t, p in zip(texts, problems, strict=True)]
+    formed = [parse(t) for t in texts]
+    named = [set(t.split()) & set(task.NAMES) for t in texts]  # the people an answer names
     bins = []
     for lo, hi in zip(BINS, BINS[1:], strict=False):
         got = [(q, pi, fb) for q, pi, fb in j.fills if lo <= q < hi]
@@ -145,7 +146,7 @@ def copy_probe(model: Transformer, problems: list[task.Problem], encode, tok_id,
         return {"problems": 0}
     ids, positions, valid = encode_rows(chosen, encode, layout)  # (n, L): prompt + reference answer
     p0 = layout.max_prompt
-    idx = torch.arange(p0 - 1, p0 - 1 + layout.answer_len)[None].expand(len(chosen), -1)  # Dream's shift
+    idx = answer_logits_idx(len(chosen), layout)  # (n, answer_len): Dream's shift
     out = {"problems": len(chosen)}
     for what in ("name", "item"):
         x, where, want = ids.clone(), [], []
