@@ -55,6 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: 0, drawn like any state)",
     )
     p.add_argument(
+        "--name-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="dream: factor on the loss where the target is the person's name, which the closing '{name} has ...' "
+        "copies from the question (default: 1, plain cross-entropy)",
+    )
+    p.add_argument(
         "--init-from",
         default=None,
         metavar="DIR",

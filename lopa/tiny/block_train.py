@@ -77,6 +77,8 @@ def run(args: Any) -> int:
         )
     if args.init_from:
         raise ConfigError("--init-from is for the Dream model.")
+    if args.name_weight != 1.0:
+        raise ConfigError("--name-weight is for the Dream model.")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_for(args)

@@ -214,20 +214,32 @@ def answer_logits_idx(rows: int, layout: Layout, device: torch.device | str = "c
 
 
 def masked_loss(
-    logits: Tensor, targets: Tensor, loss_mask: Tensor, layout: Layout, flat: Tensor | None = None
+    logits: Tensor,
+    targets: Tensor,
+    loss_mask: Tensor,
+    layout: Layout,
+    flat: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Mean cross-entropy over masked answer positions.
 
     logits: (rows, answer_len, vocab) from :func:`answer_logits_idx` (output ``i - 1`` predicts token ``i``);
     targets, loss_mask: (rows, L). ``flat`` (rows,) bool: rows whose masked positions are trained toward the uniform
     distribution over every token but the mask (the decoders' candidates) instead of their targets: states that no
-    answer agrees with, where a decoder's verification should find nothing to be sure of.
+    answer agrees with, where a decoder's verification should find nothing to be sure of. ``weight`` (rows, L)
+    float: each position's factor on its cross-entropy against its target (not on a flat row's); the mean is still
+    over the masked positions, so weight 1 everywhere is the plain loss.
     """
     tgt, sel = targets[:, layout.max_prompt :], loss_mask[:, layout.max_prompt :]  # (rows, answer_len)
-    if flat is None or not bool(flat.any()):
+    no_flat = flat is None or not bool(flat.any())
+    if no_flat and weight is None:
         return torch.nn.functional.cross_entropy(logits[sel].float(), tgt[sel])
     picked = logits[sel].float()  # (n, vocab)
     ce = torch.nn.functional.cross_entropy(picked, tgt[sel], reduction="none")  # (n,)
+    if weight is not None:
+        ce = ce * weight[:, layout.max_prompt :][sel]
+    if no_flat:
+        return ce.mean()
     candidates = picked.clone()
     candidates[:, layout.mask_id] = float("-inf")
     logp = candidates.log_softmax(-1)

@@ -56,7 +56,7 @@ ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_siz
 # what else a run's batches, schedule and export follow: a resumed run must keep them to continue exactly
 RUN_KEYS = (
     "steps", "lr", "warmup", "weight_decay", "ema", "average_from", "init_from",
-    "on_policy", "on_policy_from", "on_policy_tokens", "visit_window", "lookahead", "flat_share",
+    "on_policy", "on_policy_from", "on_policy_tokens", "visit_window", "lookahead", "flat_share", "name_weight",
 )  # fmt: skip
 STATE_DIR = "train_state"
 AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
@@ -216,8 +216,22 @@ def check_args(args: Any) -> None:
         raise ConfigError(f"--flat-share must be in [0, 1) and needs --lookahead, got {args.flat_share}.")
     if args.lookahead and args.on_policy_tokens != "model":
         raise ConfigError("--lookahead needs --on-policy-tokens model (a branch's target is drawn from the posterior).")
+    if args.name_weight <= 0:
+        raise ConfigError(f"--name-weight must be > 0, got {args.name_weight}.")
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():
         raise ConfigError(f"--init-from {args.init_from}: no checkpoint there (config.json missing).")
+
+
+def name_weights(targets: Tensor, name_ids: Tensor, factor: float) -> Tensor | None:
+    """(rows, L) loss factors: ``factor`` where the target is one of the task's names, 1 elsewhere; None at 1.
+
+    A name occurs in an answer only in the closing ``{name} has {r} {item} now.``, where it must be copied from the
+    question: one answer token in about 180, a signal too rare for v4 to learn the copy in 13,000 steps
+    (``scripts/commit_calibration.py``'s copy probe). The target there is certain, so weighting it changes how fast
+    the copy is learnt, not what the loss is minimised by."""
+    if factor == 1.0:
+        return None
+    return torch.where(torch.isin(targets, name_ids), factor, 1.0)
 
 
 def collect(model: Transformer, args: Any, step: int, encode: Any, layout: Layout) -> Visited:
@@ -275,6 +289,7 @@ def run(args: Any) -> int:
         write_checkpoint(exported(), tok, layout, out)
 
     encode, decode = text_codec(tok)
+    name_ids = torch.tensor([tok.token_to_id(n) for n in task.NAMES], device=device)  # (names,)
     validation = task.fixed_set("validation", args.eval_n) if args.eval_every else []
     progress = Progress(meta, args.steps, out)
     model.train()
@@ -298,7 +313,8 @@ def run(args: Any) -> int:
                 attn_mask=batch["attn_mask"],
                 logits_idx=answer_logits_idx(rows, layout, device),
             )  # (rows, answer_len, vocab)
-        loss = masked_loss(logits, batch["targets"], batch["loss_mask"], layout, batch["flat"])
+        weight = name_weights(batch["targets"], name_ids, args.name_weight)
+        loss = masked_loss(logits, batch["targets"], batch["loss_mask"], layout, batch["flat"], weight)
         optimizer_step(model, opt, loss)
         if ema is not None:
             ema.update(model, step, args.warmup)
