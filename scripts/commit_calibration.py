@@ -140,7 +140,8 @@ def judge(model: Transformer, problems: list[task.Problem], encode, decode, layo
 @torch.no_grad()
 def copy_probe(model: Transformer, problems: list[task.Problem], encode, tok_id, layout: Layout) -> dict:  # noqa: ANN001
     """Mean probability of the right name, and of the right item, at the closing ``{name} has {r} {item} now.`` of
-    the reference answers that end with it, every other answer position given (module docstring)."""
+    the reference answers that end with it, every other answer position given (module docstring); ``any_name``: the
+    mean probability of all the task's names together at the name's position."""
     chosen = [p for p in problems if task.CLOSINGS[p.wording[-1]].startswith("{name}")]
     if not chosen:
         return {"problems": 0}
@@ -158,6 +159,9 @@ def copy_probe(model: Transformer, problems: list[task.Problem], encode, tok_id,
             want.append(t)
         probs = model(x, positions, attn_mask=block_causal_mask(valid, layout), logits_idx=idx).float().softmax(-1)
         out[what] = sum(float(probs[r, k, t]) for r, (k, t) in enumerate(zip(where, want, strict=True))) / len(chosen)
+        if what == "name":
+            names = torch.tensor([tok_id(n) for n in task.NAMES])
+            out["any_name"] = sum(float(probs[r, k, names].sum()) for r, k in enumerate(where)) / len(chosen)
     return out
 
 
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = copy_probe(ckpt.model.eval(), problems, encode, tok.token_to_id, layout)
         print(
             f"\n{path}: copy probe on {probe['problems']} reference answers: p(right name) "
-            f"{probe.get('name', float('nan')):.3f}, p(right item) {probe.get('item', float('nan')):.3f}"
+            f"{probe.get('name', float('nan')):.3f} (p(any name) {probe.get('any_name', float('nan')):.3f}), "
+            f"p(right item) {probe.get('item', float('nan')):.3f}"
         )
         for tau in args.tau:
             r = judge(ckpt.model, problems, encode, decode, layout, tau) | {"copy_probe": probe}

@@ -108,4 +108,5 @@ def test_main_prints_the_tables_and_one_json_line(capsys) -> None:  # noqa: ANN0
     for r in result:
         assert sum(b["fills"] for b in r["bins"]) > 0 and r["live_but_wrong"] == 0 and r["wrong_name"] <= r["named"]
         assert r["copy_probe"]["problems"] > 0 and r["copy_probe"]["item"] > 0.5  # the probe masks the right spot
+        assert r["copy_probe"]["name"] <= r["copy_probe"]["any_name"] <= 1.0 + 1e-6  # the right name is one of them
         assert sum(r["fatal"].values()) + r["died_scored_right"] == round(r["died"] * r["n"])

@@ -107,8 +107,8 @@ def test_the_trainer_weights_the_name_in_its_loss(tmp_path: Path) -> None:
     losses = {}
     for w in ("1", "20"):
         out = tmp_path / f"w{w}"
-        micro = [*MICRO[: MICRO.index("--batch")], "--batch", "32", *MICRO[MICRO.index("--batch") + 2 :]]
-        assert main(["train", "--steps", "20", "--out", str(out), "--name-weight", w, *micro]) == 0
+        batch32 = [*MICRO, "--batch", "32"]  # the later --batch wins
+        assert main(["train", "--steps", "20", "--out", str(out), "--name-weight", w, *batch32]) == 0
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         losses[w] = log[-1]["loss"]
     assert math.isfinite(losses["1"]) and losses["20"] > losses["1"] * 1.01, losses
