@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from lopa import LLM
+from lopa.config import DecodeConfig
 from lopa.engine.output import Completion
 from lopa.tiny import task
 from lopa.tiny.bench_sweep import variants
@@ -89,9 +90,9 @@ def replay(out: Completion, phrasings: Phrasings, end_id: int, room: int, block_
     return {"died": died, "contested": contested, "dead_picks": dead_picks}
 
 
-def audit(llm: LLM, problems: list[task.Problem], name: str, end_id: int, encode, decode) -> dict:  # noqa: ANN001
-    """Decode ``problems`` with the bench's decoder ``name`` (traced) and replay every answer."""
-    cfg = variants(32, 64)[name].replace(trace=True).validate()  # the bench's row, traced
+def audit(llm: LLM, problems: list[task.Problem], row: DecodeConfig, end_id: int, encode, decode) -> dict:  # noqa: ANN001
+    """Decode ``problems`` with one of the bench's rows (``row``, traced) and replay every answer."""
+    cfg = row.replace(trace=True).validate()
     outs = llm.generate([q.prompt for q in problems], cfg, raw=True)
     room = cfg.max_new_tokens
     rows = [
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.models:
         llm = LLM(str(path), device="cpu")
         for name in args.decoders:
-            r = audit(llm, problems, name, end_id, encode, decode)
+            r = audit(llm, problems, known[name], end_id, encode, decode)
             results[f"{path} {name}"] = r
             print(
                 f"| {path} | {name} | {100 * r['exact']:.1f} / {100 * r['wellformed']:.1f}, {r['tpf']:.2f} | "
