@@ -47,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "fill at a j-th most confident position, j <= K); branches no answer agrees with get a flat target (0 = off)",
     )
     p.add_argument(
+        "--lopa-trajectories",
+        action="store_true",
+        help="dream, with --lookahead K: a third of the visited problems follow LoPA over threshold with K branches, "
+        "and every candidate its verification sees is a training state (lopa.tiny.lookahead_trajectory)",
+    )
+    p.add_argument(
         "--flat-share",
         type=float,
         default=0.0,

@@ -70,10 +70,16 @@ def run(args: Any) -> int:
         raise ConfigError("--average-from is for the Dream model; the block model exports an EMA (--ema).")
     if args.workers:
         raise ConfigError("--workers is for the Dream model; the block model builds its batches in-process.")
-    if args.on_policy_tokens != "reference" or args.visit_window or args.lookahead or args.flat_share:
+    if (
+        args.on_policy_tokens != "reference"
+        or args.visit_window
+        or args.lookahead
+        or args.flat_share
+        or args.lopa_trajectories
+    ):
         raise ConfigError(
-            "--on-policy-tokens, --visit-window, --lookahead and --flat-share are for the Dream model; the block model "
-            "trains on random rows only."
+            "--on-policy-tokens, --visit-window, --lookahead, --lopa-trajectories and --flat-share are for the Dream "
+            "model; the block model trains on random rows only."
         )
     if args.init_from:
         raise ConfigError("--init-from is for the Dream model.")

@@ -4,7 +4,8 @@ Objective (D2F style, see ``lopa.tiny.data``): block-wise masks whose ratios nev
 block-causal attention layout matching the block decoders, cross-entropy on masked answer positions with
 Dream's shifted logits. From ``--on-policy-from`` on, a fraction ``--on-policy`` of every batch is drawn from the
 states the model's own threshold and D2F decoding visit, filled with the reference answer's tokens or
-(``--on-policy-tokens model``) with the model's own and posterior targets (``lopa.tiny.trajectory``), re-collected
+(``--on-policy-tokens model``) with the model's own and posterior targets (``lopa.tiny.trajectory``; with
+``--lopa-trajectories`` also LoPA's own, ``lopa.tiny.lookahead_trajectory``), re-collected
 every ``VISIT_EVERY`` steps with the current weights. An exponential
 moving average of the weights (``--ema``) is what is validated and exported; the best validation so far is also
 written to ``DIR/best``.
@@ -46,6 +47,7 @@ from lopa.tiny import task
 from lopa.tiny.batches import complete, random_row_stream, visited_rows
 from lopa.tiny.data import Layout, answer_logits_idx, encode_rows, masked_loss
 from lopa.tiny.evaluate import score
+from lopa.tiny.lookahead_trajectory import visit_lookahead
 from lopa.tiny.posterior import Phrasings
 from lopa.tiny.train_loop import Ema, Progress, device_for, optimizer, optimizer_step, step_sources, text_codec
 from lopa.tiny.trajectory import Visited, visit
@@ -57,6 +59,7 @@ ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_siz
 RUN_KEYS = (
     "steps", "lr", "warmup", "weight_decay", "ema", "average_from", "init_from",
     "on_policy", "on_policy_from", "on_policy_tokens", "visit_window", "lookahead", "flat_share", "name_weight",
+    "lopa_trajectories",
 )  # fmt: skip
 STATE_DIR = "train_state"
 AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
@@ -216,6 +219,8 @@ def check_args(args: Any) -> None:
         raise ConfigError(f"--flat-share must be in [0, 1) and needs --lookahead, got {args.flat_share}.")
     if args.lookahead and args.on_policy_tokens != "model":
         raise ConfigError("--lookahead needs --on-policy-tokens model (a branch's target is drawn from the posterior).")
+    if args.lopa_trajectories and not args.lookahead:
+        raise ConfigError("--lopa-trajectories needs --lookahead K (the number of branches LoPA verifies).")
     if args.name_weight <= 0:
         raise ConfigError(f"--name-weight must be > 0, got {args.name_weight}.")
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():
@@ -236,17 +241,25 @@ def name_weights(targets: Tensor, name_ids: Tensor, factor: float) -> Tensor | N
 
 def collect(model: Transformer, args: Any, step: int, encode: Any, layout: Layout) -> Visited:
     """The visited states of a batch's worth (``--batch``) of training problems drawn from (seed, step): half of them
-    filled in threshold order, half in D2F's (a trained model visits about 22 states per problem)."""
+    filled in threshold order, half in D2F's (a trained model visits about 22 states per problem). With
+    ``--lopa-trajectories`` a third go each way, and the last third follows LoPA over threshold with ``--lookahead``
+    branches, every verified candidate recorded (``lopa.tiny.lookahead_trajectory``)."""
     rng, _ = step_sources(args.seed + 7919, step)
     problems = [task.sample(rng, "train") for _ in range(args.batch)]
-    half = args.batch // 2
+    lopa = args.lopa_trajectories
+    cut = [0, args.batch // 3, 2 * args.batch // 3, args.batch] if lopa else [0, args.batch // 2, args.batch]
     pools = []
-    for chunk, order in ((problems[:half], "threshold"), (problems[half:], "d2f")):
+    for i, order in enumerate(("threshold", "d2f", "lopa")[: len(cut) - 1]):
+        chunk = problems[cut[i] : cut[i + 1]]
+        rows = encode_rows(chunk, encode, layout)
         own: dict[str, Any] = {}  # --on-policy-tokens model: the model's tokens, posterior targets
         if args.on_policy_tokens == "model":
             own = {"phrasings": [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in chunk], "rng": rng}
+        if order == "lopa":
+            pools.append(visit_lookahead(model, *rows, layout, args.lookahead, **own))
+            continue
+        if own:
             own["lookahead"] = args.lookahead
-        rows = encode_rows(chunk, encode, layout)
         pools.append(visit(model, *rows, layout, order, window_attention=args.visit_window, **own))
     return Visited.merge(pools)
 

@@ -32,6 +32,8 @@ filled state is recorded too (one more token, the model's own, at a j-th most co
 branch that no phrasing agrees with is trained toward a flat distribution, so that LoPA's verification, which keeps
 the branch whose remaining positions are surest, can tell it from a branch that still has an answer.
 
+``lopa.tiny.lookahead_trajectory`` records LoPA's own trajectory instead: every candidate its verification sees.
+
 A :class:`Visited` pool holds the states of one batch of trajectories; training rows are drawn from it by
 :func:`visited_batch` with the same row layout, attention and loss as ``lopa.tiny.data.training_batch``.
 """
@@ -108,7 +110,7 @@ def confidence(
     return logits.softmax(-1).max(-1)
 
 
-def _top1(conf: Tensor, allowed: Tensor) -> Tensor:
+def top1(conf: Tensor, allowed: Tensor) -> Tensor:
     """(rows, n) bool: the most confident allowed position of each row that has one (lower position on ties)."""
     scored = torch.where(allowed, conf, torch.full_like(conf, -1.0))
     pick = torch.zeros_like(allowed)
@@ -161,7 +163,7 @@ def visit(
     full = present.clone()  # fully activated (d2f); the threshold order has one block, always full
     end_seen = torch.zeros(rows, dtype=torch.bool, device=device)
     windowed = window_attention and order == "d2f"
-    states = _States()
+    states = States()
     for _ in range(layout.answer_len + nb):
         masked = ids[:, p:] == layout.mask_id  # (rows, answer_len)
         left = (masked[:, None, :] & blocks[None]).sum(-1)  # (rows, nb) masked positions per block
@@ -187,7 +189,7 @@ def visit(
         window = present[active] & windowed  # (n, nb)
         drawn = None
         if phrasings is not None:  # this state's target: a draw from the posterior given its fixed positions
-            answers = [_draw(phrasings[r], ids[r, p:], layout, rng) for r in active.tolist()]
+            answers = [draw_target(phrasings[r], ids[r, p:], layout, rng) for r in active.tolist()]
             drawn = torch.cat([clean[active, :p], torch.tensor(answers, device=device)], 1)  # (n, L)
         states.add(active, masked[active], window, drawn)
         seen = open_window(attn[active], window, layout) if windowed else attn[active]
@@ -196,11 +198,11 @@ def visit(
         for b in range(nb):
             in_b = blocks[b][None] & open_pos[active]  # (n, answer_len)
             need = full[active, b] & ~(fill & in_b).any(1)  # a full block that filled nothing
-            fill |= _top1(conf, in_b) & need[:, None]
+            fill |= top1(conf, in_b) & need[:, None]
         if phrasings is None:
             ids[active, p:] = torch.where(fill, target[active], ids[active, p:])
         else:
-            ids[active, p:] = _own_fill(phrasings, active, ids[active, p:], fill, tok, drawn[:, p:], layout)
+            ids[active, p:] = own_fill(phrasings, active, ids[active, p:], fill, tok, drawn[:, p:], layout)
             if lookahead:
                 rest = open_pos[active] & ~fill  # (n, answer_len) still masked in the window
                 _branch_states(states, phrasings, active, ids[active], rest, conf, tok, window, lookahead, layout, rng)
@@ -209,7 +211,7 @@ def visit(
     return states.pool(clean, positions, valid, own=phrasings is not None)
 
 
-class _States:
+class States:
     """The states :func:`visit` records, collected as per-forward chunks."""
 
     def __init__(self) -> None:
@@ -237,7 +239,7 @@ class _States:
 
 
 def _branch_states(
-    states: _States,
+    states: States,
     phrasings: list[Phrasings],
     active: Tensor,
     filled: Tensor,
@@ -288,14 +290,16 @@ def fixed_positions(answer: Tensor, layout: Layout) -> list[int]:
     return [FREE if t == layout.mask_id else t for t in answer.tolist()]
 
 
-def _draw(phrasings: Phrasings, answer: Tensor, layout: Layout, rng: random.Random) -> list[int]:
+def draw_target(phrasings: Phrasings, answer: Tensor, layout: Layout, rng: random.Random) -> list[int]:
+    """A phrasing (answer_len ids) drawn from the posterior given ``answer``'s fixed positions; a state that no
+    phrasing agrees with is refused (``ValueError``)."""
     drawn = phrasings.sample(fixed_positions(answer, layout), rng)
     if drawn is None:  # the fills below keep every state consistent, so only a foreign start gets here
         raise ValueError("a visited state agrees with no phrasing of its problem")
     return drawn
 
 
-def _own_fill(
+def own_fill(
     phrasings: list[Phrasings], active: Tensor, answer: Tensor, fill: Tensor, tok: Tensor, drawn: Tensor, layout: Layout
 ) -> Tensor:
     """(n, answer_len) answers after a forward: the model's tokens where they still fit some phrasing, else the

@@ -20,6 +20,7 @@ from lopa.tiny.posterior import Phrasings
 from lopa.tiny.train import model_config
 from lopa.tiny.trajectory import Visited, visit, visited_batch
 from lopa.tiny.vocab import build_tokenizer, special_ids
+from tests.support.wordings import all_answers
 
 THRESHOLD = 0.82
 
@@ -151,12 +152,8 @@ def _own_token_pool(model: Transformer, layout: Layout, problems: list[task.Prob
 
 
 def _answers(p: task.Problem, encode, layout: Layout) -> torch.Tensor:  # noqa: ANN001
-    """(phrasings, answer_len) every phrasing of ``p`` as answer ids (text, end token, end/pad tail), enumerated."""
-    out = []
-    for w in task.all_wordings(p.num_ops):
-        ids = encode(" " + task.render(p, w)) + [layout.end_id]
-        out.append(ids + [layout.end_id] * (layout.answer_len - len(ids)))
-    return torch.tensor(out)
+    """(phrasings, answer_len) every phrasing of ``p`` as answer ids, enumerated (``tests.support.wordings``)."""
+    return torch.tensor(all_answers(p, encode, layout.end_id, layout.answer_len))
 
 
 @pytest.mark.parametrize("weights", ["bundled", "random"])
