@@ -8,8 +8,8 @@
 # Steps: env (nvidia-smi, torch, CUDA), calibrate (both seeds for CAL steps, on-policy collection included, to
 # measure steps per second with both sharing the GPU), train (both seeds with --steps sized to the budget: 85 % of
 # it at the calibrated rate, the rest for validation and saves; the LR schedule spans exactly those steps; with
-# TINY_GPU_STAGE2 the steps are split and each seed's second stage starts from its first stage's best), pack
-# (OUTDIR/seed<N>.tar.gz: runs/gpu-s<N> (and runs/gpu2-s<N>) with the final and best checkpoints, train_log.jsonl
+# TINY_GPU_STAGE2 (and TINY_GPU_STAGE3) the steps are split and each seed's next stage starts from its previous
+# stage's best), pack (OUTDIR/seed<N>.tar.gz: runs/gpu-s<N> (and runs/gpu2-s<N>, runs/gpu3-s<N>) with the final and best checkpoints, train_log.jsonl
 # and state.json, never the optimiser state, plus the seed's logs) and summary (scripts/training_curves.py and the trainer's own test
 # score of each seed, and scripts/decoding_order.py on each best save: threshold, confidence order and left to
 # right on the 600 test problems). OUTDIR/report.txt holds env, calibration and summary: three files in all.
@@ -19,7 +19,9 @@
 # stage: when set, each seed then trains again from its own stage-1 best save, `--init-from runs/gpu-s<N>/best`,
 # into runs/gpu2-s<N>, e.g. v4's stage 2: "--lr 2e-4 --warmup 100 --on-policy-from 0 --visit-window --lookahead 8"),
 # TINY_GPU_STAGE2_SHARE (the second stage's share of the steps and of the budget, default 0.385: v4's 5,000 of
-# 13,000). Exit status: 0 when every seed trained to its last step, 1 otherwise (what was saved is still packed), 2
+# 13,000), TINY_GPU_STAGE3 (flags of a third stage, from each seed's stage-2 best, `--init-from runs/gpu2-s<N>/best`,
+# into runs/gpu3-s<N>; needs TINY_GPU_STAGE2) and TINY_GPU_STAGE3_SHARE (default 0.13: v6's last stage, 2,000 of
+# 15,000 steps). Exit status: 0 when every seed trained to its last step, 1 otherwise (what was saved is still packed), 2
 # on bad usage or no CUDA device.
 # After copying back: tar xzf seed0.tar.gz, then `lopa bench --model runs/gpu-s0/best` (CPU) measures it.
 set -uo pipefail
@@ -36,6 +38,11 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ -n "$OUT" ] || { echo "train_tiny_gpu: OUTDIR is missing" >&2; exit 2; }
+S2="${TINY_GPU_STAGE2:-}" S3="${TINY_GPU_STAGE3:-}"
+if [ -n "${S3// /}" ] && [ -z "${S2// /}" ]; then
+    echo "train_tiny_gpu: TINY_GPU_STAGE3 needs TINY_GPU_STAGE2 (the third stage starts from the second's best)" >&2
+    exit 2
+fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT" || exit 2
@@ -51,6 +58,9 @@ EXTRA=(${TINY_GPU_ARGS:-})
 # shellcheck disable=SC2206
 STAGE2=(${TINY_GPU_STAGE2:-})
 SHARE="${TINY_GPU_STAGE2_SHARE:-0.385}"
+# shellcheck disable=SC2206
+STAGE3=(${TINY_GPU_STAGE3:-})
+SHARE3="${TINY_GPU_STAGE3_SHARE:-0.13}"
 RUNS="$ROOT/runs"
 CAL=400          # calibration steps (on-policy from step 100: four collections of visited states)
 ORDER_N=600      # test problems for scripts/decoding_order.py on each seed's best save
@@ -80,6 +90,7 @@ COMMON=(-m lopa train "${DEVICE[@]}" "${ARCH[@]}" --batch "$BATCH" --workers "$W
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
     echo "budget ${MINUTES} min of training, batch $BATCH, workers $WORKERS per seed, seeds $SEEDS, extra: ${EXTRA[*]}"
     [ ${#STAGE2[@]} -gt 0 ] && echo "stage 2 (share $SHARE): ${STAGE2[*]}"
+    [ ${#STAGE3[@]} -gt 0 ] && echo "stage 3 (share $SHARE3): ${STAGE3[*]}"
 } 2>&1 | tee "$OUT/report.txt"
 
 # calibrate: every seed for CAL steps at once, the same flags as the real run
@@ -90,12 +101,14 @@ for s in $SEEDS; do
 done
 wait
 [ ${#STAGE2[@]} -gt 0 ] || SHARE=0
-SIZED=$("$PY" - "$RUNS" "$MINUTES" "$CAL" "$SHARE" $SEEDS 2>&1 <<'EOF'
+[ ${#STAGE3[@]} -gt 0 ] || SHARE3=0
+SIZED=$("$PY" - "$RUNS" "$MINUTES" "$CAL" "$SHARE" "$SHARE3" $SEEDS 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
-runs, minutes, cal, share, seeds = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
-if not 0 <= share < 1:
-    sys.exit(f"TINY_GPU_STAGE2_SHARE must be in [0, 1), got {share}")
+runs, minutes, cal = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+share, share3, seeds = float(sys.argv[4]), float(sys.argv[5]), sys.argv[6:]
+if not (0 <= share < 1 and 0 <= share3 < 1 and share + share3 < 1):
+    sys.exit(f"TINY_GPU_STAGE2_SHARE and TINY_GPU_STAGE3_SHARE must be in [0, 1) with a sum < 1, got {share}, {share3}")
 seconds = []
 for s in seeds:
     state = runs / f"cal-s{s}" / "train_state" / "state.json"
@@ -104,11 +117,10 @@ for s in seeds:
     meta = json.loads(state.read_text())
     seconds.append(meta["seconds"] / max(meta["step"], 1))
 per_step = max(seconds)  # the slowest seed sets the pace
-steps = int(0.85 * minutes * 60 / per_step)  # both stages (v4's two collect states at about the same rate)
-second = int(steps * share) // 100 * 100 if share else 0
-second = max(second, 100) if share else 0
-first = max(steps - second - (steps - second) % 100, 100)
-print(f"calibration: {per_step * 1000:.1f} ms per step with {len(seeds)} seeds side by side -> steps {first} {second} (of {steps})")
+steps = int(0.85 * minutes * 60 / per_step)  # all stages (their collections cost about the same per step)
+second, third = (max(int(steps * x) // 100 * 100, 100) if x else 0 for x in (share, share3))
+first = max(steps - second - third - (steps - second - third) % 100, 100)
+print(f"calibration: {per_step * 1000:.1f} ms per step with {len(seeds)} seeds side by side -> steps {first} {second} {third} (of {steps})")
 EOF
 ) || {
     echo "train_tiny_gpu: calibration failed: $SIZED" | tee -a "$OUT/report.txt" >&2
@@ -116,34 +128,41 @@ EOF
     exit 1
 }
 echo "$SIZED" | tee -a "$OUT/report.txt"
-read -r STEPS STEPS2 _ <<<"${SIZED##*steps }"
+read -r STEPS STEPS2 STEPS3 _ <<<"${SIZED##*steps }"
 
 # a run that overruns still leaves its best save
-LIMIT=$("$PY" -c "print(int($MINUTES * 60 * (1 - $SHARE) * 1.15 + 30))")
+LIMIT=$("$PY" -c "print(int($MINUTES * 60 * (1 - $SHARE - $SHARE3) * 1.15 + 30))")
 LIMIT2=$("$PY" -c "print(int($MINUTES * 60 * $SHARE * 1.15 + 30))")
+LIMIT3=$("$PY" -c "print(int($MINUTES * 60 * $SHARE3 * 1.15 + 30))")
 FAILED=0
 for s in $SEEDS; do
-    rm -rf "$RUNS/gpu-s$s" "$RUNS/gpu2-s$s" "$RUNS/train2-s$s.log"
+    rm -rf "$RUNS/gpu-s$s" "$RUNS/gpu2-s$s" "$RUNS/gpu3-s$s" "$RUNS/train2-s$s.log" "$RUNS/train3-s$s.log"
     timeout --kill-after=5 "$LIMIT" "$PY" "${COMMON[@]}" --seed "$s" --steps "$STEPS" "${EVAL[@]}" \
         --out "$RUNS/gpu-s$s" >"$RUNS/train-s$s.log" 2>&1 &
 done
 for job in $(jobs -p); do wait "$job" || FAILED=1; done
 STAGES=(gpu)
-if [ "$STEPS2" -gt 0 ]; then  # stage 2: each seed from its own stage-1 best save
-    STAGES+=(gpu2)
+# stage N (2 or 3): each seed from its own previous stage's best save; args: N STEPS LIMIT FLAGS...
+later_stage() {
+    local n="$1" steps="$2" limit="$3" from="gpu"
+    shift 3
+    [ "$n" -gt 2 ] && from="gpu$((n - 1))"
+    STAGES+=("gpu$n")
     for s in $SEEDS; do
-        [ -d "$RUNS/gpu-s$s/best" ] || { FAILED=1; continue; }
-        timeout --kill-after=5 "$LIMIT2" "$PY" "${COMMON[@]}" --seed "$s" --steps "$STEPS2" "${EVAL[@]}" \
-            --init-from "$RUNS/gpu-s$s/best" "${STAGE2[@]}" --out "$RUNS/gpu2-s$s" >"$RUNS/train2-s$s.log" 2>&1 &
+        [ -d "$RUNS/$from-s$s/best" ] || { FAILED=1; continue; }
+        timeout --kill-after=5 "$limit" "$PY" "${COMMON[@]}" --seed "$s" --steps "$steps" "${EVAL[@]}" \
+            --init-from "$RUNS/$from-s$s/best" "$@" --out "$RUNS/gpu$n-s$s" >"$RUNS/train$n-s$s.log" 2>&1 &
     done
     for job in $(jobs -p); do wait "$job" || FAILED=1; done
-fi
+}
+[ "$STEPS2" -gt 0 ] && later_stage 2 "$STEPS2" "$LIMIT2" "${STAGE2[@]}"
+[ "$STEPS3" -gt 0 ] && later_stage 3 "$STEPS3" "$LIMIT3" "${STAGE3[@]}"
 
 for s in $SEEDS; do
     [ -d "$RUNS/gpu-s$s" ] || { FAILED=1; continue; }
     packed=()
     for stage in "${STAGES[@]}"; do [ -d "$RUNS/$stage-s$s" ] && packed+=("$stage-s$s"); done
-    [ "$STEPS2" -gt 0 ] && [ -f "$RUNS/train2-s$s.log" ] && packed+=("train2-s$s.log")
+    for n in 2 3; do [ -f "$RUNS/train$n-s$s.log" ] && packed+=("train$n-s$s.log"); done
     tar czf "$OUT/seed$s.tar.gz" -C "$RUNS" --exclude="*/train_state/*.safetensors" "${packed[@]}" \
         "calibrate-s$s.log" "train-s$s.log"
 done
@@ -160,7 +179,7 @@ done
     [ ${#BEST[@]} -gt 0 ] && timeout 120 "$PY" scripts/decoding_order.py "${BEST[@]}" --n "$ORDER_N" \
         --device "$ORDER_DEVICE" 2>&1 | grep -v '^{'
     for s in $SEEDS; do
-        for log in "$RUNS/train-s$s.log" "$RUNS/train2-s$s.log"; do
+        for log in "$RUNS/train-s$s.log" "$RUNS/train2-s$s.log" "$RUNS/train3-s$s.log"; do
             [ -f "$log" ] || continue
             echo "seed $s, $(basename "$log" .log):"
             grep -aE "^(test|done|stopped|Traceback|.*Error)" "$log"

@@ -1,6 +1,6 @@
 """scripts/train_tiny_gpu.sh: its CPU rehearsal calibrates, trains both seeds to the sized step count (and a second
-stage from each seed's own best save) and packs checkpoints that load; bad usage and a machine without CUDA get a
-clear refusal."""
+and a third stage, each from the seed's own previous best save) and packs checkpoints that load; bad usage, a
+third stage without a second and a machine without CUDA get a clear refusal."""
 
 from __future__ import annotations
 
@@ -29,35 +29,38 @@ def _run(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedPro
 
 
 STAGE2 = "--lr 5e-4 --warmup 10 --on-policy-from 0 --on-policy-tokens model --visit-window --lookahead 2"
+STAGE3 = "--lr 1e-4 --warmup 10 --on-policy-from 0 --on-policy-tokens model --lookahead 2 --lopa-trajectories"
 
 
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
-def test_dry_run_trains_both_seeds_in_two_stages_to_the_calibrated_steps_and_packs_loadable_checkpoints(
+def test_dry_run_trains_both_seeds_in_three_stages_to_the_calibrated_steps_and_packs_loadable_checkpoints(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "out"
-    proc = _run(tmp_path, "--dry-run", str(out), TINY_GPU_STAGE2=STAGE2, TINY_GPU_STAGE2_SHARE="0.4")
+    shares = {"TINY_GPU_STAGE2_SHARE": "0.4", "TINY_GPU_STAGE3_SHARE": "0.2"}
+    proc = _run(tmp_path, "--dry-run", str(out), TINY_GPU_STAGE2=STAGE2, TINY_GPU_STAGE3=STAGE3, **shares)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = (out / "report.txt").read_text()
     sized = report.split("calibration: ")[1].split("steps ")[1].split()
-    steps, steps2, total = int(sized[0]), int(sized[1]), int(sized[3].rstrip(")"))
-    assert steps >= 100 and steps % 100 == 0 and steps2 >= 100 and steps2 % 100 == 0
-    assert steps2 == max(100, int(total * 0.4) // 100 * 100) and steps + steps2 <= max(total, 200)  # the share
+    steps, steps2, steps3, total = int(sized[0]), int(sized[1]), int(sized[2]), int(sized[4].rstrip(")"))
+    assert all(n >= 100 and n % 100 == 0 for n in (steps, steps2, steps3))
+    assert steps2 == max(100, int(total * 0.4) // 100 * 100) and steps3 == max(100, int(total * 0.2) // 100 * 100)
+    assert steps + steps2 + steps3 <= max(total, 300)  # the shares
     assert report.rstrip().endswith("exit 0")
-    assert "left-to-right: exact / well-formed" in report  # scripts/decoding_order.py on all four best saves
-    assert "/gpu-s1/best |" in report and "/gpu2-s1/best |" in report
+    assert "left-to-right: exact / well-formed" in report  # scripts/decoding_order.py on all six best saves
+    assert all(f"/{stage}-s1/best |" in report for stage in ("gpu", "gpu2", "gpu3"))
     for seed in (0, 1):
         unpacked = tmp_path / f"unpacked{seed}"
         with tarfile.open(out / f"seed{seed}.tar.gz") as tar:
             names = tar.getnames()
-            for log in ("train", "train2", "calibrate"):
+            for log in ("train", "train2", "train3", "calibrate"):
                 assert f"{log}-s{seed}.log" in names
-            for stage in ("gpu", "gpu2"):
+            for stage in ("gpu", "gpu2", "gpu3"):
                 assert f"{stage}-s{seed}/best/model.safetensors" in names
                 state_files = [n for n in names if n.startswith(f"{stage}-s{seed}/train_state/")]
                 assert state_files == [f"{stage}-s{seed}/train_state/state.json"]  # never weights, optimiser or EMA
             tar.extractall(unpacked, filter="data")
-        for stage, n in (("gpu", steps), ("gpu2", steps2)):
+        for stage, n in (("gpu", steps), ("gpu2", steps2), ("gpu3", steps3)):
             run = unpacked / f"{stage}-s{seed}"
             state = json.loads((run / "train_state" / "state.json").read_text())
             assert state["step"] == n and state["args"]["seed"] == seed and state["args"]["workers"] == 1
@@ -67,12 +70,17 @@ def test_dry_run_trains_both_seeds_in_two_stages_to_the_calibrated_steps_and_pac
         second = json.loads((unpacked / f"gpu2-s{seed}" / "train_state" / "state.json").read_text())["args"]
         assert second["init_from"].endswith(f"gpu-s{seed}/best")  # each seed from its own stage-1 save
         assert second["lookahead"] == 2 and second["visit_window"] and second["lr"] == 5e-4
+        third = json.loads((unpacked / f"gpu3-s{seed}" / "train_state" / "state.json").read_text())["args"]
+        assert third["init_from"].endswith(f"gpu2-s{seed}/best")  # from its own stage-2 save
+        assert third["lopa_trajectories"] and third["lr"] == 1e-4 and not third["visit_window"]
 
 
 def test_refuses_bad_usage_and_a_machine_without_cuda(tmp_path: Path) -> None:
     proc = _run(tmp_path)
     assert proc.returncode == 2 and "OUTDIR is missing" in proc.stderr
     assert _run(tmp_path, "--bogus", str(tmp_path / "o")).returncode == 2
+    proc = _run(tmp_path, "--dry-run", str(tmp_path / "o"), TINY_GPU_STAGE3=STAGE3)
+    assert proc.returncode == 2 and "TINY_GPU_STAGE3 needs TINY_GPU_STAGE2" in proc.stderr
     if not torch.cuda.is_available():
         proc = _run(tmp_path, str(tmp_path / "o"))
         assert proc.returncode == 2 and "--dry-run" in proc.stderr
