@@ -36,7 +36,7 @@ from torch import Tensor
 from lopa.model.transformer import Transformer
 from lopa.tiny.data import Layout, block_causal_mask
 from lopa.tiny.posterior import Phrasings
-from lopa.tiny.trajectory import States, Visited, confidence, draw_target, fixed_positions, own_fill, top1
+from lopa.tiny.trajectory import States, Visited, branch_target, confidence, draw_target, own_fill, top1
 
 
 @torch.no_grad()
@@ -105,10 +105,9 @@ def visit_lookahead(
         c_masked = cand[:, p:] == layout.mask_id
         targets, flat = [], []
         for j, r in enumerate(rows_of.tolist()):
-            sample = phrasings[r].sample(fixed_positions(cand[j, p:], layout), rng)
-            flat.append(sample is None)
-            own = cand[j] if sample is None else torch.cat([clean[r, :p], torch.tensor(sample, device=device)])
-            targets.append(own)
+            target, is_flat = branch_target(phrasings[r], cand[j], layout, rng)
+            targets.append(target)
+            flat.append(is_flat)
         flat_t = torch.tensor(flat, device=device)
         states.add(rows_of, c_masked, _no_window(len(owner), layout, device), torch.stack(targets), flat_t)
         scores = _scores(c_conf, cand[:, p:], layout)  # (m,)

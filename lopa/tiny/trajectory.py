@@ -266,12 +266,11 @@ def _branch_states(
         pos = int(ranked.indices[i, rng.randint(1, min(lookahead, n_left)) - 1])
         branch = filled[i].clone()  # (L,)
         branch[p + pos] = tok[i, pos]
-        fixed = fixed_positions(branch[p:], layout)
-        drawn = phrasings[r].sample(fixed, rng)
+        target, flat = branch_target(phrasings[r], branch, layout, rng)
         keep.append(i)
         branches.append(branch)
-        flats.append(drawn is None)
-        targets.append(branch if drawn is None else torch.cat([branch[:p], torch.tensor(drawn, device=branch.device)]))
+        flats.append(flat)
+        targets.append(target)
     if not keep:
         return
     pick = torch.tensor(keep, device=active.device)
@@ -288,6 +287,15 @@ def _branch_states(
 def fixed_positions(answer: Tensor, layout: Layout) -> list[int]:
     """An answer (answer_len,) as ``Phrasings`` takes it: its tokens, with ``posterior.FREE`` where it is masked."""
     return [FREE if t == layout.mask_id else t for t in answer.tolist()]
+
+
+def branch_target(phrasings: Phrasings, row: Tensor, layout: Layout, rng: random.Random) -> tuple[Tensor, bool]:
+    """A candidate row's (L,) training target and whether it is ``flat``: the row's prompt plus a phrasing drawn from
+    the posterior given its fixed answer positions, or, when no phrasing agrees with it, the row itself (flat)."""
+    drawn = phrasings.sample(fixed_positions(row[layout.max_prompt :], layout), rng)
+    if drawn is None:
+        return row, True
+    return torch.cat([row[: layout.max_prompt], torch.tensor(drawn, device=row.device)]), False
 
 
 def draw_target(phrasings: Phrasings, answer: Tensor, layout: Layout, rng: random.Random) -> list[int]:
