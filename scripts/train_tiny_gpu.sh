@@ -9,19 +9,21 @@
 # measure steps per second with both sharing the GPU), train (both seeds with --steps sized to the budget: 85 % of
 # it at the calibrated rate, the rest for validation and saves; the LR schedule spans exactly those steps; with
 # TINY_GPU_STAGE2 (and TINY_GPU_STAGE3) the steps are split and each seed's next stage starts from its previous
-# stage's best), pack (OUTDIR/seed<N>.tar.gz: runs/gpu-s<N> (and runs/gpu2-s<N>, runs/gpu3-s<N>) with the final and best checkpoints, train_log.jsonl
+# stage's best or final save), pack (OUTDIR/seed<N>.tar.gz: runs/gpu-s<N> (and runs/gpu2-s<N>, runs/gpu3-s<N>) with the final and best checkpoints, train_log.jsonl
 # and state.json, never the optimiser state, plus the seed's logs) and summary (scripts/training_curves.py and the trainer's own test
 # score of each seed, and scripts/decoding_order.py on each best save: threshold, confidence order and left to
 # right on the 600 test problems). OUTDIR/report.txt holds env, calibration and summary: three files in all.
 # Settings (environment): TINY_GPU_MINUTES (training budget, default 6), TINY_GPU_BATCH (default 128),
 # TINY_GPU_WORKERS (row-building processes per seed, default 3), TINY_GPU_SEEDS (default "0 1"),
 # TINY_GPU_ARGS (more `lopa train` flags, e.g. "--hidden 192 --lr 1e-3"), TINY_GPU_STAGE2 (flags of a second
-# stage: when set, each seed then trains again from its own stage-1 best save, `--init-from runs/gpu-s<N>/best`,
+# stage: when set, each seed then trains again from its own stage-1 best save, `--init-from runs/gpu-s<N>/best`
+# (or its final one, TINY_GPU_STAGE2_FROM),
 # into runs/gpu2-s<N>, e.g. v4's stage 2: "--lr 2e-4 --warmup 100 --on-policy-from 0 --visit-window --lookahead 8"),
 # TINY_GPU_STAGE2_SHARE (the second stage's share of the steps and of the budget, default 0.385: v4's 5,000 of
 # 13,000), TINY_GPU_STAGE3 (flags of a third stage, from each seed's stage-2 best, `--init-from runs/gpu2-s<N>/best`,
 # into runs/gpu3-s<N>; needs TINY_GPU_STAGE2) and TINY_GPU_STAGE3_SHARE (default 0.13: v6's last stage, 2,000 of
-# 15,000 steps). Exit status: 0 when every seed trained to its last step, 1 otherwise (what was saved is still packed), 2
+# 15,000 steps), TINY_GPU_STAGE2_FROM and TINY_GPU_STAGE3_FROM (which save of the stage before a later stage
+# starts from: best, the default, or final, the run's last export after the whole schedule). Exit status: 0 when every seed trained to its last step, 1 otherwise (what was saved is still packed), 2
 # on bad usage or no CUDA device.
 # After copying back: tar xzf seed0.tar.gz, then `lopa bench --model runs/gpu-s0/best` (CPU) measures it.
 set -uo pipefail
@@ -43,6 +45,13 @@ if [ -n "${S3// /}" ] && [ -z "${S2// /}" ]; then
     echo "train_tiny_gpu: TINY_GPU_STAGE3 needs TINY_GPU_STAGE2 (the third stage starts from the second's best)" >&2
     exit 2
 fi
+FROM2="${TINY_GPU_STAGE2_FROM:-best}" FROM3="${TINY_GPU_STAGE3_FROM:-best}"
+for from in "$FROM2" "$FROM3"; do
+    case "$from" in
+        best | final) ;;
+        *) echo "train_tiny_gpu: TINY_GPU_STAGE2_FROM and TINY_GPU_STAGE3_FROM are best or final, got '$from'" >&2; exit 2 ;;
+    esac
+done
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT" || exit 2
@@ -89,8 +98,8 @@ COMMON=(-m lopa train "${DEVICE[@]}" "${ARCH[@]}" --batch "$BATCH" --workers "$W
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
     echo "budget ${MINUTES} min of training, batch $BATCH, workers $WORKERS per seed, seeds $SEEDS, extra: ${EXTRA[*]}"
-    [ ${#STAGE2[@]} -gt 0 ] && echo "stage 2 (share $SHARE): ${STAGE2[*]}"
-    [ ${#STAGE3[@]} -gt 0 ] && echo "stage 3 (share $SHARE3): ${STAGE3[*]}"
+    [ ${#STAGE2[@]} -gt 0 ] && echo "stage 2 (share $SHARE, from stage 1's $FROM2 save): ${STAGE2[*]}"
+    [ ${#STAGE3[@]} -gt 0 ] && echo "stage 3 (share $SHARE3, from stage 2's $FROM3 save): ${STAGE3[*]}"
 } 2>&1 | tee "$OUT/report.txt"
 
 # calibrate: every seed for CAL steps at once, the same flags as the real run
@@ -142,21 +151,24 @@ for s in $SEEDS; do
 done
 for job in $(jobs -p); do wait "$job" || FAILED=1; done
 STAGES=(gpu)
-# stage N (2 or 3): each seed from its own previous stage's best save; args: N STEPS LIMIT FLAGS...
+# stage N (2 or 3): each seed from its own previous stage's best or final save (SAVE: best or final);
+# args: N STEPS LIMIT SAVE FLAGS...
 later_stage() {
-    local n="$1" steps="$2" limit="$3" from="gpu"
-    shift 3
+    local n="$1" steps="$2" limit="$3" save="$4" from="gpu" init
+    shift 4
     [ "$n" -gt 2 ] && from="gpu$((n - 1))"
     STAGES+=("gpu$n")
     for s in $SEEDS; do
-        [ -d "$RUNS/$from-s$s/best" ] || { FAILED=1; continue; }
+        init="$RUNS/$from-s$s"
+        [ "$save" = best ] && init="$init/best"
+        [ -f "$init/model.safetensors" ] || { FAILED=1; continue; }
         timeout --kill-after=5 "$limit" "$PY" "${COMMON[@]}" --seed "$s" --steps "$steps" "${EVAL[@]}" \
-            --init-from "$RUNS/$from-s$s/best" "$@" --out "$RUNS/gpu$n-s$s" >"$RUNS/train$n-s$s.log" 2>&1 &
+            --init-from "$init" "$@" --out "$RUNS/gpu$n-s$s" >"$RUNS/train$n-s$s.log" 2>&1 &
     done
     for job in $(jobs -p); do wait "$job" || FAILED=1; done
 }
-[ "$STEPS2" -gt 0 ] && later_stage 2 "$STEPS2" "$LIMIT2" "${STAGE2[@]}"
-[ "$STEPS3" -gt 0 ] && later_stage 3 "$STEPS3" "$LIMIT3" "${STAGE3[@]}"
+[ "$STEPS2" -gt 0 ] && later_stage 2 "$STEPS2" "$LIMIT2" "$FROM2" "${STAGE2[@]}"
+[ "$STEPS3" -gt 0 ] && later_stage 3 "$STEPS3" "$LIMIT3" "$FROM3" "${STAGE3[@]}"
 
 for s in $SEEDS; do
     [ -d "$RUNS/gpu-s$s" ] || { FAILED=1; continue; }

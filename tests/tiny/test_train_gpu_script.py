@@ -1,6 +1,7 @@
 """scripts/train_tiny_gpu.sh: its CPU rehearsal calibrates, trains both seeds to the sized step count (and a second
-and a third stage, each from the seed's own previous best save) and packs checkpoints that load; bad usage, a
-third stage without a second and a machine without CUDA get a clear refusal."""
+and a third stage, each from the seed's own previous final or best save) and packs checkpoints that load; bad
+usage, a third stage without a second, an unknown save to start from and a machine without CUDA get a clear
+refusal."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_dry_run_trains_both_seeds_in_three_stages_to_the_calibrated_steps_and_p
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "out"
-    shares = {"TINY_GPU_STAGE2_SHARE": "0.4", "TINY_GPU_STAGE3_SHARE": "0.2"}
+    shares = {"TINY_GPU_STAGE2_SHARE": "0.4", "TINY_GPU_STAGE3_SHARE": "0.2", "TINY_GPU_STAGE2_FROM": "final"}
     proc = _run(tmp_path, "--dry-run", str(out), TINY_GPU_STAGE2=STAGE2, TINY_GPU_STAGE3=STAGE3, **shares)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = (out / "report.txt").read_text()
@@ -68,10 +69,10 @@ def test_dry_run_trains_both_seeds_in_three_stages_to_the_calibrated_steps_and_p
             for ckpt in (run, run / "best"):
                 assert sum(p.numel() for p in load_checkpoint(ckpt).model.parameters()) > 0
         second = json.loads((unpacked / f"gpu2-s{seed}" / "train_state" / "state.json").read_text())["args"]
-        assert second["init_from"].endswith(f"gpu-s{seed}/best")  # each seed from its own stage-1 save
+        assert second["init_from"].endswith(f"gpu-s{seed}")  # each seed from its own stage-1 final save
         assert second["lookahead"] == 2 and second["visit_window"] and second["lr"] == 5e-4
         third = json.loads((unpacked / f"gpu3-s{seed}" / "train_state" / "state.json").read_text())["args"]
-        assert third["init_from"].endswith(f"gpu2-s{seed}/best")  # from its own stage-2 save
+        assert third["init_from"].endswith(f"gpu2-s{seed}/best")  # from its own stage-2 best save (the default)
         assert third["lopa_trajectories"] and third["lr"] == 1e-4 and not third["visit_window"]
 
 
@@ -81,6 +82,8 @@ def test_refuses_bad_usage_and_a_machine_without_cuda(tmp_path: Path) -> None:
     assert _run(tmp_path, "--bogus", str(tmp_path / "o")).returncode == 2
     proc = _run(tmp_path, "--dry-run", str(tmp_path / "o"), TINY_GPU_STAGE3=STAGE3)
     assert proc.returncode == 2 and "TINY_GPU_STAGE3 needs TINY_GPU_STAGE2" in proc.stderr
+    proc = _run(tmp_path, "--dry-run", str(tmp_path / "o"), TINY_GPU_STAGE2=STAGE2, TINY_GPU_STAGE2_FROM="last")
+    assert proc.returncode == 2 and "best or final, got 'last'" in proc.stderr
     if not torch.cuda.is_available():
         proc = _run(tmp_path, str(tmp_path / "o"))
         assert proc.returncode == 2 and "--dry-run" in proc.stderr
