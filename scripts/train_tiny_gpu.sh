@@ -17,8 +17,8 @@
 # TINY_GPU_WORKERS (row-building processes per seed, default 3), TINY_GPU_SEEDS (default "0 1"),
 # TINY_GPU_ARGS (more `lopa train` flags, e.g. "--hidden 192 --lr 1e-3"), TINY_GPU_STAGE2 (flags of a second
 # stage: when set, each seed then trains again from its own stage-1 best save, `--init-from runs/gpu-s<N>/best`
-# (or its final one, TINY_GPU_STAGE2_FROM),
-# into runs/gpu2-s<N>, e.g. v4's stage 2: "--lr 2e-4 --warmup 100 --on-policy-from 0 --visit-window --lookahead 8"),
+# (or its final one, TINY_GPU_STAGE2_FROM), into runs/gpu2-s<N>, e.g. v4's stage 2: "--lr 2e-4 --warmup 100
+# --on-policy-from 0 --visit-window --lookahead 8"),
 # TINY_GPU_STAGE2_SHARE (the second stage's share of the steps and of the budget, default 0.385: v4's 5,000 of
 # 13,000), TINY_GPU_STAGE3 (flags of a third stage, from each seed's stage-2 best, `--init-from runs/gpu2-s<N>/best`,
 # into runs/gpu3-s<N>; needs TINY_GPU_STAGE2) and TINY_GPU_STAGE3_SHARE (default 0.13: v6's last stage, 2,000 of
@@ -42,16 +42,16 @@ done
 [ -n "$OUT" ] || { echo "train_tiny_gpu: OUTDIR is missing" >&2; exit 2; }
 S2="${TINY_GPU_STAGE2:-}" S3="${TINY_GPU_STAGE3:-}"
 if [ -n "${S3// /}" ] && [ -z "${S2// /}" ]; then
-    echo "train_tiny_gpu: TINY_GPU_STAGE3 needs TINY_GPU_STAGE2 (the third stage starts from the second's best)" >&2
+    echo "train_tiny_gpu: TINY_GPU_STAGE3 needs TINY_GPU_STAGE2 (the third stage starts from a save of the second)" >&2
     exit 2
 fi
-FROM2="${TINY_GPU_STAGE2_FROM:-best}" FROM3="${TINY_GPU_STAGE3_FROM:-best}"
-for from in "$FROM2" "$FROM3"; do
-    case "$from" in
+for var in TINY_GPU_STAGE2_FROM TINY_GPU_STAGE3_FROM; do
+    case "${!var:-best}" in
         best | final) ;;
-        *) echo "train_tiny_gpu: TINY_GPU_STAGE2_FROM and TINY_GPU_STAGE3_FROM are best or final, got '$from'" >&2; exit 2 ;;
+        *) echo "train_tiny_gpu: $var is best or final, got '${!var}'" >&2; exit 2 ;;
     esac
 done
+FROM2="${TINY_GPU_STAGE2_FROM:-best}" FROM3="${TINY_GPU_STAGE3_FROM:-best}"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT" || exit 2
