@@ -74,6 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="dream: start from this checkpoint's weights (same architecture) instead of a random initialisation",
     )
+    p.add_argument(
+        "--ema-from-init",
+        action="store_true",
+        help="dream, with --init-from: the EMA starts at the start weights and averages from the first step (default: "
+        "it copies the weights through the warm-up, as from a random initialisation)",
+    )
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default: 4000)")
     p.add_argument("--until", type=int, default=0, help="stop after this step for now; rerun to resume (0 = --steps)")
     p.add_argument("--batch", type=int, default=32, help="problems per step (default: 32)")

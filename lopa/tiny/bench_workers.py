@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -62,6 +63,7 @@ def run_workers(
             base += [f"--{flag.replace('_', '-')}", str(value)]
     if args.enforce_eager:
         base.append("--enforce-eager")
+    previous = _exit_on_sigterm()  # a SIGTERM (kill, a job scheduler) unwinds through the cleanup below
     procs = [
         subprocess.Popen([*base, "--decoders", *group], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for group in groups
@@ -97,7 +99,7 @@ def run_workers(
                 raise LopaError(f"a bench worker process failed (exit {proc.returncode}); see its error above")
             record = json.loads(out.strip().splitlines()[-1])
             rows += [Row(**r) for r in record["rows"]]
-    finally:  # a failure or Ctrl-C leaves no worker behind
+    finally:  # a failure, Ctrl-C or SIGTERM leaves no worker behind
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
@@ -105,4 +107,18 @@ def run_workers(
         for t in relays:
             t.join(timeout=5)
         bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return rows
+
+
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM raise ``SystemExit(143)`` in the main thread (by default it ends the process at once, skipping
+    every ``finally``); returns the handler to restore, or None off the main thread (where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, _exit)

@@ -7,7 +7,8 @@ states the model's own threshold and D2F decoding visit, filled with the referen
 (``--on-policy-tokens model``) with the model's own and posterior targets (``lopa.tiny.trajectory``; with
 ``--lopa-trajectories`` also LoPA's own, ``lopa.tiny.lookahead_trajectory``), re-collected
 every ``VISIT_EVERY`` steps with the current weights. An exponential
-moving average of the weights (``--ema``) is what is validated and exported; the best validation so far is also
+moving average of the weights (``--ema``; with ``--ema-from-init`` it averages from ``--init-from``'s weights
+instead of copying through the warm-up) is what is validated and exported; the best validation so far is also
 written to ``DIR/best``.
 Random batches are a pure function of (seed, step) (``lopa.tiny.batches``; ``--workers`` processes build them
 ahead), the visited pool of (seed, step, weights), and the pool in use is saved with the state, so training is
@@ -59,7 +60,7 @@ ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_siz
 RUN_KEYS = (
     "steps", "lr", "warmup", "weight_decay", "ema", "average_from", "init_from",
     "on_policy", "on_policy_from", "on_policy_tokens", "visit_window", "lookahead", "flat_share", "name_weight",
-    "lopa_trajectories",
+    "lopa_trajectories", "ema_from_init",
 )  # fmt: skip
 STATE_DIR = "train_state"
 AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
@@ -200,6 +201,8 @@ def check_common_args(args: Any) -> None:
         raise ConfigError("--steps and --batch must be >= 1.")
     if not 0.0 <= args.ema < 1.0:
         raise ConfigError(f"--ema must be in [0, 1), got {args.ema}.")
+    if getattr(args, "ema_from_init", False) and not (args.init_from and args.ema):
+        raise ConfigError("--ema-from-init needs --init-from DIR and an EMA (--ema > 0).")
 
 
 def check_args(args: Any) -> None:
@@ -330,7 +333,7 @@ def run(args: Any) -> int:
         loss = masked_loss(logits, batch["targets"], batch["loss_mask"], layout, batch["flat"], weight)
         optimizer_step(model, opt, loss)
         if ema is not None:
-            ema.update(model, step, args.warmup)
+            ema.update(model, step, 0 if args.ema_from_init else args.warmup)
         record = progress.done(step, loss.item(), rows * layout.length, t0)
         if meta["step"] % args.save_every == 0 or meta["step"] == stop:
             regular = meta["step"] % args.save_every == 0 or meta["step"] == args.steps  # not an --until stop

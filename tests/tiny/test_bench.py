@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -168,6 +175,45 @@ def test_bench_workers_equal_one_process(tiny_ckpt, capsys):
     keys = ("accuracy", "wellformed", "tpf", "forwards", "agreement", "settings")
     assert [{k: r[k] for k in keys} for r in two["rows"]] == [{k: r[k] for k in keys} for r in one["rows"]]
     assert all("answers" not in r for r in one["rows"] + two["rows"])
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)": state, ppid, ...
+        if fields[1] == str(pid) and fields[0] != "Z":
+            kids.append(int(d.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process table from /proc")
+def test_bench_killed_with_sigterm_leaves_no_worker_behind(tiny_ckpt):
+    cmd = [sys.executable, "-m", "lopa", "bench", "--model", str(tiny_ckpt), "--n", "600", "--workers", "2"]
+    cmd += ["--threads", "1", "--decoders", "threshold", "d2f", "--json-only"]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(kids) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.2)
+            kids = _children(parent.pid)
+        assert len(kids) == 2, "the bench did not start its two workers"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{k}").exists() for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [k for k in kids if Path(f"/proc/{k}").exists()], "a worker outlived its bench"
+    finally:
+        parent.kill()
+        for k in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k, signal.SIGKILL)
 
 
 def _answers_row(name: str, answers: list[int | None]) -> Row:

@@ -206,6 +206,28 @@ def test_init_from_starts_from_the_checkpoints_weights_and_trains_with_branch_st
     assert 0 < drift < 1e-3  # two tiny steps away from the bundled weights, not from a random start
 
 
+def test_ema_from_init_averages_from_the_start_weights(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from safetensors.torch import load_file
+
+    c = load_checkpoint(BUNDLED).model.config
+    start = load_checkpoint(BUNDLED).model.state_dict()
+    arch = ["--hidden", str(c.hidden_size), "--layers", str(c.num_hidden_layers), "--heads", str(c.num_attention_heads)]
+    arch += ["--kv-heads", str(c.num_key_value_heads), "--intermediate", str(c.intermediate_size)]
+    base = ["train", "--steps", "1", "--init-from", str(BUNDLED), *arch, *MICRO[10:], "--lr", "1e-3", "--warmup", "5"]
+    for flag, out in (([], tmp_path / "copy"), (["--ema-from-init", "--ema", "0.5"], tmp_path / "avg")):
+        assert main([*base, "--out", str(out), *flag]) == 0
+    for name, start_share in (("copy", 0.0), ("avg", 0.5)):
+        raw = load_file(str(tmp_path / name / "train_state" / "weights.safetensors"))  # after the one step
+        exported = load_checkpoint(tmp_path / name).model.state_dict()
+        assert max(float((raw[k] - start[k]).abs().max()) for k in raw) > 1e-4  # the step moved the weights
+        for k, v in exported.items():  # in the warm-up: a copy by default; 0.5 * start + 0.5 * raw from the start
+            torch.testing.assert_close(v, start_share * start[k] + (1 - start_share) * raw[k], rtol=0, atol=1e-6)
+    for bad in (["--ema-from-init"], ["--ema-from-init", "--init-from", str(BUNDLED), *arch, "--ema", "0"]):
+        assert main(["train", "--steps", "1", "--out", str(tmp_path / "bad"), *bad, *MICRO[10:]]) == 2
+        assert "--ema-from-init needs --init-from DIR and an EMA" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written
+
+
 def test_flat_share_draws_that_share_of_rows_from_the_flat_states() -> None:
     layout, encode = _codec()
     problems = task.fixed_set("validation", 4)
