@@ -63,16 +63,11 @@ def run_workers(
             base += [f"--{flag.replace('_', '-')}", str(value)]
     if args.enforce_eager:
         base.append("--enforce-eager")
-    previous = _exit_on_sigterm()  # a SIGTERM (kill, a job scheduler) unwinds through the cleanup below
-    procs = [
-        subprocess.Popen([*base, "--decoders", *group], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for group in groups
-        if group
-    ]
+    groups = [group for group in groups if group]
     # the bar advances by each finished row's estimated cost, so its ETA weighs LoPA's rows as the slow ones
     bar = tqdm(
         total=round(sum(_cost(n, table[n]) for n in names)),
-        desc=f"bench: {len(names)} decoders, {len(procs)} workers",
+        desc=f"bench: {len(names)} decoders, {len(groups)} workers",
         bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
         disable=args.json_only,
     )
@@ -88,11 +83,16 @@ def run_workers(
                 else:
                     bar.write(line.rstrip("\n"), file=sys.stderr)
 
-    relays = [threading.Thread(target=relay, args=(proc.stderr,), daemon=True) for proc in procs]
-    for t in relays:
-        t.start()
+    procs: list[subprocess.Popen] = []
+    relays: list[threading.Thread] = []
     rows: list[Row] = []
+    previous = _exit_on_sigterm()  # a SIGTERM (kill, a job scheduler) unwinds through the cleanup below
     try:
+        for group in groups:
+            cmd = [*base, "--decoders", *group]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            relays.append(threading.Thread(target=relay, args=(procs[-1].stderr,), daemon=True))
+            relays[-1].start()
         for proc in procs:
             out = proc.stdout.read()  # stderr belongs to the relay thread
             if proc.wait() != 0:
