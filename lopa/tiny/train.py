@@ -201,7 +201,7 @@ def check_common_args(args: Any) -> None:
         raise ConfigError("--steps and --batch must be >= 1.")
     if not 0.0 <= args.ema < 1.0:
         raise ConfigError(f"--ema must be in [0, 1), got {args.ema}.")
-    if getattr(args, "ema_from_init", False) and not (args.init_from and args.ema):
+    if args.ema_from_init and not (args.init_from and args.ema):
         raise ConfigError("--ema-from-init needs --init-from DIR and an EMA (--ema > 0).")
 
 

@@ -209,8 +209,8 @@ def test_init_from_starts_from_the_checkpoints_weights_and_trains_with_branch_st
 def test_ema_from_init_averages_from_the_start_weights(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     from safetensors.torch import load_file
 
-    c = load_checkpoint(BUNDLED).model.config
-    start = load_checkpoint(BUNDLED).model.state_dict()
+    bundled = load_checkpoint(BUNDLED).model
+    c, start = bundled.config, bundled.state_dict()
     arch = ["--hidden", str(c.hidden_size), "--layers", str(c.num_hidden_layers), "--heads", str(c.num_attention_heads)]
     arch += ["--kv-heads", str(c.num_key_value_heads), "--intermediate", str(c.intermediate_size)]
     base = ["train", "--steps", "1", "--init-from", str(BUNDLED), *arch, *MICRO[10:], "--lr", "1e-3", "--warmup", "5"]
