@@ -4,17 +4,31 @@ Called by :mod:`lopa.eval.tasks.code` and the lm-eval adapter. ``sanitize`` foll
 (EvalPlus style): find the longest syntactically valid span of lines, keep imports, classes, functions and simple
 assignments (dropping top-level test code, prints and ``if __name__`` blocks), and, given an entry point, keep only
 the definitions it can reach through names. Source text is kept as written (not re-emitted), so comments and
-formatting survive.
+formatting survive. It also owns :func:`parse_python`, the one way lopa's evaluation parses Python text.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import threading
 from collections.abc import Iterable
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _MAX_LINES = 200  # the longest-valid-span search is quadratic in lines
+_PARSE_LOCK = threading.Lock()
+
+
+def parse_python(source: str) -> ast.Module:
+    """``ast.parse``, one thread at a time.
+
+    CPython 3.11 keeps the recursion depth of its C-to-Python AST conversion per interpreter, not per thread: two
+    threads converting at once (a finalizer run by the garbage collector lets another thread in) fail with
+    ``SystemError: AST constructor recursion depth mismatch``. The evaluation parses in the generating thread and in
+    the sandbox's worker threads, so every parse goes through this lock. Raises what ``ast.parse`` raises.
+    """
+    with _PARSE_LOCK:
+        return ast.parse(source)
 
 
 def cut_at_stops(text: str, stops: Iterable[str]) -> str:
@@ -68,7 +82,7 @@ def sanitize(code: str, entry_point: str | None = None, roots: Iterable[str] = (
     """
     code = longest_valid_span(code.replace("\t", "    "))
     try:
-        tree = ast.parse(code)
+        tree = parse_python(code)
     except SyntaxError:
         return ""
     lines = code.split("\n")
@@ -111,7 +125,7 @@ def _segment(lines: list[str], node: ast.stmt) -> str:
 
 def _parses(code: str) -> bool:
     try:
-        ast.parse(code)
+        parse_python(code)
     except (SyntaxError, ValueError):
         return False
     return True

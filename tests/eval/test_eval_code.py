@@ -1,13 +1,19 @@
 """Program extraction and sanitizing, MBPP entry points, and HumanEval scored end to end in the sandbox."""
 
+import ast
 import json
+import re
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from lopa.eval.code_extract import cut_at_stops, extract_code, longest_valid_span, sanitize
 from lopa.eval.sandbox import Sandbox
+from lopa.eval.sandbox.program import stdlib_names_used
 from lopa.eval.tasks import get_task
-from lopa.eval.tasks.code import MBPP, mbpp_entry_point
+from lopa.eval.tasks.code import MBPP, defined_names, mbpp_entry_point
 from lopa.eval.tasks.evalplus import HumanEvalPlus, MBPPPlus, mbpp_plus_restore
 
 
@@ -58,6 +64,57 @@ def test_sanitize_keeps_decorators_and_classes() -> None:
     code += "class Box:\n    def get(self):\n        return fib(3)\ndef use():\n    return Box().get()\nprint(use())\n"
     out = sanitize(code, "use")
     assert "@functools.lru_cache(None)" in out and "class Box" in out and "print" not in out
+
+
+def test_python_is_parsed_one_thread_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPython 3.11's AST conversion fails with "SystemError: AST constructor recursion depth mismatch" when two threads
+    # convert at once; the evaluation parses in the generating thread and in the sandbox's worker threads. A slow
+    # ast.parse that records how many calls overlap: every caller below must wait for the others.
+    real_parse, inside, most = ast.parse, [0], [0]
+    count = threading.Lock()
+
+    def slow_parse(source: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - ast.parse's signature
+        with count:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)  # releases the GIL: without the lock the other threads enter now
+        try:
+            return real_parse(source, *args, **kwargs)
+        finally:
+            with count:
+                inside[0] -= 1
+
+    monkeypatch.setattr(ast, "parse", slow_parse)
+    code = "import math\ndef f(x):\n    return math.sqrt(x)\nprint(f(4))\n"
+    calls = [
+        lambda: stdlib_names_used("assert f(4) == math.sqrt(4)"),  # the sandbox's worker threads
+        lambda: sanitize(code, "f"),  # the generating thread
+        lambda: defined_names(code),
+        lambda: stdlib_names_used("assert f(9) == 3"),
+    ]
+    results: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    assert results == [["math"], "import math\ndef f(x):\n    return math.sqrt(x)\n", {"f"}, []]
+
+
+def test_no_evaluation_code_calls_ast_parse_directly() -> None:
+    # a new call site outside the lock would bring the race back
+    root = Path(__file__).resolve().parents[2] / "lopa"
+    direct = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if re.search(r"\bast\.parse\(", p.read_text(encoding="utf-8")) and p.name != "code_extract.py"
+    ]
+    assert direct == []
 
 
 @pytest.mark.parametrize(

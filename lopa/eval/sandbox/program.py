@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lopa.errors import ConfigError
+from lopa.eval.code_extract import parse_python
 
 Status = Literal["pass", "fail", "timeout", "error"]
 EXIT_DETAIL = {3: "assertion failed", 4: "exception", 5: "memory limit exceeded", 6: "exit() called"}
@@ -86,7 +87,7 @@ def stdlib_names_used(*sources: str, exclude: Sequence[str] = ()) -> list[str]:
     bound: set[str] = set(exclude) | set(dir(builtins))
     for source in sources:
         try:
-            tree = ast.parse(source)
+            tree = parse_python(source)
         except SyntaxError:
             continue  # the tests process reports it
         for node in ast.walk(tree):

@@ -12,7 +12,7 @@ import ast
 import re
 from pathlib import Path
 
-from lopa.eval.code_extract import cut_at_stops, extract_code, sanitize
+from lopa.eval.code_extract import cut_at_stops, extract_code, parse_python, sanitize
 from lopa.eval.sandbox import Program
 from lopa.eval.tasks.base import Doc, Task, need_path, read_records, require_fields
 
@@ -55,7 +55,7 @@ MBPP_SHOTS = [
 def defined_names(code: str) -> set[str]:
     """Top-level names a piece of code defines (functions, classes, assignments)."""
     try:
-        tree = ast.parse(code)
+        tree = parse_python(code)
     except SyntaxError:
         return set()
     names = set()
@@ -189,7 +189,7 @@ def mbpp_entry_points(doc: Doc, tests: str) -> tuple[str, ...]:
 
 def _names_read(code: str) -> set[str]:
     try:
-        tree = ast.parse(code)
+        tree = parse_python(code)
     except SyntaxError:
         return set()
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
