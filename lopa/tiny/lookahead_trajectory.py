@@ -3,7 +3,7 @@
 ``lopa.tiny.trajectory`` records the states the base decoders visit, plus one lookahead branch one step off each.
 LoPA's verification then only ever learns to rank branches of the base decoder's states, while in the engine it
 ranks branches of the states its own earlier picks led to (a winner is one position further than threshold would
-be, every step). On those states the bundled model v6 keeps a branch no answer agrees with far more often than on
+be, every step). On those states lopa-tiny v6 kept a branch no answer agrees with far more often than on
 threshold's (``scripts/engine_verification.py``: 42% of contested steps against 5% in the one-step replay).
 
 :func:`visit_lookahead` runs LoPA over threshold (docs/algorithm.md §3.4) with the model being trained, full-row

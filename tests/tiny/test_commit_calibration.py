@@ -70,7 +70,7 @@ def test_the_observer_sees_every_fill_the_loop_writes(setup) -> None:  # noqa: A
 
 def test_the_judge_equals_enumerating_every_wording(setup) -> None:  # noqa: ANN001
     model, layout, encode, decode = setup
-    problems = [p for p in task.fixed_set("test", 200) if p.num_ops == 2]  # 2,160 wordings each; v6 kills 3 of 100
+    problems = [p for p in task.fixed_set("test", 200) if p.num_ops == 2]  # 2,160 wordings each; v6 killed 3 of 100
     room = layout.answer_len
     judge = _script().Judge([Phrasings(p, encode, layout.end_id, room) for p in problems], layout, 0.9)
     log = []

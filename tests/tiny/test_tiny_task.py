@@ -165,7 +165,7 @@ def test_shipped_checkpoint_loads_and_answers_test_problems() -> None:
         answers = [task.extract_answer(o.text) for o in outs]
         right = sum(a == p.answer for a, p in zip(answers, problems, strict=True))
         well_formed = sum(bool(parse(o.text)) for o in outs)
-        assert right >= 9 and well_formed >= 8, (cfg.decoder, [o.text for o in outs])  # v6: 94-98% right on 600
+        assert right >= 9 and well_formed >= 8, (cfg.decoder, [o.text for o in outs])  # v7: 93-95% right on 600
 
 
 LIVE_VIEW = Path(__file__).resolve().parents[2] / "lopa" / "server" / "static" / "index.html"
