@@ -69,6 +69,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "copies from the question (default: 1, plain cross-entropy)",
     )
     p.add_argument(
+        "--soft-targets",
+        action="store_true",
+        help="dream: train every masked position toward the task's exact posterior distribution given the row's "
+        "filled positions (lopa.tiny.posterior), instead of toward one phrasing drawn from it (default: off)",
+    )
+    p.add_argument(
+        "--dead-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="dream, with --soft-targets: factor on the loss where the model's most likely token has posterior 0, "
+        "a fill no correct answer can follow (default: 1, no factor)",
+    )
+    p.add_argument(
         "--init-from",
         default=None,
         metavar="DIR",

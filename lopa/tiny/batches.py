@@ -39,7 +39,9 @@ def random_rows(step: int, args: Any, layout: Layout) -> tuple[Batch, Tensor]:
     rng, gen = step_sources(args.seed, step)
     encode, _ = _codec()
     n = args.batch - visited_rows(step, args)
-    return training_batch(rng, gen, lambda r: task.sample(r, "train"), encode, layout, n), gen.get_state()
+    vocab = _vocab_size() if getattr(args, "soft_targets", False) else 0
+    rows = training_batch(rng, gen, lambda r: task.sample(r, "train"), encode, layout, n, vocab)
+    return rows, gen.get_state()
 
 
 def complete(step: int, args: Any, layout: Layout, rows: Batch, gen_state: Tensor, pool: Visited | None) -> Batch:
@@ -85,6 +87,12 @@ def random_row_stream(args: Any, layout: Layout, first: int, stop: int) -> Itera
 
 def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # a worker builds rows in Python; its own thread pool would only compete
+
+
+@cache
+def _vocab_size() -> int:
+    """The task tokenizer's vocabulary size (the width of soft targets)."""
+    return build_tokenizer().get_vocab_size()
 
 
 @cache

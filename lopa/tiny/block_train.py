@@ -85,6 +85,8 @@ def run(args: Any) -> int:
         raise ConfigError("--init-from is for the Dream model.")
     if args.name_weight != 1.0:
         raise ConfigError("--name-weight is for the Dream model.")
+    if getattr(args, "soft_targets", False) or getattr(args, "dead_weight", 1.0) != 1.0:
+        raise ConfigError("--soft-targets and --dead-weight are for the Dream model.")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_for(args)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lopa.tiny.posterior import FREE, Phrasings, soft_targets
 from lopa.tiny.task import Problem
 
 
@@ -170,12 +171,20 @@ def training_batch(
     encode: Callable[[str], list[int]],
     layout: Layout,
     rows: int,
+    soft_vocab: int = 0,
 ) -> dict[str, Tensor]:
-    """One noised batch: ids, positions, attn_mask, targets and loss mask (all on CPU)."""
+    """One noised batch: ids, positions, attn_mask, targets and loss mask (all on CPU); with ``soft_vocab`` (the
+    vocabulary size) also the task's exact posterior given each row's unmasked answer positions ("soft")."""
     problems = [sampler(rng) for _ in range(rows)]
     clean, positions, valid = encode_rows(problems, encode, layout)
     noisy, loss_mask, fresh = noise(clean, layout, gen)
-    return training_rows(clean, noisy, positions, valid, loss_mask, fresh, layout)
+    soft = None
+    if soft_vocab:
+        phrasings = [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in problems]
+        answers = noisy[:, layout.max_prompt :].tolist()
+        fixed = [[FREE if t == layout.mask_id else t for t in a] for a in answers]
+        soft = soft_targets(phrasings, fixed, soft_vocab)
+    return training_rows(clean, noisy, positions, valid, loss_mask, fresh, layout, soft=soft)
 
 
 def training_rows(
@@ -188,16 +197,17 @@ def training_rows(
     layout: Layout,
     window: Tensor | None = None,
     flat: Tensor | None = None,
+    soft: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The batch dict the trainer consumes: ids (the noisy rows), positions, the block-causal attention with each
     row's fresh block opened (:func:`open_fresh_blocks`) and its window blocks, if any, seeing each other
     (:func:`open_window`), targets (the clean rows), the loss mask, and ``flat`` (rows,) bool: rows trained toward
     a flat distribution instead of their targets (:func:`masked_loss`). All (rows, L) but attn_mask (rows, L, L)
-    and flat."""
+    and flat; with ``soft`` also "soft" (rows, answer_len, vocab), the target distributions."""
     attn = open_fresh_blocks(block_causal_mask(valid, layout), valid, fresh, layout)
     if window is not None:
         attn = open_window(attn, window, layout)
-    return {
+    batch = {
         "ids": noisy,
         "positions": positions,
         "attn_mask": attn,
@@ -205,6 +215,9 @@ def training_rows(
         "loss_mask": loss_mask,
         "flat": flat if flat is not None else torch.zeros(clean.shape[0], dtype=torch.bool),
     }
+    if soft is not None:
+        batch["soft"] = soft
+    return batch
 
 
 def answer_logits_idx(rows: int, layout: Layout, device: torch.device | str = "cpu") -> Tensor:
@@ -220,6 +233,8 @@ def masked_loss(
     layout: Layout,
     flat: Tensor | None = None,
     weight: Tensor | None = None,
+    soft: Tensor | None = None,
+    dead_weight: float = 1.0,
 ) -> Tensor:
     """Mean cross-entropy over masked answer positions.
 
@@ -228,14 +243,27 @@ def masked_loss(
     distribution over every token but the mask (the decoders' candidates) instead of their targets: states that no
     answer agrees with, where a decoder's verification should find nothing to be sure of. ``weight`` (rows, L)
     float: each position's factor on its cross-entropy against its target (not on a flat row's); the mean is still
-    over the masked positions, so weight 1 everywhere is the plain loss.
+    over the masked positions, so weight 1 everywhere is the plain loss. ``soft`` (rows, answer_len, vocab): a
+    target distribution per position (``posterior.soft_targets``) used instead of ``targets`` wherever it is not
+    all zero: the cross-entropy against the task's exact posterior rather than against one phrasing drawn from it.
+    ``dead_weight``: with ``soft``, the factor on the loss where the model's most likely token (mask excluded) has
+    posterior 0, a fill no correct answer can follow if a decoder makes it (1: no factor).
     """
     tgt, sel = targets[:, layout.max_prompt :], loss_mask[:, layout.max_prompt :]  # (rows, answer_len)
     no_flat = flat is None or not bool(flat.any())
-    if no_flat and weight is None:
+    if no_flat and weight is None and soft is None:
         return torch.nn.functional.cross_entropy(logits[sel].float(), tgt[sel])
     picked = logits[sel].float()  # (n, vocab)
     ce = torch.nn.functional.cross_entropy(picked, tgt[sel], reduction="none")  # (n,)
+    if soft is not None:
+        dist = soft[sel].float()  # (n, vocab)
+        has = dist.sum(-1) > 0  # (n,)
+        ce = torch.where(has, -(dist * picked.log_softmax(-1)).sum(-1), ce)
+        if dead_weight != 1.0:
+            guess = picked.detach().clone()
+            guess[:, layout.mask_id] = float("-inf")
+            dead = has & (dist.gather(1, guess.argmax(-1, keepdim=True))[:, 0] == 0)  # (n,)
+            ce = torch.where(dead, ce * dead_weight, ce)
     if weight is not None:
         ce = ce * weight[:, layout.max_prompt :][sel]
     if no_flat:

@@ -50,10 +50,12 @@ def visit_lookahead(
     phrasings: list[Phrasings],
     rng: random.Random,
     threshold: float = 0.9,
+    soft_vocab: int = 0,
 ) -> Visited:
     """LoPA-over-threshold trajectories with ``k`` lookahead branches for the rows of ``clean`` (rows, L) (one
     ``phrasings`` entry per row; ``rng`` draws the targets); every verified candidate is recorded (module
-    docstring). The model is left in the train/eval mode it came in."""
+    docstring), with the posterior's distributions as targets too when ``soft_vocab`` is given (``States``). The
+    model is left in the train/eval mode it came in."""
     if k < 1:
         raise ValueError(f"k must be >= 1 (k = 0 is threshold's own trajectory), got {k}")
     if len(phrasings) != clean.shape[0]:
@@ -64,13 +66,13 @@ def visit_lookahead(
     clean, positions, valid = clean.to(device), positions.to(device), valid.to(device)
     p, rows = layout.max_prompt, clean.shape[0]
     attn = block_causal_mask(valid, layout)  # (rows, L, L)
-    states = States()
+    states = States(layout, soft_vocab)
     cur = clean.clone()  # (rows, L) each row's winner
     cur[:, p:] = layout.mask_id
     first = [draw_target(ph, cur[r, p:], layout, rng) for r, ph in enumerate(phrasings)]
     drawn = torch.cat([clean[:, :p], torch.tensor(first, device=device)], 1)  # (rows, L) each winner's target
     every = torch.arange(rows, device=device)
-    states.add(every, cur[:, p:] == layout.mask_id, _no_window(rows, layout, device), drawn)
+    states.add(every, cur[:, p:] == layout.mask_id, _no_window(rows, layout, device), drawn, None, phrasings)
     conf, tok = confidence(model, cur, positions, attn, layout)  # (rows, answer_len) each
     active = every
     for _ in range(layout.answer_len + layout.num_blocks):
@@ -109,7 +111,8 @@ def visit_lookahead(
             targets.append(target)
             flat.append(is_flat)
         flat_t = torch.tensor(flat, device=device)
-        states.add(rows_of, c_masked, _no_window(len(owner), layout, device), torch.stack(targets), flat_t)
+        window = _no_window(len(owner), layout, device)
+        states.add(rows_of, c_masked, window, torch.stack(targets), flat_t, [phrasings[r] for r in rows_of.tolist()])
         scores = _scores(c_conf, cand[:, p:], layout)  # (m,)
         going = []
         for i in sorted(set(owner)):

@@ -8,6 +8,10 @@ uniform over the consistent phrasings. :class:`Phrasings` counts them with a lef
 offset) and draws one uniformly by walking back, in O(segments × offsets × choices) rather than over the up to
 38,880 phrasings of a three-operation problem.
 
+:meth:`Phrasings.marginals` gives the posterior's per-position distributions (a forward-backward pass over the same
+lattice), the expectation of the one-hot draw; :func:`soft_targets` stacks them as training targets
+(``lopa train --soft-targets``).
+
 Used by ``lopa.tiny.trajectory`` for visited states whose filled positions hold the model's own tokens: such a
 state need not agree with the reference answer, and its training target is a phrasing drawn from this posterior.
 ``tests/tiny/test_posterior.py`` checks both against enumerating every wording with ``task.render``.
@@ -18,6 +22,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from typing import TypeVar
+
+import torch
+from torch import Tensor
 
 from lopa.tiny import task
 from lopa.tiny.task import Problem
@@ -77,6 +84,45 @@ class Phrasings:
         tail = self._tail_ok(fixed)
         return sum(w for o, w in self._forward(fixed)[-1].items() if tail[o])
 
+    def _backward(self, fixed: Sequence[int], tail: list[bool]) -> list[dict[int, int]]:
+        """back[s][o]: completions of segments >= s from offset o that agree with ``fixed``, the tail included."""
+        back: list[dict[int, int]] = [{} for _ in self.segments] + [{o: 1 for o in range(self.room) if tail[o]}]
+        for s in range(len(self.segments) - 1, -1, -1):
+            after = back[s + 1]
+            for o in range(self.room):
+                w = sum(
+                    after.get(o + len(ids), 0)
+                    for ids in self.segments[s]
+                    if o + len(ids) < self.room and _agrees(fixed, o, ids)
+                )
+                if w:
+                    back[s][o] = w
+        return back
+
+    def marginals(self, fixed: Sequence[int]) -> list[dict[int, float]] | None:
+        """Per position, the posterior probability of each token given ``fixed``: the share of the agreeing
+        phrasings that hold it there (the expectation of :meth:`sample`'s one-hot draw); None when no phrasing
+        agrees. A forward-backward pass over (segment, offset): O(segments x offsets x choices)."""
+        tail = self._tail_ok(fixed)
+        ways, back = self._forward(fixed), self._backward(fixed, tail)
+        total = sum(w for o, w in ways[-1].items() if tail[o])
+        if not total:
+            return None
+        counts: list[dict[int, int]] = [{} for _ in range(self.room)]
+        for s, choices in enumerate(self.segments):
+            after = back[s + 1]
+            for o, w in ways[s].items():
+                for ids in choices:
+                    e = o + len(ids)
+                    if e < self.room and (b := after.get(e, 0)) and _agrees(fixed, o, ids):
+                        for k, t in enumerate(ids):
+                            counts[o + k][t] = counts[o + k].get(t, 0) + w * b
+        for o, w in ways[-1].items():  # the end token and the end/pad tail after the answer's text
+            if tail[o]:
+                for j in range(o, self.room):
+                    counts[j][self.end_id] = counts[j].get(self.end_id, 0) + w
+        return [{t: c / total for t, c in pos.items()} for pos in counts]
+
     def sample(self, fixed: Sequence[int], rng: random.Random) -> list[int] | None:
         """A phrasing drawn uniformly from those that agree with ``fixed``, as ``room`` ids with its end/pad tail;
         None when none does."""
@@ -98,6 +144,27 @@ class Phrasings:
             o -= len(ids)
         answer = [t for ids in reversed(parts) for t in ids]
         return answer + [self.end_id] * (self.room - len(answer))
+
+
+def soft_targets(phrasings: Sequence[Phrasings], fixed_rows: Sequence[Sequence[int]], vocab: int) -> Tensor:
+    """(n, room, vocab) float32: row i's posterior distribution at each of its ``FREE`` positions given
+    ``fixed_rows[i]`` (room ids, ``FREE`` where not fixed); zeros at fixed positions and in a row that no phrasing
+    agrees with (such a row has no target: its loss is the caller's, a flat one for a dead branch)."""
+    if len(phrasings) != len(fixed_rows):
+        raise ValueError(f"{len(phrasings)} phrasings for {len(fixed_rows)} rows")
+    room = phrasings[0].room if phrasings else 0
+    index: list[tuple[int, int, int]] = []  # (row, position, token) of every nonzero entry
+    value: list[float] = []
+    for i, (phr, fixed) in enumerate(zip(phrasings, fixed_rows, strict=True)):
+        dist = phr.marginals(fixed)
+        for j, pos in enumerate(dist or []):
+            if fixed[j] == FREE:
+                index.extend((i, j, t) for t in pos)
+                value.extend(pos.values())
+    out = torch.zeros(len(fixed_rows), room, vocab)
+    if index:
+        out[tuple(torch.tensor(index).T)] = torch.tensor(value)
+    return out
 
 
 def _agrees(fixed: Sequence[int], start: int, ids: list[int]) -> bool:

@@ -6,7 +6,9 @@ Dream's shifted logits. From ``--on-policy-from`` on, a fraction ``--on-policy``
 states the model's own threshold and D2F decoding visit, filled with the reference answer's tokens or
 (``--on-policy-tokens model``) with the model's own and posterior targets (``lopa.tiny.trajectory``; with
 ``--lopa-trajectories`` also LoPA's own, ``lopa.tiny.lookahead_trajectory``), re-collected
-every ``VISIT_EVERY`` steps with the current weights. An exponential
+every ``VISIT_EVERY`` steps with the current weights. With ``--soft-targets`` every masked position is trained
+toward the task's exact posterior distribution given the row's filled positions (``lopa.tiny.posterior``) instead
+of toward one phrasing drawn from it. An exponential
 moving average of the weights (``--ema``; with ``--ema-from-init`` it averages from ``--init-from``'s weights
 instead of copying through the warm-up) is what is validated and exported; the best validation so far is also
 written to ``DIR/best``.
@@ -60,7 +62,7 @@ ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "block_siz
 RUN_KEYS = (
     "steps", "lr", "warmup", "weight_decay", "ema", "average_from", "init_from",
     "on_policy", "on_policy_from", "on_policy_tokens", "visit_window", "lookahead", "flat_share", "name_weight",
-    "lopa_trajectories", "ema_from_init",
+    "lopa_trajectories", "ema_from_init", "soft_targets", "dead_weight",
 )  # fmt: skip
 STATE_DIR = "train_state"
 AVERAGE_FILE = "average.safetensors"  # float64 sum of the weights at each averaged save; count and step in metadata
@@ -226,6 +228,13 @@ def check_args(args: Any) -> None:
         raise ConfigError("--lopa-trajectories needs --lookahead K (the number of branches LoPA verifies).")
     if args.name_weight <= 0:
         raise ConfigError(f"--name-weight must be > 0, got {args.name_weight}.")
+    if args.dead_weight <= 0 or (args.dead_weight != 1.0 and not args.soft_targets):
+        raise ConfigError(f"--dead-weight must be > 0 and needs --soft-targets, got {args.dead_weight}.")
+    if args.soft_targets and args.on_policy and args.on_policy_tokens != "model":
+        raise ConfigError(
+            "--soft-targets needs --on-policy-tokens model (or --on-policy 0): reference-filled states "
+            "have no posterior draw."
+        )
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():
         raise ConfigError(f"--init-from {args.init_from}: no checkpoint there (config.json missing).")
 
@@ -258,6 +267,8 @@ def collect(model: Transformer, args: Any, step: int, encode: Any, layout: Layou
         own: dict[str, Any] = {}  # --on-policy-tokens model: the model's tokens, posterior targets
         if args.on_policy_tokens == "model":
             own = {"phrasings": [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in chunk], "rng": rng}
+            if args.soft_targets:
+                own["soft_vocab"] = model.config.vocab_size
         if order == "lopa":
             pools.append(visit_lookahead(model, *rows, layout, args.lookahead, **own))
             continue
@@ -330,7 +341,10 @@ def run(args: Any) -> int:
                 logits_idx=answer_logits_idx(rows, layout, device),
             )  # (rows, answer_len, vocab)
         weight = name_weights(batch["targets"], name_ids, args.name_weight)
-        loss = masked_loss(logits, batch["targets"], batch["loss_mask"], layout, batch["flat"], weight)
+        soft = batch.get("soft")  # (rows, answer_len, vocab) with --soft-targets
+        loss = masked_loss(
+            logits, batch["targets"], batch["loss_mask"], layout, batch["flat"], weight, soft, args.dead_weight
+        )
         optimizer_step(model, opt, loss)
         if ema is not None:
             ema.update(model, step, 0 if args.ema_from_init else args.warmup)

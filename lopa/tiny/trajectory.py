@@ -50,7 +50,7 @@ from torch import Tensor
 
 from lopa.model.transformer import Transformer
 from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, open_window, training_rows
-from lopa.tiny.posterior import FREE, Phrasings
+from lopa.tiny.posterior import FREE, Phrasings, soft_targets
 
 D2F_TAU_ADD = 0.1  # lopa.config.decode.DecodeConfig's defaults
 D2F_TAU_ACT = 0.95
@@ -67,6 +67,7 @@ class Visited:
     masks: Tensor  # (states, answer_len) bool: True = masked (blocks not yet in the window are all masked)
     window: Tensor  # (states, num_blocks) bool: blocks that see each other (all False: block-causal)
     flat: Tensor  # (states,) bool: no answer agrees with the state; trained toward a flat distribution
+    soft: Tensor  # (states, answer_len, vocab) float16 posterior targets (--soft-targets), or (states, 0, 0): none
 
     def __len__(self) -> int:
         return int(self.row.numel())
@@ -79,10 +80,11 @@ class Visited:
 
     @classmethod
     def load(cls, path: Path) -> Visited:
-        """A saved pool (one written before ``window`` and ``flat`` existed gets their no-op values)."""
+        """A saved pool (one written before ``window``, ``flat`` or ``soft`` existed gets their no-op values)."""
         t = load_file(str(path))
         t.setdefault("flat", torch.zeros(t["row"].shape[0], dtype=torch.bool))
         t.setdefault("window", torch.zeros(t["row"].shape[0], 0, dtype=torch.bool))
+        t.setdefault("soft", torch.zeros(t["row"].shape[0], 0, 0, dtype=torch.float16))
         return cls(**t)
 
     @staticmethod
@@ -97,6 +99,7 @@ class Visited:
             torch.cat([p.masks for p in pools]),
             torch.cat([p.window for p in pools]),
             torch.cat([p.flat for p in pools]),
+            torch.cat([p.soft for p in pools]),
         )
 
 
@@ -132,6 +135,7 @@ def visit(
     rng: random.Random | None = None,
     window_attention: bool = False,
     lookahead: int = 0,
+    soft_vocab: int = 0,
 ) -> Visited:
     """Run trajectories in ``order`` ("threshold" or "d2f") for the rows of ``clean`` (rows, L) and record every
     state (the answer's mask before each forward). The filled positions get the reference's tokens, or with
@@ -139,13 +143,16 @@ def visit(
 
     ``window_attention``: the D2F order's forwards let the blocks in flight see each other, as the engine's window
     does, and its states keep that window for training. ``lookahead`` (> 0, with ``phrasings``): after every forward
-    also record a LoPA branch of the filled state (:func:`_branch_states`)."""
+    also record a LoPA branch of the filled state (:func:`_branch_states`). ``soft_vocab`` (the vocabulary size, with
+    ``phrasings``): every state also gets the posterior's distributions at its masked positions (:class:`States`)."""
     if order not in ("threshold", "d2f"):
         raise ValueError(f"order must be 'threshold' or 'd2f', got {order!r}")
     if phrasings is not None and (len(phrasings) != clean.shape[0] or rng is None):
         raise ValueError("phrasings needs one entry per row of clean, and an rng")
     if lookahead < 0 or (lookahead and phrasings is None):
         raise ValueError("lookahead must be >= 0, and its branch states need phrasings (the model's own tokens)")
+    if soft_vocab and phrasings is None:
+        raise ValueError("soft targets need phrasings (the model's own tokens)")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -163,7 +170,7 @@ def visit(
     full = present.clone()  # fully activated (d2f); the threshold order has one block, always full
     end_seen = torch.zeros(rows, dtype=torch.bool, device=device)
     windowed = window_attention and order == "d2f"
-    states = States()
+    states = States(layout, soft_vocab)
     for _ in range(layout.answer_len + nb):
         masked = ids[:, p:] == layout.mask_id  # (rows, answer_len)
         left = (masked[:, None, :] & blocks[None]).sum(-1)  # (rows, nb) masked positions per block
@@ -191,7 +198,9 @@ def visit(
         if phrasings is not None:  # this state's target: a draw from the posterior given its fixed positions
             answers = [draw_target(phrasings[r], ids[r, p:], layout, rng) for r in active.tolist()]
             drawn = torch.cat([clean[active, :p], torch.tensor(answers, device=device)], 1)  # (n, L)
-        states.add(active, masked[active], window, drawn)
+        states.add(
+            active, masked[active], window, drawn, None, [phrasings[r] for r in active.tolist()] if phrasings else None
+        )
         seen = open_window(attn[active], window, layout) if windowed else attn[active]
         conf, tok = confidence(model, ids[active], positions[active], seen, layout)  # (n, answer_len) each
         fill = open_pos[active] & (conf > threshold)
@@ -212,22 +221,47 @@ def visit(
 
 
 class States:
-    """The states :func:`visit` records, collected as per-forward chunks."""
+    """The states :func:`visit` records, collected as per-forward chunks. With ``soft_vocab`` (the vocabulary size;
+    own tokens only) every state also gets the task's exact posterior at its masked positions as its target
+    (``posterior.soft_targets``; none for a flat state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: Layout, soft_vocab: int = 0) -> None:
+        self.layout, self.soft_vocab = layout, soft_vocab
         self.row: list[Tensor] = []  # (n,) each
         self.masks: list[Tensor] = []  # (n, answer_len)
         self.window: list[Tensor] = []  # (n, nb)
         self.clean: list[Tensor] = []  # (n, L) own tokens: one target row per state
         self.flat: list[Tensor] = []  # (n,)
+        self.soft: list[Tensor] = []  # (n, answer_len, vocab) float16
 
-    def add(self, row: Tensor, masks: Tensor, window: Tensor, clean: Tensor | None, flat: Tensor | None = None) -> None:
+    def add(
+        self,
+        row: Tensor,
+        masks: Tensor,
+        window: Tensor,
+        clean: Tensor | None,
+        flat: Tensor | None = None,
+        phrasings: list[Phrasings] | None = None,
+    ) -> None:
+        """Record n states: their rows, masks (n, answer_len), windows and, with own tokens, target rows ``clean``
+        (n, L), which agree with each state's filled positions; ``phrasings`` (one per state) for soft targets."""
+        flat = flat if flat is not None else torch.zeros_like(row, dtype=torch.bool)
         self.row.append(row)
         self.masks.append(masks)
         self.window.append(window)
         if clean is not None:
             self.clean.append(clean)
-        self.flat.append(flat if flat is not None else torch.zeros_like(row, dtype=torch.bool))
+        self.flat.append(flat)
+        if self.soft_vocab:
+            if clean is None or phrasings is None:
+                raise ValueError("soft targets need the model's own tokens (target rows and phrasings)")
+            answers = clean[:, self.layout.max_prompt :].masked_fill(masks, FREE).tolist()  # the fixed positions
+            dead = flat.tolist()
+            kept = [(ph, a) for ph, a, d in zip(phrasings, answers, dead, strict=True) if not d]
+            soft = torch.zeros(len(answers), self.layout.answer_len, self.soft_vocab)
+            if kept:
+                soft[~flat.cpu()] = soft_targets([k[0] for k in kept], [k[1] for k in kept], self.soft_vocab)
+            self.soft.append(soft.half())
 
     def pool(self, clean: Tensor, positions: Tensor, valid: Tensor, own: bool) -> Visited:
         row, masks = torch.cat(self.row), torch.cat(self.masks)  # (states,), (states, answer_len)
@@ -235,7 +269,10 @@ class States:
             clean, positions, valid = torch.cat(self.clean), positions[row], valid[row]
             row = torch.arange(len(row), device=row.device)
         window, flat = torch.cat(self.window), torch.cat(self.flat)
-        return Visited(clean.cpu(), positions.cpu(), valid.cpu(), row.cpu(), masks.cpu(), window.cpu(), flat.cpu())
+        soft = torch.cat(self.soft) if self.soft else torch.zeros(len(row), 0, 0, dtype=torch.float16)
+        return Visited(
+            clean.cpu(), positions.cpu(), valid.cpu(), row.cpu(), masks.cpu(), window.cpu(), flat.cpu(), soft
+        )
 
 
 def _branch_states(
@@ -281,6 +318,7 @@ def _branch_states(
         window[pick],
         torch.stack(targets),
         torch.tensor(flats, device=active.device),
+        [phrasings[r] for r in active[pick].tolist()],
     )
 
 
@@ -345,4 +383,5 @@ def visited_batch(
     opens = (masked | ~after).all(1) & (torch.rand(rows, generator=gen) < 0.5)  # all-mask from the first on
     fresh = torch.where(opens, first, torch.full_like(first, -1))
     window = pool.window[pick] if pool.window.shape[1] else None  # (rows, num_blocks); none in an older pool
-    return training_rows(clean, noisy, positions, valid, loss_mask, fresh, layout, window, pool.flat[pick])
+    soft = pool.soft[pick].float() if pool.soft.shape[1] else None  # (rows, answer_len, vocab)
+    return training_rows(clean, noisy, positions, valid, loss_mask, fresh, layout, window, pool.flat[pick], soft)

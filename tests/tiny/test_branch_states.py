@@ -109,7 +109,7 @@ def test_windowed_d2f_states_train_with_their_window() -> None:
     clean, positions, valid = encode_rows(task.fixed_set("validation", 6), encode, layout)
     pool = visit(_random_model(), clean, positions, valid, layout, "d2f", 0.82, window_attention=True)
     two = (pool.window[:, :2].all(1) & ~pool.window[:, 2:].any(1)).nonzero().flatten()  # blocks 1 and 2 in flight
-    picked = (pool.row[two], pool.masks[two], pool.window[two], pool.flat[two])
+    picked = (pool.row[two], pool.masks[two], pool.window[two], pool.flat[two], pool.soft[two])
     sub = Visited(pool.clean, pool.positions, pool.valid, *picked)
     batch = visited_batch(sub, layout, torch.Generator().manual_seed(0), 32)
     for i in range(32):  # every training row lets blocks 1 and 2 see each other, on top of the block-causal layout
