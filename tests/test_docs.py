@@ -74,7 +74,7 @@ def test_readme_bench_table_is_the_default_run() -> None:
 def test_docs_state_the_bundled_models_recommendation() -> None:
     gen = json.loads((ROOT / "lopa/tiny/checkpoint/generation_config.json").read_text(encoding="utf-8"))
     text = (ROOT / "docs" / "decoding.md").read_text(encoding="utf-8")
-    m = re.search(r"bundled model \(v7\) recommends `(\w+)`, τ = ([0-9.]+), blocks of (\d+), (\d+) new tokens", text)
+    m = re.search(r"bundled model \(v8\) recommends `(\w+)`, τ = ([0-9.]+), blocks of (\d+), (\d+) new tokens", text)
     assert m, "docs/decoding.md states the bundled model's recommended settings"
     assert (m.group(1), float(m.group(2)), int(m.group(3)), int(m.group(4))) == (
         gen["decoder"],

@@ -1,4 +1,4 @@
-"""The tiny model's task (v2; models v2 to v7 train on it): word problems whose answers can be worded many ways.
+"""The tiny model's task (v2; models v2 to v8 train on it): word problems whose answers can be worded many ways.
 
 A problem starts with a quantity and applies 2 or 3 operations, each stated by one sentence of the question. The
 chain of thought *counts on* (or back) one number per unit, as in v1, but every piece of it is worded freely::
