@@ -18,6 +18,7 @@ from functools import cache
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from lopa.tiny import task
@@ -90,12 +91,17 @@ def _one_thread(_: int) -> None:
 
 
 @cache
+def _tokenizer() -> Tokenizer:
+    """The task's tokenizer, built once per process (workers included)."""
+    return build_tokenizer()
+
+
 def _vocab_size() -> int:
     """The task tokenizer's vocabulary size (the width of soft targets)."""
-    return build_tokenizer().get_vocab_size()
+    return _tokenizer().get_vocab_size()
 
 
 @cache
 def _codec() -> tuple[Any, Any]:
-    """The task's text codec, built once per process (workers included)."""
-    return text_codec(build_tokenizer())
+    """The task's text codec."""
+    return text_codec(_tokenizer())

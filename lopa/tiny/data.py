@@ -92,6 +92,11 @@ def encode_rows(
     return ids, positions, valid
 
 
+def fixed_positions(answer: Tensor, layout: Layout) -> list[int]:
+    """An answer (answer_len,) as ``Phrasings`` takes it: its tokens, with ``posterior.FREE`` where it is masked."""
+    return [FREE if t == layout.mask_id else t for t in answer.tolist()]
+
+
 def block_ids(layout: Layout, device: torch.device | str = "cpu") -> Tensor:
     """(L,) block index of each position: 0 for pad + prompt, b for answer block b (1-based)."""
     answer = torch.arange(layout.answer_len, device=device) // layout.block_size + 1
@@ -181,8 +186,7 @@ def training_batch(
     soft = None
     if soft_vocab:
         phrasings = [Phrasings(p, encode, layout.end_id, layout.answer_len) for p in problems]
-        answers = noisy[:, layout.max_prompt :].tolist()
-        fixed = [[FREE if t == layout.mask_id else t for t in a] for a in answers]
+        fixed = [fixed_positions(a, layout) for a in noisy[:, layout.max_prompt :]]
         soft = soft_targets(phrasings, fixed, soft_vocab)
     return training_rows(clean, noisy, positions, valid, loss_mask, fresh, layout, soft=soft)
 

@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lopa.model.transformer import Transformer
-from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, open_window, training_rows
+from lopa.tiny.data import Layout, answer_logits_idx, block_causal_mask, fixed_positions, open_window, training_rows
 from lopa.tiny.posterior import FREE, Phrasings, soft_targets
 
 D2F_TAU_ADD = 0.1  # lopa.config.decode.DecodeConfig's defaults
@@ -320,11 +320,6 @@ def _branch_states(
         torch.tensor(flats, device=active.device),
         [phrasings[r] for r in active[pick].tolist()],
     )
-
-
-def fixed_positions(answer: Tensor, layout: Layout) -> list[int]:
-    """An answer (answer_len,) as ``Phrasings`` takes it: its tokens, with ``posterior.FREE`` where it is masked."""
-    return [FREE if t == layout.mask_id else t for t in answer.tolist()]
 
 
 def branch_target(phrasings: Phrasings, row: Tensor, layout: Layout, rng: random.Random) -> tuple[Tensor, bool]:
